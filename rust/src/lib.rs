@@ -1,0 +1,2 @@
+//! dmm core.
+pub mod route;
