@@ -1,2 +1,16 @@
-//! dmm core.
+//! dmm core: several network stacks behind one socket API, and the routing
+//! that picks one per connection.
+//!
+//! * [`stack`]: the plug-in interface every stack implements, and the kernel
+//!   stack.
+//! * [`route`]: the routing table consulted at `connect()`, `listen()` and the
+//!   first `sendto()`.
+//! * [`sys`]: safe wrappers over the few libc calls we need.
+//! * `py` (feature `python`): the PyO3 bindings, glue only.
+
 pub mod route;
+pub mod stack;
+pub mod sys;
+
+#[cfg(feature = "python")]
+mod py;

@@ -1,0 +1,156 @@
+"""The ``dmm`` command.
+
+::
+
+    dmm run app.py [args...]      run a program with its sockets on dmm
+    dmm run -m module [args...]   the same for a module
+    dmm demo                      a server and clients on two stacks, routed
+    dmm stacks                    the configured stack instances
+    dmm routes                    the routing rules
+    dmm route explain HOST:PORT   which stack a connection would use, and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _runtime(args):
+    from . import runtime
+    from .config import ConfigError
+
+    try:
+        return runtime.configure(args.config) if args.config else runtime.get()
+    except ConfigError as exc:
+        raise SystemExit(f"dmm: {exc}") from None
+
+
+def cmd_run(args) -> int:
+    from .patch import patch_all
+
+    if args.config:
+        os.environ["DMM_CONFIG"] = args.config
+    _runtime(args)  # fail early on a bad config, before the program starts
+    patch_all()
+    if args.module:
+        sys.argv = [args.module] + args.args
+        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+    else:
+        if not args.args:
+            raise SystemExit("dmm run: give a script path or -m MODULE")
+        script, rest = args.args[0], args.args[1:]
+        sys.argv = [script] + rest
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def cmd_stacks(args) -> int:
+    rt = _runtime(args)
+    print(f"config: {rt.config.path}")
+    width = max(len(n) for n in rt.order)
+    for name in rt.order:
+        inst = rt.stacks[name]
+        counts = ", ".join(f"{k}={v}" for k, v in inst.counters().items())
+        print(f"  {name:<{width}}  {inst.describe()}  [{counts}]")
+    return 0
+
+
+def cmd_routes(args) -> int:
+    rt = _runtime(args)
+    print(f"config: {rt.config.path}")
+    for r in rt.config.routes:
+        where = f"  (line {r.line})" if r.line else ""
+        print(f"  route[{r.index}]  {r.describe()}{where}")
+    if rt.config.listen:
+        print(f"  [listen]  -> {', '.join(rt.config.listen)}")
+    print(f"  default   -> {rt.order[0]}")
+    return 0
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SystemExit(f"dmm route explain: expected HOST:PORT (IPv6 as [::1]:80), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def cmd_route_explain(args) -> int:
+    import socket
+
+    from . import policy, runtime
+
+    rt = _runtime(args)
+    host, port = _split_hostport(args.target)
+    kind = socket.SOCK_DGRAM if args.udp else socket.SOCK_STREAM
+    role = "listen" if args.listen else ("sendto" if args.udp else "connect")
+    try:
+        infos = socket.getaddrinfo(host, port, 0, kind)
+    except socket.gaierror as exc:
+        raise SystemExit(f"dmm route explain: cannot resolve {host!r}: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    props = dict(p.split("=", 1) for p in args.prop)
+    request = policy.Request(role=role, family=family, type=kind, address=addr[0], port=port,
+                             host=None if runtime.is_ip(host) else host, properties=props)
+    outcome = rt.decide(request, args.stack, explain=True)
+    print(f"{role} {addr[0]}:{port}" + (f" ({host})" if request.host else "") + f" {'udp' if args.udp else 'tcp'}")
+    print(f"  -> {outcome.stack}")
+    print(f"  decided by: {outcome.source}: {outcome.reason}")
+    for line in outcome.trace:
+        print(f"  note: {line}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(size_mib=args.size, config=args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="dmm", description="Run sockets over several network stacks, routed per connection.")
+    p.add_argument("--version", action="version", version=f"dmm {__version__}")
+    p.add_argument("--config", help="config file (default: $DMM_CONFIG, ./dmm.toml, built-in)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a Python program with its sockets on dmm")
+    run.add_argument("-m", dest="module", help="run a library module as a script")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="script and its arguments")
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser("stacks", help="list the stack instances").set_defaults(func=cmd_stacks)
+    sub.add_parser("routes", help="list the routing rules").set_defaults(func=cmd_routes)
+
+    route = sub.add_parser("route", help="routing tools")
+    rsub = route.add_subparsers(dest="route_command", metavar="SUBCOMMAND", required=True)
+    explain = rsub.add_parser("explain", help="which stack a socket to HOST:PORT would use, and why")
+    explain.add_argument("target", metavar="HOST:PORT")
+    explain.add_argument("--udp", action="store_true", help="a datagram socket (role sendto)")
+    explain.add_argument("--listen", action="store_true", help="a listening socket bound to HOST:PORT")
+    explain.add_argument("--stack", help="a per-socket override")
+    explain.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="an application property")
+    explain.set_defaults(func=cmd_route_explain)
+
+    demo = sub.add_parser("demo", help="a server and clients on two stack instances, chosen by routes")
+    demo.add_argument("--size", type=int, default=64, help="MiB each client sends (default 64)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)

@@ -1,0 +1,346 @@
+"""Configuration: which stack instances exist and how sockets are routed.
+
+The file is TOML. dmm reads ``$DMM_CONFIG`` if set, else ``./dmm.toml`` if it
+exists, else uses the built-in default: the kernel stack alone, so that
+``import dmm.socket`` changes nothing until you configure it.
+
+Example::
+
+    [[stack]]
+    name = "kernel"
+    kind = "kernel"          # kernel (smoltcp and fillp: not in this version)
+    protocol = "tcp"         # tcp | mptcp
+    io = "syscall"           # syscall | uring
+
+    [[stack]]
+    name = "mptcp"
+    kind = "kernel"
+    protocol = "mptcp"
+
+    [[route]]
+    to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6
+    ports = "8000-8999"      # optional: a port or a range
+    type = "stream"          # optional: stream | dgram
+    role = "connect"         # optional: connect | listen | sendto
+    priority = 10            # optional: breaks ties between equal prefixes
+    stacks = ["mptcp", "kernel"]   # preference order
+
+    [listen]
+    stacks = ["kernel"]      # where listening sockets go unless a rule says
+
+Rules match on the destination (the bind address for listeners); the longest
+prefix wins, then the larger priority, then the earlier rule. A socket that
+no rule matches goes to the first stack declared. Every error names the
+file, the line, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RouteSpec",
+    "StackSpec",
+    "DEFAULT_TOML",
+    "load",
+    "parse",
+]
+
+#: The built-in configuration: the kernel stack alone.
+DEFAULT_TOML = """\
+[[stack]]
+name = "kernel"
+kind = "kernel"
+protocol = "tcp"
+"""
+
+_KINDS = ("kernel", "smoltcp", "fillp")
+_NOT_YET = {
+    "smoltcp": "the user-space TCP stack over TAP",
+    "fillp": "the FillP-style transport over UDP",
+}
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file is malformed; the message says where and why."""
+
+    def __init__(self, path: str, line: int | None, field: str, message: str):
+        self.path = path
+        self.line = line
+        self.field = field
+        self.message = message
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {field}: {message}")
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One ``[[stack]]`` entry."""
+
+    name: str
+    kind: str
+    protocol: str = "tcp"
+    io: str = "syscall"
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One ``[[route]]`` entry, in file order (``index`` counts from 0)."""
+
+    index: int
+    to: str
+    stacks: tuple[str, ...]
+    ports: tuple[int, int] = (0, 65535)
+    type: str | None = None
+    role: str | None = None
+    priority: int = 0
+    line: int | None = None
+
+    def describe(self) -> str:
+        """A one-line summary, as ``dmm routes`` prints it."""
+        parts = [f"to {self.to}"]
+        if self.ports != (0, 65535):
+            lo, hi = self.ports
+            parts.append(f"ports {lo}" if lo == hi else f"ports {lo}-{hi}")
+        if self.type:
+            parts.append(self.type)
+        if self.role:
+            parts.append(self.role)
+        if self.priority:
+            parts.append(f"priority {self.priority}")
+        return " ".join(parts) + " -> " + ", ".join(self.stacks)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration."""
+
+    path: str
+    stacks: tuple[StackSpec, ...]
+    routes: tuple[RouteSpec, ...] = ()
+    listen: tuple[str, ...] = ()
+    builtin: bool = field(default=False, compare=False)
+
+    def stack(self, name: str) -> StackSpec:
+        """The stack named ``name`` (``KeyError`` if there is none)."""
+        for spec in self.stacks:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Loads the configuration dmm would use.
+
+    With ``path``, that file. Otherwise ``$DMM_CONFIG``, then ``./dmm.toml``,
+    then the built-in default.
+    """
+    if path is None:
+        path = os.environ.get("DMM_CONFIG") or None
+        if path is None and Path("dmm.toml").is_file():
+            path = "dmm.toml"
+    if path is None:
+        cfg = parse(DEFAULT_TOML, "<built-in default>")
+        return Config(cfg.path, cfg.stacks, cfg.routes, cfg.listen, builtin=True)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), None, "file", f"cannot be read: {exc.strerror or exc}") from exc
+    return parse(text, str(path))
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """Parses and validates TOML text; ``path`` is only used in errors."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
+        raise ConfigError(path, line, "syntax", f"not valid TOML ({exc})") from exc
+    return _Validator(text, path).config(doc)
+
+
+def _line_from_message(message: str) -> int | None:
+    m = re.search(r"line (\d+)", message)
+    return int(m.group(1)) if m else None
+
+
+class _Validator:
+    """Turns a parsed TOML document into a ``Config``, or raises with the line."""
+
+    def __init__(self, text: str, path: str):
+        self.path = path
+        self.lines = text.splitlines()
+
+    # -- locating fields in the text, for error messages ------------------------
+
+    def _table_line(self, array: str, index: int) -> int | None:
+        """Line of the ``index``-th ``[[array]]`` header (1-based)."""
+        header = re.compile(r"^\s*\[\[\s*" + re.escape(array) + r"\s*\]\]")
+        seen = -1
+        for no, line in enumerate(self.lines, 1):
+            if header.match(line):
+                seen += 1
+                if seen == index:
+                    return no
+        return None
+
+    def _key_line(self, start: int | None, key: str) -> int | None:
+        """Line of ``key = ...`` in the table that starts at ``start``."""
+        if start is None:
+            return None
+        pattern = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+        for no in range(start + 1, len(self.lines) + 1):
+            line = self.lines[no - 1]
+            if re.match(r"^\s*\[", line):
+                break
+            if pattern.match(line):
+                return no
+        return start
+
+    def _simple_table_line(self, name: str) -> int | None:
+        header = re.compile(r"^\s*\[\s*" + re.escape(name) + r"\s*\]")
+        for no, line in enumerate(self.lines, 1):
+            if header.match(line):
+                return no
+        return None
+
+    def error(self, line: int | None, fld: str, message: str) -> ConfigError:
+        return ConfigError(self.path, line, fld, message)
+
+    # -- validation -------------------------------------------------------------
+
+    def config(self, doc: dict[str, Any]) -> Config:
+        for key in doc:
+            if key not in ("stack", "route", "listen"):
+                raise self.error(self._find_top(key), key, "unknown section (expected [[stack]], [[route]] or [listen])")
+        raw_stacks = doc.get("stack")
+        if raw_stacks is None:
+            raise self.error(None, "stack", "at least one [[stack]] is required")
+        if not isinstance(raw_stacks, list):
+            raise self.error(self._simple_table_line("stack"), "stack", "must be an array of tables: write [[stack]]")
+        stacks = tuple(self.stack(i, s) for i, s in enumerate(raw_stacks))
+        names = [s.name for s in stacks]
+        for i, s in enumerate(stacks):
+            if s.name in names[:i]:
+                raise self.error(s.line, f"stack[{i}].name", f"{s.name!r} is already the name of another stack")
+
+        raw_routes = doc.get("route", [])
+        if not isinstance(raw_routes, list):
+            raise self.error(self._simple_table_line("route"), "route", "must be an array of tables: write [[route]]")
+        routes = tuple(self.route(i, r, names) for i, r in enumerate(raw_routes))
+
+        listen: tuple[str, ...] = ()
+        raw_listen = doc.get("listen")
+        if raw_listen is not None:
+            line = self._simple_table_line("listen")
+            if not isinstance(raw_listen, dict):
+                raise self.error(line, "listen", "must be a table: write [listen]")
+            for key in raw_listen:
+                if key != "stacks":
+                    raise self.error(self._key_line(line, key), f"listen.{key}", "unknown field (expected: stacks)")
+            listen = self.stack_list(raw_listen.get("stacks"), "listen.stacks", self._key_line(line, "stacks"), names)
+        return Config(self.path, stacks, routes, listen)
+
+    def _find_top(self, key: str) -> int | None:
+        for no, line in enumerate(self.lines, 1):
+            if re.match(r"^\s*\[*\s*" + re.escape(key) + r"\b", line):
+                return no
+        return None
+
+    def stack(self, i: int, raw: Any) -> StackSpec:
+        start = self._table_line("stack", i)
+        where = f"stack[{i}]"
+        if not isinstance(raw, dict):
+            raise self.error(start, where, "must be a table")
+        allowed = {"name", "kind", "protocol", "io", "device", "address", "gateway", "port", "rate_control", "mtu"}
+        for key in raw:
+            if key not in allowed:
+                raise self.error(self._key_line(start, key), f"{where}.{key}", "unknown field (expected one of: " + ", ".join(sorted(allowed)) + ")")
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise self.error(self._key_line(start, "name") if "name" in raw else start, f"{where}.name",
+                             f"expected a name of letters, digits, '_', '-', '.' (at most 32, starting with a letter), got {name!r}")
+        kind = raw.get("kind")
+        if kind not in _KINDS:
+            raise self.error(self._key_line(start, "kind") if "kind" in raw else start, f"{where}.kind",
+                             f"expected one of {', '.join(_KINDS)}, got {kind!r}")
+        if kind in _NOT_YET:
+            raise self.error(self._key_line(start, "kind"), f"{where}.kind",
+                             f"stack kind {kind!r} ({_NOT_YET[kind]}) is not available in this version of dmm")
+        protocol = raw.get("protocol", "tcp")
+        if protocol not in ("tcp", "mptcp"):
+            raise self.error(self._key_line(start, "protocol"), f"{where}.protocol", f"expected 'tcp' or 'mptcp', got {protocol!r}")
+        io = raw.get("io", "syscall")
+        if io not in ("syscall", "uring"):
+            raise self.error(self._key_line(start, "io"), f"{where}.io", f"expected 'syscall' or 'uring', got {io!r}")
+        for key in ("device", "address", "gateway", "port", "rate_control", "mtu"):
+            if key in raw:
+                raise self.error(self._key_line(start, key), f"{where}.{key}", f"does not apply to a {kind} stack")
+        return StackSpec(name=name, kind=kind, protocol=protocol, io=io, line=start)
+
+    def stack_list(self, raw: Any, fld: str, line: int | None, names: list[str]) -> tuple[str, ...]:
+        if not isinstance(raw, list) or not raw or not all(isinstance(s, str) for s in raw):
+            raise self.error(line, fld, f"expected a non-empty list of stack names, got {raw!r}")
+        for s in raw:
+            if s not in names:
+                raise self.error(line, fld, f"no stack is named {s!r} (declared: {', '.join(names)})")
+        return tuple(raw)
+
+    def route(self, i: int, raw: Any, names: list[str]) -> RouteSpec:
+        start = self._table_line("route", i)
+        where = f"route[{i}]"
+        if not isinstance(raw, dict):
+            raise self.error(start, where, "must be a table")
+        allowed = {"to", "stacks", "ports", "type", "role", "priority", "when"}
+        for key in raw:
+            if key not in allowed:
+                raise self.error(self._key_line(start, key), f"{where}.{key}", "unknown field (expected one of: " + ", ".join(sorted(allowed)) + ")")
+        line = lambda key: self._key_line(start, key) if key in raw else start  # noqa: E731
+        to = raw.get("to")
+        if not isinstance(to, str):
+            raise self.error(line("to"), f"{where}.to", f"expected a prefix such as \"10.0.0.0/8\" or \"::/0\", got {to!r}")
+        try:
+            net = ipaddress.ip_network(to, strict=True)
+        except ValueError as exc:
+            raise self.error(line("to"), f"{where}.to", f"expected a prefix such as \"10.0.0.0/8\" or \"::/0\": {exc}") from None
+        stacks = self.stack_list(raw.get("stacks"), f"{where}.stacks", line("stacks"), names)
+        ports = self.ports(raw.get("ports"), f"{where}.ports", line("ports"))
+        typ = raw.get("type")
+        if typ not in (None, "stream", "dgram"):
+            raise self.error(line("type"), f"{where}.type", f"expected 'stream' or 'dgram', got {typ!r}")
+        role = raw.get("role")
+        if role not in (None, "connect", "listen", "sendto"):
+            raise self.error(line("role"), f"{where}.role", f"expected 'connect', 'listen' or 'sendto', got {role!r}")
+        priority = raw.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -(2**31) <= priority < 2**31:
+            raise self.error(line("priority"), f"{where}.priority", f"expected an integer, got {priority!r}")
+        if "when" in raw:
+            raise self.error(line("when"), f"{where}.when",
+                             "path conditions need measured path state, which this version does not collect yet; "
+                             "use a Python policy hook (dmm.policy.register) instead")
+        return RouteSpec(index=i, to=str(net), stacks=stacks, ports=ports, type=typ, role=role, priority=priority, line=start)
+
+    def ports(self, raw: Any, fld: str, line: int | None) -> tuple[int, int]:
+        if raw is None:
+            return (0, 65535)
+        lo = hi = None
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            lo = hi = raw
+        elif isinstance(raw, str):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", raw)
+            if m:
+                lo = int(m.group(1))
+                hi = int(m.group(2)) if m.group(2) else lo
+        if lo is None or hi is None or not (0 <= lo <= hi <= 65535):
+            raise self.error(line, fld, f"expected a port or a range like \"8000-8999\" within 0-65535, got {raw!r}")
+        return (lo, hi)

@@ -1,0 +1,170 @@
+"""The process-wide routing state: stack instances, the table, decisions.
+
+The runtime is built lazily from :func:`dmm.config.load` the first time a
+socket needs a decision, or explicitly with :func:`configure`.
+
+Order of a decision, first answer wins:
+
+1. the socket's own override (``stack=`` argument or ``DMM_STACK`` option);
+2. policy hooks (:mod:`dmm.policy`), in registration order;
+3. for listeners, the config's ``[listen]`` section;
+4. the routing table (longest prefix, then priority, then order);
+5. the default route (the first stack declared).
+
+Within an answer the first stack that can carry the socket wins; if none
+can, the next source is asked.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from . import _core, policy
+from .config import Config, load
+from .stacks import StackInstance, make_instance
+
+__all__ = ["Outcome", "Runtime", "configure", "get", "reset"]
+
+_STREAM = 1
+_KIND = {1: "stream", 2: "dgram"}
+
+
+@dataclass
+class Outcome:
+    """The result of one decision, with the reasoning for ``route explain``."""
+
+    stack: str
+    source: str
+    reason: str
+    trace: list[str] = field(default_factory=list)
+
+
+class Runtime:
+    """Stack instances plus the routing table built from one ``Config``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.stacks: dict[str, StackInstance] = {}
+        for spec in config.stacks:
+            self.stacks[spec.name] = make_instance(spec)
+        self.order = [spec.name for spec in config.stacks]
+        ids = {name: i for i, name in enumerate(self.order)}
+        self.router = _core.Router()
+        for r in config.routes:
+            self.router.add(r.to, [ids[s] for s in r.stacks], ports=r.ports, kind=r.type, role=r.role,
+                            priority=r.priority, tag=r.index)
+        self.router.set_default([0])
+        # With one stack, no rules and no [listen], every answer is that stack
+        # unless a hook or an override says otherwise: skip the table.
+        self.only = self.order[0] if len(self.order) == 1 and not config.routes and not config.listen else None
+
+    def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
+        """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""
+        trace: list[str] = []
+        if override is not None:
+            if override not in self.stacks:
+                raise OSError(errno.EINVAL, f"dmm: no stack is named {override!r} (known: {', '.join(self.order)})")
+            why = self.stacks[override].can_carry(request.family, request.type)
+            if why is not None:
+                raise OSError(errno.EPROTONOSUPPORT, f"dmm: stack {override!r} cannot carry this socket: {why}")
+            return Outcome(override, "override", "the socket asked for it", trace)
+
+        if policy.hooks():
+            answer = policy.ask(request)
+            if answer is not None:
+                label, decision = answer
+                chosen = self._first_capable(decision.stacks, request, trace, f"hook {label}")
+                if chosen is not None:
+                    return Outcome(chosen, f"hook {label}", decision.reason or "the hook chose it", trace)
+            elif explain:
+                trace.append("hooks: every hook returned None")
+
+        if self.only is not None:
+            return Outcome(self.only, "default", "the only stack configured", trace)
+
+        if request.role == "listen" and self.config.listen:
+            chosen = self._first_capable(self.config.listen, request, trace, "[listen]")
+            if chosen is not None:
+                return Outcome(chosen, "[listen]", "the [listen] section of the config", trace)
+
+        tag, ids = self.router.lookup(request.address, request.port, _KIND.get(request.type, "stream"), request.role)
+        if tag is not None:
+            route = self.config.routes[tag]
+            if explain:
+                others = [t for t in self.router.candidates(request.address, request.port,
+                                                            _KIND.get(request.type, "stream"), request.role) if t != tag]
+                for t in others:
+                    trace.append(f"also matched route[{t}] ({self.config.routes[t].describe()}), less specific or lower priority")
+            chosen = self._first_capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
+            if chosen is not None:
+                where = f" (line {route.line})" if route.line else ""
+                return Outcome(chosen, f"route[{tag}]", f"{route.describe()}{where}", trace)
+        elif explain:
+            trace.append("no route matched")
+
+        chosen = self._first_capable(self.order, request, trace, "default route")
+        if chosen is not None:
+            return Outcome(chosen, "default", "no rule matched: the first capable stack declared", trace)
+        raise OSError(errno.EPROTONOSUPPORT, "dmm: no configured stack can carry this socket")
+
+    def _first_capable(self, names, request: policy.Request, trace: list[str], source: str) -> Optional[str]:
+        for name in names:
+            inst = self.stacks.get(name)
+            if inst is None:
+                trace.append(f"{source}: no stack is named {name!r}; skipped")
+                continue
+            why = inst.can_carry(request.family, request.type)
+            if why is None:
+                return name
+            trace.append(f"{source}: {name} cannot carry it ({why}); next")
+        return None
+
+
+_lock = threading.Lock()
+_runtime: Optional[Runtime] = None
+
+
+def get() -> Runtime:
+    """The current runtime, built from the default config on first use."""
+    rt = _runtime
+    if rt is None:
+        with _lock:
+            rt = _runtime
+            if rt is None:
+                rt = _install(Runtime(load()))
+    return rt
+
+
+def _install(rt: Runtime) -> Runtime:
+    global _runtime
+    _runtime = rt
+    return rt
+
+
+def configure(source: Union[Config, str, "os.PathLike[str]", None] = None) -> Runtime:
+    """Replaces the runtime: from a ``Config``, a config file path, or the
+    default lookup when ``None``. Sockets already routed keep their stack."""
+    cfg = source if isinstance(source, Config) else load(source)
+    with _lock:
+        return _install(Runtime(cfg))
+
+
+def reset() -> None:
+    """Forgets the runtime; the next decision loads the config again."""
+    global _runtime
+    with _lock:
+        _runtime = None
+
+
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is a numeric IPv4 or IPv6 address (zone allowed)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,418 @@
+"""A drop-in replacement for the stdlib :mod:`socket` module.
+
+``import dmm.socket as socket`` and the program's sockets are routed, one by
+one, to a stack instance at ``connect()``, ``listen()`` or the first
+``sendto()`` (see :mod:`dmm.runtime` for the order of a decision). Until
+then a dmm socket is an ordinary kernel socket, so options, ``bind()`` and
+``fileno()`` work from the start; the fd number never changes.
+
+The module is organised like gevent's: names it re-implements
+(``__implements__``), names it re-exports from the stdlib unchanged
+(``__imports__``) and its own additions (``__extensions__``). ``__all__`` is
+their union and a test checks it against the stdlib's.
+
+dmm's additions on every socket:
+
+* ``stack=`` (constructor keyword) or ``setsockopt(SOL_DMM, DMM_STACK, b"name")``:
+  ask for a stack instance, before the decision is made;
+* ``properties=`` or ``setsockopt(SOL_DMM, DMM_PROPERTIES, b"k=v;k2=v2")``:
+  application properties that policy hooks see;
+* ``sock.dmm_stack``: the instance carrying the socket (``None`` before the
+  decision, and for socket families dmm does not route, such as AF_UNIX);
+* ``sock.dmm_counters()``: per-socket counters (for kernel TCP, from
+  ``TCP_INFO``: bytes, segments, retransmits, RTT, delivery rate).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+import socket as _std
+import _socket
+
+from . import policy as _policy
+from . import runtime as _runtime
+
+#: The stdlib class, captured before any patching (after ``patch_all()``,
+#: ``socket.socket`` is our own class).
+_StdSocket = _std.socket
+
+__implements__ = ["socket", "create_connection", "create_server", "socketpair", "fromfd"]
+__extensions__ = ["SOL_DMM", "DMM_STACK", "DMM_PROPERTIES", "stack_counters"]
+__imports__ = [name for name in _std.__all__ if name not in __implements__]
+
+for _name in __imports__:
+    globals()[_name] = getattr(_std, _name)
+del _name
+# Used by http.client and others through the module, though not in __all__.
+_GLOBAL_DEFAULT_TIMEOUT = _std._GLOBAL_DEFAULT_TIMEOUT
+SocketIO = _std.SocketIO
+
+__all__ = __implements__ + __imports__ + __extensions__
+
+#: The socket option level of dmm's own options (not a kernel level).
+SOL_DMM = 0x444D4D
+#: ``setsockopt(SOL_DMM, DMM_STACK, b"name")``: ask for a stack instance.
+DMM_STACK = 1
+#: ``setsockopt(SOL_DMM, DMM_PROPERTIES, b"k=v;k2=v2")``: properties for hooks.
+DMM_PROPERTIES = 2
+
+_INET = (_std.AF_INET, _std.AF_INET6)
+_NOT_ROUTED = ""  # marks sockets dmm does not route (AF_UNIX, raw, ...)
+
+
+def _parse_properties(value: bytes) -> dict[str, str]:
+    props = {}
+    for item in value.decode().split(";"):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"DMM_PROPERTIES expects 'key=value;...', got {item!r}")
+        props[key.strip()] = val.strip()
+    return props
+
+
+class socket(_StdSocket):
+    """A stdlib-compatible socket whose stack is chosen by dmm's router.
+
+    Accepts the stdlib's arguments plus ``stack`` (the name of an instance to
+    use, bypassing hooks and rules) and ``properties`` (a mapping that policy
+    hooks receive).
+    """
+
+    __slots__ = ("_dmm_stack", "_dmm_core", "_dmm_override", "_dmm_props", "_dmm_host", "_dmm_opts")
+
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
+        super().__init__(family, type, proto, fileno)
+        self._dmm_stack = None if self.family in _INET else _NOT_ROUTED
+        self._dmm_core = None
+        self._dmm_override = stack
+        self._dmm_props = dict(properties) if properties else {}
+        self._dmm_host = None
+        self._dmm_opts = []
+
+    def __repr__(self):
+        text = super().__repr__()
+        if self._dmm_stack:
+            text = text[:-1] + f", stack={self._dmm_stack}>"
+        return text
+
+    # -- routing ----------------------------------------------------------------
+
+    def _dmm_route(self, role, address):
+        """Chooses the stack for this socket; returns ``address`` made numeric."""
+        if self._dmm_stack is not None:  # already routed, or never routed
+            return address
+        host, port = address[0], address[1]
+        if not isinstance(host, str) or not _runtime.is_ip(host):
+            infos = _std.getaddrinfo(host, port, self.family, self.type)
+            address = infos[0][4]
+            if isinstance(host, str):
+                self._dmm_host = host
+            host, port = address[0], address[1]
+        rt = _runtime.get()
+        if rt.only is not None and self._dmm_override is None and not _policy.hooks():
+            name = rt.only
+        else:
+            request = _policy.Request(role=role, family=self.family, type=self.type, address=host.split("%", 1)[0],
+                                      port=port, host=self._dmm_host, properties=dict(self._dmm_props))
+            name = rt.decide(request, self._dmm_override).stack
+        rt.stacks[name].attach(self, role)
+        self._dmm_stack = name
+        self._dmm_opts = []
+        return address
+
+    def _dmm_reopen(self, proto):
+        """Replaces the kernel socket under this fd number with one of another
+        protocol (TCP <-> MPTCP), replaying the options set so far and the
+        bound address."""
+        timeout = self.gettimeout()
+        bound = None
+        try:
+            local = self.getsockname()
+            if local[1] != 0:
+                bound = local
+        except OSError:
+            pass
+        new = _socket.socket(self.family, self.type, proto)
+        try:
+            for level, optname, value, optlen in self._dmm_opts:
+                if optlen is None:
+                    new.setsockopt(level, optname, value)
+                else:
+                    new.setsockopt(level, optname, value, optlen)
+            _os.dup2(new.fileno(), self.fileno(), inheritable=self.get_inheritable())
+        finally:
+            new.close()
+        # Re-read family, type and protocol from the fd, keep the timeout.
+        _socket.socket.__init__(self, -1, -1, -1, self.fileno())
+        _StdSocket.settimeout(self, timeout)
+        if bound is not None:
+            _StdSocket.bind(self, bound)
+
+    def _dmm_use_core(self, core):
+        """Sends this socket's data through a Rust core socket from now on."""
+        self._dmm_core = core
+        core.settimeout(self.gettimeout())
+        self.__class__ = _with_core_methods(type(self))
+
+    # -- methods that route ------------------------------------------------------
+
+    def connect(self, address):
+        if self._dmm_stack is None:
+            address = self._dmm_route("connect", address)
+        return super().connect(address)
+
+    def connect_ex(self, address):
+        if self._dmm_stack is None:
+            try:
+                address = self._dmm_route("connect", address)
+            except _std.gaierror:
+                raise
+            except OSError as exc:
+                if exc.errno is None:
+                    raise
+                return exc.errno
+        return super().connect_ex(address)
+
+    def listen(self, *backlog):
+        if self._dmm_stack is None:
+            try:
+                local = self.getsockname()
+            except OSError:
+                local = ("::" if self.family == _std.AF_INET6 else "0.0.0.0", 0)
+            self._dmm_route("listen", local)
+        return super().listen(*backlog)
+
+    def sendto(self, data, flags_or_addr, address=None):
+        if self._dmm_stack is None:
+            dest = flags_or_addr if address is None else address
+            resolved = self._dmm_route("sendto", dest)
+            if address is None:
+                flags_or_addr = resolved
+            else:
+                address = resolved
+        if address is None:
+            return super().sendto(data, flags_or_addr)
+        return super().sendto(data, flags_or_addr, address)
+
+    def sendmsg(self, buffers, *args):
+        if self._dmm_stack is None and len(args) > 2 and args[2] is not None:
+            args = args[:2] + (self._dmm_route("sendto", args[2]),) + args[3:]
+        return super().sendmsg(buffers, *args)
+
+    def accept(self):
+        fd, addr = self._accept()
+        sock = socket(self.family, self.type, self.proto, fileno=fd)
+        if _std.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        name = self._dmm_stack
+        if name:
+            sock._dmm_stack = name
+            inst = _runtime.get().stacks.get(name)
+            if inst is not None:
+                inst.count("accept")
+                if getattr(inst, "io", None) == "uring":
+                    kind = "stream" if self.type == _std.SOCK_STREAM else "dgram"
+                    sock._dmm_use_core(inst.core.adopt(sock.fileno(), sock.family, kind))
+        return sock, addr
+
+    def dup(self):
+        sock = super().dup()
+        sock._dmm_stack = self._dmm_stack
+        return sock
+
+    # -- options -----------------------------------------------------------------
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        if level == SOL_DMM:
+            self._dmm_setopt(optname, value)
+            return
+        if optlen is None:
+            super().setsockopt(level, optname, value)
+        else:
+            super().setsockopt(level, optname, value, optlen)
+        if self._dmm_stack is None:
+            # Kept so that a change of protocol at routing time can replay them.
+            self._dmm_opts.append((level, optname, value, optlen))
+
+    def getsockopt(self, level, optname, buflen=None):
+        if level == SOL_DMM:
+            if optname == DMM_STACK:
+                return (self._dmm_stack or "").encode()
+            if optname == DMM_PROPERTIES:
+                return ";".join(f"{k}={v}" for k, v in self._dmm_props.items()).encode()
+            raise OSError(_errno.ENOPROTOOPT, "Protocol not available")
+        if buflen is None:
+            return super().getsockopt(level, optname)
+        return super().getsockopt(level, optname, buflen)
+
+    def _dmm_setopt(self, optname, value):
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"SOL_DMM options take bytes or str, got {type(value).__name__}")
+        if optname == DMM_STACK:
+            if self._dmm_stack is not None:
+                raise OSError(_errno.EISCONN, "dmm: the stack was chosen already")
+            self._dmm_override = bytes(value).decode() or None
+        elif optname == DMM_PROPERTIES:
+            self._dmm_props.update(_parse_properties(bytes(value)))
+        else:
+            raise OSError(_errno.ENOPROTOOPT, "Protocol not available")
+
+    # -- dmm's additions ---------------------------------------------------------
+
+    @property
+    def dmm_stack(self):
+        """The name of the stack instance carrying this socket, or ``None``."""
+        return self._dmm_stack or None
+
+    @property
+    def dmm_properties(self):
+        """Application properties that policy hooks see (a mutable dict)."""
+        return self._dmm_props
+
+    def dmm_counters(self):
+        """Per-socket counters as a dict (empty for unrouted or datagram sockets)."""
+        if self._dmm_core is not None:
+            return dict(self._dmm_core.counters())
+        if self._dmm_stack and self.type == _std.SOCK_STREAM and self.fileno() >= 0:
+            from . import _core
+
+            try:
+                return dict(_core.tcp_info(self.fileno()))
+            except OSError:
+                return {}
+        return {}
+
+
+class _CoreMethods:
+    """Data methods that go through the Rust core socket in ``_dmm_core``
+    (kernel instances with ``io = "uring"``). Mixed in by changing the
+    instance's class, so plain kernel sockets pay nothing for it."""
+
+    __slots__ = ()
+
+    def send(self, data, flags=0):
+        return self._dmm_core.send(data, flags)
+
+    def sendall(self, data, flags=0):
+        return self._dmm_core.sendall(data, flags)
+
+    def recv(self, bufsize, flags=0):
+        return self._dmm_core.recv(bufsize, flags)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return self._dmm_core.recv_into(buffer, nbytes, flags)
+
+    def settimeout(self, value):
+        super().settimeout(value)
+        self._dmm_core.settimeout(self.gettimeout())
+
+    def setblocking(self, flag):
+        super().setblocking(flag)
+        self._dmm_core.settimeout(self.gettimeout())
+
+    def _real_close(self, *args):
+        try:
+            self._dmm_core.close()
+        finally:
+            super()._real_close(*args)
+
+
+_core_classes: dict[type, type] = {}
+
+
+def _with_core_methods(cls):
+    derived = _core_classes.get(cls)
+    if derived is None:
+        if issubclass(cls, _CoreMethods):
+            return cls
+        derived = type(cls.__name__, (_CoreMethods, cls),
+                       {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _core_classes[cls] = derived
+    return derived
+
+
+# -- module functions ------------------------------------------------------------
+
+
+def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *, all_errors=False):
+    """Connects to ``(host, port)``, trying each address ``getaddrinfo`` gives,
+    like the stdlib's; the host name reaches policy hooks."""
+    host, port = address
+    errors = []
+    for family, type_, proto, _canon, sockaddr in _std.getaddrinfo(host, port, 0, _std.SOCK_STREAM):
+        sock = None
+        try:
+            sock = socket(family, type_, proto)
+            sock._dmm_host = host if isinstance(host, str) else None
+            if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            errors.append(exc)
+            if sock is not None:
+                sock.close()
+    if not errors:
+        raise OSError("getaddrinfo returns an empty list")
+    try:
+        if all_errors:
+            raise ExceptionGroup("create_connection failed", errors)
+        raise errors[0]
+    finally:
+        errors = []
+
+
+def create_server(address, *, family=_std.AF_INET, backlog=None, reuse_port=False, dualstack_ipv6=False):
+    """Creates a listening TCP socket bound to ``address``, like the stdlib's."""
+    if reuse_port and not hasattr(_std, "SO_REUSEPORT"):
+        raise ValueError("SO_REUSEPORT not supported on this platform")
+    if dualstack_ipv6:
+        if not _std.has_dualstack_ipv6():
+            raise ValueError("dualstack_ipv6 not supported on this platform")
+        if family != _std.AF_INET6:
+            raise ValueError("dualstack_ipv6 requires AF_INET6 family")
+    sock = socket(family, _std.SOCK_STREAM)
+    try:
+        sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEPORT, 1)
+        if family == _std.AF_INET6 and _std.has_ipv6:
+            sock.setsockopt(_std.IPPROTO_IPV6, _std.IPV6_V6ONLY, 0 if dualstack_ipv6 else 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} (while attempting to bind on address {address!r})") from None
+        if backlog is None:
+            sock.listen()
+        else:
+            sock.listen(backlog)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def socketpair(family=None, type=_std.SOCK_STREAM, proto=0):
+    """A pair of connected dmm sockets (AF_UNIX by default; not routed)."""
+    if family is None:
+        family = _std.AF_UNIX
+    a, b = _socket.socketpair(family, type, proto)
+    return socket(family, type, proto, a.detach()), socket(family, type, proto, b.detach())
+
+
+def fromfd(fd, family, type, proto=0):
+    """A dmm socket over a duplicate of ``fd``."""
+    return socket(family, type, proto, _os.dup(fd))
+
+
+def stack_counters():
+    """Counters of every stack instance, by name."""
+    rt = _runtime.get()
+    return {name: inst.counters() for name, inst in rt.stacks.items()}

@@ -1,0 +1,233 @@
+//! The stack plug-in interface.
+//!
+//! A *stack* is one instance of a network stack that can carry sockets: the
+//! kernel's TCP/IP (plain or MPTCP), a user-space TCP/IP over a TAP device, a
+//! reliable protocol over UDP. Several instances of any kind live side by
+//! side, each with its own name; the routing table picks one per socket.
+//!
+//! Writing a new stack means implementing two traits:
+//!
+//! * [`Stack`]: the instance. It says what it can carry
+//!   ([`Stack::supports`]), creates sockets ([`Stack::socket`]) and keeps
+//!   instance-wide counters ([`Stack::counters`]).
+//! * [`StackSocket`]: one socket on that instance, with the BSD socket
+//!   operations.
+//!
+//! # The contract every stack keeps
+//!
+//! The Python facade (`dmm.socket`) promises stdlib semantics, so each
+//! [`StackSocket`] must behave like a kernel socket as seen through
+//! CPython's `socket` module:
+//!
+//! * **Blocking modes** follow [`StackSocket::set_timeout`]: `None` blocks
+//!   without limit, `Some(Duration::ZERO)` never blocks (an operation that
+//!   would block fails with [`io::ErrorKind::WouldBlock`], raw errno
+//!   `EAGAIN`; a non-blocking `connect` fails with `EINPROGRESS`), and
+//!   `Some(t)` waits at most `t`, then fails with [`timed_out`].
+//! * **Errors** are [`io::Error`]s carrying the errno the kernel would give
+//!   (`ECONNREFUSED`, `ECONNRESET`, `EPIPE`, `ENOTCONN`, `EADDRINUSE`, ...),
+//!   built with [`io::Error::from_raw_os_error`]. The Python boundary maps the
+//!   errno to the matching `OSError` subclass, exactly as CPython does.
+//! * **Signals**: a blocking operation that is interrupted returns
+//!   [`io::ErrorKind::Interrupted`] (`EINTR`). The caller runs the Python
+//!   signal handlers and calls again; a stack must not retry `EINTR` itself
+//!   while blocked, or Ctrl-C would not work.
+//! * **End of stream**: `recv` returns `Ok(0)` once the peer has shut down its
+//!   write side and every byte has been read.
+//! * **Thread safety**: every method takes `&self`. One thread may block in
+//!   `recv` while another sends on the same socket, as with kernel sockets.
+//! * **Readiness**: [`StackSocket::poll_fd`] is a kernel fd that polls
+//!   readable whenever the socket has data, a pending connection or an error
+//!   (for the kernel stack, the socket itself; for user-space stacks, an
+//!   eventfd the stack keeps in step). [`StackSocket::readiness`] reports
+//!   the exact state without blocking.
+//! * **No panics**: no input, from the application or from the network,
+//!   may panic. Bad input is an error.
+
+pub mod kernel;
+pub mod uring;
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+pub use crate::route::SockKind;
+
+/// Address family of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// IPv4 (`AF_INET`).
+    V4,
+    /// IPv6 (`AF_INET6`), which may also carry IPv4-mapped addresses.
+    V6,
+}
+
+impl Family {
+    /// The family of an address.
+    pub fn of(addr: &SocketAddr) -> Family {
+        match addr {
+            SocketAddr::V4(_) => Family::V4,
+            SocketAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The `AF_*` constant.
+    pub fn raw(self) -> i32 {
+        match self {
+            Family::V4 => libc::AF_INET,
+            Family::V6 => libc::AF_INET6,
+        }
+    }
+}
+
+/// What a stack instance is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StackKind {
+    /// The kernel's TCP/IP stack.
+    Kernel,
+    /// A user-space TCP/IP stack (smoltcp over a TAP device).
+    Smoltcp,
+    /// A FillP-style reliable transport over UDP.
+    Fillp,
+}
+
+impl StackKind {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StackKind::Kernel => "kernel",
+            StackKind::Smoltcp => "smoltcp",
+            StackKind::Fillp => "fillp",
+        }
+    }
+}
+
+/// Named counters, in a stable order. Stacks choose their own names; the
+/// shared ones are `bytes_sent`, `bytes_received`, `packets_sent`,
+/// `packets_received`, `retransmits` and `rtt_us`.
+pub type Counters = Vec<(&'static str, u64)>;
+
+/// Readiness of a socket at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// `recv`/`accept` would not block (data, EOF, a pending connection).
+    pub readable: bool,
+    /// `send` would not block, or a pending `connect` has finished.
+    pub writable: bool,
+    /// An error is pending (read it with `SO_ERROR`).
+    pub error: bool,
+}
+
+/// The error of an operation that hit the socket's timeout.
+///
+/// It has no errno, like CPython's `TimeoutError("timed out")`, so the
+/// Python boundary can tell it from a kernel `ETIMEDOUT`.
+pub fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "timed out")
+}
+
+/// An `io::Error` from an errno constant.
+pub fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// One stack instance.
+pub trait Stack: Send + Sync {
+    /// The instance's name, unique in a process (from the config).
+    fn name(&self) -> &str;
+
+    /// What kind of stack this is.
+    fn kind(&self) -> StackKind;
+
+    /// Whether this instance can carry a socket of this family and kind.
+    /// The router skips instances that cannot, and tries the next one.
+    fn supports(&self, family: Family, kind: SockKind) -> bool;
+
+    /// Creates an unbound, unconnected socket (blocking, no timeout).
+    fn socket(&self, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>>;
+
+    /// Instance-wide counters (sockets opened, connections, bytes, ...).
+    fn counters(&self) -> Counters;
+
+    /// A one-line human description for `dmm stacks`.
+    fn describe(&self) -> String;
+}
+
+/// One socket on a stack instance. See the module docs for the contract.
+pub trait StackSocket: Send + Sync {
+    /// Binds to a local address. Port 0 picks an ephemeral port.
+    fn bind(&self, addr: SocketAddr) -> io::Result<()>;
+
+    /// Starts listening, with room for `backlog` pending connections.
+    fn listen(&self, backlog: i32) -> io::Result<()>;
+
+    /// Takes the next pending connection: a new blocking socket and the
+    /// peer's address.
+    fn accept(&self) -> io::Result<(Box<dyn StackSocket>, SocketAddr)>;
+
+    /// Connects (stream) or sets the default peer (datagram). In non-blocking
+    /// mode a stream connect that cannot finish at once fails with
+    /// `EINPROGRESS`; completion is then seen as writability and `SO_ERROR`.
+    fn connect(&self, addr: SocketAddr) -> io::Result<()>;
+
+    /// Sends from `buf`, returning how many bytes were taken.
+    fn send(&self, buf: &[u8], flags: i32) -> io::Result<usize>;
+
+    /// Sends all of `buf`, blocking as the timeout allows. On error some
+    /// bytes may have been sent; how many is not reported (stdlib semantics).
+    fn send_all(&self, buf: &[u8], flags: i32) -> io::Result<()> {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            match self.send(rest, flags) {
+                Ok(n) => rest = &rest[n.min(rest.len())..],
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a datagram (or stream data) to `addr`.
+    fn send_to(&self, buf: &[u8], flags: i32, addr: SocketAddr) -> io::Result<usize>;
+
+    /// Receives into `buf`. `Ok(0)` is end of stream (or an empty datagram).
+    fn recv(&self, buf: &mut [u8], flags: i32) -> io::Result<usize>;
+
+    /// Receives into `buf` and says who sent it.
+    fn recv_from(&self, buf: &mut [u8], flags: i32) -> io::Result<(usize, Option<SocketAddr>)>;
+
+    /// Shuts down one or both directions.
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+
+    /// Releases the socket. Later calls fail with `EBADF`.
+    fn close(&self) -> io::Result<()>;
+
+    /// `None`: block; `Some(ZERO)`: non-blocking; `Some(t)`: wait at most `t`.
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// The timeout set by [`StackSocket::set_timeout`].
+    fn timeout(&self) -> Option<Duration>;
+
+    /// Sets an option, with the same levels, names and value encoding as
+    /// `setsockopt(2)`. Stacks map what they support and fail with
+    /// `ENOPROTOOPT` otherwise.
+    fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()>;
+
+    /// Reads an option into at most `len` bytes, as `getsockopt(2)`.
+    fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>>;
+
+    /// The bound local address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// The connected peer's address (`ENOTCONN` if none).
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+
+    /// A kernel fd that polls readable when this socket is readable.
+    fn poll_fd(&self) -> RawFd;
+
+    /// The socket's readiness now, without blocking.
+    fn readiness(&self) -> Readiness;
+
+    /// Per-socket counters.
+    fn counters(&self) -> Counters;
+}
