@@ -348,7 +348,7 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
         sock = None
         try:
             sock = socket(family, type_, proto)
-            sock._dmm_host = host if isinstance(host, str) else None
+            sock._dmm_host = host if isinstance(host, str) and not _runtime.is_ip(host) else None
             if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
                 sock.settimeout(timeout)
             if source_address:

@@ -1,0 +1,60 @@
+"""Shared fixtures: every test starts from the built-in config and no hooks."""
+
+import os
+import socket as stdsocket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import dmm.policy
+import dmm.runtime
+from dmm import config as dconfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtime(monkeypatch):
+    """Built-in config, no hooks, nothing patched, before and after each test."""
+    monkeypatch.delenv("DMM_CONFIG", raising=False)
+    dmm.policy.clear()
+    dmm.runtime.configure(dconfig.parse(dconfig.DEFAULT_TOML, "<test default>"))
+    yield
+    dmm.policy.clear()
+    dmm.unpatch_all()
+    dmm.runtime.reset()
+
+
+def use_config(text):
+    """Installs a config from TOML text and returns the runtime."""
+    return dmm.runtime.configure(dconfig.parse(textwrap.dedent(text), "<test>"))
+
+
+TWO_KERNELS = """
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "mptcp"
+kind = "kernel"
+protocol = "mptcp"
+"""
+
+
+def mptcp_available():
+    try:
+        stdsocket.socket(stdsocket.AF_INET, stdsocket.SOCK_STREAM, 262).close()
+    except OSError as exc:
+        return f"MPTCP sockets are refused here: {exc}"
+    return None
+
+
+def run_python(code, *args, timeout=60, env=None, **kw):
+    """Runs Python code in a child process; returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, **kw)

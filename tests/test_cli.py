@@ -1,0 +1,90 @@
+"""The `dmm` command."""
+
+import os
+import subprocess
+import sys
+
+
+import dmm
+from dmm import cli
+
+from conftest import TWO_KERNELS, mptcp_available
+
+
+def run(args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "dmm", *args], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, **(env or {})), timeout=120)
+
+
+def test_version_and_help():
+    out = run(["--version"])
+    assert out.returncode == 0 and out.stdout.strip() == f"dmm {dmm.__version__}"
+    out = run(["--help"])
+    assert out.returncode == 0
+    for word in ("run", "stacks", "routes", "route", "demo"):
+        assert word in out.stdout
+
+
+def write_config(tmp_path):
+    path = tmp_path / "dmm.toml"
+    path.write_text(TWO_KERNELS + """
+[[route]]
+to = "10.0.0.0/8"
+stacks = ["mptcp", "kernel"]
+
+[[route]]
+to = "10.1.0.0/16"
+ports = "443"
+priority = 2
+stacks = ["kernel"]
+""")
+    return path
+
+
+def test_stacks_and_routes(tmp_path):
+    write_config(tmp_path)
+    out = run(["stacks"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "kernel tcp, syscalls" in out.stdout and "kernel mptcp" in out.stdout
+    out = run(["routes"], cwd=tmp_path)
+    assert "route[0]  to 10.0.0.0/8 -> mptcp, kernel" in out.stdout
+    assert "route[1]  to 10.1.0.0/16 ports 443 priority 2 -> kernel" in out.stdout
+    assert "default   -> kernel" in out.stdout
+
+
+def test_route_explain_names_the_rule_and_the_losers(tmp_path):
+    write_config(tmp_path)
+    out = run(["route", "explain", "10.1.2.3:443"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "-> kernel" in out.stdout and "route[1]" in out.stdout
+    assert "also matched route[0]" in out.stdout
+    out = run(["route", "explain", "10.9.9.9:80", "--udp"], cwd=tmp_path)
+    assert "-> kernel" in out.stdout and "mptcp cannot carry it" in out.stdout
+    out = run(["route", "explain", "192.0.2.1:80"], cwd=tmp_path)
+    assert "decided by: default" in out.stdout and "no route matched" in out.stdout
+    out = run(["route", "explain", "[2001:db8::1]:80", "--stack", "mptcp"], cwd=tmp_path)
+    assert "-> mptcp" in out.stdout and "override" in out.stdout
+    out = run(["route", "explain", "nonsense"], cwd=tmp_path)
+    assert out.returncode != 0 and "HOST:PORT" in out.stderr
+
+
+def test_bad_config_is_reported_not_raised(tmp_path):
+    (tmp_path / "dmm.toml").write_text('[[stack]]\nname = "k"\nkind = "kernel"\nio = "fast"\n')
+    out = run(["stacks"], cwd=tmp_path)
+    assert out.returncode != 0 and "dmm.toml:4: stack[0].io" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_runs_on_builtin_defaults(tmp_path):
+    out = run(["demo", "--size", "8"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("127.0.0.")]
+    assert len(rows) == 2 and all(" ok " in r for r in rows)
+    # 127.0.0.2 is routed to the instance named "mptcp" (plain TCP where MPTCP is refused).
+    assert rows[0].split()[1] == "kernel" and rows[1].split()[1] == "mptcp"
+    assert rows[1].split()[3] == ("MPTCP" if mptcp_available() is None else "TCP")
+
+
+def test_main_without_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "usage" in capsys.readouterr().out
