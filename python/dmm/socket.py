@@ -59,6 +59,20 @@ DMM_PROPERTIES = 2
 
 _INET = (_std.AF_INET, _std.AF_INET6)
 _NOT_ROUTED = ""  # marks sockets dmm does not route (AF_UNIX, raw, ...)
+# The C getters: plain ints, without the stdlib properties' enum conversion,
+# which costs more than the rest of a routing decision.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_inet_pton = _socket.inet_pton
+
+
+def _is_ip(host, family):
+    """Whether ``host`` is a numeric address of ``family`` (zone allowed)."""
+    try:
+        _inet_pton(family, host.partition("%")[0] if family == _std.AF_INET6 else host)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _parse_properties(value: bytes) -> dict[str, str]:
@@ -85,12 +99,12 @@ class socket(_StdSocket):
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
         super().__init__(family, type, proto, fileno)
-        self._dmm_stack = None if self.family in _INET else _NOT_ROUTED
+        self._dmm_stack = None if _raw_family(self) in _INET else _NOT_ROUTED
         self._dmm_core = None
         self._dmm_override = stack
         self._dmm_props = dict(properties) if properties else {}
         self._dmm_host = None
-        self._dmm_opts = []
+        self._dmm_opts = None
 
     def __repr__(self):
         text = super().__repr__()
@@ -105,22 +119,23 @@ class socket(_StdSocket):
         if self._dmm_stack is not None:  # already routed, or never routed
             return address
         host, port = address[0], address[1]
-        if not isinstance(host, str) or not _runtime.is_ip(host):
-            infos = _std.getaddrinfo(host, port, self.family, self.type)
+        family = _raw_family(self)
+        if not isinstance(host, str) or not _is_ip(host, family):
+            infos = _std.getaddrinfo(host, port, family, _raw_type(self))
             address = infos[0][4]
             if isinstance(host, str):
                 self._dmm_host = host
             host, port = address[0], address[1]
-        rt = _runtime.get()
-        if rt.only is not None and self._dmm_override is None and not _policy.hooks():
+        rt = _runtime._runtime or _runtime.get()
+        if rt.only is not None and self._dmm_override is None and not _policy._hooks:
             name = rt.only
         else:
-            request = _policy.Request(role=role, family=self.family, type=self.type, address=host.split("%", 1)[0],
+            request = _policy.Request(role=role, family=family, type=_raw_type(self), address=host.partition("%")[0],
                                       port=port, host=self._dmm_host, properties=dict(self._dmm_props))
             name = rt.decide(request, self._dmm_override).stack
         rt.stacks[name].attach(self, role)
         self._dmm_stack = name
-        self._dmm_opts = []
+        self._dmm_opts = None
         return address
 
     def _dmm_reopen(self, proto):
@@ -137,7 +152,7 @@ class socket(_StdSocket):
             pass
         new = _socket.socket(self.family, self.type, proto)
         try:
-            for level, optname, value, optlen in self._dmm_opts:
+            for level, optname, value, optlen in self._dmm_opts or ():
                 if optlen is None:
                     new.setsockopt(level, optname, value)
                 else:
@@ -235,6 +250,8 @@ class socket(_StdSocket):
             super().setsockopt(level, optname, value, optlen)
         if self._dmm_stack is None:
             # Kept so that a change of protocol at routing time can replay them.
+            if self._dmm_opts is None:
+                self._dmm_opts = []
             self._dmm_opts.append((level, optname, value, optlen))
 
     def getsockopt(self, level, optname, buflen=None):

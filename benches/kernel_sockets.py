@@ -1,0 +1,234 @@
+"""dmm's kernel route against the stdlib socket module, side by side.
+
+Each contender runs both ends of every test with the same socket module:
+
+* ``stdlib``     -- ``import socket``
+* ``dmm``        -- ``import dmm.socket`` on the built-in config (kernel, syscalls)
+* ``dmm-uring``  -- ``import dmm.socket`` with a kernel instance ``io = "uring"``
+
+Tests, over loopback between two processes:
+
+* ``bulk``: one connection, 1 GiB (``--bulk-mib``) sent with ``sendall`` in
+  256 KiB chunks, received with ``recv_into``; Gbit/s.
+* ``pingpong``: 1-byte request, 1-byte reply, round trips per second.
+* ``connect``: connect + accept + close, connections per second.
+
+Rounds interleave the contenders so machine noise hits all of them alike;
+the median of the rounds is reported, with ratios to the stdlib. Results go
+to ``benches/results/kernel.md`` and ``kernel.json``.
+
+    python benches/kernel_sockets.py [--rounds 5] [--bulk-mib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CONTENDERS = ("stdlib", "dmm", "dmm-uring")
+CHUNK = 256 * 1024
+URING_TOML = '[[stack]]\nname = "kernel"\nkind = "kernel"\nio = "uring"\n'
+
+
+def load_module(contender: str):
+    if contender == "stdlib":
+        import socket
+
+        return socket
+    import dmm.runtime
+    import dmm.socket
+    from dmm import config
+
+    toml = URING_TOML if contender == "dmm-uring" else config.DEFAULT_TOML
+    dmm.runtime.configure(config.parse(toml, f"<{contender}>"))
+    return dmm.socket
+
+
+# -- the child process: the passive end of each test ------------------------------
+
+
+def child(contender: str, test: str, port_file: str) -> None:
+    sk = load_module(contender)
+    srv = sk.socket(sk.AF_INET, sk.SOCK_STREAM)
+    srv.setsockopt(sk.SOL_SOCKET, sk.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1024)
+    Path(port_file).write_text(str(srv.getsockname()[1]))
+    if test == "bulk":
+        conn, _ = srv.accept()
+        buf = bytearray(CHUNK)
+        total = 0
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            total += n
+        conn.sendall(total.to_bytes(8, "big"))
+        conn.close()
+    elif test == "pingpong":
+        conn, _ = srv.accept()
+        conn.setsockopt(sk.IPPROTO_TCP, sk.TCP_NODELAY, 1)
+        while True:
+            b = conn.recv(1)
+            if not b:
+                break
+            conn.send(b)
+        conn.close()
+    elif test == "connect":
+        count = int(os.environ["BENCH_CONNECTIONS"])
+        for _ in range(count):
+            conn, _ = srv.accept()
+            conn.close()
+    srv.close()
+
+
+def start_child(contender: str, test: str, env: dict) -> tuple[subprocess.Popen, int]:
+    fd, port_file = tempfile.mkstemp()
+    os.close(fd)
+    os.unlink(port_file)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", contender, test, port_file], env=env)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(port_file) or not Path(port_file).read_text():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{contender} {test} server did not start")
+        time.sleep(0.005)
+    time.sleep(0.01)
+    port = int(Path(port_file).read_text())
+    os.unlink(port_file)
+    return proc, port
+
+
+# -- the active end -----------------------------------------------------------------
+
+
+def bulk(sk, port: int, mib: int) -> float:
+    payload = os.urandom(CHUNK)
+    total = mib * 1024 * 1024
+    s = sk.create_connection(("127.0.0.1", port))
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        s.sendall(payload)
+        sent += CHUNK
+    s.shutdown(sk.SHUT_WR)
+    ack = b""
+    while len(ack) < 8:
+        ack += s.recv(8 - len(ack))
+    elapsed = time.perf_counter() - start
+    s.close()
+    assert int.from_bytes(ack, "big") == total
+    return total * 8 / elapsed / 1e9
+
+
+def pingpong(sk, port: int, count: int) -> float:
+    s = sk.create_connection(("127.0.0.1", port))
+    s.setsockopt(sk.IPPROTO_TCP, sk.TCP_NODELAY, 1)
+    for _ in range(200):  # warm up
+        s.send(b"x")
+        s.recv(1)
+    start = time.perf_counter()
+    send, recv = s.send, s.recv
+    for _ in range(count):
+        send(b"x")
+        recv(1)
+    elapsed = time.perf_counter() - start
+    s.close()
+    return count / elapsed
+
+
+def connect_rate(sk, port: int, count: int) -> float:
+    import struct
+
+    linger = struct.pack("ii", 1, 0)  # RST on close: no TIME_WAIT pile-up, same for all
+    start = time.perf_counter()
+    for _ in range(count):
+        s = sk.socket(sk.AF_INET, sk.SOCK_STREAM)
+        s.setsockopt(sk.SOL_SOCKET, sk.SO_LINGER, linger)
+        s.connect(("127.0.0.1", port))
+        s.close()
+    return count / (time.perf_counter() - start)
+
+
+def run_one(contender: str, test: str, args) -> float:
+    env = dict(os.environ, BENCH_CONNECTIONS=str(args.connections))
+    proc, port = start_child(contender, test, env)
+    sk = load_module(contender)
+    try:
+        if test == "bulk":
+            return bulk(sk, port, args.bulk_mib)
+        if test == "pingpong":
+            return pingpong(sk, port, args.pingpong)
+        return connect_rate(sk, port, args.connections)
+    finally:
+        proc.wait(60)
+
+
+UNITS = {"bulk": "Gbit/s", "pingpong": "round trips/s", "connect": "connections/s"}
+TARGETS = {"bulk": 0.97, "pingpong": 0.95, "connect": 0.95}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bulk-mib", type=int, default=1024)
+    p.add_argument("--pingpong", type=int, default=20000)
+    p.add_argument("--connections", type=int, default=3000)
+    p.add_argument("--tests", default="bulk,pingpong,connect")
+    p.add_argument("--child", nargs=3, metavar=("CONTENDER", "TEST", "PORTFILE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child)
+        return 0
+
+    tests = args.tests.split(",")
+    samples = {(t, c): [] for t in tests for c in CONTENDERS}
+    for r in range(args.rounds):
+        for t in tests:
+            order = CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS))
+            for c in order:
+                samples[(t, c)].append(run_one(c, t, args))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    import dmm
+    from dmm import _core
+
+    lines = [
+        "# dmm kernel route vs the stdlib socket module",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, dmm {dmm.__version__}, Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs, kernel {os.uname().release}. Median of {args.rounds} interleaved rounds; "
+        f"bulk {args.bulk_mib} MiB, ping-pong {args.pingpong} round trips, {args.connections} connections.",
+        f"io_uring: {'available' if _core.uring_available() is None else 'refused: ' + str(_core.uring_available())}.",
+        "",
+        "| test | unit | stdlib | dmm (syscalls) | dmm/stdlib | target | dmm (io_uring) | uring/stdlib |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    out = {}
+    for t in tests:
+        med = {c: statistics.median(samples[(t, c)]) for c in CONTENDERS}
+        out[t] = {c: {"median": med[c], "samples": samples[(t, c)]} for c in CONTENDERS}
+        fmt = (lambda v: f"{v:.2f}") if t == "bulk" else (lambda v: f"{v:,.0f}")
+        lines.append(f"| {t} | {UNITS[t]} | {fmt(med['stdlib'])} | {fmt(med['dmm'])} | {med['dmm'] / med['stdlib']:.3f} | "
+                     f">= {TARGETS[t]} | {fmt(med['dmm-uring'])} | {med['dmm-uring'] / med['stdlib']:.3f} |")
+    lines.append("")
+    lines.append("Spread (min-max of the rounds): " + "; ".join(
+        f"{t}/{c} {min(samples[(t, c)]):.4g}-{max(samples[(t, c)]):.4g}" for t in tests for c in CONTENDERS))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "kernel.md").write_text(text)
+    (RESULTS / "kernel.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
