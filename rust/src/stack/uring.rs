@@ -39,14 +39,18 @@ pub fn probe() -> io::Result<()> {
 /// kernel keeps sending until all of it is gone or an error occurs.
 pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> io::Result<usize> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-    let entry = opcode::Send::new(types::Fd(fd), buf.as_ptr(), len).flags(flags).build();
+    let entry = opcode::Send::new(types::Fd(fd), buf.as_ptr(), len)
+        .flags(flags)
+        .build();
     run(entry)
 }
 
 /// Receives into `buf` on a blocking socket.
 pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-    let entry = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len).flags(flags).build();
+    let entry = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len)
+        .flags(flags)
+        .build();
     run(entry)
 }
 
@@ -57,7 +61,9 @@ fn run(entry: io_uring::squeue::Entry) -> io::Result<usize> {
         if slot.is_none() {
             *slot = Some(IoUring::new(RING_ENTRIES)?);
         }
-        let ring = slot.as_mut().ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS))?;
+        let ring = slot
+            .as_mut()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS))?;
         // SAFETY: the buffer named by `entry` outlives the operation: we do
         // not return before its completion has been reaped (see `reap`).
         unsafe { ring.submission().push(&entry.user_data(OP)) }
@@ -69,42 +75,54 @@ fn run(entry: io_uring::squeue::Entry) -> io::Result<usize> {
 /// Waits for the completion of the one operation in flight. If the wait is
 /// interrupted, cancels it and still waits for its completion, so the
 /// caller's buffer is never used after we return.
+///
+/// `io_uring_enter` reports how many entries it *submitted* even when its
+/// wait was cut short by a signal (it returns `EINTR` only when it submitted
+/// nothing), so a wait that returns with an empty completion queue was
+/// interrupted too. Missing that would leave Ctrl-C unanswered.
 fn reap(ring: &mut IoUring) -> io::Result<usize> {
     let mut cancelled = false;
+    let mut cancel_reaped = false;
+    let mut result = None;
     loop {
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) => {
-                if !cancelled {
-                    cancelled = true;
-                    let cancel = opcode::AsyncCancel::new(OP).build().user_data(CANCEL);
-                    // SAFETY: a cancel request refers to no buffer.
-                    unsafe {
-                        // If the queue is full the cancel waits for the next
-                        // round; the operation itself is still reaped below.
-                        let _ = ring.submission().push(&cancel);
-                    }
-                }
-                continue;
+        let interrupted = match ring.submit_and_wait(1) {
+            Ok(_) => false,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                true
             }
             Err(e) => return Err(e),
-        }
-        let mut result = None;
+        };
+        let mut any = false;
         for cqe in ring.completion() {
-            if cqe.user_data() == OP {
-                result = Some(cqe.result());
+            any = true;
+            match cqe.user_data() {
+                OP => result = Some(cqe.result()),
+                CANCEL => cancel_reaped = true,
+                _ => {}
             }
         }
-        if let Some(res) = result {
-            // A cancel request may still be in flight; drain it so the next
-            // operation on this ring starts clean.
-            if cancelled {
-                let _ = ring.submit();
-                for _ in ring.completion() {}
+        if result.is_none() && (interrupted || !any) && !cancelled {
+            cancelled = true;
+            let cancel = opcode::AsyncCancel::new(OP).build().user_data(CANCEL);
+            // SAFETY: a cancel request refers to no buffer.
+            unsafe {
+                // If the queue is full the cancel waits for the next
+                // round; the operation itself is still reaped below.
+                let _ = ring.submission().push(&cancel);
             }
+            continue;
+        }
+        // Once a cancel was sent, wait for its completion as well, so that no
+        // stale completion is left for the next operation on this ring.
+        if let Some(res) = result.filter(|_| !cancelled || cancel_reaped) {
             return match res {
                 r if r >= 0 => Ok(r as usize),
-                r if -r == libc::ECANCELED && cancelled => Err(io::Error::from_raw_os_error(libc::EINTR)),
+                r if -r == libc::ECANCELED && cancelled => {
+                    Err(io::Error::from_raw_os_error(libc::EINTR))
+                }
                 r => Err(io::Error::from_raw_os_error(-r)),
             };
         }
