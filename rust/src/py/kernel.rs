@@ -22,7 +22,9 @@ fn family(raw: i32) -> PyResult<Family> {
     match raw {
         libc::AF_INET => Ok(Family::V4),
         libc::AF_INET6 => Ok(Family::V6),
-        other => Err(PyValueError::new_err(format!("address family {other} is not IPv4 or IPv6"))),
+        other => Err(PyValueError::new_err(format!(
+            "address family {other} is not IPv4 or IPv6"
+        ))),
     }
 }
 
@@ -35,14 +37,24 @@ impl PyKernelStack {
         let protocol = match protocol {
             "tcp" => Protocol::Tcp,
             "mptcp" => Protocol::Mptcp,
-            other => return Err(PyValueError::new_err(format!("protocol must be 'tcp' or 'mptcp', got {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "protocol must be 'tcp' or 'mptcp', got {other:?}"
+                )))
+            }
         };
         let io = match io {
             "syscall" => IoMode::Syscall,
             "uring" => IoMode::Uring,
-            other => return Err(PyValueError::new_err(format!("io must be 'syscall' or 'uring', got {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "io must be 'syscall' or 'uring', got {other:?}"
+                )))
+            }
         };
-        Ok(PyKernelStack { inner: Arc::new(KernelStack::new(name, protocol, io)) })
+        Ok(PyKernelStack {
+            inner: Arc::new(KernelStack::new(name, protocol, io)),
+        })
     }
 
     #[getter]
@@ -71,14 +83,20 @@ impl PyKernelStack {
 
     /// A new socket on this instance.
     fn socket(&self, family_: i32, kind: &str) -> PyResult<CoreSocket> {
-        let sock = self.inner.socket(family(family_)?, parse_kind(kind)?).map_err(to_py)?;
+        let sock = self
+            .inner
+            .socket(family(family_)?, parse_kind(kind)?)
+            .map_err(to_py)?;
         Ok(CoreSocket::new(sock, self.inner.name().to_string()))
     }
 
     /// A core socket over an fd that Python owns (closing it leaves the fd open).
     fn adopt(&self, fd: i32, family_: i32, kind: &str) -> PyResult<CoreSocket> {
         let sock = self.inner.adopt(fd, family(family_)?, parse_kind(kind)?);
-        Ok(CoreSocket::new(Box::new(sock), self.inner.name().to_string()))
+        Ok(CoreSocket::new(
+            Box::new(sock),
+            self.inner.name().to_string(),
+        ))
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

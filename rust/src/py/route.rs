@@ -20,7 +20,9 @@ pub fn parse_kind(kind: &str) -> PyResult<SockKind> {
     match kind {
         "stream" => Ok(SockKind::Stream),
         "dgram" => Ok(SockKind::Dgram),
-        other => Err(PyValueError::new_err(format!("socket kind must be 'stream' or 'dgram', got {other:?}"))),
+        other => Err(PyValueError::new_err(format!(
+            "socket kind must be 'stream' or 'dgram', got {other:?}"
+        ))),
     }
 }
 
@@ -29,14 +31,17 @@ fn parse_role(role: &str) -> PyResult<Role> {
         "connect" => Ok(Role::Connect),
         "listen" => Ok(Role::Listen),
         "sendto" => Ok(Role::SendTo),
-        other => Err(PyValueError::new_err(format!("role must be 'connect', 'listen' or 'sendto', got {other:?}"))),
+        other => Err(PyValueError::new_err(format!(
+            "role must be 'connect', 'listen' or 'sendto', got {other:?}"
+        ))),
     }
 }
 
 fn parse_addr(addr: &str) -> PyResult<IpAddr> {
     // Drop an IPv6 zone ("fe80::1%eth0"): routes do not match on it.
     let bare = addr.split('%').next().unwrap_or(addr);
-    bare.parse().map_err(|_| PyValueError::new_err(format!("not an IP address: {addr:?}")))
+    bare.parse()
+        .map_err(|_| PyValueError::new_err(format!("not an IP address: {addr:?}")))
 }
 
 #[pymethods]
@@ -60,9 +65,14 @@ impl Router {
         priority: i32,
         tag: u32,
     ) -> PyResult<u32> {
-        let prefix: Prefix = prefix.parse().map_err(|e| PyValueError::new_err(format!("{e}")))?;
+        let prefix: Prefix = prefix
+            .parse()
+            .map_err(|e| PyValueError::new_err(format!("{e}")))?;
         if ports.0 > ports.1 {
-            return Err(PyValueError::new_err(format!("port range {}-{} is empty", ports.0, ports.1)));
+            return Err(PyValueError::new_err(format!(
+                "port range {}-{} is empty",
+                ports.0, ports.1
+            )));
         }
         let mut rule = crate::route::Rule::new(prefix, stacks);
         rule.ports = ports.0..=ports.1;
@@ -90,8 +100,19 @@ impl Router {
 
     /// Decides for one request: `(tag, stacks)`, with `tag` None for the
     /// default route.
-    fn lookup(&self, addr: &str, port: u16, kind: &str, role: &str) -> PyResult<(Option<u32>, Vec<StackId>)> {
-        let q = Query { addr: parse_addr(addr)?, port, kind: parse_kind(kind)?, role: parse_role(role)? };
+    fn lookup(
+        &self,
+        addr: &str,
+        port: u16,
+        kind: &str,
+        role: &str,
+    ) -> PyResult<(Option<u32>, Vec<StackId>)> {
+        let q = Query {
+            addr: parse_addr(addr)?,
+            port,
+            kind: parse_kind(kind)?,
+            role: parse_role(role)?,
+        };
         let d = self.table.lookup(&q);
         let tag = d.rule.and_then(|id| self.table.get(id)).map(|r| r.tag);
         Ok((tag, d.stacks.to_vec()))
@@ -99,7 +120,18 @@ impl Router {
 
     /// Every matching rule's tag, best first (for `dmm route explain`).
     fn candidates(&self, addr: &str, port: u16, kind: &str, role: &str) -> PyResult<Vec<u32>> {
-        let q = Query { addr: parse_addr(addr)?, port, kind: parse_kind(kind)?, role: parse_role(role)? };
-        Ok(self.table.candidates(&q).into_iter().filter_map(|id| self.table.get(id)).map(|r| r.tag).collect())
+        let q = Query {
+            addr: parse_addr(addr)?,
+            port,
+            kind: parse_kind(kind)?,
+            role: parse_role(role)?,
+        };
+        Ok(self
+            .table
+            .candidates(&q)
+            .into_iter()
+            .filter_map(|id| self.table.get(id))
+            .map(|r| r.tag)
+            .collect())
     }
 }

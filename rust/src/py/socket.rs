@@ -74,17 +74,28 @@ fn hold(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Held> {
         Ok(b) => b,
         // Any buffer is bytes to a socket (array('i'), ...): view it as bytes.
         Err(_) => {
-            let view = obj.py().import("builtins")?.getattr("memoryview")?.call1((obj,))?;
+            let view = obj
+                .py()
+                .import("builtins")?
+                .getattr("memoryview")?
+                .call1((obj,))?;
             PyBuffer::<u8>::get(&view.call_method1("cast", ("B",))?)?
         }
     };
     if !buf.is_c_contiguous() {
-        return Err(PyTypeError::new_err("a contiguous bytes-like object is required"));
+        return Err(PyTypeError::new_err(
+            "a contiguous bytes-like object is required",
+        ));
     }
     if writable && buf.readonly() {
-        return Err(PyTypeError::new_err("a writable bytes-like object is required"));
+        return Err(PyTypeError::new_err(
+            "a writable bytes-like object is required",
+        ));
     }
-    let raw = RawBuf { ptr: buf.buf_ptr().cast(), len: buf.len_bytes() };
+    let raw = RawBuf {
+        ptr: buf.buf_ptr().cast(),
+        len: buf.len_bytes(),
+    };
     Ok(Held { _buf: buf, raw })
 }
 
@@ -103,9 +114,11 @@ fn parse_sockaddr(addr: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
     let host: String = addr.get_item(0)?.extract()?;
     let port: u16 = addr.get_item(1)?.extract()?;
     let host = host.split('%').next().unwrap_or_default();
-    let ip = host
-        .parse()
-        .map_err(|_| PyValueError::new_err(format!("a numeric IP address is required here, got {host:?}")))?;
+    let ip = host.parse().map_err(|_| {
+        PyValueError::new_err(format!(
+            "a numeric IP address is required here, got {host:?}"
+        ))
+    })?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -113,7 +126,9 @@ fn parse_sockaddr(addr: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
 pub fn sockaddr_to_py(py: Python<'_>, addr: SocketAddr) -> PyResult<Py<PyAny>> {
     let obj = match addr {
         SocketAddr::V4(a) => (a.ip().to_string(), a.port()).into_pyobject(py)?.into_any(),
-        SocketAddr::V6(a) => (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?.into_any(),
+        SocketAddr::V6(a) => (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id())
+            .into_pyobject(py)?
+            .into_any(),
     };
     Ok(obj.unbind())
 }
@@ -138,7 +153,10 @@ impl CoreSocket {
     /// Returns `(CoreSocket, address)`.
     fn accept(&self, py: Python<'_>) -> PyResult<(CoreSocket, Py<PyAny>)> {
         let (sock, peer) = blocking(py, || self.inner.accept())?;
-        Ok((CoreSocket::new(sock, self.stack.clone()), sockaddr_to_py(py, peer)?))
+        Ok((
+            CoreSocket::new(sock, self.stack.clone()),
+            sockaddr_to_py(py, peer)?,
+        ))
     }
 
     fn connect(&self, py: Python<'_>, addr: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -161,7 +179,10 @@ impl CoreSocket {
         let raw = held.raw;
         loop {
             // SAFETY: `held` keeps the buffer exported until we return.
-            let rest = RawBuf { ptr: unsafe { raw.ptr.add(sent) }, len: raw.len - sent };
+            let rest = RawBuf {
+                ptr: unsafe { raw.ptr.add(sent) },
+                len: raw.len - sent,
+            };
             if rest.len == 0 {
                 return Ok(());
             }
@@ -174,16 +195,29 @@ impl CoreSocket {
     }
 
     #[pyo3(signature = (data, flags, address))]
-    fn sendto(&self, py: Python<'_>, data: &Bound<'_, PyAny>, flags: i32, address: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn sendto(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        flags: i32,
+        address: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
         let addr = parse_sockaddr(address)?;
         let held = hold(data, false)?;
         let raw = held.raw;
         // SAFETY: `held` keeps the buffer exported until we return.
-        blocking(py, || self.inner.send_to(unsafe { raw.slice() }, flags, addr))
+        blocking(py, || {
+            self.inner.send_to(unsafe { raw.slice() }, flags, addr)
+        })
     }
 
     #[pyo3(signature = (bufsize, flags = 0))]
-    fn recv<'py>(&self, py: Python<'py>, bufsize: isize, flags: i32) -> PyResult<Bound<'py, PyBytes>> {
+    fn recv<'py>(
+        &self,
+        py: Python<'py>,
+        bufsize: isize,
+        flags: i32,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         if bufsize < 0 {
             return Err(PyValueError::new_err("negative buffersize in recv"));
         }
@@ -193,7 +227,13 @@ impl CoreSocket {
     }
 
     #[pyo3(signature = (buffer, nbytes = 0, flags = 0))]
-    fn recv_into(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>, nbytes: isize, flags: i32) -> PyResult<usize> {
+    fn recv_into(
+        &self,
+        py: Python<'_>,
+        buffer: &Bound<'_, PyAny>,
+        nbytes: isize,
+        flags: i32,
+    ) -> PyResult<usize> {
         let held = hold(buffer, true)?;
         let raw = limit(held.raw, nbytes, "recv_into")?;
         // SAFETY: `held` keeps the writable buffer exported until we return.
@@ -201,7 +241,12 @@ impl CoreSocket {
     }
 
     #[pyo3(signature = (bufsize, flags = 0))]
-    fn recvfrom<'py>(&self, py: Python<'py>, bufsize: isize, flags: i32) -> PyResult<(Bound<'py, PyBytes>, Py<PyAny>)> {
+    fn recvfrom<'py>(
+        &self,
+        py: Python<'py>,
+        bufsize: isize,
+        flags: i32,
+    ) -> PyResult<(Bound<'py, PyBytes>, Py<PyAny>)> {
         if bufsize < 0 {
             return Err(PyValueError::new_err("negative buffersize in recvfrom"));
         }
@@ -215,11 +260,19 @@ impl CoreSocket {
     }
 
     #[pyo3(signature = (buffer, nbytes = 0, flags = 0))]
-    fn recvfrom_into(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>, nbytes: isize, flags: i32) -> PyResult<(usize, Py<PyAny>)> {
+    fn recvfrom_into(
+        &self,
+        py: Python<'_>,
+        buffer: &Bound<'_, PyAny>,
+        nbytes: isize,
+        flags: i32,
+    ) -> PyResult<(usize, Py<PyAny>)> {
         let held = hold(buffer, true)?;
         let raw = limit(held.raw, nbytes, "recvfrom_into")?;
         // SAFETY: `held` keeps the writable buffer exported until we return.
-        let (n, from) = blocking(py, || self.inner.recv_from(unsafe { raw.slice_mut() }, flags))?;
+        let (n, from) = blocking(py, || {
+            self.inner.recv_from(unsafe { raw.slice_mut() }, flags)
+        })?;
         let from = match from {
             Some(a) => sockaddr_to_py(py, a)?,
             None => py.None(),
@@ -259,7 +312,13 @@ impl CoreSocket {
         self.inner.set_option(level, name, value).map_err(to_py)
     }
 
-    fn getsockopt<'py>(&self, py: Python<'py>, level: i32, name: i32, buflen: usize) -> PyResult<Bound<'py, PyBytes>> {
+    fn getsockopt<'py>(
+        &self,
+        py: Python<'py>,
+        level: i32,
+        name: i32,
+        buflen: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let v = self.inner.get_option(level, name, buflen).map_err(to_py)?;
         Ok(PyBytes::new(py, &v))
     }
@@ -296,9 +355,16 @@ impl CoreSocket {
 /// Applies the `nbytes` argument of `recv_into`: 0 means the whole buffer.
 fn limit(raw: RawBuf, nbytes: isize, what: &str) -> PyResult<RawBuf> {
     match nbytes {
-        n if n < 0 => Err(PyValueError::new_err(format!("negative buffersize in {what}"))),
+        n if n < 0 => Err(PyValueError::new_err(format!(
+            "negative buffersize in {what}"
+        ))),
         0 => Ok(raw),
-        n if n as usize > raw.len => Err(PyValueError::new_err(format!("buffer too small for requested bytes in {what}"))),
-        n => Ok(RawBuf { ptr: raw.ptr, len: n as usize }),
+        n if n as usize > raw.len => Err(PyValueError::new_err(format!(
+            "buffer too small for requested bytes in {what}"
+        ))),
+        n => Ok(RawBuf {
+            ptr: raw.ptr,
+            len: n as usize,
+        }),
     }
 }

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{errno, timed_out, uring, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket};
+use super::{
+    errno, timed_out, uring, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
+};
 use crate::sys::{self, sockaddr::RawAddr};
 
 /// `IPPROTO_MPTCP` (not in every libc release).
@@ -73,7 +75,13 @@ impl KernelStack {
             },
             IoMode::Syscall => (IoMode::Syscall, None),
         };
-        KernelStack { name: name.into(), protocol, io, uring_refused, sockets: AtomicU64::new(0) }
+        KernelStack {
+            name: name.into(),
+            protocol,
+            io,
+            uring_refused,
+            sockets: AtomicU64::new(0),
+        }
     }
 
     /// The stream protocol of this instance.
@@ -185,7 +193,11 @@ impl KernelSocket {
     }
 
     /// Runs `op`, waiting for `events` as the timeout mode says.
-    fn wait_op<T>(&self, events: libc::c_short, mut op: impl FnMut(RawFd) -> io::Result<T>) -> io::Result<T> {
+    fn wait_op<T>(
+        &self,
+        events: libc::c_short,
+        mut op: impl FnMut(RawFd) -> io::Result<T>,
+    ) -> io::Result<T> {
         let fd = self.fd()?;
         let timeout = match self.timeout() {
             None => return op(fd),
@@ -234,7 +246,9 @@ impl StackSocket for KernelSocket {
         let (fd, addr) = self.wait_op(libc::POLLIN, |fd| {
             let mut raw = RawAddr::empty();
             // SAFETY: raw has room for any address; the kernel writes its length.
-            let new = sys::cvt(unsafe { libc::accept4(fd, raw.as_mut_ptr(), &mut raw.len, libc::SOCK_CLOEXEC) })?;
+            let new = sys::cvt(unsafe {
+                libc::accept4(fd, raw.as_mut_ptr(), &mut raw.len, libc::SOCK_CLOEXEC)
+            })?;
             Ok((new, raw))
         })?;
         let sock = KernelSocket::new(fd, self.family, self.kind, self.io, true);
@@ -269,7 +283,14 @@ impl StackSocket for KernelSocket {
         }
         self.wait_op(libc::POLLOUT, |fd| {
             // SAFETY: buf is valid for its length.
-            sys::cvt_size(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags | libc::MSG_NOSIGNAL) })
+            sys::cvt_size(unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    flags | libc::MSG_NOSIGNAL,
+                )
+            })
         })
     }
 
@@ -277,7 +298,11 @@ impl StackSocket for KernelSocket {
         let mut rest = buf;
         while !rest.is_empty() {
             let n = if self.blocking_uring() {
-                uring::send(self.fd()?, rest, flags | libc::MSG_WAITALL | libc::MSG_NOSIGNAL)?
+                uring::send(
+                    self.fd()?,
+                    rest,
+                    flags | libc::MSG_WAITALL | libc::MSG_NOSIGNAL,
+                )?
             } else {
                 self.send(rest, flags)?
             };
@@ -291,7 +316,14 @@ impl StackSocket for KernelSocket {
         self.wait_op(libc::POLLOUT, |fd| {
             // SAFETY: buf and raw are valid for their lengths.
             sys::cvt_size(unsafe {
-                libc::sendto(fd, buf.as_ptr().cast(), buf.len(), flags | libc::MSG_NOSIGNAL, raw.as_ptr(), raw.len)
+                libc::sendto(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    flags | libc::MSG_NOSIGNAL,
+                    raw.as_ptr(),
+                    raw.len,
+                )
             })
         })
     }
@@ -311,10 +343,21 @@ impl StackSocket for KernelSocket {
             let mut raw = RawAddr::empty();
             // SAFETY: buf and raw are valid for writes of their lengths.
             let n = sys::cvt_size(unsafe {
-                libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), flags, raw.as_mut_ptr(), &mut raw.len)
+                libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags,
+                    raw.as_mut_ptr(),
+                    &mut raw.len,
+                )
             })?;
             // A connected stream socket reports no address.
-            let from = if raw.len == 0 { None } else { raw.to_socket_addr().ok() };
+            let from = if raw.len == 0 {
+                None
+            } else {
+                raw.to_socket_addr().ok()
+            };
             Ok((n, from))
         })
     }
@@ -344,7 +387,9 @@ impl StackSocket for KernelSocket {
         sys::set_nonblocking(self.fd()?, timeout.is_some())?;
         let ns = match timeout {
             None => BLOCKING,
-            Some(t) => u64::try_from(t.as_nanos()).unwrap_or(BLOCKING - 1).min(BLOCKING - 1),
+            Some(t) => u64::try_from(t.as_nanos())
+                .unwrap_or(BLOCKING - 1)
+                .min(BLOCKING - 1),
         };
         self.timeout_ns.store(ns, Ordering::Relaxed);
         Ok(())
@@ -385,9 +430,16 @@ impl StackSocket for KernelSocket {
 
     fn readiness(&self) -> Readiness {
         let Ok(fd) = self.fd() else {
-            return Readiness { error: true, ..Readiness::default() };
+            return Readiness {
+                error: true,
+                ..Readiness::default()
+            };
         };
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN | libc::POLLOUT, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLOUT,
+            revents: 0,
+        };
         // SAFETY: pfd is valid for the call; timeout 0 never blocks.
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
         if n <= 0 {
@@ -413,9 +465,13 @@ impl StackSocket for KernelSocket {
 /// shorter struct from an older kernel yields only the fields it has.
 pub fn tcp_info_counters(fd: RawFd) -> io::Result<Counters> {
     let info = sys::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 256)?;
-    let u32_at = |off: usize| info.get(off..off + 4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as u64);
+    let u32_at = |off: usize| {
+        info.get(off..off + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    };
     let u64_at = |off: usize| {
-        info.get(off..off + 8).map(|b| u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        info.get(off..off + 8)
+            .map(|b| u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
     };
     let fields: [(&'static str, Option<u64>); 12] = [
         ("bytes_sent", u64_at(200)),
@@ -428,8 +484,14 @@ pub fn tcp_info_counters(fd: RawFd) -> io::Result<Counters> {
         ("rtt_us", u32_at(68)),
         ("min_rtt_us", u32_at(148)),
         ("cwnd_packets", u32_at(80)),
-        ("delivery_rate_bps", u64_at(160).map(|r| r.saturating_mul(8))),
+        (
+            "delivery_rate_bps",
+            u64_at(160).map(|r| r.saturating_mul(8)),
+        ),
         ("pacing_rate_bps", u64_at(104).map(|r| r.saturating_mul(8))),
     ];
-    Ok(fields.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+    Ok(fields
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
 }

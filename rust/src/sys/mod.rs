@@ -48,7 +48,11 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
 ///
 /// Returns the ready events, `Ok(0)` on timeout, or `EINTR` so the caller can
 /// run signal handlers.
-pub fn poll_until(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> io::Result<libc::c_short> {
+pub fn poll_until(
+    fd: RawFd,
+    events: libc::c_short,
+    deadline: Option<Instant>,
+) -> io::Result<libc::c_short> {
     let ms = match deadline {
         None => -1,
         Some(d) => {
@@ -58,7 +62,11 @@ pub fn poll_until(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -
             ms.min(i32::MAX as u128) as libc::c_int
         }
     };
-    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
     // SAFETY: pfd is a valid pollfd for the duration of the call.
     let n = cvt(unsafe { libc::poll(&mut pfd, 1, ms) })?;
     Ok(if n == 0 { 0 } else { pfd.revents })
@@ -83,7 +91,13 @@ pub fn getsockopt(fd: RawFd, level: i32, name: i32, len: usize) -> io::Result<Ve
 pub fn setsockopt(fd: RawFd, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
     // SAFETY: value is valid for its length.
     cvt(unsafe {
-        libc::setsockopt(fd, level, name, value.as_ptr().cast(), value.len() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
     })?;
     Ok(())
 }

@@ -16,7 +16,10 @@ impl RawAddr {
     /// An empty address for the kernel to fill in (accept, recvfrom).
     pub fn empty() -> RawAddr {
         // SAFETY: sockaddr_storage is plain old data; all zeroes is valid.
-        RawAddr { storage: unsafe { mem::zeroed() }, len: mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t }
+        RawAddr {
+            storage: unsafe { mem::zeroed() },
+            len: mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        }
     }
 
     /// A pointer for calls that read the address.
@@ -36,7 +39,10 @@ impl RawAddr {
                 // SAFETY: the family says this is a sockaddr_in and it is long enough.
                 let sin: &libc::sockaddr_in = unsafe { &*(self.as_ptr().cast()) };
                 let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+                Ok(SocketAddr::V4(SocketAddrV4::new(
+                    ip,
+                    u16::from_be(sin.sin_port),
+                )))
             }
             libc::AF_INET6 if self.len as usize >= mem::size_of::<libc::sockaddr_in6>() => {
                 // SAFETY: the family says this is a sockaddr_in6 and it is long enough.
@@ -62,7 +68,9 @@ impl From<&SocketAddr> for RawAddr {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
                 // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
@@ -74,7 +82,9 @@ impl From<&SocketAddr> for RawAddr {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: a.scope_id(),
                 };
                 // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
@@ -101,6 +111,9 @@ mod tests {
     #[test]
     fn unknown_family_is_an_error() {
         let raw = RawAddr::empty();
-        assert_eq!(raw.to_socket_addr().unwrap_err().raw_os_error(), Some(libc::EAFNOSUPPORT));
+        assert_eq!(
+            raw.to_socket_addr().unwrap_err().raw_os_error(),
+            Some(libc::EAFNOSUPPORT)
+        );
     }
 }
