@@ -1,2 +1,3 @@
 //! dmm core.
+pub mod fillp;
 pub mod route;
