@@ -1,0 +1,334 @@
+//! A BBR-like controller: model the path as bottleneck bandwidth x min RTT,
+//! pace at a gain-cycled multiple of the bandwidth, cap in-flight data near
+//! twice the bandwidth-delay product.
+//!
+//! Two changes from BBR v1 for lossy paths:
+//! * **Random loss is not congestion.** Delivery-rate samples are divided by
+//!   `1 - floor`, where `floor` is the smallest per-round loss over the last
+//!   [`LOSS_ROUNDS`] rounds: loss that is present even when not probing is
+//!   taken as the path's random loss. Loss above the floor (what probing at
+//!   gain 1.25 into a full queue causes) is not compensated, so the
+//!   estimate does not run away when the bottleneck really is full.
+//! * **Back off only on heavy loss or growing delay.** A round with loss above
+//!   [`HEAVY_LOSS`] or whose smallest RTT is over [`DELAY_FACTOR`] x min RTT
+//!   cuts the bandwidth estimate by [`BACKOFF`].
+//!
+//! Not implemented: ProbeRTT (min RTT is a plain 10 s windowed minimum),
+//! app-limited phases beyond ignoring app-limited samples that would lower the
+//! estimate, and BBRv2's inflight_hi/lo bounds.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{AckSample, CcConfig, RateController, RateMode};
+
+/// Startup pacing and window gain (2 / ln 2).
+const STARTUP_GAIN: f64 = 2.885;
+/// ProbeBW pacing-gain cycle, one phase per min RTT.
+const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// In-flight cap as a multiple of the BDP in ProbeBW.
+const CWND_GAIN: f64 = 2.0;
+/// Rounds the bandwidth maximum is kept over.
+const BW_ROUNDS: u64 = 10;
+/// Rounds the loss floor is taken over.
+pub const LOSS_ROUNDS: usize = 10;
+/// Loss above this in a round means congestion.
+pub const HEAVY_LOSS: f64 = 0.3;
+/// Smallest-RTT-in-round over min RTT above which the queue is growing.
+pub const DELAY_FACTOR: f64 = 2.5;
+/// Multiplicative cut on heavy loss or growing delay.
+pub const BACKOFF: f64 = 0.85;
+/// Compensation stops at this loss floor (beyond it the path is too broken).
+const MAX_FLOOR: f64 = 0.5;
+/// Min RTT expires after this long without a lower sample.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Startup,
+    Drain,
+    ProbeBw,
+}
+
+/// BBR-like state.
+#[derive(Debug, Clone)]
+pub struct Bbr {
+    state: State,
+    mtu: u64,
+    floor_rate: u64,
+    max_rate: u64,
+    initial_rate: u64,
+    /// Monotonic deque of (round, sample) for the windowed max.
+    bw: VecDeque<(u64, u64)>,
+    min_rtt: Option<(Duration, Instant)>,
+    round: u64,
+    round_start: Option<Instant>,
+    round_loss_sum: f64,
+    round_loss_n: u32,
+    round_min_rtt: Option<Duration>,
+    loss_hist: VecDeque<f64>,
+    full_bw: u64,
+    full_bw_count: u32,
+    cycle_idx: usize,
+    cycle_start: Option<Instant>,
+    in_flight: u64,
+}
+
+impl Bbr {
+    /// From the configuration.
+    pub fn new(cfg: &CcConfig) -> Self {
+        let floor_rate = super::floor_rate(cfg.mtu);
+        Bbr {
+            state: State::Startup,
+            mtu: u64::from(cfg.mtu),
+            floor_rate,
+            max_rate: cfg.max_rate.max(floor_rate),
+            initial_rate: cfg.initial_rate.max(floor_rate),
+            bw: VecDeque::new(),
+            min_rtt: None,
+            round: 0,
+            round_start: None,
+            round_loss_sum: 0.0,
+            round_loss_n: 0,
+            round_min_rtt: None,
+            loss_hist: VecDeque::with_capacity(LOSS_ROUNDS),
+            full_bw: 0,
+            full_bw_count: 0,
+            cycle_idx: 2,
+            cycle_start: None,
+            in_flight: 0,
+        }
+    }
+
+    /// Bottleneck bandwidth estimate, bytes/s.
+    pub fn btl_bw(&self) -> u64 {
+        self.bw
+            .front()
+            .map(|&(_, b)| b)
+            .unwrap_or(self.initial_rate / 3)
+            .clamp(self.floor_rate, self.max_rate)
+    }
+
+    fn min_rtt(&self) -> Duration {
+        self.min_rtt
+            .map(|(d, _)| d)
+            .unwrap_or(Duration::from_millis(100))
+    }
+
+    fn loss_floor(&self) -> f64 {
+        if self.loss_hist.len() < 3 {
+            return 0.0;
+        }
+        self.loss_hist
+            .iter()
+            .copied()
+            .fold(f64::MAX, f64::min)
+            .min(MAX_FLOOR)
+    }
+
+    fn bdp(&self) -> u64 {
+        (self.btl_bw() as f64 * self.min_rtt().as_secs_f64()) as u64
+    }
+
+    fn push_bw(&mut self, v: u64) {
+        while self.bw.back().is_some_and(|&(_, b)| b <= v) {
+            self.bw.pop_back();
+        }
+        self.bw.push_back((self.round, v));
+    }
+
+    fn scale_bw(&mut self, f: f64) {
+        let v = ((self.btl_bw() as f64) * f) as u64;
+        self.bw.clear();
+        self.bw.push_back((self.round, v.max(self.floor_rate)));
+    }
+
+    fn pacing_gain(&self) -> f64 {
+        match self.state {
+            State::Startup => STARTUP_GAIN,
+            State::Drain => 1.0 / STARTUP_GAIN,
+            State::ProbeBw => CYCLE[self.cycle_idx],
+        }
+    }
+
+    fn end_round(&mut self, now: Instant) {
+        self.round += 1;
+        while self
+            .bw
+            .front()
+            .is_some_and(|&(r, _)| r + BW_ROUNDS <= self.round)
+        {
+            self.bw.pop_front();
+        }
+        let loss = if self.round_loss_n > 0 {
+            self.round_loss_sum / f64::from(self.round_loss_n)
+        } else {
+            0.0
+        };
+        if self.round_loss_n > 0 {
+            if self.loss_hist.len() == LOSS_ROUNDS {
+                self.loss_hist.pop_front();
+            }
+            self.loss_hist.push_back(loss);
+        }
+        let delayed = match (self.round_min_rtt, self.min_rtt) {
+            (Some(r), Some((m, _))) => r.as_secs_f64() > DELAY_FACTOR * m.as_secs_f64() + 0.005,
+            _ => false,
+        };
+        if loss > HEAVY_LOSS || delayed {
+            self.scale_bw(BACKOFF);
+            if self.state == State::Startup {
+                self.state = State::Drain;
+            }
+        }
+        if self.state == State::Startup {
+            let bw = self.btl_bw();
+            if bw as f64 >= self.full_bw as f64 * 1.25 {
+                self.full_bw = bw;
+                self.full_bw_count = 0;
+            } else {
+                self.full_bw_count += 1;
+                if self.full_bw_count >= 3 {
+                    self.state = State::Drain;
+                }
+            }
+        }
+        if self.state == State::Drain && self.in_flight <= self.bdp() {
+            self.state = State::ProbeBw;
+            self.cycle_idx = 2;
+            self.cycle_start = Some(now);
+        }
+        self.round_loss_sum = 0.0;
+        self.round_loss_n = 0;
+        self.round_min_rtt = None;
+        self.round_start = Some(now);
+    }
+}
+
+impl RateController for Bbr {
+    fn on_ack(&mut self, s: &AckSample) {
+        self.in_flight = s.in_flight;
+        if let Some(rtt) = s.rtt {
+            let expired = self.min_rtt.is_none_or(|(m, t)| {
+                rtt <= m || s.now.saturating_duration_since(t) > MIN_RTT_WINDOW
+            });
+            if expired {
+                self.min_rtt = Some((rtt, s.now));
+            }
+            self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |r| r.min(rtt)));
+        }
+        self.round_loss_sum += s.loss;
+        self.round_loss_n += 1;
+        if let Some(rate) = s.delivery_rate {
+            let comp = (rate as f64 / (1.0 - self.loss_floor())) as u64;
+            if !s.app_limited || comp > self.btl_bw() {
+                self.push_bw(comp);
+            }
+        }
+        let round_len = s.srtt.max(Duration::from_millis(1));
+        match self.round_start {
+            None => self.round_start = Some(s.now),
+            Some(t) if s.now.saturating_duration_since(t) >= round_len => self.end_round(s.now),
+            _ => {}
+        }
+        if self.state == State::Drain && s.in_flight <= self.bdp() {
+            self.state = State::ProbeBw;
+            self.cycle_idx = 2;
+            self.cycle_start = Some(s.now);
+        }
+        if self.state == State::ProbeBw {
+            let phase = self.min_rtt().max(Duration::from_millis(1));
+            let start = *self.cycle_start.get_or_insert(s.now);
+            if s.now.saturating_duration_since(start) >= phase {
+                self.cycle_idx = (self.cycle_idx + 1) % CYCLE.len();
+                self.cycle_start = Some(s.now);
+            }
+        }
+    }
+
+    fn on_rto(&mut self, _now: Instant) {
+        // Keep the model (BBR does), but forget that we ever filled the pipe
+        // so the estimate must be re-earned by fresh samples.
+        self.scale_bw(0.5);
+    }
+
+    fn pacing_rate(&self) -> u64 {
+        ((self.btl_bw() as f64 * self.pacing_gain()) as u64).clamp(self.floor_rate, self.max_rate)
+    }
+
+    fn inflight_cap(&self) -> u64 {
+        let gain = match self.state {
+            State::Startup | State::Drain => STARTUP_GAIN,
+            State::ProbeBw => CWND_GAIN,
+        };
+        (self.bdp() as f64 * gain) as u64 + 4 * self.mtu
+    }
+
+    fn mode(&self) -> RateMode {
+        RateMode::Bbr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CcConfig {
+        CcConfig {
+            mode: RateMode::Bbr,
+            initial_rate: 1_000_000,
+            max_rate: u64::MAX,
+            fixed_rate: 0,
+            mtu: 1400,
+        }
+    }
+
+    fn feed(b: &mut Bbr, t0: Instant, ms: u64, rate: u64, loss: f64) {
+        for i in 0..ms / 10 {
+            b.on_ack(&AckSample {
+                now: t0 + Duration::from_millis(i * 10),
+                delivery_rate: Some(rate),
+                app_limited: false,
+                rtt: Some(Duration::from_millis(20)),
+                srtt: Duration::from_millis(20),
+                recv_rate: rate,
+                loss,
+                in_flight: 0,
+            });
+        }
+    }
+
+    #[test]
+    fn random_loss_is_compensated() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        // 10 MB/s link with 20% random loss delivers 8 MB/s.
+        feed(&mut b, t0, 2000, 8_000_000, 0.2);
+        let bw = b.btl_bw();
+        assert!((9_500_000..=10_500_000).contains(&bw), "{bw}");
+        assert_eq!(b.state, State::ProbeBw);
+    }
+
+    #[test]
+    fn heavy_loss_backs_off() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        feed(&mut b, t0, 500, 8_000_000, 0.0);
+        let before = b.btl_bw();
+        let mut late = t0 + Duration::from_millis(600);
+        for _ in 0..20 {
+            late += Duration::from_millis(25);
+            b.on_ack(&AckSample {
+                now: late,
+                delivery_rate: None,
+                app_limited: false,
+                rtt: Some(Duration::from_millis(20)),
+                srtt: Duration::from_millis(20),
+                recv_rate: 0,
+                loss: 0.6,
+                in_flight: 0,
+            });
+        }
+        assert!(b.btl_bw() < before / 2, "{} vs {before}", b.btl_bw());
+    }
+}
