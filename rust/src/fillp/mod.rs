@@ -2,5 +2,7 @@
 pub mod cc;
 pub mod cookie;
 pub mod pacer;
+pub mod recv_buf;
 pub mod rtt;
+pub mod send_buf;
 pub mod wire;
