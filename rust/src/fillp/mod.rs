@@ -1,6 +1,8 @@
 //! FillP-style reliable transport over UDP (sans-IO core).
 pub mod cc;
+pub mod connection;
 pub mod cookie;
+pub mod endpoint;
 pub mod pacer;
 pub mod recv_buf;
 pub mod rtt;
