@@ -7,4 +7,6 @@ pub mod pacer;
 pub mod recv_buf;
 pub mod rtt;
 pub mod send_buf;
+#[doc(hidden)]
+pub mod sim;
 pub mod wire;
