@@ -299,11 +299,7 @@ impl Pair {
         self.now - self.epoch
     }
 
-    /// One step: send what is ready, deliver what has arrived, run expired
-    /// timers, then advance the clock to the next event. Returns `false`
-    /// when nothing at all is scheduled.
-    pub fn step(&mut self) -> bool {
-        self.steps += 1;
+    fn flush(&mut self) {
         let now = self.now;
         // Bounded so a runaway sender shows up as livelock, not a hang.
         for _ in 0..10_000 {
@@ -322,6 +318,29 @@ impl Pair {
                 self.s2c.send(now, self.buf[..t.size].to_vec());
             }
         }
+    }
+
+    /// One step: send what the applications queued, advance the clock to the
+    /// next event (if nothing is due now), deliver what has arrived, run
+    /// expired timers and send the results. Returns `false` when nothing at
+    /// all is scheduled.
+    pub fn step(&mut self) -> bool {
+        self.steps += 1;
+        self.flush();
+        let next = [
+            self.client.poll_timeout(),
+            self.server.poll_timeout(),
+            self.c2s.next_arrival(),
+            self.s2c.next_arrival(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(next) = next else {
+            return false;
+        };
+        self.now = self.now.max(next);
+        let now = self.now;
         while let Some(d) = self.c2s.recv(now) {
             self.server.handle_datagram(now, self.client_addr, &d);
         }
@@ -334,22 +353,8 @@ impl Pair {
         if self.server.poll_timeout().is_some_and(|t| t <= now) {
             self.server.handle_timeout(now);
         }
-        let next = [
-            self.client.poll_timeout(),
-            self.server.poll_timeout(),
-            self.c2s.next_arrival(),
-            self.s2c.next_arrival(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        match next {
-            None => false,
-            Some(t) => {
-                self.now = self.now.max(t);
-                true
-            }
-        }
+        self.flush();
+        true
     }
 
     /// Step until `done` returns true, failing after `max_steps` steps, when
