@@ -300,6 +300,7 @@ pub struct Connection {
     rto_backoff: u32,
     tlp_done: bool,
     probe_pending: bool,
+    finish_pending: bool,
     scratch: Vec<u8>,
     write_blocked: bool,
     last_tx: Instant,
@@ -390,6 +391,7 @@ impl Connection {
             rto_backoff: 0,
             tlp_done: false,
             probe_pending: false,
+            finish_pending: false,
             scratch: Vec::new(),
             write_blocked: false,
             last_tx: now,
@@ -544,6 +546,10 @@ impl Connection {
         }
         let before = self.recv.advertised();
         let n = self.recv.read(buf);
+        if self.recv.at_eof() {
+            // Reading the last byte may complete the close; timers run it.
+            self.finish_pending = true;
+        }
         self.stats.bytes_read += n as u64;
         if self.recv.readable() == 0 {
             self.readable_signalled = false;
@@ -569,6 +575,7 @@ impl Connection {
         self.shutdown_write();
         self.local_close = true;
         self.recv.discard();
+        self.finish_pending = true;
     }
 
     /// Abort: send RST and close at once.
@@ -590,6 +597,7 @@ impl Connection {
     }
 
     fn maybe_finish(&mut self, now: Instant) {
+        self.finish_pending = false;
         if self.state != State::Established {
             return;
         }
@@ -853,6 +861,8 @@ impl Connection {
         let mut rate_sample = None;
         let mut app_limited = false;
         let mut rtt_sample = None;
+        let mut resolved = 0u64;
+        let mut delivered_now = 0u64;
         if fresh {
             progress = true;
             let sample = us_since(self.epoch, now)
@@ -863,6 +873,7 @@ impl Connection {
                 self.rtt.update(d);
                 rtt_sample = Some(d);
             }
+            delivered_now = p.rx_bytes.saturating_sub(self.delivered);
             self.delivered = self.delivered.max(p.rx_bytes);
             while let Some(front) = self.pipe.front().copied() {
                 if front.pn > p.highest_pn {
@@ -870,6 +881,7 @@ impl Connection {
                 }
                 self.pipe.pop_front();
                 self.pipe_bytes -= u64::from(front.bytes);
+                resolved += u64::from(front.bytes);
                 if front.pn == p.highest_pn {
                     let ack_elapsed = now.saturating_duration_since(front.delivered_time);
                     let send_elapsed = front.sent.saturating_duration_since(front.first_sent);
@@ -901,6 +913,8 @@ impl Connection {
             srtt: self.rtt.srtt(),
             recv_rate: u64::from(p.rate),
             loss,
+            resolved_bytes: resolved,
+            delivered_bytes: delivered_now,
             in_flight: self.pipe_bytes,
         });
         if progress {
@@ -1006,7 +1020,7 @@ impl Connection {
             }
             State::Established => {}
         }
-        if self.send_conn_ack {
+        if self.send_conn_ack || self.finish_pending {
             put(Some(self.last_rx));
         }
         put(self.pack_deadline());
@@ -1034,6 +1048,12 @@ impl Connection {
                 }
             }
             State::Established => {
+                if self.finish_pending {
+                    self.maybe_finish(now);
+                    if self.state != State::Established {
+                        return;
+                    }
+                }
                 if now >= self.last_rx + self.config.idle_timeout {
                     self.enter_closed(CloseReason::IdleTimeout);
                     return;
@@ -1145,8 +1165,10 @@ impl Connection {
         if now < self.hs_next {
             return None;
         }
-        let backoff = self.config.initial_rtt.max(Duration::from_millis(200))
-            * (1u32 << self.hs_backoff.min(4));
+        // Short, capped backoff: a lost INIT should not cost seconds.
+        let backoff = (self.config.initial_rtt.max(Duration::from_millis(200))
+            * (1u32 << self.hs_backoff.min(2)))
+        .min(Duration::from_secs(1));
         self.hs_next = now + backoff;
         self.hs_backoff += 1;
         let repr = match self.hs {
@@ -1341,6 +1363,12 @@ impl Connection {
 }
 
 impl Connection {
+    #[doc(hidden)]
+    /// Debug dump of the rate controller (for the simulator tools).
+    pub fn controller_debug(&self) -> String {
+        format!("{:?}", self.cc)
+    }
+
     /// Whether events are waiting.
     pub fn has_events(&self) -> bool {
         !self.events.is_empty()

@@ -3,12 +3,12 @@
 //! twice the bandwidth-delay product.
 //!
 //! Two changes from BBR v1 for lossy paths:
-//! * **Random loss is not congestion.** Delivery-rate samples are divided by
-//!   `1 - floor`, where `floor` is the smallest per-round loss over the last
-//!   [`LOSS_ROUNDS`] rounds: loss that is present even when not probing is
-//!   taken as the path's random loss. Loss above the floor (what probing at
-//!   gain 1.25 into a full queue causes) is not compensated, so the
-//!   estimate does not run away when the bottleneck really is full.
+//! * **Random loss is not congestion.** While no queue stands at the
+//!   bottleneck (the round's smallest RTT is within 1/8 of the minimum),
+//!   delivery-rate samples are divided by `1 - loss`, with `loss` the
+//!   smoothed per-round loss (byte-counted, rounds of at least 16 packets).
+//!   Once a queue stands, samples are taken as they are, so the estimate
+//!   cannot run away past a bottleneck that really is full.
 //! * **Back off only on heavy loss or growing delay.** A round with loss above
 //!   [`HEAVY_LOSS`] or whose smallest RTT is over [`DELAY_FACTOR`] x min RTT
 //!   cuts the bandwidth estimate by [`BACKOFF`].
@@ -30,16 +30,18 @@ const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const CWND_GAIN: f64 = 2.0;
 /// Rounds the bandwidth maximum is kept over.
 const BW_ROUNDS: u64 = 10;
-/// Rounds the loss floor is taken over.
-pub const LOSS_ROUNDS: usize = 10;
+/// EWMA gain of the per-round loss.
+const LOSS_GAIN: f64 = 0.25;
 /// Loss above this in a round means congestion.
 pub const HEAVY_LOSS: f64 = 0.3;
 /// Smallest-RTT-in-round over min RTT above which the queue is growing.
 pub const DELAY_FACTOR: f64 = 2.5;
 /// Multiplicative cut on heavy loss or growing delay.
 pub const BACKOFF: f64 = 0.85;
-/// Compensation stops at this loss floor (beyond it the path is too broken).
+/// Compensation stops at this loss (beyond it the path is too broken).
 const MAX_FLOOR: f64 = 0.5;
+/// A round's loss counts only once this many packets were resolved.
+const MIN_ROUND_PACKETS: u64 = 16;
 /// Min RTT expires after this long without a lower sample.
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 
@@ -63,10 +65,13 @@ pub struct Bbr {
     min_rtt: Option<(Duration, Instant)>,
     round: u64,
     round_start: Option<Instant>,
-    round_loss_sum: f64,
-    round_loss_n: u32,
+    round_resolved: u64,
+    round_delivered: u64,
     round_min_rtt: Option<Duration>,
-    loss_hist: VecDeque<f64>,
+    last_round_min_rtt: Option<Duration>,
+    loss_ewma: Option<f64>,
+    loss_rounds: u32,
+    round_samples: u32,
     full_bw: u64,
     full_bw_count: u32,
     cycle_idx: usize,
@@ -88,10 +93,13 @@ impl Bbr {
             min_rtt: None,
             round: 0,
             round_start: None,
-            round_loss_sum: 0.0,
-            round_loss_n: 0,
+            round_resolved: 0,
+            round_delivered: 0,
             round_min_rtt: None,
-            loss_hist: VecDeque::with_capacity(LOSS_ROUNDS),
+            last_round_min_rtt: None,
+            loss_ewma: None,
+            loss_rounds: 0,
+            round_samples: 0,
             full_bw: 0,
             full_bw_count: 0,
             cycle_idx: 2,
@@ -115,15 +123,18 @@ impl Bbr {
             .unwrap_or(Duration::from_millis(100))
     }
 
-    fn loss_floor(&self) -> f64 {
-        if self.loss_hist.len() < 3 {
-            return 0.0;
+    /// Loss to compensate delivery samples for: the smoothed round loss,
+    /// bounded.
+    fn random_loss(&self) -> f64 {
+        self.loss_ewma.unwrap_or(0.0).min(MAX_FLOOR)
+    }
+
+    /// No standing queue: the round's smallest RTT is near the minimum.
+    fn queue_free(&self) -> bool {
+        match (self.round_min_rtt.or(self.last_round_min_rtt), self.min_rtt) {
+            (Some(r), Some((m, _))) => r <= m + m / 8 + Duration::from_millis(2),
+            _ => true,
         }
-        self.loss_hist
-            .iter()
-            .copied()
-            .fold(f64::MAX, f64::min)
-            .min(MAX_FLOOR)
     }
 
     fn bdp(&self) -> u64 {
@@ -160,22 +171,33 @@ impl Bbr {
         {
             self.bw.pop_front();
         }
-        let loss = if self.round_loss_n > 0 {
-            self.round_loss_sum / f64::from(self.round_loss_n)
+        // Byte-weighted over the round; rounds with too few packets carry
+        // over, so a handful of packets cannot fake heavy loss.
+        let enough = self.round_resolved >= MIN_ROUND_PACKETS * self.mtu;
+        let loss = if enough {
+            // Payload vs. datagram bytes: scale out the header share.
+            let payload = self.round_resolved as f64 * (self.mtu as f64 - 26.0) / self.mtu as f64;
+            (1.0 - self.round_delivered as f64 / payload).clamp(0.0, 1.0)
         } else {
             0.0
         };
-        if self.round_loss_n > 0 {
-            if self.loss_hist.len() == LOSS_ROUNDS {
-                self.loss_hist.pop_front();
-            }
-            self.loss_hist.push_back(loss);
+        if enough {
+            self.loss_ewma = Some(match self.loss_ewma {
+                None => loss,
+                Some(e) => e + (loss - e) * LOSS_GAIN,
+            });
         }
+        if enough {
+            self.loss_rounds = self.loss_rounds.saturating_add(1);
+        }
+        // Judge only a warmed-up average: one unlucky early round is noise.
+        let heavy =
+            enough && self.loss_rounds >= 3 && self.loss_ewma.is_some_and(|l| l > HEAVY_LOSS);
         let delayed = match (self.round_min_rtt, self.min_rtt) {
             (Some(r), Some((m, _))) => r.as_secs_f64() > DELAY_FACTOR * m.as_secs_f64() + 0.005,
             _ => false,
         };
-        if loss > HEAVY_LOSS || delayed {
+        if heavy || delayed {
             self.scale_bw(BACKOFF);
             if self.state == State::Startup {
                 self.state = State::Drain;
@@ -198,9 +220,15 @@ impl Bbr {
             self.cycle_idx = 2;
             self.cycle_start = Some(now);
         }
-        self.round_loss_sum = 0.0;
-        self.round_loss_n = 0;
+        if enough {
+            self.round_resolved = 0;
+            self.round_delivered = 0;
+        }
+        if self.round_min_rtt.is_some() {
+            self.last_round_min_rtt = self.round_min_rtt;
+        }
         self.round_min_rtt = None;
+        self.round_samples = 0;
         self.round_start = Some(now);
     }
 }
@@ -216,11 +244,28 @@ impl RateController for Bbr {
                 self.min_rtt = Some((rtt, s.now));
             }
             self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |r| r.min(rtt)));
+            self.round_samples += 1;
         }
-        self.round_loss_sum += s.loss;
-        self.round_loss_n += 1;
+        // Startup: once every sample of this round shows a queue, the pipe
+        // is full; leave now rather than at the end of a round that the
+        // growing RTT keeps stretching.
+        if self.state == State::Startup && self.round_samples >= 4 {
+            if let (Some(r), Some((m, _))) = (self.round_min_rtt, self.min_rtt) {
+                if r > m + m / 4 + Duration::from_millis(2) {
+                    self.state = State::Drain;
+                }
+            }
+        }
+        self.round_resolved += s.resolved_bytes;
+        self.round_delivered += s.delivered_bytes;
         if let Some(rate) = s.delivery_rate {
-            let comp = (rate as f64 / (1.0 - self.loss_floor())) as u64;
+            // Loss while no queue stands is the path's, not ours: scale it
+            // out. With a queue, the sample is taken as it is.
+            let comp = if self.queue_free() {
+                (rate as f64 / (1.0 - self.random_loss())) as u64
+            } else {
+                rate
+            };
             if !s.app_limited || comp > self.btl_bw() {
                 self.push_bw(comp);
             }
@@ -293,6 +338,8 @@ mod tests {
                 srtt: Duration::from_millis(20),
                 recv_rate: rate,
                 loss,
+                resolved_bytes: ((rate / 100) as f64 / (1.0 - loss) * 1400.0 / 1374.0) as u64,
+                delivered_bytes: rate / 100,
                 in_flight: 0,
             });
         }
@@ -326,6 +373,8 @@ mod tests {
                 srtt: Duration::from_millis(20),
                 recv_rate: 0,
                 loss: 0.6,
+                resolved_bytes: 100_000,
+                delivered_bytes: 40_000,
                 in_flight: 0,
             });
         }
