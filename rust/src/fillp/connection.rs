@@ -249,9 +249,6 @@ struct Missing {
     last_nack: Option<Instant>,
 }
 
-/// Drain quiet period: linger this long after the last datagram from the
-/// peer, so a peer whose FIN-ack was lost can still get one.
-const DRAIN_QUIET: Duration = Duration::from_secs(10);
 /// A NACK names a packet at most this many times.
 const MAX_NACKS: u8 = 3;
 /// Bound on tracked missing packet numbers (the rest falls to PACK holes/RTO).
@@ -606,7 +603,10 @@ impl Connection {
         }
         if self.send.fin_acked() && self.recv.at_eof() {
             self.state = State::Draining;
-            self.drain_until = Some(now + DRAIN_QUIET);
+            // Linger as long as the peer may still retry (its idle timeout,
+            // restarted by each of its datagrams), so a peer whose FIN-ack
+            // was lost still gets one. Buffers are empty by now.
+            self.drain_until = Some(now + self.config.idle_timeout);
             self.close_reason = Some(CloseReason::Finished);
             self.events.push_back(Event::Closed {
                 reason: CloseReason::Finished,
@@ -682,7 +682,7 @@ impl Connection {
             self.stats.bytes_received += len as u64;
             self.last_rx = now;
             if self.state == State::Draining {
-                self.drain_until = Some(now + DRAIN_QUIET);
+                self.drain_until = Some(now + self.config.idle_timeout);
             }
         } else {
             self.stats.dropped += 1;
