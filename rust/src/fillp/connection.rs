@@ -1214,7 +1214,7 @@ impl Connection {
                 None => m.since + reorder,
                 Some(t) => t + renack,
             };
-            if now < due || n == MAX_NACK_RANGES && !(ranges[n - 1].last.wrapping_add(1) == pn) {
+            if now < due || n == MAX_NACK_RANGES && ranges[n - 1].last.wrapping_add(1) != pn {
                 next_check = Some(next_check.map_or(due, |c| c.min(due)));
                 continue;
             }
