@@ -21,6 +21,8 @@ const SEEDS: [u64; 3] = [42, 43, 44];
 
 struct Run {
     fraction: f64,
+    /// Same, over the second half only (after handshake and startup).
+    steady: f64,
     retrans: u64,
     queue_drops: u64,
 }
@@ -58,7 +60,12 @@ fn run(mode: RateMode, rtt_ms: u64, loss: f64, seed: u64) -> Run {
     let mut got: u64 = 0;
     let mut buf = vec![0u8; 65536];
     let end = Duration::from_secs(SECS);
+    let half = end / 2;
+    let mut got_half: Option<u64> = None;
     let _ = p.run_until(50_000_000, end, |p| {
+        if got_half.is_none() && p.elapsed() >= half {
+            got_half = Some(got);
+        }
         if let Some(s) = p.server.connection_mut(sh) {
             while s.write(&chunk).is_ok_and(|n| n > 0) {}
         }
@@ -79,8 +86,10 @@ fn run(mode: RateMode, rtt_ms: u64, loss: f64, seed: u64) -> Run {
         .connection(sh)
         .map(|c| c.stats().retransmissions)
         .unwrap_or(0);
+    let steady_ideal = LINK as f64 * (secs - half.as_secs_f64()) * (1.0 - loss);
     Run {
         fraction: got as f64 / ideal,
+        steady: (got - got_half.unwrap_or(0)) as f64 / steady_ideal,
         retrans,
         queue_drops: p.s2c.stats.queue_drops,
     }
@@ -100,9 +109,11 @@ fn main() {
         "| mode | RTT ms | loss 0% | loss 1% | loss 5% | loss 20% |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let mut steady = Vec::new();
     for mode in [RateMode::Bbr, RateMode::Fillp, RateMode::Fixed] {
         for rtt in [10, 50, 200] {
             let mut row = format!("| {mode:?} | {rtt} |");
+            let mut steady_row = row.clone();
             for loss in [0.0, 0.01, 0.05, 0.20] {
                 // Mean over a few seeds: one unlucky handshake should not decide a cell.
                 let runs: Vec<Run> = SEEDS.iter().map(|&s| run(mode, rtt, loss, s)).collect();
@@ -110,11 +121,24 @@ fn main() {
                 let f = runs.iter().map(|r| r.fraction).sum::<f64>() / n as f64;
                 let rt = runs.iter().map(|r| r.retrans).sum::<u64>() / n;
                 let qd = runs.iter().map(|r| r.queue_drops).sum::<u64>() / n;
+                let st = runs.iter().map(|r| r.steady).sum::<f64>() / n as f64;
                 let _ = write!(row, " {f:.3} ({rt} / {qd}) |");
+                let _ = write!(steady_row, " {st:.3} |");
             }
             println!("{row}");
             let _ = writeln!(md, "{row}");
+            steady.push(steady_row);
         }
+    }
+    let _ = writeln!(
+        md,
+        "\nSecond half only (5-10 s: after handshake and startup), same runs:\n\n\
+         | mode | RTT ms | loss 0% | loss 1% | loss 5% | loss 20% |\n|---|---|---|---|---|---|"
+    );
+    println!("steady state (5-10 s):");
+    for r in &steady {
+        println!("{r}");
+        let _ = writeln!(md, "{r}");
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results/fillp_sim.md");
     if let Err(e) = std::fs::write(path, &md) {

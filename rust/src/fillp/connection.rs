@@ -297,6 +297,7 @@ pub struct Connection {
     rto_backoff: u32,
     tlp_done: bool,
     probe_pending: bool,
+    dup_next: Option<u64>,
     finish_pending: bool,
     scratch: Vec<u8>,
     write_blocked: bool,
@@ -388,6 +389,7 @@ impl Connection {
             rto_backoff: 0,
             tlp_done: false,
             probe_pending: false,
+            dup_next: None,
             finish_pending: false,
             scratch: Vec::new(),
             write_blocked: false,
@@ -1299,7 +1301,7 @@ impl Connection {
     }
 
     fn data_packet(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<()> {
-        if !self.send.has_pending(self.peer_limit) {
+        if !self.send.has_pending(self.peer_limit) && self.dup_next.is_none() {
             self.pace_at = None;
             return None;
         }
@@ -1315,7 +1317,15 @@ impl Connection {
             return None;
         }
         self.pace_at = None;
-        let seg: NextSegment = self.send.next_segment(max_payload, self.peer_limit)?;
+        // A segment lost again after a retransmission goes out twice: on a
+        // lossy path this cuts the tail of repeated losses that holds up the
+        // cumulative ack (and with it the window) for several RTTs.
+        let dup = self.dup_next.take().and_then(|o| self.send.copy_of(o));
+        let is_dup = dup.is_some();
+        let seg: NextSegment = match dup {
+            Some(d) => d,
+            None => self.send.next_segment(max_payload, self.peer_limit)?,
+        };
         let pn = self.next_pn;
         self.next_pn = self.next_pn.wrapping_add(1);
         self.probe_pending = false;
@@ -1358,6 +1368,9 @@ impl Connection {
         });
         self.pipe_bytes += buf.len() as u64;
         self.send.on_sent(&seg, pn, now);
+        if seg.retransmit && !is_dup && self.send.tx_count(seg.offset) >= 3 {
+            self.dup_next = Some(seg.offset);
+        }
         Some(())
     }
 }

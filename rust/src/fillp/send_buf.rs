@@ -21,6 +21,8 @@ pub struct Segment {
     pub sacked: bool,
     /// Carries the FIN.
     pub fin: bool,
+    /// Transmissions so far.
+    pub tx: u32,
 }
 
 /// What to send next.
@@ -189,11 +191,29 @@ impl SendBuf {
             last_sent: now,
             sacked: false,
             fin: seg.fin,
+            tx: 0,
         });
         self.pn_map.remove(&s.pn);
         s.pn = pn;
         s.last_sent = now;
+        s.tx += 1;
         self.pn_map.insert(pn, seg.offset);
+    }
+
+    /// How often the segment at `offset` has been sent (0 if unknown).
+    pub fn tx_count(&self, offset: u64) -> u32 {
+        self.segs.get(&offset).map_or(0, |s| s.tx)
+    }
+
+    /// The segment at `offset` if it still needs delivering (a copy to send).
+    pub fn copy_of(&self, offset: u64) -> Option<NextSegment> {
+        let s = self.segs.get(&offset)?;
+        (!s.sacked).then_some(NextSegment {
+            offset,
+            len: s.len as usize,
+            fin: s.fin,
+            retransmit: true,
+        })
     }
 
     /// Cumulative acknowledgement up to `cum` (and the FIN if `fin`).

@@ -24,8 +24,13 @@ use super::{AckSample, CcConfig, RateController, RateMode};
 
 /// Startup pacing and window gain (2 / ln 2).
 const STARTUP_GAIN: f64 = 2.885;
+/// Startup in-flight cap over the BDP estimate: 2 (as BBRv3) rather than
+/// 2.885, so the overshoot of the last startup round fits a one-BDP queue.
+const STARTUP_CWND_GAIN: f64 = 2.885;
 /// ProbeBW pacing-gain cycle, one phase per min RTT.
 const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// ProbeBW pacing gain while a queue stands.
+const DRAIN_GAIN: f64 = 0.85;
 /// In-flight cap as a multiple of the BDP in ProbeBW.
 const CWND_GAIN: f64 = 2.0;
 /// Rounds the bandwidth maximum is kept over.
@@ -69,9 +74,11 @@ pub struct Bbr {
     round_delivered: u64,
     round_min_rtt: Option<Duration>,
     last_round_min_rtt: Option<Duration>,
+    queue_standing: bool,
     loss_ewma: Option<f64>,
     loss_rounds: u32,
     round_samples: u32,
+    high_rtt_run: u32,
     full_bw: u64,
     full_bw_count: u32,
     cycle_idx: usize,
@@ -97,9 +104,11 @@ impl Bbr {
             round_delivered: 0,
             round_min_rtt: None,
             last_round_min_rtt: None,
+            queue_standing: false,
             loss_ewma: None,
             loss_rounds: 0,
             round_samples: 0,
+            high_rtt_run: 0,
             full_bw: 0,
             full_bw_count: 0,
             cycle_idx: 2,
@@ -158,6 +167,9 @@ impl Bbr {
         match self.state {
             State::Startup => STARTUP_GAIN,
             State::Drain => 1.0 / STARTUP_GAIN,
+            // A queue stood through the last round: drain it instead of
+            // cycling (BBRv1 can otherwise keep a BDP of queue for ever).
+            State::ProbeBw if self.queue_standing => DRAIN_GAIN,
             State::ProbeBw => CYCLE[self.cycle_idx],
         }
     }
@@ -227,6 +239,10 @@ impl Bbr {
         if self.round_min_rtt.is_some() {
             self.last_round_min_rtt = self.round_min_rtt;
         }
+        self.queue_standing = match (self.round_min_rtt, self.min_rtt) {
+            (Some(r), Some((m, _))) => r > m + m / 4 + Duration::from_millis(2),
+            _ => false,
+        };
         self.round_min_rtt = None;
         self.round_samples = 0;
         self.round_start = Some(now);
@@ -246,15 +262,18 @@ impl RateController for Bbr {
             self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |r| r.min(rtt)));
             self.round_samples += 1;
         }
-        // Startup: once every sample of this round shows a queue, the pipe
+        // Startup: once several consecutive samples show a queue, the pipe
         // is full; leave now rather than at the end of a round that the
         // growing RTT keeps stretching.
-        if self.state == State::Startup && self.round_samples >= 4 {
-            if let (Some(r), Some((m, _))) = (self.round_min_rtt, self.min_rtt) {
-                if r > m + m / 4 + Duration::from_millis(2) {
-                    self.state = State::Drain;
-                }
+        if let (Some(rtt), Some((m, _))) = (s.rtt, self.min_rtt) {
+            if rtt > m + m / 4 + Duration::from_millis(2) {
+                self.high_rtt_run += 1;
+            } else {
+                self.high_rtt_run = 0;
             }
+        }
+        if self.state == State::Startup && self.high_rtt_run >= 4 {
+            self.state = State::Drain;
         }
         self.round_resolved += s.resolved_bytes;
         self.round_delivered += s.delivered_bytes;
@@ -303,7 +322,7 @@ impl RateController for Bbr {
 
     fn inflight_cap(&self) -> u64 {
         let gain = match self.state {
-            State::Startup | State::Drain => STARTUP_GAIN,
+            State::Startup | State::Drain => STARTUP_CWND_GAIN,
             State::ProbeBw => CWND_GAIN,
         };
         (self.bdp() as f64 * gain) as u64 + 4 * self.mtu
