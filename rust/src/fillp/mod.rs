@@ -111,7 +111,7 @@
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
 //! per-peer state before a valid cookie; small idle connections (about 2 KB:
-//! `size_of::<Connection>()` 1184 bytes plus ~0.6-0.8 KB heap, measured by
+//! `size_of::<Connection>()` 1200 bytes plus ~0.6-0.8 KB heap, measured by
 //! the `idle_connection_memory` test; buffers grow with use and shrink when
 //! drained); goodput near `link x (1 - loss)` on lossy, long paths
 //! (`benches/fillp_sim.rs`).
