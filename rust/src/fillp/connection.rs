@@ -252,9 +252,9 @@ struct Missing {
 /// A NACK names a packet at most this many times.
 const MAX_NACKS: u8 = 3;
 /// Bound on tracked missing packet numbers (the rest falls to PACK holes/RTO).
-const MAX_MISSING: usize = 8192;
+const MAX_MISSING: usize = 4096;
 /// A packet number this far ahead of the highest seen is refused.
-const MAX_PN_JUMP: u32 = 1 << 20;
+const MAX_PN_JUMP: u32 = 1 << 16;
 /// Peer loss smoothing weight.
 const LOSS_EWMA: f64 = 0.125;
 
@@ -942,15 +942,10 @@ impl Connection {
         }
         self.stats.nacks_received += 1;
         for r in n.ranges() {
-            // Only packet numbers we sent, and never more than are in flight.
-            if r.first >= self.next_pn {
-                continue;
-            }
-            let last = r.last.min(self.next_pn - 1);
-            if last - r.first > 65536 {
-                continue;
-            }
-            for pn in r.first..=last {
+            // Walk only the packet numbers still mapped to segments, so a
+            // forged range costs no more than what is in flight.
+            let nacked = self.send.mapped_pns(r.first, r.last);
+            for pn in nacked {
                 self.send.on_nack(pn);
             }
         }

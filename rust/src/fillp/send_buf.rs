@@ -166,9 +166,10 @@ impl SendBuf {
 
     /// Copy the payload of a segment into `out`.
     pub fn copy(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
-        let start = offset.saturating_sub(self.base) as usize;
+        // Clamped, so a stale offset can only yield a short copy, never a panic.
+        let start = (offset.saturating_sub(self.base) as usize).min(self.data.len());
         let (a, b) = self.data.as_slices();
-        let end = start + len;
+        let end = (start + len).min(self.data.len());
         if start < a.len() {
             out.extend_from_slice(&a[start..end.min(a.len())]);
         }
@@ -198,6 +199,14 @@ impl SendBuf {
         s.last_sent = now;
         s.tx += 1;
         self.pn_map.insert(pn, seg.offset);
+    }
+
+    /// Packet numbers in `first..=last` that still name a segment.
+    pub fn mapped_pns(&self, first: u32, last: u32) -> Vec<u32> {
+        if first > last {
+            return Vec::new();
+        }
+        self.pn_map.range(first..=last).map(|(&pn, _)| pn).collect()
     }
 
     /// How often the segment at `offset` has been sent (0 if unknown).
@@ -231,20 +240,34 @@ impl SendBuf {
                 self.data.shrink_to(0);
             }
         }
-        while let Some((&off, s)) = self.segs.iter().next() {
-            let done = off + u64::from(s.len) <= self.base && !(s.fin && !(fin && self.fin_sent));
-            if !done {
-                break;
-            }
-            self.pn_map.remove(&s.pn);
-            self.lost.remove(&off);
-            self.segs.remove(&off);
-        }
         if fin && self.fin_sent && self.fin == Some(cum) {
             self.fin_acked = true;
-            if let Some(s) = self.segs.remove(&cum) {
-                self.pn_map.remove(&s.pn);
-                self.lost.remove(&cum);
+        }
+        // Drop what is acknowledged. A segment the ack cuts through (only a
+        // forged or confused peer does that) keeps its unacknowledged tail,
+        // re-keyed at `base`, so every key stays >= base and `copy` in range.
+        while let Some((&off, &s)) = self.segs.iter().next() {
+            let end = off + u64::from(s.len);
+            let fin_left = s.fin && !self.fin_acked;
+            if off >= self.base && !(off == self.base && s.len == 0 && !fin_left) {
+                break;
+            }
+            self.segs.remove(&off);
+            self.pn_map.remove(&s.pn);
+            let was_lost = self.lost.remove(&off);
+            if (end > self.base || fin_left) && off < self.base {
+                let tail = Segment {
+                    len: end.saturating_sub(self.base) as u32,
+                    ..s
+                };
+                if let std::collections::btree_map::Entry::Vacant(v) = self.segs.entry(self.base) {
+                    v.insert(tail);
+                    self.pn_map.insert(s.pn, self.base);
+                    if was_lost {
+                        self.lost.insert(self.base);
+                    }
+                }
+                break;
             }
         }
         newly
