@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::time::{Duration, Instant};
 
 use super::connection::{Config, Connection, Event, Transmit};
@@ -329,18 +330,21 @@ impl Endpoint {
                 size: buf.len(),
             });
         }
-        let start = self.rr_after;
-        let order: Vec<ConnectionHandle> = match start {
-            Some(s) => self
-                .conns
-                .range(s..)
-                .skip(1)
-                .chain(self.conns.range(..=s))
-                .map(|(h, _)| *h)
-                .collect(),
-            None => self.conns.keys().copied().collect(),
-        };
-        for h in order {
+        // Round-robin from the connection after the one served last, without
+        // allocating: each step looks up the next key.
+        let mut cursor = self.rr_after;
+        for _ in 0..self.conns.len() {
+            let next = match cursor {
+                Some(c) => self
+                    .conns
+                    .range((Excluded(c), Unbounded))
+                    .next()
+                    .or_else(|| self.conns.iter().next()),
+                None => self.conns.iter().next(),
+            };
+            let Some((&h, _)) = next else {
+                break;
+            };
             if let Some(t) = self
                 .conns
                 .get_mut(&h)
@@ -349,6 +353,7 @@ impl Endpoint {
                 self.rr_after = Some(h);
                 return Some(t);
             }
+            cursor = Some(h);
         }
         None
     }

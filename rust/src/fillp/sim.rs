@@ -277,6 +277,7 @@ impl Pair {
         c2s: LinkConfig,
         s2c: LinkConfig,
     ) -> Self {
+        // The only clock read: an arbitrary origin for virtual time.
         let now = Instant::now();
         server.server = true;
         let mut rng = SimRng::new(seed);
@@ -538,6 +539,46 @@ mod tests {
         assert_eq!(c.incoming, b);
         assert_eq!(c.closed, Some(CloseReason::Finished));
         assert_eq!(s.closed, Some(CloseReason::Finished));
+    }
+
+    #[test]
+    fn concurrent_connections_share_endpoints() {
+        let link = LinkConfig {
+            loss: Loss::Bernoulli(0.05),
+            rate: Some(2_000_000),
+            queue: 100_000,
+            ..LinkConfig::ideal(Duration::from_millis(10))
+        };
+        let mut p = Pair::new(11, cfg(), cfg(), link, link);
+        let now = p.now;
+        let addr = p.server_addr;
+        let clients: Vec<ConnectionHandle> = (0..4)
+            .map(|_| p.client.connect(now, addr).unwrap())
+            .collect();
+        let mut sides: Vec<Side> = (0..4u8)
+            .map(|i| Side::sending(vec![i; 30_000 + usize::from(i) * 7_000]))
+            .collect();
+        let mut servers: Vec<(ConnectionHandle, Side)> = Vec::new();
+        p.run_until(2_000_000, Duration::from_secs(600), |p| {
+            while let Some(h) = p.server.accept() {
+                servers.push((h, Side::sending(Vec::new())));
+            }
+            for (h, s) in clients.iter().zip(sides.iter_mut()) {
+                s.pump(&mut p.client, *h);
+            }
+            for (h, s) in servers.iter_mut() {
+                s.pump(&mut p.server, *h);
+            }
+            servers.len() == 4
+                && sides.iter().all(|s| s.closed.is_some())
+                && servers.iter().all(|(_, s)| s.closed.is_some())
+        })
+        .unwrap();
+        let mut got: Vec<Vec<u8>> = servers.into_iter().map(|(_, s)| s.incoming).collect();
+        got.sort();
+        let mut want: Vec<Vec<u8>> = sides.into_iter().map(|s| s.outgoing).collect();
+        want.sort();
+        assert_eq!(got, want);
     }
 
     #[test]
