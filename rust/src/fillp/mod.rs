@@ -54,6 +54,9 @@
 //!   older than 1.25 srtt + pack interval, by a tail-loss probe (the last
 //!   segment, 2 srtt + pack interval after the last progress) and, last, by
 //!   the RTO (srtt + 4 rttvar within 200 ms..2 s, doubling, capped at 2 s).
+//!   A segment lost again after a retransmission is sent twice: at 20% loss
+//!   the tail of repeated losses otherwise holds the cumulative ack (and the
+//!   window) back by several RTTs.
 //! * **Rate control**: see [`cc`]; sending is paced and, for `bbr`, capped in
 //!   flight; flow control follows the receiver's window (a KEEPALIVE every
 //!   RTO probes a zero window and is answered by a PACK).
