@@ -390,13 +390,16 @@ impl Endpoint {
         }
     }
 
-    /// Next application event from any connection.
+    /// Next application event from any connection. Connections that are
+    /// closed, drained and have no events left are forgotten here (and in
+    /// `handle_timeout`): a closed connection has no timer to wake it.
     pub fn poll_event(&mut self) -> Option<(ConnectionHandle, Event)> {
         for (h, c) in self.conns.iter_mut() {
             if let Some(e) = c.poll_event() {
                 return Some((*h, e));
             }
         }
+        self.reap();
         None
     }
 
@@ -608,7 +611,8 @@ mod tests {
         p.client.connection_mut(ch).unwrap().reset();
         let mut seen = None;
         p.run_until(1000, Duration::from_secs(5), |p| {
-            while let Some((h, e)) = p.server.poll_event() {
+            // One event per step: an empty poll would already reap it.
+            if let Some((h, e)) = p.server.poll_event() {
                 if h == sh {
                     if let Event::Closed { reason } = e {
                         seen = Some(reason);
@@ -619,10 +623,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, Some(CloseReason::PeerReset));
+
         assert_eq!(
             p.server.connection_mut(sh).map(|c| c.read(&mut [0; 4])),
             Some(Err(crate::fillp::connection::ReadError::Reset))
         );
+        // Both sides forget the connection once its events are taken.
+        while p.client.poll_event().is_some() {}
+        while p.server.poll_event().is_some() {}
+        assert_eq!(p.client.connection_count(), 0);
+        assert_eq!(p.server.connection_count(), 0);
 
         // Cut the path: both sides time out, keepalives notwithstanding.
         let mut p = mk();
