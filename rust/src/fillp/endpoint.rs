@@ -85,6 +85,8 @@ pub struct EndpointStats {
     pub stale_cookies: u64,
     /// Connections accepted.
     pub accepted: u64,
+    /// Valid CONN_REQs refused because `max_connections` was reached.
+    pub refused: u64,
 }
 
 /// xorshift64*: deterministic connection IDs from a seed.
@@ -302,6 +304,7 @@ impl Endpoint {
             return;
         }
         if self.conns.len() >= self.config.max_connections {
+            self.stats.refused += 1;
             return;
         }
         let rtt = Duration::from_millis(u64::from(age.max(1)));
