@@ -214,6 +214,21 @@ impl Link {
         }
     }
 
+    /// Remove the datagrams in flight for which `f` is true (for tests that
+    /// need one particular packet lost). Returns how many.
+    pub fn drop_where(&mut self, mut f: impl FnMut(&[u8]) -> bool) -> usize {
+        let before = self.in_flight.len();
+        let kept: Vec<_> = self
+            .in_flight
+            .drain()
+            .filter(|Reverse((_, _, d))| !f(d))
+            .collect();
+        self.in_flight.extend(kept);
+        let n = before - self.in_flight.len();
+        self.stats.lost += n as u64;
+        n
+    }
+
     /// When the next datagram arrives.
     pub fn next_arrival(&self) -> Option<Instant> {
         self.in_flight.peek().map(|Reverse((t, _, _))| *t)
@@ -579,6 +594,94 @@ mod tests {
         let mut want: Vec<Vec<u8>> = sides.into_iter().map(|s| s.outgoing).collect();
         want.sort();
         assert_eq!(got, want);
+    }
+
+    /// Lose exactly the DATA packets numbered `lose` of a 10-packet transfer
+    /// and return the sender's stats after a clean finish.
+    fn lose_packets(lose: &[u32]) -> crate::fillp::connection::ConnectionStats {
+        lose_packets_and_nacks(lose, false, 10)
+    }
+
+    /// The same for a `packets`-long transfer, optionally losing every NACK.
+    fn lose_packets_and_nacks(
+        lose: &[u32],
+        lose_nacks: bool,
+        packets: usize,
+    ) -> crate::fillp::connection::ConnectionStats {
+        use crate::fillp::wire::{Body, Repr};
+        let mut p = Pair::new(
+            21,
+            cfg(),
+            cfg(),
+            LinkConfig::ideal(Duration::from_millis(20)),
+            LinkConfig::ideal(Duration::from_millis(20)),
+        );
+        let (ch, sh) = p.connect(1000).unwrap();
+        let data = vec![9u8; 1374 * packets];
+        let mut c = Side::sending(data.clone());
+        let mut s = Side::sending(Vec::new());
+        let mut dropped = Vec::new();
+        p.run_until(100_000, Duration::from_secs(60), |p| {
+            c.pump(&mut p.client, ch);
+            s.pump(&mut p.server, sh);
+            p.c2s.drop_where(|d| match Repr::parse_bytes(d) {
+                Ok(Repr {
+                    body: Body::Data(x),
+                    ..
+                }) if lose.contains(&x.pn) && !dropped.contains(&x.pn) => {
+                    dropped.push(x.pn);
+                    true
+                }
+                _ => false,
+            });
+            if lose_nacks {
+                p.s2c.drop_where(|d| d.get(1) == Some(&7));
+            }
+            c.closed.is_some() && s.closed.is_some()
+        })
+        .unwrap();
+        assert_eq!(s.incoming, data);
+        assert_eq!(dropped.len(), lose.len());
+        p.client.connection(ch).unwrap().stats()
+    }
+
+    #[test]
+    fn nack_repairs_a_hole_without_timers() {
+        let st = lose_packets(&[3]);
+        assert!(st.nacks_received >= 1, "{st:?}");
+        assert_eq!(
+            (st.retransmissions, st.tail_probes, st.rto_count),
+            (1, 0, 0),
+            "{st:?}"
+        );
+    }
+
+    #[test]
+    fn sack_hole_repairs_when_nacks_are_lost() {
+        // Long enough (200 packets at the initial 10 Mbit/s) for PACKs to
+        // keep arriving after the hole is older than an RTT.
+        let st = lose_packets_and_nacks(&[3], true, 200);
+        assert_eq!(st.nacks_received, 0, "{st:?}");
+        assert_eq!(
+            (st.retransmissions, st.tail_probes, st.rto_count),
+            (1, 0, 0),
+            "{st:?}"
+        );
+    }
+
+    #[test]
+    fn tail_probe_repairs_a_lost_tail() {
+        // pn 9 carries the last data and FIN: no later packet reveals its loss.
+        let st = lose_packets(&[9]);
+        assert_eq!((st.tail_probes, st.rto_count), (1, 0), "{st:?}");
+        assert_eq!(st.retransmissions, 1, "{st:?}");
+    }
+
+    #[test]
+    fn rto_is_the_last_resort() {
+        // The tail and its probe both lost: only the RTO is left.
+        let st = lose_packets(&[9, 10]);
+        assert_eq!((st.tail_probes, st.rto_count), (1, 1), "{st:?}");
     }
 
     #[test]
