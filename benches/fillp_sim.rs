@@ -144,7 +144,8 @@ fn main() {
         md,
         "\nNotes: the first table includes the handshake (2 RTTs, more when an INIT or \
          COOKIE is lost) and startup from `initial_rate` (10 Mbit/s), which is what keeps \
-         the 200 ms rows below 0.9: half of it is over before BBR reaches the link rate. \
+         the 200 ms rows below 0.9: handshake, startup and repairing the startup overshoot \
+         take the first 2-3 s. \
          Second-half values can exceed 1 when data held back by a hole is read late. \
          `fillp` mode paces at 1.25 x the best reported receive rate and does not compensate \
          for loss, so at 20% loss it grows only by chance (1.25 x 0.8 = 1). `fixed` is \
