@@ -5,9 +5,11 @@
 //!   stack.
 //! * [`route`]: the routing table consulted at `connect()`, `listen()` and the
 //!   first `sendto()`.
+//! * [`fillp`]: the sans-IO core of a FillP-style reliable transport over UDP.
 //! * [`sys`]: safe wrappers over the few libc calls we need.
 //! * `py` (feature `python`): the PyO3 bindings, glue only.
 
+pub mod fillp;
 pub mod route;
 pub mod stack;
 pub mod sys;

@@ -1,0 +1,409 @@
+//! A BBR-like controller: model the path as bottleneck bandwidth x min RTT,
+//! pace at a gain-cycled multiple of the bandwidth, cap in-flight data near
+//! twice the bandwidth-delay product.
+//!
+//! Changes from BBR v1 for lossy, long paths:
+//! * **Random loss is not congestion.** While no queue stands at the
+//!   bottleneck (the round's smallest RTT is within 1/8 of the minimum),
+//!   delivery-rate samples are divided by `1 - loss`, with `loss` the
+//!   smoothed per-round loss (byte-counted, rounds of at least 16 packets).
+//!   Once a queue stands, samples are taken as they are, so the estimate
+//!   cannot run away past a bottleneck that really is full.
+//! * **Back off only on heavy loss or growing delay.** Once three rounds of
+//!   loss have been measured, a round that ends with the smoothed loss above
+//!   [`HEAVY_LOSS`], or whose smallest RTT is over [`DELAY_FACTOR`] x min RTT,
+//!   cuts the bandwidth estimate by [`BACKOFF`] (and ends startup).
+//! * **Delay ends startup and drains standing queues.** Startup ends after
+//!   four consecutive RTT samples above 1.25 x min RTT + 2 ms (a queue is
+//!   forming) as well as on the usual bandwidth plateau. In ProbeBW a round
+//!   whose smallest RTT shows such a queue is followed by pacing at 0.85
+//!   instead of the gain cycle: v1's cycle would keep the queue startup left.
+//!
+//! Not implemented: ProbeRTT (min RTT is a plain 10 s windowed minimum),
+//! app-limited phases beyond ignoring app-limited samples that would lower the
+//! estimate, and BBRv2's inflight_hi/lo bounds.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{AckSample, CcConfig, RateController, RateMode};
+
+/// Startup pacing and window gain (2 / ln 2).
+const STARTUP_GAIN: f64 = 2.885;
+/// Startup in-flight cap over the BDP estimate. (2.0, as in BBRv3, avoided
+/// some startup drops in the simulator but slowed startup more than the drops
+/// cost at 200 ms RTT.)
+const STARTUP_CWND_GAIN: f64 = 2.885;
+/// ProbeBW pacing-gain cycle, one phase per min RTT.
+const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// ProbeBW pacing gain while a queue stands.
+const DRAIN_GAIN: f64 = 0.85;
+/// In-flight cap as a multiple of the BDP in ProbeBW.
+const CWND_GAIN: f64 = 2.0;
+/// Rounds the bandwidth maximum is kept over.
+const BW_ROUNDS: u64 = 10;
+/// EWMA gain of the per-round loss.
+const LOSS_GAIN: f64 = 0.25;
+/// Loss above this in a round means congestion.
+pub const HEAVY_LOSS: f64 = 0.3;
+/// Smallest-RTT-in-round over min RTT above which the queue is growing.
+pub const DELAY_FACTOR: f64 = 2.5;
+/// Multiplicative cut on heavy loss or growing delay.
+pub const BACKOFF: f64 = 0.85;
+/// Compensation stops at this loss (beyond it the path is too broken).
+const MAX_FLOOR: f64 = 0.5;
+/// A round's loss counts only once this many packets were resolved.
+const MIN_ROUND_PACKETS: u64 = 16;
+/// Min RTT expires after this long without a lower sample.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Startup,
+    Drain,
+    ProbeBw,
+}
+
+/// BBR-like state.
+#[derive(Debug, Clone)]
+pub struct Bbr {
+    state: State,
+    mtu: u64,
+    floor_rate: u64,
+    max_rate: u64,
+    initial_rate: u64,
+    /// Monotonic deque of (round, sample) for the windowed max.
+    bw: VecDeque<(u64, u64)>,
+    min_rtt: Option<(Duration, Instant)>,
+    round: u64,
+    round_start: Option<Instant>,
+    round_resolved: u64,
+    round_delivered: u64,
+    round_min_rtt: Option<Duration>,
+    last_round_min_rtt: Option<Duration>,
+    queue_standing: bool,
+    loss_ewma: Option<f64>,
+    loss_rounds: u32,
+    round_samples: u32,
+    high_rtt_run: u32,
+    full_bw: u64,
+    full_bw_count: u32,
+    cycle_idx: usize,
+    cycle_start: Option<Instant>,
+    in_flight: u64,
+}
+
+impl Bbr {
+    /// From the configuration.
+    pub fn new(cfg: &CcConfig) -> Self {
+        let floor_rate = super::floor_rate(cfg.mtu);
+        Bbr {
+            state: State::Startup,
+            mtu: u64::from(cfg.mtu),
+            floor_rate,
+            max_rate: cfg.max_rate.max(floor_rate),
+            initial_rate: cfg.initial_rate.max(floor_rate),
+            bw: VecDeque::new(),
+            min_rtt: None,
+            round: 0,
+            round_start: None,
+            round_resolved: 0,
+            round_delivered: 0,
+            round_min_rtt: None,
+            last_round_min_rtt: None,
+            queue_standing: false,
+            loss_ewma: None,
+            loss_rounds: 0,
+            round_samples: 0,
+            high_rtt_run: 0,
+            full_bw: 0,
+            full_bw_count: 0,
+            cycle_idx: 2,
+            cycle_start: None,
+            in_flight: 0,
+        }
+    }
+
+    /// Bottleneck bandwidth estimate, bytes/s.
+    pub fn btl_bw(&self) -> u64 {
+        self.bw
+            .front()
+            .map(|&(_, b)| b)
+            .unwrap_or(self.initial_rate / 3)
+            .clamp(self.floor_rate, self.max_rate)
+    }
+
+    fn min_rtt(&self) -> Duration {
+        self.min_rtt
+            .map(|(d, _)| d)
+            .unwrap_or(Duration::from_millis(100))
+    }
+
+    /// Loss to compensate delivery samples for: the smoothed round loss,
+    /// bounded.
+    fn random_loss(&self) -> f64 {
+        self.loss_ewma.unwrap_or(0.0).min(MAX_FLOOR)
+    }
+
+    /// No standing queue: the round's smallest RTT is near the minimum.
+    fn queue_free(&self) -> bool {
+        match (self.round_min_rtt.or(self.last_round_min_rtt), self.min_rtt) {
+            (Some(r), Some((m, _))) => r <= m + m / 8 + Duration::from_millis(2),
+            _ => true,
+        }
+    }
+
+    fn bdp(&self) -> u64 {
+        (self.btl_bw() as f64 * self.min_rtt().as_secs_f64()) as u64
+    }
+
+    fn push_bw(&mut self, v: u64) {
+        while self.bw.back().is_some_and(|&(_, b)| b <= v) {
+            self.bw.pop_back();
+        }
+        self.bw.push_back((self.round, v));
+    }
+
+    fn scale_bw(&mut self, f: f64) {
+        let v = ((self.btl_bw() as f64) * f) as u64;
+        self.bw.clear();
+        self.bw.push_back((self.round, v.max(self.floor_rate)));
+    }
+
+    fn pacing_gain(&self) -> f64 {
+        match self.state {
+            State::Startup => STARTUP_GAIN,
+            State::Drain => 1.0 / STARTUP_GAIN,
+            // A queue stood through the last round: drain it instead of
+            // cycling (BBRv1 can otherwise keep a BDP of queue for ever).
+            State::ProbeBw if self.queue_standing => DRAIN_GAIN,
+            State::ProbeBw => CYCLE[self.cycle_idx],
+        }
+    }
+
+    fn end_round(&mut self, now: Instant) {
+        self.round += 1;
+        while self
+            .bw
+            .front()
+            .is_some_and(|&(r, _)| r + BW_ROUNDS <= self.round)
+        {
+            self.bw.pop_front();
+        }
+        // Byte-weighted over the round; rounds with too few packets carry
+        // over, so a handful of packets cannot fake heavy loss.
+        let enough = self.round_resolved >= MIN_ROUND_PACKETS * self.mtu;
+        let loss = if enough {
+            // Payload vs. datagram bytes: scale out the header share.
+            let payload = self.round_resolved as f64 * (self.mtu as f64 - 26.0) / self.mtu as f64;
+            (1.0 - self.round_delivered as f64 / payload).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        if enough {
+            self.loss_ewma = Some(match self.loss_ewma {
+                None => loss,
+                Some(e) => e + (loss - e) * LOSS_GAIN,
+            });
+        }
+        if enough {
+            self.loss_rounds = self.loss_rounds.saturating_add(1);
+        }
+        // Judge only a warmed-up average: one unlucky early round is noise.
+        let heavy =
+            enough && self.loss_rounds >= 3 && self.loss_ewma.is_some_and(|l| l > HEAVY_LOSS);
+        let delayed = match (self.round_min_rtt, self.min_rtt) {
+            (Some(r), Some((m, _))) => r.as_secs_f64() > DELAY_FACTOR * m.as_secs_f64() + 0.005,
+            _ => false,
+        };
+        if heavy || delayed {
+            self.scale_bw(BACKOFF);
+            if self.state == State::Startup {
+                self.state = State::Drain;
+            }
+        }
+        if self.state == State::Startup {
+            let bw = self.btl_bw();
+            if bw as f64 >= self.full_bw as f64 * 1.25 {
+                self.full_bw = bw;
+                self.full_bw_count = 0;
+            } else {
+                self.full_bw_count += 1;
+                if self.full_bw_count >= 3 {
+                    self.state = State::Drain;
+                }
+            }
+        }
+        if self.state == State::Drain && self.in_flight <= self.bdp() {
+            self.state = State::ProbeBw;
+            self.cycle_idx = 2;
+            self.cycle_start = Some(now);
+        }
+        if enough {
+            self.round_resolved = 0;
+            self.round_delivered = 0;
+        }
+        if self.round_min_rtt.is_some() {
+            self.last_round_min_rtt = self.round_min_rtt;
+        }
+        self.queue_standing = match (self.round_min_rtt, self.min_rtt) {
+            (Some(r), Some((m, _))) => r > m + m / 4 + Duration::from_millis(2),
+            _ => false,
+        };
+        self.round_min_rtt = None;
+        self.round_samples = 0;
+        self.round_start = Some(now);
+    }
+}
+
+impl RateController for Bbr {
+    fn on_ack(&mut self, s: &AckSample) {
+        self.in_flight = s.in_flight;
+        if let Some(rtt) = s.rtt {
+            let expired = self.min_rtt.is_none_or(|(m, t)| {
+                rtt <= m || s.now.saturating_duration_since(t) > MIN_RTT_WINDOW
+            });
+            if expired {
+                self.min_rtt = Some((rtt, s.now));
+            }
+            self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |r| r.min(rtt)));
+            self.round_samples += 1;
+        }
+        // Startup: once several consecutive samples show a queue, the pipe
+        // is full; leave now rather than at the end of a round that the
+        // growing RTT keeps stretching.
+        if let (Some(rtt), Some((m, _))) = (s.rtt, self.min_rtt) {
+            if rtt > m + m / 4 + Duration::from_millis(2) {
+                self.high_rtt_run += 1;
+            } else {
+                self.high_rtt_run = 0;
+            }
+        }
+        if self.state == State::Startup && self.high_rtt_run >= 4 {
+            self.state = State::Drain;
+        }
+        self.round_resolved += s.resolved_bytes;
+        self.round_delivered += s.delivered_bytes;
+        if let Some(rate) = s.delivery_rate {
+            // Loss while no queue stands is the path's, not ours: scale it
+            // out. With a queue, the sample is taken as it is.
+            let comp = if self.queue_free() {
+                (rate as f64 / (1.0 - self.random_loss())) as u64
+            } else {
+                rate
+            };
+            if !s.app_limited || comp > self.btl_bw() {
+                self.push_bw(comp);
+            }
+        }
+        let round_len = s.srtt.max(Duration::from_millis(1));
+        match self.round_start {
+            None => self.round_start = Some(s.now),
+            Some(t) if s.now.saturating_duration_since(t) >= round_len => self.end_round(s.now),
+            _ => {}
+        }
+        if self.state == State::Drain && s.in_flight <= self.bdp() {
+            self.state = State::ProbeBw;
+            self.cycle_idx = 2;
+            self.cycle_start = Some(s.now);
+        }
+        if self.state == State::ProbeBw {
+            let phase = self.min_rtt().max(Duration::from_millis(1));
+            let start = *self.cycle_start.get_or_insert(s.now);
+            if s.now.saturating_duration_since(start) >= phase {
+                self.cycle_idx = (self.cycle_idx + 1) % CYCLE.len();
+                self.cycle_start = Some(s.now);
+            }
+        }
+    }
+
+    fn on_rto(&mut self, _now: Instant) {
+        // Keep the model (BBR does), but forget that we ever filled the pipe
+        // so the estimate must be re-earned by fresh samples.
+        self.scale_bw(0.5);
+    }
+
+    fn pacing_rate(&self) -> u64 {
+        ((self.btl_bw() as f64 * self.pacing_gain()) as u64).clamp(self.floor_rate, self.max_rate)
+    }
+
+    fn inflight_cap(&self) -> u64 {
+        let gain = match self.state {
+            State::Startup | State::Drain => STARTUP_CWND_GAIN,
+            State::ProbeBw => CWND_GAIN,
+        };
+        (self.bdp() as f64 * gain) as u64 + 4 * self.mtu
+    }
+
+    fn mode(&self) -> RateMode {
+        RateMode::Bbr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CcConfig {
+        CcConfig {
+            mode: RateMode::Bbr,
+            initial_rate: 1_000_000,
+            max_rate: u64::MAX,
+            fixed_rate: 0,
+            mtu: 1400,
+        }
+    }
+
+    fn feed(b: &mut Bbr, t0: Instant, ms: u64, rate: u64, loss: f64) {
+        for i in 0..ms / 10 {
+            b.on_ack(&AckSample {
+                now: t0 + Duration::from_millis(i * 10),
+                delivery_rate: Some(rate),
+                app_limited: false,
+                rtt: Some(Duration::from_millis(20)),
+                srtt: Duration::from_millis(20),
+                recv_rate: rate,
+                loss,
+                resolved_bytes: ((rate / 100) as f64 / (1.0 - loss) * 1400.0 / 1374.0) as u64,
+                delivered_bytes: rate / 100,
+                in_flight: 0,
+            });
+        }
+    }
+
+    #[test]
+    fn random_loss_is_compensated() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        // 10 MB/s link with 20% random loss delivers 8 MB/s.
+        feed(&mut b, t0, 2000, 8_000_000, 0.2);
+        let bw = b.btl_bw();
+        assert!((9_500_000..=10_500_000).contains(&bw), "{bw}");
+        assert_eq!(b.state, State::ProbeBw);
+    }
+
+    #[test]
+    fn heavy_loss_backs_off() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        feed(&mut b, t0, 500, 8_000_000, 0.0);
+        let before = b.btl_bw();
+        let mut late = t0 + Duration::from_millis(600);
+        for _ in 0..20 {
+            late += Duration::from_millis(25);
+            b.on_ack(&AckSample {
+                now: late,
+                delivery_rate: None,
+                app_limited: false,
+                rtt: Some(Duration::from_millis(20)),
+                srtt: Duration::from_millis(20),
+                recv_rate: 0,
+                loss: 0.6,
+                resolved_bytes: 100_000,
+                delivered_bytes: 40_000,
+                in_flight: 0,
+            });
+        }
+        assert!(b.btl_bw() < before / 2, "{} vs {before}", b.btl_bw());
+    }
+}

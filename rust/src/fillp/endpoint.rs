@@ -1,0 +1,752 @@
+//! Many connections over one UDP socket: demultiplexing by connection ID and
+//! the server's stateless cookie handshake.
+//!
+//! An INIT costs the server one MAC computation and one queued COOKIE, and no
+//! per-peer state; only a CONN_REQ carrying a valid, fresh cookie for its own
+//! source address creates a [`Connection`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Bound::{Excluded, Unbounded};
+use std::time::{Duration, Instant};
+
+use super::connection::{Config, Connection, Event, Transmit};
+use super::cookie::{CookieFields, CookieKey};
+use super::wire::{Body, HsParams, Repr};
+
+/// Cookies older than this are refused.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(10);
+
+/// Endpoint settings.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Settings for every connection.
+    pub connection: Config,
+    /// Accept incoming connections.
+    pub server: bool,
+    /// Secret for the cookie MAC: fill from the OS's random source.
+    pub cookie_secret: [u8; 32],
+    /// Refuse new connections beyond this many.
+    pub max_connections: usize,
+    /// Bound on queued stateless replies (COOKIEs); INITs beyond are dropped.
+    pub max_stateless_queue: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            connection: Config::default(),
+            server: false,
+            cookie_secret: [0; 32],
+            max_connections: 4096,
+            max_stateless_queue: 256,
+        }
+    }
+}
+
+/// Identifies a connection within its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionHandle(pub u64);
+
+/// Errors from [`Endpoint::connect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    /// `max_connections` reached.
+    TooManyConnections,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("too many connections")
+    }
+}
+impl std::error::Error for ConnectError {}
+
+/// Endpoint-level counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Datagrams handed to `handle_datagram`.
+    pub datagrams: u64,
+    /// Refused by the parser.
+    pub malformed: u64,
+    /// For a connection ID we do not have.
+    pub unknown_cid: u64,
+    /// For a known connection ID but from another address.
+    pub wrong_address: u64,
+    /// INITs received (server).
+    pub inits: u64,
+    /// COOKIEs queued.
+    pub cookies_sent: u64,
+    /// INITs dropped because the stateless queue was full.
+    pub stateless_dropped: u64,
+    /// CONN_REQs with a bad MAC.
+    pub bad_cookies: u64,
+    /// CONN_REQs with an expired cookie.
+    pub stale_cookies: u64,
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Valid CONN_REQs refused because `max_connections` was reached.
+    pub refused: u64,
+}
+
+/// xorshift64*: deterministic connection IDs from a seed.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A set of connections sharing one socket.
+#[derive(Debug)]
+pub struct Endpoint {
+    config: EndpointConfig,
+    key: CookieKey,
+    epoch: Instant,
+    rng: Rng,
+    next_handle: u64,
+    conns: BTreeMap<ConnectionHandle, Connection>,
+    by_cid: HashMap<u32, ConnectionHandle>,
+    stateless: VecDeque<(SocketAddr, Vec<u8>)>,
+    accept_queue: VecDeque<ConnectionHandle>,
+    rr_after: Option<ConnectionHandle>,
+    stats: EndpointStats,
+}
+
+impl Endpoint {
+    /// A new endpoint; `seed` drives connection-ID choice (use OS randomness
+    /// outside tests).
+    pub fn new(config: EndpointConfig, now: Instant, seed: u64) -> Self {
+        Endpoint {
+            key: CookieKey::new(&config.cookie_secret),
+            config,
+            epoch: now,
+            rng: Rng(seed | 1),
+            next_handle: 0,
+            conns: BTreeMap::new(),
+            by_cid: HashMap::new(),
+            stateless: VecDeque::new(),
+            accept_queue: VecDeque::new(),
+            rr_after: None,
+            stats: EndpointStats::default(),
+        }
+    }
+
+    fn fresh_cid(&mut self) -> u32 {
+        loop {
+            let c = self.rng.next() as u32;
+            if c != 0 && !self.by_cid.contains_key(&c) {
+                return c;
+            }
+        }
+    }
+
+    fn insert(&mut self, conn: Connection) -> ConnectionHandle {
+        let h = ConnectionHandle(self.next_handle);
+        self.next_handle += 1;
+        self.by_cid.insert(conn.local_cid(), h);
+        self.conns.insert(h, conn);
+        h
+    }
+
+    /// Start a connection to `remote`.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+    ) -> Result<ConnectionHandle, ConnectError> {
+        if self.conns.len() >= self.config.max_connections {
+            return Err(ConnectError::TooManyConnections);
+        }
+        let cid = self.fresh_cid();
+        let conn = Connection::new_client(self.config.connection.clone(), now, remote, cid);
+        Ok(self.insert(conn))
+    }
+
+    /// Process one datagram from `remote`. Never panics; invalid input only
+    /// bumps a counter.
+    pub fn handle_datagram(&mut self, now: Instant, remote: SocketAddr, data: &[u8]) {
+        self.stats.datagrams += 1;
+        let repr = match Repr::parse_bytes(data) {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if let Some(&h) = self.by_cid.get(&repr.dst_cid) {
+            let Some(conn) = self.conns.get_mut(&h) else {
+                return;
+            };
+            if conn.remote() != remote {
+                self.stats.wrong_address += 1;
+                return;
+            }
+            conn.handle_repr(now, data.len(), repr);
+            return;
+        }
+        match repr.body {
+            Body::Init {
+                client_cid,
+                params,
+                timestamp,
+            } => self.on_init(now, remote, client_cid, params, timestamp),
+            Body::ConnReq {
+                client_cid,
+                params,
+                cookie_time,
+                mac,
+            } => self.on_conn_req(
+                now,
+                remote,
+                repr.dst_cid,
+                client_cid,
+                params,
+                cookie_time,
+                mac,
+            ),
+            _ => self.stats.unknown_cid += 1,
+        }
+    }
+
+    fn now_ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
+    fn agreed(&self, offered: HsParams) -> HsParams {
+        let c = &self.config.connection;
+        HsParams {
+            mtu: offered.mtu.min(c.mtu),
+            window: offered.window,
+            mode: c.force_mode.unwrap_or(offered.mode),
+        }
+    }
+
+    fn on_init(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        client_cid: u32,
+        params: HsParams,
+        ts: u32,
+    ) {
+        self.stats.inits += 1;
+        if !self.config.server {
+            return;
+        }
+        if self.stateless.len() >= self.config.max_stateless_queue {
+            self.stats.stateless_dropped += 1;
+            return;
+        }
+        let agreed = self.agreed(params);
+        // A CID not in use now; uniqueness is re-checked when the cookie returns.
+        let server_cid = self.fresh_cid();
+        let time_ms = self.now_ms(now);
+        let mac = self.key.mac(&CookieFields {
+            remote,
+            client_cid,
+            server_cid,
+            params: agreed,
+            time_ms,
+        });
+        let reply = Repr {
+            dst_cid: client_cid,
+            body: Body::Cookie {
+                server_cid,
+                params: HsParams {
+                    window: self.config.connection.recv_window,
+                    ..agreed
+                },
+                echo: ts,
+                cookie_time: time_ms,
+                mac,
+            },
+        };
+        let mut buf = Vec::with_capacity(reply.buffer_len());
+        reply.emit(&mut buf);
+        self.stateless.push_back((remote, buf));
+        self.stats.cookies_sent += 1;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_conn_req(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        server_cid: u32,
+        client_cid: u32,
+        params: HsParams,
+        cookie_time: u32,
+        mac: [u8; super::wire::MAC_LEN],
+    ) {
+        if !self.config.server {
+            self.stats.unknown_cid += 1;
+            return;
+        }
+        let fields = CookieFields {
+            remote,
+            client_cid,
+            server_cid,
+            params,
+            time_ms: cookie_time,
+        };
+        if !self.key.verify(&fields, &mac) {
+            self.stats.bad_cookies += 1;
+            return;
+        }
+        let age = self.now_ms(now).wrapping_sub(cookie_time);
+        if u128::from(age) > COOKIE_LIFETIME.as_millis() {
+            self.stats.stale_cookies += 1;
+            return;
+        }
+        if self.conns.len() >= self.config.max_connections {
+            self.stats.refused += 1;
+            return;
+        }
+        let rtt = Duration::from_millis(u64::from(age.max(1)));
+        let conn = Connection::new_server(
+            self.config.connection.clone(),
+            now,
+            remote,
+            server_cid,
+            client_cid,
+            params,
+            rtt,
+        );
+        let h = self.insert(conn);
+        self.accept_queue.push_back(h);
+        self.stats.accepted += 1;
+    }
+
+    /// Next datagram to send: stateless replies first, then connections in
+    /// round-robin order.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((dest, data)) = self.stateless.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data);
+            return Some(Transmit {
+                destination: dest,
+                size: buf.len(),
+            });
+        }
+        // Round-robin from the connection after the one served last, without
+        // allocating: each step looks up the next key.
+        let mut cursor = self.rr_after;
+        for _ in 0..self.conns.len() {
+            let next = match cursor {
+                Some(c) => self
+                    .conns
+                    .range((Excluded(c), Unbounded))
+                    .next()
+                    .or_else(|| self.conns.iter().next()),
+                None => self.conns.iter().next(),
+            };
+            let Some((&h, _)) = next else {
+                break;
+            };
+            if let Some(t) = self
+                .conns
+                .get_mut(&h)
+                .and_then(|c| c.poll_transmit(now, buf))
+            {
+                self.rr_after = Some(h);
+                return Some(t);
+            }
+            cursor = Some(h);
+        }
+        None
+    }
+
+    /// Earliest timer over all connections (`now` is fine if replies wait).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.stateless.is_empty() {
+            return Some(self.epoch);
+        }
+        self.conns.values().filter_map(|c| c.poll_timeout()).min()
+    }
+
+    /// Run every connection's expired timers and forget drained ones.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for c in self.conns.values_mut() {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+            }
+        }
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        let dead: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.is_drained() && !c.has_events())
+            .map(|(h, _)| *h)
+            .collect();
+        for h in dead {
+            if let Some(c) = self.conns.remove(&h) {
+                self.by_cid.remove(&c.local_cid());
+            }
+        }
+    }
+
+    /// Next application event from any connection. Connections that are
+    /// closed, drained and have no events left are forgotten here (and in
+    /// `handle_timeout`): a closed connection has no timer to wake it.
+    pub fn poll_event(&mut self) -> Option<(ConnectionHandle, Event)> {
+        for (h, c) in self.conns.iter_mut() {
+            if let Some(e) = c.poll_event() {
+                return Some((*h, e));
+            }
+        }
+        self.reap();
+        None
+    }
+
+    /// Next newly accepted server connection.
+    pub fn accept(&mut self) -> Option<ConnectionHandle> {
+        self.accept_queue.pop_front()
+    }
+
+    /// A connection by handle.
+    pub fn connection(&self, h: ConnectionHandle) -> Option<&Connection> {
+        self.conns.get(&h)
+    }
+
+    /// A connection by handle, mutable (for `write`, `read`, `close`, ...).
+    pub fn connection_mut(&mut self, h: ConnectionHandle) -> Option<&mut Connection> {
+        self.conns.get_mut(&h)
+    }
+
+    /// Connections held (including those lingering after close).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EndpointStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fillp::connection::{CloseReason, Event};
+    use crate::fillp::sim::{LinkConfig, Pair, SimRng};
+    use crate::fillp::wire::RateMode;
+
+    fn server_cfg() -> EndpointConfig {
+        EndpointConfig {
+            server: true,
+            cookie_secret: [1; 32],
+            ..EndpointConfig::default()
+        }
+    }
+
+    fn init(cid: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        Repr {
+            dst_cid: 0,
+            body: Body::Init {
+                client_cid: cid,
+                params: HsParams {
+                    mtu: 1400,
+                    window: 1 << 20,
+                    mode: RateMode::Bbr,
+                },
+                timestamp: 0,
+            },
+        }
+        .emit(&mut b);
+        b
+    }
+
+    #[test]
+    fn init_flood_allocates_nothing() {
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(server_cfg(), t0, 1);
+        let mut buf = Vec::new();
+        for i in 0..10_000u32 {
+            let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1000));
+            ep.handle_datagram(t0, addr, &init(i + 1));
+            // The driver drains replies as it goes; the queue stays bounded either way.
+            if i % 2 == 0 {
+                while ep.poll_transmit(t0, &mut buf).is_some() {}
+            }
+        }
+        assert_eq!(ep.connection_count(), 0);
+        assert_eq!(ep.stats().inits, 10_000);
+        assert!(ep.stateless.len() <= ep.config.max_stateless_queue);
+        assert_eq!(
+            ep.stats().cookies_sent + ep.stats().stateless_dropped,
+            10_000
+        );
+    }
+
+    #[test]
+    fn cookie_must_match_address_and_be_fresh() {
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(server_cfg(), t0, 1);
+        let alice: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let mallory: SocketAddr = "10.0.0.66:1".parse().unwrap();
+        ep.handle_datagram(t0, alice, &init(7));
+        let mut buf = Vec::new();
+        ep.poll_transmit(t0, &mut buf).unwrap();
+        let Ok(Repr {
+            body:
+                Body::Cookie {
+                    server_cid,
+                    params,
+                    cookie_time,
+                    mac,
+                    ..
+                },
+            ..
+        }) = Repr::parse_bytes(&buf)
+        else {
+            panic!("no cookie")
+        };
+        let req = |mac: [u8; 16]| {
+            let mut b = Vec::new();
+            Repr {
+                dst_cid: server_cid,
+                body: Body::ConnReq {
+                    client_cid: 7,
+                    params: HsParams {
+                        window: 1 << 20,
+                        ..params
+                    },
+                    cookie_time,
+                    mac,
+                },
+            }
+            .emit(&mut b);
+            b
+        };
+        // Replayed from another address: refused.
+        ep.handle_datagram(t0, mallory, &req(mac));
+        let mut bad = mac;
+        bad[0] ^= 1;
+        ep.handle_datagram(t0, alice, &req(bad));
+        assert_eq!(ep.stats().bad_cookies, 2);
+        // Too old.
+        ep.handle_datagram(
+            t0 + COOKIE_LIFETIME + Duration::from_secs(1),
+            alice,
+            &req(mac),
+        );
+        assert_eq!(ep.stats().stale_cookies, 1);
+        assert_eq!(ep.connection_count(), 0);
+        // Good.
+        ep.handle_datagram(t0 + Duration::from_millis(5), alice, &req(mac));
+        assert_eq!(ep.connection_count(), 1);
+        let h = ep.accept().unwrap();
+        assert_eq!(ep.poll_event(), Some((h, Event::Connected)));
+        // Unknown connection IDs and garbage are counted and ignored.
+        let mut ka = Vec::new();
+        Repr {
+            dst_cid: 12345,
+            body: Body::Keepalive,
+        }
+        .emit(&mut ka);
+        ep.handle_datagram(t0, alice, &ka);
+        ep.handle_datagram(t0, alice, &[1, 2, 3]);
+        assert_eq!(ep.stats().unknown_cid, 1);
+        assert_eq!(ep.stats().malformed, 1);
+    }
+
+    #[test]
+    fn idle_connection_memory() {
+        let mut p = Pair::new(
+            3,
+            EndpointConfig::default(),
+            server_cfg(),
+            LinkConfig::ideal(Duration::from_millis(5)),
+            LinkConfig::ideal(Duration::from_millis(5)),
+        );
+        let (ch, sh) = p.connect(1000).unwrap();
+        // A little traffic, then idle.
+        p.client
+            .connection_mut(ch)
+            .unwrap()
+            .write(&[0; 5000])
+            .unwrap();
+        let _ = p.run_until(10_000, Duration::from_secs(60), |p| {
+            p.elapsed() > Duration::from_secs(2)
+        });
+        let mut b = [0u8; 8192];
+        assert_eq!(p.server.connection_mut(sh).unwrap().read(&mut b), Ok(5000));
+        let _ = p.run_until(10_000, Duration::from_secs(60), |p| {
+            p.elapsed() > Duration::from_secs(3)
+        });
+        for c in [
+            p.client.connection(ch).unwrap(),
+            p.server.connection(sh).unwrap(),
+        ] {
+            let total = std::mem::size_of::<Connection>() + c.heap_bytes();
+            eprintln!(
+                "idle connection: size_of {} + heap ~{} = {} bytes",
+                std::mem::size_of::<Connection>(),
+                c.heap_bytes(),
+                total
+            );
+            assert!(total <= 64 * 1024, "{total}");
+        }
+    }
+
+    #[test]
+    fn reset_and_idle_timeout() {
+        let mk = || {
+            Pair::new(
+                4,
+                EndpointConfig::default(),
+                server_cfg(),
+                LinkConfig::ideal(Duration::from_millis(5)),
+                LinkConfig::ideal(Duration::from_millis(5)),
+            )
+        };
+        let mut p = mk();
+        let (ch, sh) = p.connect(1000).unwrap();
+        p.client.connection_mut(ch).unwrap().reset();
+        let mut seen = None;
+        p.run_until(1000, Duration::from_secs(5), |p| {
+            // One event per step: an empty poll would already reap it.
+            if let Some((h, e)) = p.server.poll_event() {
+                if h == sh {
+                    if let Event::Closed { reason } = e {
+                        seen = Some(reason);
+                    }
+                }
+            }
+            seen.is_some()
+        })
+        .unwrap();
+        assert_eq!(seen, Some(CloseReason::PeerReset));
+
+        assert_eq!(
+            p.server.connection_mut(sh).map(|c| c.read(&mut [0; 4])),
+            Some(Err(crate::fillp::connection::ReadError::Reset))
+        );
+        // Both sides forget the connection once its events are taken.
+        while p.client.poll_event().is_some() {}
+        while p.server.poll_event().is_some() {}
+        assert_eq!(p.client.connection_count(), 0);
+        assert_eq!(p.server.connection_count(), 0);
+
+        // Cut the path: both sides time out, keepalives notwithstanding.
+        let mut p = mk();
+        let (ch, _sh) = p.connect(1000).unwrap();
+        p.c2s = crate::fillp::sim::Link::new(
+            LinkConfig {
+                loss: crate::fillp::sim::Loss::Bernoulli(1.0),
+                ..LinkConfig::ideal(Duration::from_millis(5))
+            },
+            1,
+        );
+        let mut reason = None;
+        p.run_until(100_000, Duration::from_secs(120), |p| {
+            while let Some((h, e)) = p.client.poll_event() {
+                if let (true, Event::Closed { reason: r }) = (h == ch, e) {
+                    reason = Some(r);
+                }
+            }
+            reason.is_some()
+        })
+        .unwrap();
+        assert_eq!(reason, Some(CloseReason::IdleTimeout));
+        // Keepalives alone kept nothing alive one way: 30 s default.
+        assert!(p.elapsed() >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn server_can_force_mode_and_clamp_mtu() {
+        let mut client = EndpointConfig::default();
+        client.connection.mode = RateMode::Fillp;
+        client.connection.mtu = 1200;
+        let mut server = server_cfg();
+        server.connection.force_mode = Some(RateMode::Fixed);
+        let mut p = Pair::new(
+            5,
+            client,
+            server,
+            LinkConfig::ideal(Duration::from_millis(5)),
+            LinkConfig::ideal(Duration::from_millis(5)),
+        );
+        let (ch, sh) = p.connect(1000).unwrap();
+        for c in [
+            p.client.connection(ch).unwrap(),
+            p.server.connection(sh).unwrap(),
+        ] {
+            assert_eq!(c.mode(), RateMode::Fixed);
+            assert_eq!(c.mtu(), 1200);
+        }
+    }
+
+    #[test]
+    fn half_close_and_flow_control() {
+        // The client writes 1 MB against a 64 KiB window and a server that
+        // reads slowly, then half-closes; the server answers after EOF.
+        let mut server = server_cfg();
+        server.connection.recv_window = 64 * 1024;
+        let mut p = Pair::new(
+            6,
+            EndpointConfig::default(),
+            server,
+            LinkConfig::ideal(Duration::from_millis(10)),
+            LinkConfig::ideal(Duration::from_millis(10)),
+        );
+        let (ch, sh) = p.connect(1000).unwrap();
+        let mut rng = SimRng::new(1);
+        let data: Vec<u8> = (0..1_000_000).map(|_| rng.next_u64() as u8).collect();
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let mut answered = false;
+        let mut reply = Vec::new();
+        let mut steps = 0u64;
+        p.run_until(2_000_000, Duration::from_secs(300), |p| {
+            steps += 1;
+            let c = p.client.connection_mut(ch).unwrap();
+            if sent < data.len() {
+                if let Ok(n) = c.write(&data[sent..]) {
+                    sent += n;
+                }
+                if sent == data.len() {
+                    c.shutdown_write();
+                    assert_eq!(
+                        c.write(b"x"),
+                        Err(crate::fillp::connection::WriteError::Finished)
+                    );
+                }
+            }
+            let mut b = [0u8; 4096];
+            while let Ok(n) = c.read(&mut b) {
+                if n == 0 {
+                    return true;
+                }
+                reply.extend_from_slice(&b[..n]);
+            }
+            let s = p.server.connection_mut(sh).unwrap();
+            // Read slowly: one small chunk every other step, so the window
+            // closes and has to be reopened by window updates.
+            if steps % 2 == 0 {
+                match s.read(&mut b[..2048]) {
+                    Ok(0) if !answered => {
+                        s.write(b"done").unwrap();
+                        s.shutdown_write();
+                        answered = true;
+                    }
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                    Err(_) => {}
+                }
+            }
+            false
+        })
+        .unwrap();
+        assert!(got == data);
+        assert_eq!(reply, b"done");
+    }
+}

@@ -1,0 +1,720 @@
+//! Deterministic network simulation for tests and benchmarks.
+//!
+//! A [`Link`] is one direction of a path with a virtual clock: a drop-tail
+//! queue in front of a rate-limited serializer, then loss on the wire
+//! (Bernoulli or Gilbert-Elliott), propagation delay with jitter, occasional
+//! extra delay (reordering) and duplication. A [`Pair`] joins a client and a
+//! server [`Endpoint`] by two links and steps time from event to event; its
+//! step loop is bounded and reports livelock instead of hanging.
+//!
+//! Everything is driven by a seeded generator: the same seed gives the same run.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::connection::{CloseReason, Event, ReadError, WriteError};
+use super::endpoint::{ConnectionHandle, Endpoint, EndpointConfig};
+
+/// SplitMix64: small, fast, good enough for simulation.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        SimRng(seed)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.unit() < p
+    }
+}
+
+/// Loss model, applied on the wire after the bottleneck queue (lost packets
+/// have used link capacity, as on a lossy radio hop).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Loss {
+    /// No loss.
+    None,
+    /// Each packet lost independently with this probability.
+    Bernoulli(f64),
+    /// Two-state burst loss.
+    GilbertElliott {
+        /// Per packet, good -> bad.
+        good_to_bad: f64,
+        /// Per packet, bad -> good.
+        bad_to_good: f64,
+        /// Loss probability in the good state.
+        loss_good: f64,
+        /// Loss probability in the bad state.
+        loss_bad: f64,
+    },
+}
+
+/// One direction of a simulated path.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// One-way propagation delay.
+    pub delay: Duration,
+    /// Extra delay uniform in [0, jitter) per packet (reorders if larger
+    /// than the packet spacing).
+    pub jitter: Duration,
+    /// Loss model.
+    pub loss: Loss,
+    /// Probability that a packet is held back by `reorder_delay`.
+    pub reorder: f64,
+    /// Extra delay for reordered packets.
+    pub reorder_delay: Duration,
+    /// Probability that a packet is delivered twice.
+    pub duplicate: f64,
+    /// Bottleneck rate in bytes/s (`None`: unlimited, no queue).
+    pub rate: Option<u64>,
+    /// Drop-tail queue limit in bytes.
+    pub queue: usize,
+}
+
+impl LinkConfig {
+    /// `delay` one way, nothing else.
+    pub fn ideal(delay: Duration) -> Self {
+        LinkConfig {
+            delay,
+            jitter: Duration::ZERO,
+            loss: Loss::None,
+            reorder: 0.0,
+            reorder_delay: Duration::ZERO,
+            duplicate: 0.0,
+            rate: None,
+            queue: usize::MAX,
+        }
+    }
+}
+
+/// Counters of one link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Packets offered.
+    pub sent: u64,
+    /// Dropped by the full queue.
+    pub queue_drops: u64,
+    /// Lost on the wire.
+    pub lost: u64,
+    /// Extra copies made.
+    pub duplicated: u64,
+    /// Packets handed to the receiver.
+    pub delivered: u64,
+}
+
+/// A simulated one-way link.
+#[derive(Debug)]
+pub struct Link {
+    cfg: LinkConfig,
+    rng: SimRng,
+    bad: bool,
+    busy_until: Option<Instant>,
+    queue: VecDeque<(Instant, usize)>,
+    queued: usize,
+    seq: u64,
+    in_flight: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>,
+    /// Counters.
+    pub stats: LinkStats,
+}
+
+impl Link {
+    /// A link with its own seeded generator.
+    pub fn new(cfg: LinkConfig, seed: u64) -> Self {
+        Link {
+            cfg,
+            rng: SimRng::new(seed),
+            bad: false,
+            busy_until: None,
+            queue: VecDeque::new(),
+            queued: 0,
+            seq: 0,
+            in_flight: BinaryHeap::new(),
+            stats: LinkStats::default(),
+        }
+    }
+
+    fn lost(&mut self) -> bool {
+        match self.cfg.loss {
+            Loss::None => false,
+            Loss::Bernoulli(p) => self.rng.chance(p),
+            Loss::GilbertElliott {
+                good_to_bad,
+                bad_to_good,
+                loss_good,
+                loss_bad,
+            } => {
+                let flip = if self.bad { bad_to_good } else { good_to_bad };
+                if self.rng.chance(flip) {
+                    self.bad = !self.bad;
+                }
+                self.rng.chance(if self.bad { loss_bad } else { loss_good })
+            }
+        }
+    }
+
+    /// Offer a datagram at `now`.
+    pub fn send(&mut self, now: Instant, data: Vec<u8>) {
+        self.stats.sent += 1;
+        let depart = match self.cfg.rate {
+            None => now,
+            Some(rate) => {
+                while self.queue.front().is_some_and(|&(t, _)| t <= now) {
+                    let (_, n) = self.queue.pop_front().unwrap_or((now, 0));
+                    self.queued -= n;
+                }
+                if self.queued + data.len() > self.cfg.queue {
+                    self.stats.queue_drops += 1;
+                    return;
+                }
+                let start = self.busy_until.map_or(now, |b| b.max(now));
+                let tx = Duration::from_nanos((data.len() as u64 * 1_000_000_000) / rate.max(1));
+                let depart = start + tx;
+                self.busy_until = Some(depart);
+                self.queue.push_back((depart, data.len()));
+                self.queued += data.len();
+                depart
+            }
+        };
+        if self.lost() {
+            self.stats.lost += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.cfg.duplicate) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut at = depart + self.cfg.delay;
+            if !self.cfg.jitter.is_zero() {
+                at += self.cfg.jitter.mul_f64(self.rng.unit());
+            }
+            if self.rng.chance(self.cfg.reorder) {
+                at += self.cfg.reorder_delay;
+            }
+            self.seq += 1;
+            self.in_flight.push(Reverse((at, self.seq, data.clone())));
+        }
+    }
+
+    /// Remove the datagrams in flight for which `f` is true (for tests that
+    /// need one particular packet lost). Returns how many.
+    pub fn drop_where(&mut self, mut f: impl FnMut(&[u8]) -> bool) -> usize {
+        let before = self.in_flight.len();
+        let kept: Vec<_> = self
+            .in_flight
+            .drain()
+            .filter(|Reverse((_, _, d))| !f(d))
+            .collect();
+        self.in_flight.extend(kept);
+        let n = before - self.in_flight.len();
+        self.stats.lost += n as u64;
+        n
+    }
+
+    /// When the next datagram arrives.
+    pub fn next_arrival(&self) -> Option<Instant> {
+        self.in_flight.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// A datagram that has arrived by `now`.
+    pub fn recv(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if self.next_arrival()? <= now {
+            self.stats.delivered += 1;
+            self.in_flight.pop().map(|Reverse((_, _, d))| d)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a simulation run failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimError {
+    /// The step bound was reached.
+    Livelock {
+        /// Steps taken.
+        steps: u64,
+    },
+    /// Nothing was scheduled but the goal was not reached.
+    Stalled,
+    /// Simulated time passed the deadline.
+    Deadline,
+}
+
+/// A client endpoint and a server endpoint joined by two links.
+#[derive(Debug)]
+pub struct Pair {
+    /// Client endpoint.
+    pub client: Endpoint,
+    /// Server endpoint.
+    pub server: Endpoint,
+    /// Client's address.
+    pub client_addr: SocketAddr,
+    /// Server's address.
+    pub server_addr: SocketAddr,
+    /// Client to server.
+    pub c2s: Link,
+    /// Server to client.
+    pub s2c: Link,
+    /// Virtual time.
+    pub now: Instant,
+    /// Start of the run.
+    pub epoch: Instant,
+    /// Steps taken.
+    pub steps: u64,
+    buf: Vec<u8>,
+}
+
+impl Pair {
+    /// Build a pair; `seed` drives both links and both endpoints.
+    pub fn new(
+        seed: u64,
+        client: EndpointConfig,
+        mut server: EndpointConfig,
+        c2s: LinkConfig,
+        s2c: LinkConfig,
+    ) -> Self {
+        // The only clock read: an arbitrary origin for virtual time.
+        let now = Instant::now();
+        server.server = true;
+        let mut rng = SimRng::new(seed);
+        Pair {
+            client: Endpoint::new(client, now, rng.next_u64()),
+            server: Endpoint::new(server, now, rng.next_u64()),
+            client_addr: "10.0.0.1:4000".parse().expect("literal"),
+            server_addr: "10.0.0.2:5000".parse().expect("literal"),
+            c2s: Link::new(c2s, rng.next_u64()),
+            s2c: Link::new(s2c, rng.next_u64()),
+            now,
+            epoch: now,
+            steps: 0,
+            buf: Vec::with_capacity(2048),
+        }
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.epoch
+    }
+
+    fn flush(&mut self) {
+        let now = self.now;
+        // Bounded so a runaway sender shows up as livelock, not a hang.
+        for _ in 0..10_000 {
+            let Some(t) = self.client.poll_transmit(now, &mut self.buf) else {
+                break;
+            };
+            if t.destination == self.server_addr {
+                self.c2s.send(now, self.buf[..t.size].to_vec());
+            }
+        }
+        for _ in 0..10_000 {
+            let Some(t) = self.server.poll_transmit(now, &mut self.buf) else {
+                break;
+            };
+            if t.destination == self.client_addr {
+                self.s2c.send(now, self.buf[..t.size].to_vec());
+            }
+        }
+    }
+
+    /// One step: send what the applications queued, advance the clock to the
+    /// next event (if nothing is due now), deliver what has arrived, run
+    /// expired timers and send the results. Returns `false` when nothing at
+    /// all is scheduled.
+    pub fn step(&mut self) -> bool {
+        self.steps += 1;
+        self.flush();
+        let next = [
+            self.client.poll_timeout(),
+            self.server.poll_timeout(),
+            self.c2s.next_arrival(),
+            self.s2c.next_arrival(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(next) = next else {
+            return false;
+        };
+        self.now = self.now.max(next);
+        let now = self.now;
+        while let Some(d) = self.c2s.recv(now) {
+            self.server.handle_datagram(now, self.client_addr, &d);
+        }
+        while let Some(d) = self.s2c.recv(now) {
+            self.client.handle_datagram(now, self.server_addr, &d);
+        }
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        if self.server.poll_timeout().is_some_and(|t| t <= now) {
+            self.server.handle_timeout(now);
+        }
+        self.flush();
+        true
+    }
+
+    /// Step until `done` returns true, failing after `max_steps` steps, when
+    /// nothing is scheduled, or when simulated time passes `limit`.
+    pub fn run_until(
+        &mut self,
+        max_steps: u64,
+        limit: Duration,
+        mut done: impl FnMut(&mut Pair) -> bool,
+    ) -> Result<(), SimError> {
+        let start = self.steps;
+        loop {
+            if done(self) {
+                return Ok(());
+            }
+            if self.steps - start >= max_steps {
+                return Err(SimError::Livelock {
+                    steps: self.steps - start,
+                });
+            }
+            if self.elapsed() > limit {
+                return Err(SimError::Deadline);
+            }
+            if !self.step() {
+                return if done(self) {
+                    Ok(())
+                } else {
+                    Err(SimError::Stalled)
+                };
+            }
+        }
+    }
+
+    /// Connect the client to the server; returns (client, server) handles.
+    pub fn connect(
+        &mut self,
+        max_steps: u64,
+    ) -> Result<(ConnectionHandle, ConnectionHandle), SimError> {
+        let now = self.now;
+        let addr = self.server_addr;
+        let ch = self
+            .client
+            .connect(now, addr)
+            .map_err(|_| SimError::Stalled)?;
+        let mut sh = None;
+        self.run_until(max_steps, Duration::from_secs(60), |p| {
+            if sh.is_none() {
+                sh = p.server.accept();
+            }
+            sh.is_some() && p.client.connection(ch).is_some_and(|c| c.is_established())
+        })?;
+        sh.map(|s| (ch, s)).ok_or(SimError::Stalled)
+    }
+}
+
+/// One side of a bulk transfer: bytes to write, bytes read, how it ended.
+#[derive(Debug, Default, Clone)]
+pub struct Side {
+    /// What this side sends.
+    pub outgoing: Vec<u8>,
+    /// How much of it was accepted by `write`.
+    pub written: usize,
+    /// Whether `shutdown_write` was called.
+    pub shut: bool,
+    /// What this side read.
+    pub incoming: Vec<u8>,
+    /// `read` returned EOF.
+    pub eof: bool,
+    /// The `Closed` event's reason.
+    pub closed: Option<CloseReason>,
+}
+
+impl Side {
+    /// A side that sends `data` then FIN.
+    pub fn sending(data: Vec<u8>) -> Self {
+        Side {
+            outgoing: data,
+            ..Side::default()
+        }
+    }
+
+    /// Write, read and collect events for connection `h` of `ep`.
+    pub fn pump(&mut self, ep: &mut Endpoint, h: ConnectionHandle) {
+        let Some(c) = ep.connection_mut(h) else {
+            return;
+        };
+        while self.written < self.outgoing.len() {
+            match c.write(&self.outgoing[self.written..]) {
+                Ok(n) => self.written += n,
+                Err(WriteError::Blocked) | Err(_) => break,
+            }
+        }
+        if self.written == self.outgoing.len() && !self.shut {
+            c.shutdown_write();
+            self.shut = true;
+        }
+        let mut buf = [0u8; 16384];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.incoming.extend_from_slice(&buf[..n]),
+                Err(ReadError::Blocked) | Err(_) => break,
+            }
+        }
+        while let Some(e) = c.poll_event() {
+            if let Event::Closed { reason } = e {
+                self.closed = Some(reason);
+            }
+        }
+    }
+}
+
+/// Run a full transfer in both directions until both sides have closed.
+pub fn transfer(
+    pair: &mut Pair,
+    client: &mut Side,
+    server: &mut Side,
+    max_steps: u64,
+    limit: Duration,
+) -> Result<(), SimError> {
+    let (ch, sh) = pair.connect(max_steps)?;
+    pair.run_until(max_steps, limit, |p| {
+        client.pump(&mut p.client, ch);
+        server.pump(&mut p.server, sh);
+        client.closed.is_some() && server.closed.is_some()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> EndpointConfig {
+        EndpointConfig {
+            cookie_secret: [3; 32],
+            ..EndpointConfig::default()
+        }
+    }
+
+    #[test]
+    fn link_rate_and_queue() {
+        let t0 = Instant::now();
+        let mut l = Link::new(
+            LinkConfig {
+                rate: Some(1_000_000),
+                queue: 5000,
+                ..LinkConfig::ideal(Duration::from_millis(10))
+            },
+            1,
+        );
+        for _ in 0..10 {
+            l.send(t0, vec![0; 1000]);
+        }
+        assert_eq!(l.stats.queue_drops, 5);
+        assert_eq!(l.next_arrival(), Some(t0 + Duration::from_millis(11)));
+        let mut n = 0;
+        while l.recv(t0 + Duration::from_millis(15)).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 5);
+    }
+
+    #[test]
+    fn small_transfer_both_ways() {
+        let mut p = Pair::new(
+            7,
+            cfg(),
+            cfg(),
+            LinkConfig::ideal(Duration::from_millis(5)),
+            LinkConfig::ideal(Duration::from_millis(5)),
+        );
+        let a: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let b: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
+        let mut c = Side::sending(a.clone());
+        let mut s = Side::sending(b.clone());
+        transfer(&mut p, &mut c, &mut s, 200_000, Duration::from_secs(60)).unwrap();
+        assert_eq!(s.incoming, a);
+        assert_eq!(c.incoming, b);
+        assert_eq!(c.closed, Some(CloseReason::Finished));
+        assert_eq!(s.closed, Some(CloseReason::Finished));
+    }
+
+    #[test]
+    fn concurrent_connections_share_endpoints() {
+        let link = LinkConfig {
+            loss: Loss::Bernoulli(0.05),
+            rate: Some(2_000_000),
+            queue: 100_000,
+            ..LinkConfig::ideal(Duration::from_millis(10))
+        };
+        let mut p = Pair::new(11, cfg(), cfg(), link, link);
+        let now = p.now;
+        let addr = p.server_addr;
+        let clients: Vec<ConnectionHandle> = (0..4)
+            .map(|_| p.client.connect(now, addr).unwrap())
+            .collect();
+        let mut sides: Vec<Side> = (0..4u8)
+            .map(|i| Side::sending(vec![i; 30_000 + usize::from(i) * 7_000]))
+            .collect();
+        let mut servers: Vec<(ConnectionHandle, Side)> = Vec::new();
+        p.run_until(2_000_000, Duration::from_secs(600), |p| {
+            while let Some(h) = p.server.accept() {
+                servers.push((h, Side::sending(Vec::new())));
+            }
+            for (h, s) in clients.iter().zip(sides.iter_mut()) {
+                s.pump(&mut p.client, *h);
+            }
+            for (h, s) in servers.iter_mut() {
+                s.pump(&mut p.server, *h);
+            }
+            servers.len() == 4
+                && sides.iter().all(|s| s.closed.is_some())
+                && servers.iter().all(|(_, s)| s.closed.is_some())
+        })
+        .unwrap();
+        let mut got: Vec<Vec<u8>> = servers.into_iter().map(|(_, s)| s.incoming).collect();
+        got.sort();
+        let mut want: Vec<Vec<u8>> = sides.into_iter().map(|s| s.outgoing).collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    /// Lose exactly the DATA packets numbered `lose` of a 10-packet transfer
+    /// and return the sender's stats after a clean finish.
+    fn lose_packets(lose: &[u32]) -> crate::fillp::connection::ConnectionStats {
+        lose_packets_and_nacks(lose, false, 10)
+    }
+
+    /// The same for a `packets`-long transfer, optionally losing every NACK.
+    fn lose_packets_and_nacks(
+        lose: &[u32],
+        lose_nacks: bool,
+        packets: usize,
+    ) -> crate::fillp::connection::ConnectionStats {
+        use crate::fillp::wire::{Body, Repr};
+        let mut p = Pair::new(
+            21,
+            cfg(),
+            cfg(),
+            LinkConfig::ideal(Duration::from_millis(20)),
+            LinkConfig::ideal(Duration::from_millis(20)),
+        );
+        let (ch, sh) = p.connect(1000).unwrap();
+        let data = vec![9u8; 1374 * packets];
+        let mut c = Side::sending(data.clone());
+        let mut s = Side::sending(Vec::new());
+        let mut dropped = Vec::new();
+        p.run_until(100_000, Duration::from_secs(60), |p| {
+            c.pump(&mut p.client, ch);
+            s.pump(&mut p.server, sh);
+            p.c2s.drop_where(|d| match Repr::parse_bytes(d) {
+                Ok(Repr {
+                    body: Body::Data(x),
+                    ..
+                }) if lose.contains(&x.pn) && !dropped.contains(&x.pn) => {
+                    dropped.push(x.pn);
+                    true
+                }
+                _ => false,
+            });
+            if lose_nacks {
+                p.s2c.drop_where(|d| d.get(1) == Some(&7));
+            }
+            c.closed.is_some() && s.closed.is_some()
+        })
+        .unwrap();
+        assert_eq!(s.incoming, data);
+        assert_eq!(dropped.len(), lose.len());
+        p.client.connection(ch).unwrap().stats()
+    }
+
+    #[test]
+    fn nack_repairs_a_hole_without_timers() {
+        let st = lose_packets(&[3]);
+        assert!(st.nacks_received >= 1, "{st:?}");
+        assert_eq!(
+            (st.retransmissions, st.tail_probes, st.rto_count),
+            (1, 0, 0),
+            "{st:?}"
+        );
+    }
+
+    #[test]
+    fn sack_hole_repairs_when_nacks_are_lost() {
+        // Long enough (200 packets at the initial 10 Mbit/s) for PACKs to
+        // keep arriving after the hole is older than an RTT.
+        let st = lose_packets_and_nacks(&[3], true, 200);
+        assert_eq!(st.nacks_received, 0, "{st:?}");
+        assert_eq!(
+            (st.retransmissions, st.tail_probes, st.rto_count),
+            (1, 0, 0),
+            "{st:?}"
+        );
+    }
+
+    #[test]
+    fn tail_probe_repairs_a_lost_tail() {
+        // pn 9 carries the last data and FIN: no later packet reveals its loss.
+        let st = lose_packets(&[9]);
+        assert_eq!((st.tail_probes, st.rto_count), (1, 0), "{st:?}");
+        assert_eq!(st.retransmissions, 1, "{st:?}");
+    }
+
+    #[test]
+    fn rto_is_the_last_resort() {
+        // The tail and its probe both lost: only the RTO is left.
+        let st = lose_packets(&[9, 10]);
+        assert_eq!((st.tail_probes, st.rto_count), (1, 1), "{st:?}");
+    }
+
+    #[test]
+    fn lossy_transfer() {
+        for seed in 0..4 {
+            let link = LinkConfig {
+                delay: Duration::from_millis(20),
+                jitter: Duration::from_millis(3),
+                loss: Loss::Bernoulli(0.3),
+                reorder: 0.05,
+                reorder_delay: Duration::from_millis(10),
+                duplicate: 0.05,
+                rate: Some(2_000_000),
+                queue: 200_000,
+            };
+            let mut p = Pair::new(seed, cfg(), cfg(), link, link);
+            let a: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            let mut c = Side::sending(a.clone());
+            let mut s = Side::sending(b"pong".to_vec());
+            let r = transfer(&mut p, &mut c, &mut s, 2_000_000, Duration::from_secs(600));
+            let cs = p.client.connection(ConnectionHandle(0)).map(|c| c.stats());
+            eprintln!(
+                "seed {seed}: {r:?} t={:?} steps={} client={cs:?}",
+                p.elapsed(),
+                p.steps
+            );
+            r.unwrap();
+            assert_eq!(s.incoming, a);
+            assert_eq!(c.incoming, b"pong");
+            assert_eq!(
+                (c.closed, s.closed),
+                (Some(CloseReason::Finished), Some(CloseReason::Finished))
+            );
+        }
+    }
+}
