@@ -1,2 +1,3 @@
 //! dmm core.
+pub mod linkem;
 pub mod route;

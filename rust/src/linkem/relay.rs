@@ -1,0 +1,729 @@
+//! The I/O driver: relays Ethernet frames between two TAP devices.
+//!
+//! Why TAP and not veth + AF_PACKET: a TAP device created without
+//! `TUNSETOFFLOAD` flags has no TSO/GSO/checksum offload, so the kernel hands
+//! us finished MTU-sized frames with no ethtool calls, and closing the fd
+//! removes the device wherever it lives, which makes cleanup automatic. The
+//! fds keep working after `ip link set dev X netns NS`. The cost is one
+//! syscall per frame (no recvmmsg on a TAP); see benches/results/linkem.md
+//! for what that allows.
+//!
+//! Each direction runs on its own thread with its own [`Impairment`]: read
+//! frames from the ingress TAP without blocking, stamp them, ask the pipeline
+//! when they may leave, keep them in a release queue ordered by
+//! `(release time, arrival order)`, and write them to the egress TAP when
+//! due. To be on time the thread sleeps in `ppoll` (timer slack 1 ns) until
+//! `spin` before the next deadline and then polls the ingress fd in a busy
+//! loop, which also keeps reading new frames meanwhile.
+
+use super::impair::{DropReason, Impairment, Nanos, Verdict};
+use super::params::{ParamError, Params};
+use std::collections::BinaryHeap;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// One direction of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Frames read from device A, written to device B.
+    AtoB,
+    /// Frames read from device B, written to device A.
+    BtoA,
+}
+
+impl Direction {
+    fn index(self) -> usize {
+        match self {
+            Direction::AtoB => 0,
+            Direction::BtoA => 1,
+        }
+    }
+}
+
+/// What to create and how to start.
+#[derive(Debug, Clone)]
+pub struct LinkemConfig {
+    /// Name of the TAP device for end A (at most 15 bytes; must not exist).
+    pub dev_a: String,
+    /// Name of the TAP device for end B.
+    pub dev_b: String,
+    /// Network namespace to move device A into (`ip netns` name); `None`
+    /// leaves it in the caller's namespace.
+    pub netns_a: Option<String>,
+    /// Network namespace for device B.
+    pub netns_b: Option<String>,
+    /// Impairments from A to B.
+    pub params_ab: Params,
+    /// Impairments from B to A.
+    pub params_ba: Params,
+    /// MTU of both devices.
+    pub mtu: u32,
+    /// Transmit queue length of both devices: frames the kernel may queue
+    /// for us before it drops.
+    pub txqueuelen: u32,
+    /// Upper bound on frames held in one direction's release queue; past
+    /// it frames are dropped (counted as `dropped_overflow`). Bounds memory.
+    pub max_in_flight: usize,
+    /// How long before a deadline the thread stops sleeping and busy-polls.
+    pub spin: Duration,
+}
+
+impl LinkemConfig {
+    /// A perfect link between two devices in the current namespace.
+    pub fn new(dev_a: &str, dev_b: &str) -> LinkemConfig {
+        LinkemConfig {
+            dev_a: dev_a.to_string(),
+            dev_b: dev_b.to_string(),
+            netns_a: None,
+            netns_b: None,
+            params_ab: Params::default(),
+            params_ba: Params::default(),
+            mtu: 1500,
+            txqueuelen: 1000,
+            max_in_flight: 200_000,
+            spin: Duration::from_micros(80),
+        }
+    }
+}
+
+/// Lateness histogram resolution: 1 us buckets up to this many, then one
+/// overflow bucket.
+const LATE_BUCKETS: usize = 4096;
+
+/// Counters of one direction, updated by its thread, read by anyone.
+struct Counters {
+    frames_in: AtomicU64,
+    bytes_in: AtomicU64,
+    frames_out: AtomicU64,
+    bytes_out: AtomicU64,
+    dropped_loss: AtomicU64,
+    dropped_queue: AtomicU64,
+    dropped_overflow: AtomicU64,
+    duplicated: AtomicU64,
+    rx_errors: AtomicU64,
+    tx_errors: AtomicU64,
+    late_max_ns: AtomicU64,
+    late_sum_ns: AtomicU64,
+    late: Vec<AtomicU64>,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        let z = || AtomicU64::new(0);
+        Counters {
+            frames_in: z(),
+            bytes_in: z(),
+            frames_out: z(),
+            bytes_out: z(),
+            dropped_loss: z(),
+            dropped_queue: z(),
+            dropped_overflow: z(),
+            duplicated: z(),
+            rx_errors: z(),
+            tx_errors: z(),
+            late_max_ns: z(),
+            late_sum_ns: z(),
+            late: (0..=LATE_BUCKETS).map(|_| z()).collect(),
+        }
+    }
+
+    fn add(c: &AtomicU64, v: u64) {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
+
+    fn record_late(&self, ns: u64) {
+        let b = ((ns / 1000) as usize).min(LATE_BUCKETS);
+        Self::add(&self.late[b], 1);
+        Self::add(&self.late_sum_ns, ns);
+        self.late_max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    fn reset(&self) {
+        for c in [
+            &self.frames_in,
+            &self.bytes_in,
+            &self.frames_out,
+            &self.bytes_out,
+            &self.dropped_loss,
+            &self.dropped_queue,
+            &self.dropped_overflow,
+            &self.duplicated,
+            &self.rx_errors,
+            &self.tx_errors,
+            &self.late_max_ns,
+            &self.late_sum_ns,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        for c in &self.late {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> DirStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let hist: Vec<u64> = self.late.iter().map(g).collect();
+        let n: u64 = hist.iter().sum();
+        // Upper edge of the bucket holding the q-quantile, in microseconds.
+        let quantile = |q: f64| -> f64 {
+            if n == 0 {
+                return 0.0;
+            }
+            let want = ((n as f64 * q).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, c) in hist.iter().enumerate() {
+                seen += c;
+                if seen >= want {
+                    return if i == LATE_BUCKETS {
+                        g(&self.late_max_ns) as f64 / 1000.0
+                    } else {
+                        (i + 1) as f64
+                    };
+                }
+            }
+            0.0
+        };
+        DirStats {
+            frames_in: g(&self.frames_in),
+            bytes_in: g(&self.bytes_in),
+            frames_out: g(&self.frames_out),
+            bytes_out: g(&self.bytes_out),
+            dropped_loss: g(&self.dropped_loss),
+            dropped_queue: g(&self.dropped_queue),
+            dropped_overflow: g(&self.dropped_overflow),
+            duplicated: g(&self.duplicated),
+            rx_errors: g(&self.rx_errors),
+            tx_errors: g(&self.tx_errors),
+            late_p50_us: quantile(0.5),
+            late_p99_us: quantile(0.99),
+            late_max_us: g(&self.late_max_ns) as f64 / 1000.0,
+            late_mean_us: if n == 0 {
+                0.0
+            } else {
+                g(&self.late_sum_ns) as f64 / n as f64 / 1000.0
+            },
+        }
+    }
+}
+
+/// A snapshot of one direction's counters.
+///
+/// "Late" is how long after its computed release time a frame was actually
+/// handed to the egress device: the emulator's own delay error. Quantiles
+/// are upper bounds at 1 us resolution.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DirStats {
+    /// Frames read from the ingress device.
+    pub frames_in: u64,
+    /// Bytes read from the ingress device.
+    pub bytes_in: u64,
+    /// Frames written to the egress device (duplicates included).
+    pub frames_out: u64,
+    /// Bytes written to the egress device.
+    pub bytes_out: u64,
+    /// Frames dropped by random loss.
+    pub dropped_loss: u64,
+    /// Frames dropped because the drop-tail queue was full.
+    pub dropped_queue: u64,
+    /// Frames dropped because the release queue hit `max_in_flight`.
+    pub dropped_overflow: u64,
+    /// Duplicates made.
+    pub duplicated: u64,
+    /// Failed reads (other than "nothing to read").
+    pub rx_errors: u64,
+    /// Failed writes; such frames are lost.
+    pub tx_errors: u64,
+    /// Median lateness, microseconds.
+    pub late_p50_us: f64,
+    /// 99th percentile lateness, microseconds.
+    pub late_p99_us: f64,
+    /// Largest lateness seen, microseconds.
+    pub late_max_us: f64,
+    /// Mean lateness, microseconds.
+    pub late_mean_us: f64,
+}
+
+/// Counters of both directions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// A to B.
+    pub ab: DirStats,
+    /// B to A.
+    pub ba: DirStats,
+}
+
+/// State shared between the handle and one direction's thread.
+struct DirShared {
+    params: Mutex<Params>,
+    generation: AtomicU64,
+    counters: Counters,
+    wake: OwnedFd,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    dirs: [DirShared; 2],
+}
+
+/// A running link emulator between two TAP devices.
+///
+/// Dropping it stops the threads and removes both devices.
+pub struct Linkem {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    dev_a: String,
+    dev_b: String,
+}
+
+impl std::fmt::Debug for Linkem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linkem")
+            .field("dev_a", &self.dev_a)
+            .field("dev_b", &self.dev_b)
+            .finish()
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no pointer arguments; a valid fd is owned once.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: fd was just returned by eventfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a new non-persistent TAP device without packet-info header and
+/// without offloads (so frames are complete and at most MTU-sized).
+fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad device name '{name}' (1-15 bytes, no '/' or spaces)"),
+        ));
+    }
+    let path = CString::new("/dev/net/tun").expect("no NUL in literal");
+    // SAFETY: path is a valid C string.
+    let fd = cvt(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just opened and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // struct ifreq: 16-byte name, then the flags (short) in a 24-byte union.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: ifr is a 40-byte ifreq that outlives the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) })
+        .map_err(|e| io::Error::new(e.kind(), format!("creating TAP device '{name}': {e}")))?;
+    // SAFETY: TUNSETOFFLOAD takes an integer argument by value.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
+    Ok(fd)
+}
+
+/// Runs `ip ARGS...`; a failure becomes an error carrying ip's message.
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running 'ip' (iproute2): {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+fn place(dev: &str, netns: Option<&str>, mtu: u32, qlen: u32) -> io::Result<()> {
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        dev,
+        "mtu",
+        &mtu.to_string(),
+        "txqueuelen",
+        &qlen.to_string(),
+    ])?;
+    match netns {
+        Some(ns) => {
+            ip(&["link", "set", "dev", dev, "netns", ns])?;
+            ip(&["-n", ns, "link", "set", "dev", dev, "up"])
+        }
+        None => ip(&["link", "set", "dev", dev, "up"]),
+    }
+}
+
+fn params_err(e: ParamError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.0)
+}
+
+impl Linkem {
+    /// Creates both TAP devices, moves them into their namespaces, brings
+    /// them up and starts one relay thread per direction.
+    ///
+    /// On error nothing is left behind: the devices go away with their fds.
+    pub fn start(cfg: LinkemConfig) -> io::Result<Linkem> {
+        cfg.params_ab.validate().map_err(params_err)?;
+        cfg.params_ba.validate().map_err(params_err)?;
+        if !(68..=65535).contains(&cfg.mtu) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("mtu must be in [68, 65535], got {}", cfg.mtu),
+            ));
+        }
+        if cfg.dev_a == cfg.dev_b {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "dev_a and dev_b must differ",
+            ));
+        }
+        let tap_a = Arc::new(open_tap(&cfg.dev_a)?);
+        let tap_b = Arc::new(open_tap(&cfg.dev_b)?);
+        place(&cfg.dev_a, cfg.netns_a.as_deref(), cfg.mtu, cfg.txqueuelen)?;
+        place(&cfg.dev_b, cfg.netns_b.as_deref(), cfg.mtu, cfg.txqueuelen)?;
+        let dir = |p: &Params| -> io::Result<DirShared> {
+            Ok(DirShared {
+                params: Mutex::new(p.clone()),
+                generation: AtomicU64::new(0),
+                counters: Counters::new(),
+                wake: eventfd()?,
+            })
+        };
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            dirs: [dir(&cfg.params_ab)?, dir(&cfg.params_ba)?],
+        });
+        let mut link = Linkem {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            dev_a: cfg.dev_a.clone(),
+            dev_b: cfg.dev_b.clone(),
+        };
+        let origin = Instant::now();
+        for (d, rx, tx) in [
+            (Direction::AtoB, tap_a.clone(), tap_b.clone()),
+            (Direction::BtoA, tap_b.clone(), tap_a.clone()),
+        ] {
+            let w = Worker {
+                shared: shared.clone(),
+                dir: d.index(),
+                rx,
+                tx,
+                origin,
+                buf_len: cfg.mtu as usize + 64,
+                max_in_flight: cfg.max_in_flight,
+                spin: cfg.spin.as_nanos() as Nanos,
+            };
+            let name = format!("linkem-{}", if d == Direction::AtoB { "ab" } else { "ba" });
+            // If the second spawn fails, `link`'s Drop stops the first thread.
+            link.threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || w.run())?,
+            );
+        }
+        Ok(link)
+    }
+
+    /// Names of the two devices (A, B).
+    pub fn devices(&self) -> (&str, &str) {
+        (&self.dev_a, &self.dev_b)
+    }
+
+    /// Replaces one direction's parameters; the relay picks them up before
+    /// the next frame it reads. Queue and loss state carry over.
+    pub fn set_params(&self, dir: Direction, params: Params) -> Result<(), ParamError> {
+        params.validate()?;
+        let d = &self.shared.dirs[dir.index()];
+        *d.params.lock().unwrap_or_else(|e| e.into_inner()) = params;
+        d.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// The parameters in force for one direction.
+    pub fn params(&self, dir: Direction) -> Params {
+        let d = &self.shared.dirs[dir.index()];
+        let p = d.params.lock().unwrap_or_else(|e| e.into_inner());
+        p.clone()
+    }
+
+    /// A snapshot of both directions' counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            ab: self.shared.dirs[0].counters.snapshot(),
+            ba: self.shared.dirs[1].counters.snapshot(),
+        }
+    }
+
+    /// Sets every counter and the lateness histogram back to zero.
+    pub fn reset_stats(&self) {
+        for d in &self.shared.dirs {
+            d.counters.reset();
+        }
+    }
+
+    /// Whether the relay threads are still running.
+    pub fn is_running(&self) -> bool {
+        !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops both threads and removes the devices. Idempotent.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for d in &self.shared.dirs {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+            unsafe { libc::write(d.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Linkem {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A frame waiting in the release queue.
+struct Pending {
+    release: Nanos,
+    seq: u64,
+    buf: Vec<u8>,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        (self.release, self.seq) == (o.release, o.seq)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest first.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.release, o.seq).cmp(&(self.release, self.seq))
+    }
+}
+
+/// One direction's thread.
+struct Worker {
+    shared: Arc<Shared>,
+    dir: usize,
+    rx: Arc<OwnedFd>,
+    tx: Arc<OwnedFd>,
+    origin: Instant,
+    buf_len: usize,
+    max_in_flight: usize,
+    spin: Nanos,
+}
+
+/// Frames read per turn before due frames are looked at again.
+const READ_BATCH: usize = 64;
+
+enum Read {
+    Frame(Vec<u8>),
+    Empty(Vec<u8>),
+    Error,
+}
+
+impl Worker {
+    fn now(&self) -> Nanos {
+        self.origin.elapsed().as_nanos() as Nanos
+    }
+
+    fn read_frame(&self, fd: RawFd, mut buf: Vec<u8>) -> Read {
+        buf.clear();
+        buf.reserve(self.buf_len);
+        loop {
+            // SAFETY: reads at most the buffer's spare capacity into it.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.capacity()) };
+            if n > 0 {
+                // SAFETY: the kernel initialised the first n bytes.
+                unsafe { buf.set_len(n as usize) };
+                return Read::Frame(buf);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Read::Empty(buf),
+                _ => return Read::Error,
+            }
+        }
+    }
+
+    fn wait(&self, rx: RawFd, wake: RawFd, timeout: Option<Nanos>) {
+        let mut fds = [
+            libc::pollfd {
+                fd: rx,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Without a deadline, still wake now and then: cheap insurance.
+        let t = timeout.unwrap_or(200_000_000);
+        let ts = libc::timespec {
+            tv_sec: (t / 1_000_000_000) as libc::time_t,
+            tv_nsec: (t % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: fds and ts are live for the call; no signal mask change.
+        unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+    }
+
+    fn run(self) {
+        // Sleeps end within ~1 us of their deadline instead of the default
+        // 50 us slack; the spin phase covers the wake-up latency.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+        let ds = &self.shared.dirs[self.dir];
+        let c = &ds.counters;
+        let (rx, tx, wake) = (
+            self.rx.as_raw_fd(),
+            self.tx.as_raw_fd(),
+            ds.wake.as_raw_fd(),
+        );
+        let mut generation = ds.generation.load(Ordering::Acquire);
+        let mut imp = Impairment::new(ds.params.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let mut heap: BinaryHeap<Pending> = BinaryHeap::new();
+        let mut pool: Vec<Vec<u8>> = Vec::new();
+        let mut seq: u64 = 0;
+        let mut rx_failed_at: Option<Nanos> = None;
+
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let g = ds.generation.load(Ordering::Acquire);
+            if g != generation {
+                generation = g;
+                imp.set_params(ds.params.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            }
+
+            // Send every frame that is due, stamping each write separately.
+            while let Some(top) = heap.peek() {
+                let now = self.now();
+                if top.release > now {
+                    break;
+                }
+                let p = heap.pop().expect("peeked");
+                c.record_late(now - p.release);
+                // SAFETY: writes the frame's initialised bytes.
+                let n = unsafe { libc::write(tx, p.buf.as_ptr().cast(), p.buf.len()) };
+                if n == p.buf.len() as isize {
+                    Counters::add(&c.frames_out, 1);
+                    Counters::add(&c.bytes_out, n as u64);
+                } else {
+                    Counters::add(&c.tx_errors, 1);
+                }
+                pool.push(p.buf);
+            }
+
+            // Read what is waiting, but go back to sending as soon as
+            // something is due.
+            let mut got = 0;
+            if rx_failed_at.is_some_and(|t| self.now() < t + 10_000_000) {
+                // A failing device (e.g. brought down): retry every 10 ms, not in a hot loop.
+            } else {
+                rx_failed_at = None;
+                while got < READ_BATCH {
+                    let buf = pool.pop().unwrap_or_default();
+                    let frame = match self.read_frame(rx, buf) {
+                        Read::Frame(f) => f,
+                        Read::Empty(b) => {
+                            pool.push(b);
+                            break;
+                        }
+                        Read::Error => {
+                            Counters::add(&c.rx_errors, 1);
+                            rx_failed_at = Some(self.now());
+                            break;
+                        }
+                    };
+                    got += 1;
+                    let now = self.now();
+                    let len = frame.len();
+                    Counters::add(&c.frames_in, 1);
+                    Counters::add(&c.bytes_in, len as u64);
+                    let d = imp.on_frame(now, len);
+                    let copy = match d.duplicate {
+                        Some(Verdict::Release(_)) => {
+                            Counters::add(&c.duplicated, 1);
+                            Some(frame.clone())
+                        }
+                        _ => None,
+                    };
+                    let mut keep = |v: Verdict, buf: Vec<u8>| match v {
+                        Verdict::Release(t) if heap.len() < self.max_in_flight => {
+                            seq += 1;
+                            heap.push(Pending {
+                                release: t,
+                                seq,
+                                buf,
+                            });
+                        }
+                        Verdict::Release(_) => {
+                            Counters::add(&c.dropped_overflow, 1);
+                            pool.push(buf);
+                        }
+                        Verdict::Drop(r) => {
+                            let ctr = match r {
+                                DropReason::Loss => &c.dropped_loss,
+                                DropReason::Queue => &c.dropped_queue,
+                            };
+                            Counters::add(ctr, 1);
+                            pool.push(buf);
+                        }
+                    };
+                    keep(d.frame, frame);
+                    if let (Some(v), Some(b)) = (d.duplicate, copy) {
+                        keep(v, b);
+                    }
+                    if heap.peek().is_some_and(|p| p.release <= self.now()) {
+                        break;
+                    }
+                }
+            }
+            if got > 0 {
+                continue;
+            }
+
+            // Nothing to read: sleep until shortly before the next deadline,
+            // or spin when it is close.
+            let now = self.now();
+            match heap.peek().map(|p| p.release) {
+                Some(t) if t <= now + self.spin => std::hint::spin_loop(),
+                Some(t) => self.wait(rx, wake, Some(t - now - self.spin)),
+                None if rx_failed_at.is_some() => self.wait(-1, wake, Some(10_000_000)),
+                None => self.wait(rx, wake, None),
+            }
+        }
+    }
+}
