@@ -74,8 +74,8 @@ impl Net {
         cfg.params_ba = ba;
         let link = Linkem::start(cfg).expect("start linkem");
         let addrs = ["10.201.250.1", "10.201.250.2"];
-        for i in 0..2 {
-            let cidr = format!("{}/24", addrs[i]);
+        for (i, addr) in addrs.iter().enumerate() {
+            let cidr = format!("{addr}/24");
             ip(&["-n", &self.ns[i], "addr", "add", &cidr, "dev", &self.dev[i]]);
         }
         // Static neighbours: a lost ARP exchange would otherwise stall the

@@ -1,0 +1,1 @@
+"""dmm: sockets over several network stacks, with a Rust core (dmm._core)."""
