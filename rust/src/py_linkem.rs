@@ -100,15 +100,33 @@ impl PyLinkem {
         Ok(PyLinkem { inner: Some(link) })
     }
 
-    /// Replaces the parameters of `direction` ('ab', 'ba' or 'both') with
-    /// `params` in the compact form; unnamed fields take their defaults.
-    #[pyo3(signature = (direction, params))]
-    fn set_params(&self, direction: &str, params: &str) -> PyResult<()> {
+    /// Parses and validates a parameter string without starting anything;
+    /// returns the normalized (a->b, b->a) forms. Raises ValueError.
+    #[staticmethod]
+    fn parse_params(params: &str) -> PyResult<(String, String)> {
+        let (ab, ba) = parse_duplex(params).map_err(param_err)?;
+        Ok((ab.to_string(), ba.to_string()))
+    }
+
+    /// Changes the parameters of `direction` ('ab', 'ba' or 'both') while
+    /// running. By default the keys in `params` (compact form) are applied
+    /// on top of the current values; with `replace=True` unnamed fields go
+    /// back to their defaults. Raises ValueError and then changes nothing.
+    #[pyo3(signature = (direction, params, *, replace=false))]
+    fn set_params(&self, direction: &str, params: &str, replace: bool) -> PyResult<()> {
         let link = self.link()?;
-        let dirs = directions(direction)?;
-        let p = Params::parse(params).map_err(param_err)?;
-        for &d in dirs {
-            link.set_params(d, p.clone()).map_err(param_err)?;
+        let mut new = Vec::new();
+        for &d in directions(direction)? {
+            let mut p = if replace {
+                Params::default()
+            } else {
+                link.params(d)
+            };
+            p.update(params).map_err(param_err)?;
+            new.push((d, p));
+        }
+        for (d, p) in new {
+            link.set_params(d, p).map_err(param_err)?;
         }
         Ok(())
     }

@@ -91,6 +91,18 @@ class Topology:
         known = ", ".join([*LINK_PROFILES, *TOPOLOGIES, "custom"])
         raise ValueError(f"unknown lab profile {profile!r} (known: {known})")
 
+    def check(self) -> None:
+        """Validates every link's parameters with the emulator's parser.
+
+        Raises ValueError naming the link and the bad field.
+        """
+        Linkem = _core_linkem()
+        for plan in self.links:
+            try:
+                Linkem.parse_params(plan.params)
+            except ValueError as exc:
+                raise ValueError(f"link {plan.name!r}: {exc}") from None
+
 
 def _core_linkem() -> Any:
     try:
@@ -148,6 +160,7 @@ class Lab:
         if self._started:
             return self
         Linkem = _core_linkem()
+        self.topology.check()
         self._started = True
         atexit.register(self.close)
         try:
@@ -245,15 +258,16 @@ class Lab:
         self._procs.append(proc)
         return proc
 
-    def set_params(self, link: str, params: str, direction: str = "both") -> None:
-        """Replaces the parameters of ``link`` (compact form) while it runs.
+    def set_params(self, link: str, params: str, direction: str = "both", *, replace: bool = False) -> None:
+        """Changes the parameters of ``link`` (compact form) while it runs.
 
-        ``direction`` is ``up`` (client to server), ``down`` or ``both``.
-        Unnamed fields take their defaults, not their previous values.
+        ``direction`` is ``up`` (client to server), ``down`` or ``both``. The
+        keys given are applied on top of the current values; with
+        ``replace=True`` the others go back to their defaults.
         """
         if direction not in _DIRECTIONS:
             raise ValueError(f"direction must be up, down or both, got {direction!r}")
-        self._link(link).set_params(_DIRECTIONS[direction], params)
+        self._link(link).set_params(_DIRECTIONS[direction], params, replace=replace)
 
     def params(self, link: str) -> dict[str, str]:
         """The parameters in force on ``link``: ``{"up": ..., "down": ...}``."""

@@ -189,6 +189,14 @@ impl Params {
     /// Parses the compact form (see the module docs), starting from the defaults.
     pub fn parse(s: &str) -> Result<Params, ParamError> {
         let mut p = Params::default();
+        p.update(s)?;
+        Ok(p)
+    }
+
+    /// Applies the keys of a compact string on top of these parameters
+    /// (unnamed fields keep their values). On error `self` is unchanged.
+    pub fn update(&mut self, s: &str) -> Result<(), ParamError> {
+        let mut p = self.clone();
         for (key, value) in pairs(s)? {
             if key.starts_with("ab.") || key.starts_with("ba.") {
                 return err(format!(
@@ -198,7 +206,8 @@ impl Params {
             p.set(key, value)?;
         }
         p.validate()?;
-        Ok(p)
+        *self = p;
+        Ok(())
     }
 
     /// Sets one field from its compact `key=value` form, without validating
@@ -484,6 +493,15 @@ mod tests {
         assert!(e("ge=p:0.1").contains("needs at least p and r"));
         assert!(e("reorder=maybe").contains("on or off"));
         assert!(e("ab.delay=1ms").contains("direction prefixes"));
+    }
+
+    #[test]
+    fn update_keeps_unnamed_fields() {
+        let mut p = Params::parse("delay=10ms,loss=1%").unwrap();
+        p.update("loss=0").unwrap();
+        assert_eq!((p.delay, p.loss), (Duration::from_millis(10), 0.0));
+        assert!(p.update("loss=3").is_err());
+        assert_eq!(p.loss, 0.0);
     }
 
     #[test]
