@@ -73,8 +73,10 @@ impl PyLinkem {
     /// `netns_b` (names from `ip netns`; None = stay here), brings them up
     /// and starts relaying. `params` is the compact form for both directions
     /// (`ab.`/`ba.` prefixes for one), e.g. "delay=40ms,loss=1%,rate=100mbit".
+    /// `spin_us`: busy-poll this long before each release; `realtime`:
+    /// SCHED_FIFO priority of the relay threads (0 = normal scheduling).
     #[staticmethod]
-    #[pyo3(signature = (dev_a, dev_b, *, netns_a=None, netns_b=None, params="", mtu=1500, txqueuelen=1000, spin_us=80))]
+    #[pyo3(signature = (dev_a, dev_b, *, netns_a=None, netns_b=None, params="", mtu=1500, txqueuelen=1000, spin_us=80, realtime=0))]
     #[allow(clippy::too_many_arguments)]
     fn start(
         py: Python<'_>,
@@ -86,6 +88,7 @@ impl PyLinkem {
         mtu: u32,
         txqueuelen: u32,
         spin_us: u64,
+        realtime: u8,
     ) -> PyResult<PyLinkem> {
         let (ab, ba) = parse_duplex(params).map_err(param_err)?;
         let mut cfg = LinkemConfig::new(dev_a, dev_b);
@@ -96,6 +99,7 @@ impl PyLinkem {
         cfg.mtu = mtu;
         cfg.txqueuelen = txqueuelen;
         cfg.spin = Duration::from_micros(spin_us);
+        cfg.realtime_priority = realtime;
         let link = py.detach(|| Linkem::start(cfg)).map_err(io_err)?;
         Ok(PyLinkem { inner: Some(link) })
     }

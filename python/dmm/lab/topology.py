@@ -122,7 +122,8 @@ class Lab:
     ``perfect``; nodes ``server`` and ``client``), a topology (``filesync``:
     nodes ``server``, ``internet``, ``inter-dc``, ``intra-dc``) or
     ``custom``/None (only ``params``). ``params`` is added to every link.
-    Needs root (CAP_NET_ADMIN).
+    ``realtime`` > 0 runs the relay threads under SCHED_FIFO at that
+    priority (exact delays on a busy machine). Needs root (CAP_NET_ADMIN).
     """
 
     def __init__(
@@ -132,12 +133,14 @@ class Lab:
         *,
         tag: str | None = None,
         mtu: int = 1500,
+        realtime: int = 0,
     ) -> None:
         self.topology = Topology.from_profile(profile, params)
         self.tag = tag or secrets.token_hex(3)
         if not (self.tag.isalnum() and len(self.tag) <= 8):
             raise ValueError(f"tag must be at most 8 letters or digits, got {self.tag!r}")
         self.mtu = mtu
+        self.realtime = realtime
         self._links: dict[str, Any] = {}
         self._netns: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
@@ -177,7 +180,8 @@ class Lab:
                 client_ns = self.netns(plan.name)
                 dev_c, dev_s = self.devices(plan.name)
                 self._links[plan.name] = Linkem.start(
-                    dev_c, dev_s, netns_a=client_ns, netns_b=server_ns, params=plan.params, mtu=self.mtu
+                    dev_c, dev_s, netns_a=client_ns, netns_b=server_ns, params=plan.params, mtu=self.mtu,
+                    realtime=self.realtime,
                 )
                 nsu.ip("addr", "add", f"{plan.client_address}/24", "dev", dev_c, netns=client_ns)
                 nsu.ip("addr", "add", f"{plan.server_address}/24", "dev", dev_s, netns=server_ns)

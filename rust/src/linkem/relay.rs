@@ -22,6 +22,7 @@ use std::collections::BinaryHeap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,11 @@ pub struct LinkemConfig {
     pub max_in_flight: usize,
     /// How long before a deadline the thread stops sleeping and busy-polls.
     pub spin: Duration,
+    /// Run the relay threads under SCHED_FIFO with this priority (1-99);
+    /// 0 keeps normal scheduling. Real-time priority keeps delays exact when
+    /// the CPUs are busy (other threads cannot preempt the relay), at the
+    /// price of starving them while the relay is busy.
+    pub realtime_priority: u8,
 }
 
 impl LinkemConfig {
@@ -88,6 +94,7 @@ impl LinkemConfig {
             txqueuelen: 1000,
             max_in_flight: 200_000,
             spin: Duration::from_micros(80),
+            realtime_priority: 0,
         }
     }
 }
@@ -436,11 +443,26 @@ impl Linkem {
             };
             let name = format!("linkem-{}", if d == Direction::AtoB { "ab" } else { "ba" });
             // If the second spawn fails, `link`'s Drop stops the first thread.
-            link.threads.push(
-                std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || w.run())?,
-            );
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || w.run())?;
+            let pthread = t.as_pthread_t();
+            link.threads.push(t);
+            if cfg.realtime_priority > 0 {
+                let prio = cfg.realtime_priority.min(99) as libc::c_int;
+                let param = libc::sched_param {
+                    sched_priority: prio,
+                };
+                // SAFETY: the thread is alive (joined only in stop); param outlives the call.
+                let r = unsafe { libc::pthread_setschedparam(pthread, libc::SCHED_FIFO, &param) };
+                if r != 0 {
+                    let e = io::Error::from_raw_os_error(r);
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("SCHED_FIFO for the relay: {e}"),
+                    ));
+                }
+            }
         }
         Ok(link)
     }
