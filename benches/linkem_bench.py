@@ -170,6 +170,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each bulk transfer")
     ap.add_argument("--runs", type=int, default=3, help="bulk runs per setup (best and median reported)")
     ap.add_argument("--out", default=str(HERE / "results" / "linkem.md"))
+    ap.add_argument("--devices", default="tap,veth", help="device mechanisms to compare")
     ap.add_argument("--realtime", type=int, default=10,
                     help="SCHED_FIFO priority for the second set of runs (0: skip them)")
     args = ap.parse_args()
@@ -183,7 +184,8 @@ def main() -> int:
     say(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; kernel {platform.release()}; "
         f"{os.cpu_count()} CPUs (shared with other work; load average {load[0]:.2f} at start); "
         f"Python {platform.python_version()} sender and receiver. "
-        f"Device mechanism: two TAP devices, one relay thread per direction.\n")
+        "Device mechanisms: tap = two TAP devices; veth = veth pairs read and written with AF_PACKET "
+        "sockets (kernel receive timestamps). One relay thread per direction.\n")
 
     # 1. Ceiling.
     say("## 1. Ceiling, no impairment (TCP bulk, client -> server, 1514-byte frames)\n")
@@ -196,9 +198,9 @@ def main() -> int:
             veth_runs.append(g)
             say(f"| veth pair (kernel, baseline) | {i + 1} | {g:.2f} | - | - | - |")
     emu_runs = []
-    for rt in sorted({0, args.realtime}):
-        label = f"emulator, SCHED_FIFO {rt}" if rt else "emulator"
-        with Lab("perfect", realtime=rt) as lab:
+    for dev, rt in [(d, r) for d in args.devices.split(",") for r in sorted({0, args.realtime})]:
+        label = f"emulator ({dev}), SCHED_FIFO {rt}" if rt else f"emulator ({dev})"
+        with Lab("perfect", realtime=rt, device=dev) as lab:
             for i in range(args.runs):
                 lab.reset_stats()
                 cpu0, t0 = relay_cpu_seconds(), time.monotonic()
@@ -222,36 +224,42 @@ def main() -> int:
     say("## 2. Delay accuracy (delay 10 ms each way)\n")
     say("Lateness = time the relay wrote a frame minus the release time its model computed "
         "(arrival + queueing + serialization + delay), per frame, from the relay's own clock; "
-        "1 us buckets, so '1' means under 1 us. Measured while a TCP transfer fills the rate limit.\n")
-    say("| rate limit | relay scheduling | direction | frames | lateness p50 us | p99 us | max us | mean us "
+        "1 us buckets, so '1' means under 1 us. Measured while a TCP transfer fills the rate limit. "
+        "Arrival is when the relay read the frame (tap) or when the kernel received it (veth, "
+        "SO_TIMESTAMPNS): so for veth the lateness also contains the time a frame waited in the "
+        "socket before the relay read it, which for tap is invisible (and not corrected).\n")
+    say("| rate limit | device | relay scheduling | direction | frames | lateness p50 us | p99 us | max us | mean us "
         "| goodput Mbit/s |")
-    say("|---|---|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|---|---|---|")
     ping_rows = []
     for rate in ["100mbit", "1gbit"]:
-        for rt in sorted({0, args.realtime}):
+        for dev, rt in [(d, r) for d in args.devices.split(",") for r in sorted({0, args.realtime})]:
             sched = f"SCHED_FIFO {rt}" if rt else "normal"
-            with Lab(None, f"delay=10ms,rate={rate},queue=1bdp", realtime=rt) as lab:
+            with Lab(None, f"delay=10ms,rate={rate},queue=1bdp", realtime=rt, device=dev) as lab:
                 rtts = ping(lab)
                 lab.reset_stats()
                 g = bulk(lab, args.seconds)
                 st = lab.stats()["client"]
                 for d in ("up", "down"):
                     s = st[d]
-                    say(f"| {rate} | {sched} | {d} | {s['frames_out']:,} | {s['late_p50_us']:.0f} | "
+                    say(f"| {rate} | {dev} | {sched} | {d} | {s['frames_out']:,} | {s['late_p50_us']:.0f} | "
                         f"{s['late_p99_us']:.0f} | {s['late_max_us']:.0f} | {s['late_mean_us']:.2f} | "
                         f"{g * 1000 if d == 'up' else 0:.0f} |")
-                ping_rows.append((f"{rate}, {sched}", rtts))
+                ping_rows.append((f"{rate}, {dev}, {sched}", rtts))
     with Veth() as veth:
         base = ping(veth)
-    with Lab("perfect") as lab:
-        zero = ping(lab)
+    zero = {}
+    for dev in args.devices.split(","):
+        with Lab("perfect", device=dev) as lab:
+            zero[dev] = ping(lab)
     say("")
     say("UDP ping on the idle link (Python client and echo server, 400 probes), "
         "error = RTT - 2 x 10 ms:\n")
     say("| link | RTT p50 ms | RTT p99 ms | error p50 ms | error p99 ms | lost |")
     say("|---|---|---|---|---|---|")
     say(f"| veth pair (baseline) | {pct(base, .5):.3f} | {pct(base, .99):.3f} | - | - | {400 - len(base)} |")
-    say(f"| emulator, no delay | {pct(zero, .5):.3f} | {pct(zero, .99):.3f} | - | - | {400 - len(zero)} |")
+    for dev, z in zero.items():
+        say(f"| emulator ({dev}), no delay | {pct(z, .5):.3f} | {pct(z, .99):.3f} | - | - | {400 - len(z)} |")
     for rate, rtts in ping_rows:
         err = [r - 20.0 for r in rtts]
         say(f"| emulator, 10 ms, {rate} | {pct(rtts, .5):.3f} | {pct(rtts, .99):.3f} | "

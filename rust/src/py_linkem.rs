@@ -74,9 +74,11 @@ impl PyLinkem {
     /// and starts relaying. `params` is the compact form for both directions
     /// (`ab.`/`ba.` prefixes for one), e.g. "delay=40ms,loss=1%,rate=100mbit".
     /// `spin_us`: busy-poll this long before each release; `realtime`:
-    /// SCHED_FIFO priority of the relay threads (0 = normal scheduling).
+    /// SCHED_FIFO priority of the relay threads (0 = normal scheduling);
+    /// `device`: "tap" (two TAP devices) or "veth" (veth pairs whose other
+    /// ends, named `<dev>r`, stay here and are read with AF_PACKET).
     #[staticmethod]
-    #[pyo3(signature = (dev_a, dev_b, *, netns_a=None, netns_b=None, params="", mtu=1500, txqueuelen=1000, spin_us=80, realtime=0))]
+    #[pyo3(signature = (dev_a, dev_b, *, netns_a=None, netns_b=None, params="", mtu=1500, txqueuelen=1000, spin_us=80, realtime=0, device="tap"))]
     #[allow(clippy::too_many_arguments)]
     fn start(
         py: Python<'_>,
@@ -89,6 +91,7 @@ impl PyLinkem {
         txqueuelen: u32,
         spin_us: u64,
         realtime: u8,
+        device: &str,
     ) -> PyResult<PyLinkem> {
         let (ab, ba) = parse_duplex(params).map_err(param_err)?;
         let mut cfg = LinkemConfig::new(dev_a, dev_b);
@@ -100,6 +103,7 @@ impl PyLinkem {
         cfg.txqueuelen = txqueuelen;
         cfg.spin = Duration::from_micros(spin_us);
         cfg.realtime_priority = realtime;
+        cfg.device = device.parse().map_err(PyValueError::new_err)?;
         let link = py.detach(|| Linkem::start(cfg)).map_err(io_err)?;
         Ok(PyLinkem { inner: Some(link) })
     }

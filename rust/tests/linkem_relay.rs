@@ -4,7 +4,7 @@
 //! without running. Each test makes its own namespaces with unique names and
 //! removes them, also when it fails (the guard's Drop).
 
-use dmm::linkem::{parse_duplex, Direction, Linkem, LinkemConfig, Params};
+use dmm::linkem::{parse_duplex, DeviceKind, Direction, Linkem, LinkemConfig, Params};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -66,8 +66,13 @@ impl Net {
     }
 
     fn start(&self, params: &str) -> Linkem {
+        self.start_with(params, DeviceKind::Tap)
+    }
+
+    fn start_with(&self, params: &str, device: DeviceKind) -> Linkem {
         let (ab, ba) = parse_duplex(params).unwrap();
         let mut cfg = LinkemConfig::new(&self.dev[0], &self.dev[1]);
+        cfg.device = device;
         cfg.netns_a = Some(self.ns[0].clone());
         cfg.netns_b = Some(self.ns[1].clone());
         cfg.params_ab = ab;
@@ -202,8 +207,18 @@ fn median(v: &mut [Duration]) -> Duration {
 #[test]
 fn perfect_link_relays_both_ways() {
     need_root!();
+    perfect_link(DeviceKind::Tap);
+}
+
+#[test]
+fn veth_perfect_link_relays_both_ways() {
+    need_root!();
+    perfect_link(DeviceKind::VethPacket);
+}
+
+fn perfect_link(kind: DeviceKind) {
     let net = Net::new();
-    let link = net.start("");
+    let link = net.start_with("", kind);
     let mut rtts = udp_ping(&net, 200, Duration::from_millis(1));
     assert!(rtts.len() == 200, "only {} of 200 came back", rtts.len());
     assert!(
@@ -222,8 +237,18 @@ fn perfect_link_relays_both_ways() {
 #[test]
 fn delay_and_loss_show_up() {
     need_root!();
+    delay_and_loss(DeviceKind::Tap);
+}
+
+#[test]
+fn veth_delay_and_loss_show_up() {
+    need_root!();
+    delay_and_loss(DeviceKind::VethPacket);
+}
+
+fn delay_and_loss(kind: DeviceKind) {
     let net = Net::new();
-    let link = net.start("delay=20ms,ab.loss=10%,seed=3");
+    let link = net.start_with("delay=20ms,ab.loss=10%,seed=3", kind);
     let mut rtts = udp_ping(&net, 400, Duration::from_millis(2));
     let m = median(&mut rtts);
     assert!(
@@ -294,4 +319,40 @@ fn stop_removes_devices_and_errors_are_clean() {
     );
     let e = Linkem::start(LinkemConfig::new("this-name-is-too-long", "x")).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn veth_pairs_are_deleted() {
+    need_root!();
+    let net = Net::new();
+    let mut link = net.start_with("", DeviceKind::VethPacket);
+    let here = format!("{}r", net.dev[0]);
+    assert!(Command::new("ip")
+        .args(["link", "show", &here])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    link.stop();
+    for dev in [format!("{}r", net.dev[0]), format!("{}r", net.dev[1])] {
+        let out = Command::new("ip")
+            .args(["link", "show", &dev])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{dev} still there after stop");
+    }
+    // A failed start (second namespace missing) removes the first pair too.
+    let mut cfg = LinkemConfig::new(&net.dev[0], &net.dev[1]);
+    cfg.device = DeviceKind::VethPacket;
+    cfg.netns_a = Some(net.ns[0].clone());
+    cfg.netns_b = Some("lkt-no-such-ns".into());
+    assert!(Linkem::start(cfg).is_err());
+    let out = Command::new("ip")
+        .args(["link", "show", &here])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{here} left behind after a failed start"
+    );
 }

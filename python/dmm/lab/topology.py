@@ -123,7 +123,8 @@ class Lab:
     nodes ``server``, ``internet``, ``inter-dc``, ``intra-dc``) or
     ``custom``/None (only ``params``). ``params`` is added to every link.
     ``realtime`` > 0 runs the relay threads under SCHED_FIFO at that
-    priority (exact delays on a busy machine). Needs root (CAP_NET_ADMIN).
+    priority (exact delays on a busy machine). ``device`` is ``tap`` or
+    ``veth`` (see ``dmm._core.Linkem.start``). Needs root (CAP_NET_ADMIN).
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class Lab:
         tag: str | None = None,
         mtu: int = 1500,
         realtime: int = 0,
+        device: str = "tap",
     ) -> None:
         self.topology = Topology.from_profile(profile, params)
         self.tag = tag or secrets.token_hex(3)
@@ -141,6 +143,7 @@ class Lab:
             raise ValueError(f"tag must be at most 8 letters or digits, got {self.tag!r}")
         self.mtu = mtu
         self.realtime = realtime
+        self.device = device
         self._links: dict[str, Any] = {}
         self._netns: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
@@ -156,6 +159,7 @@ class Lab:
     def devices(self, link: str) -> tuple[str, str]:
         """The TAP devices of ``link``: (client side, server side)."""
         plan = self._plan(link)
+        # At most 14 bytes: the veth backend appends 'r' for its own end.
         return f"lk{self.tag}{plan.index}c", f"lk{self.tag}{plan.index}s"
 
     def start(self) -> "Lab":
@@ -181,7 +185,7 @@ class Lab:
                 dev_c, dev_s = self.devices(plan.name)
                 self._links[plan.name] = Linkem.start(
                     dev_c, dev_s, netns_a=client_ns, netns_b=server_ns, params=plan.params, mtu=self.mtu,
-                    realtime=self.realtime,
+                    realtime=self.realtime, device=self.device,
                 )
                 nsu.ip("addr", "add", f"{plan.client_address}/24", "dev", dev_c, netns=client_ns)
                 nsu.ip("addr", "add", f"{plan.server_address}/24", "dev", dev_s, netns=server_ns)

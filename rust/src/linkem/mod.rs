@@ -4,7 +4,9 @@
 //! - [`params`]: what one direction does to frames, with a compact text form;
 //! - [`impair`]: the sans-IO pipeline (loss, duplication, queue, rate, delay),
 //!   deterministic for a seed and tested under a virtual clock;
-//! - [`relay`]: the driver that moves Ethernet frames between two TAP devices,
+//! - [`device`]: the two ways to attach to the namespaces (TAP devices, or
+//!   veth pairs read with AF_PACKET sockets), their setup and cleanup;
+//! - [`relay`]: the driver that moves Ethernet frames between the two ends,
 //!   one thread per direction, and the public [`Linkem`] handle.
 //!
 //! ```no_run
@@ -23,9 +25,11 @@
 //! Not supported: rate limits per packet rather than per byte, corruption,
 //! slotting, loss correlated with time rather than frame order.
 
+pub mod device;
 pub mod impair;
 pub mod params;
 pub mod relay;
 
+pub use device::DeviceKind;
 pub use params::{parse_duplex, ParamError, Params};
 pub use relay::{DirStats, Direction, Linkem, LinkemConfig, Stats};

@@ -16,14 +16,13 @@
 //! `spin` before the next deadline and then polls the ingress fd in a busy
 //! loop, which also keeps reading new frames meanwhile.
 
+use super::device::{self, Cleanup, DeviceKind};
 use super::impair::{DropReason, Impairment, Nanos, Verdict};
 use super::params::{ParamError, Params};
 use std::collections::BinaryHeap;
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -78,6 +77,8 @@ pub struct LinkemConfig {
     /// the CPUs are busy (other threads cannot preempt the relay), at the
     /// price of starving them while the relay is busy.
     pub realtime_priority: u8,
+    /// TAP devices or veth pairs with AF_PACKET sockets.
+    pub device: DeviceKind,
 }
 
 impl LinkemConfig {
@@ -95,6 +96,7 @@ impl LinkemConfig {
             max_in_flight: 200_000,
             spin: Duration::from_micros(80),
             realtime_priority: 0,
+            device: DeviceKind::Tap,
         }
     }
 }
@@ -286,6 +288,7 @@ pub struct Linkem {
     threads: Vec<JoinHandle<()>>,
     dev_a: String,
     dev_b: String,
+    cleanup: Cleanup,
 }
 
 impl std::fmt::Debug for Linkem {
@@ -312,74 +315,6 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Opens a new non-persistent TAP device without packet-info header and
-/// without offloads (so frames are complete and at most MTU-sized).
-fn open_tap(name: &str) -> io::Result<OwnedFd> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad device name '{name}' (1-15 bytes, no '/' or spaces)"),
-        ));
-    }
-    let path = CString::new("/dev/net/tun").expect("no NUL in literal");
-    // SAFETY: path is a valid C string.
-    let fd = cvt(unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: fd was just opened and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // struct ifreq: 16-byte name, then the flags (short) in a 24-byte union.
-    let mut ifr = [0u8; 40];
-    ifr[..name.len()].copy_from_slice(name.as_bytes());
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: ifr is a 40-byte ifreq that outlives the call.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) })
-        .map_err(|e| io::Error::new(e.kind(), format!("creating TAP device '{name}': {e}")))?;
-    // SAFETY: TUNSETOFFLOAD takes an integer argument by value.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
-    Ok(fd)
-}
-
-/// Runs `ip ARGS...`; a failure becomes an error carrying ip's message.
-fn ip(args: &[&str]) -> io::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running 'ip' (iproute2): {e}")))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(io::Error::other(format!(
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
-}
-
-fn place(dev: &str, netns: Option<&str>, mtu: u32, qlen: u32) -> io::Result<()> {
-    ip(&[
-        "link",
-        "set",
-        "dev",
-        dev,
-        "mtu",
-        &mtu.to_string(),
-        "txqueuelen",
-        &qlen.to_string(),
-    ])?;
-    match netns {
-        Some(ns) => {
-            ip(&["link", "set", "dev", dev, "netns", ns])?;
-            ip(&["-n", ns, "link", "set", "dev", dev, "up"])
-        }
-        None => ip(&["link", "set", "dev", dev, "up"]),
-    }
-}
-
 fn params_err(e: ParamError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e.0)
 }
@@ -404,10 +339,14 @@ impl Linkem {
                 "dev_a and dev_b must differ",
             ));
         }
-        let tap_a = Arc::new(open_tap(&cfg.dev_a)?);
-        let tap_b = Arc::new(open_tap(&cfg.dev_b)?);
-        place(&cfg.dev_a, cfg.netns_a.as_deref(), cfg.mtu, cfg.txqueuelen)?;
-        place(&cfg.dev_b, cfg.netns_b.as_deref(), cfg.mtu, cfg.txqueuelen)?;
+        let (fd_a, fd_b, timestamps, cleanup) = device::open(
+            cfg.device,
+            [&cfg.dev_a, &cfg.dev_b],
+            [cfg.netns_a.as_deref(), cfg.netns_b.as_deref()],
+            cfg.mtu,
+            cfg.txqueuelen,
+        )?;
+        let (tap_a, tap_b) = (Arc::new(fd_a), Arc::new(fd_b));
         let dir = |p: &Params| -> io::Result<DirShared> {
             Ok(DirShared {
                 params: Mutex::new(p.clone()),
@@ -425,6 +364,7 @@ impl Linkem {
             threads: Vec::new(),
             dev_a: cfg.dev_a.clone(),
             dev_b: cfg.dev_b.clone(),
+            cleanup,
         };
         let origin = Instant::now();
         for (d, rx, tx) in [
@@ -440,6 +380,7 @@ impl Linkem {
                 buf_len: cfg.mtu as usize + 64,
                 max_in_flight: cfg.max_in_flight,
                 spin: cfg.spin.as_nanos() as Nanos,
+                timestamps,
             };
             let name = format!("linkem-{}", if d == Direction::AtoB { "ab" } else { "ba" });
             // If the second spawn fails, `link`'s Drop stops the first thread.
@@ -520,6 +461,9 @@ impl Linkem {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // The threads held the last references to the fds: TAP devices are
+        // gone now; veth pairs need deleting.
+        self.cleanup.run();
     }
 }
 
@@ -564,13 +508,42 @@ struct Worker {
     buf_len: usize,
     max_in_flight: usize,
     spin: Nanos,
+    timestamps: bool,
+}
+
+/// How long ago (ns, on CLOCK_REALTIME, as SO_TIMESTAMPNS stamps) the
+/// kernel received the frame `msg` came with; 0 without a stamp or with one
+/// more than 100 ms old, so a clock step cannot move a frame's clock far.
+fn kernel_wait(msg: &libc::msghdr) -> Nanos {
+    // SAFETY: msg was filled by recvmsg; the CMSG macros stay inside msg_control.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                let mut now: libc::timespec = std::mem::zeroed();
+                libc::clock_gettime(libc::CLOCK_REALTIME, &mut now);
+                let ns = |t: &libc::timespec| t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128;
+                let waited = ns(&now) - ns(&ts);
+                // Implausible (clock stepped, or a stamp on another clock): ignore it.
+                return if (0..100_000_000).contains(&waited) {
+                    waited as Nanos
+                } else {
+                    0
+                };
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    0
 }
 
 /// Frames read per turn before due frames are looked at again.
 const READ_BATCH: usize = 64;
 
 enum Read {
-    Frame(Vec<u8>),
+    /// A frame, and how long (ns) it waited in the kernel before we read it.
+    Frame(Vec<u8>, Nanos),
     Empty(Vec<u8>),
     Error,
 }
@@ -580,16 +553,40 @@ impl Worker {
         self.origin.elapsed().as_nanos() as Nanos
     }
 
+    /// Reads one frame. With kernel timestamps, also returns how long ago
+    /// (ns) the frame reached the device, so its delay can start then.
     fn read_frame(&self, fd: RawFd, mut buf: Vec<u8>) -> Read {
         buf.clear();
         buf.reserve(self.buf_len);
+        // Room for one SCM_TIMESTAMPNS message, 8-byte aligned.
+        let mut control = [0u64; 8];
         loop {
-            // SAFETY: reads at most the buffer's spare capacity into it.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.capacity()) };
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.capacity(),
+            };
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            let n = if self.timestamps {
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of_val(&control);
+                // SAFETY: msg points at live buffers of the stated sizes.
+                unsafe { libc::recvmsg(fd, &mut msg, 0) }
+            } else {
+                // SAFETY: reads at most the buffer's spare capacity into it.
+                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.capacity()) }
+            };
             if n > 0 {
                 // SAFETY: the kernel initialised the first n bytes.
                 unsafe { buf.set_len(n as usize) };
-                return Read::Frame(buf);
+                let waited = if self.timestamps {
+                    kernel_wait(&msg)
+                } else {
+                    0
+                };
+                return Read::Frame(buf, waited);
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -641,6 +638,7 @@ impl Worker {
         let mut pool: Vec<Vec<u8>> = Vec::new();
         let mut seq: u64 = 0;
         let mut rx_failed_at: Option<Nanos> = None;
+        let mut last_arrival: Nanos = 0;
 
         while !self.shared.stop.load(Ordering::Acquire) {
             let g = ds.generation.load(Ordering::Acquire);
@@ -677,8 +675,8 @@ impl Worker {
                 rx_failed_at = None;
                 while got < READ_BATCH {
                     let buf = pool.pop().unwrap_or_default();
-                    let frame = match self.read_frame(rx, buf) {
-                        Read::Frame(f) => f,
+                    let (frame, waited) = match self.read_frame(rx, buf) {
+                        Read::Frame(f, waited) => (f, waited),
                         Read::Empty(b) => {
                             pool.push(b);
                             break;
@@ -690,7 +688,10 @@ impl Worker {
                         }
                     };
                     got += 1;
-                    let now = self.now();
+                    // The frame's clock starts when it reached the device,
+                    // when the kernel told us; never before the last one's.
+                    let now = self.now().saturating_sub(waited).max(last_arrival);
+                    last_arrival = now;
                     let len = frame.len();
                     Counters::add(&c.frames_in, 1);
                     Counters::add(&c.bytes_in, len as u64);
