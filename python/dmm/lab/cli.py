@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    lab = Lab(args.profile, args.params)
+    lab = Lab(args.profile, args.params, realtime=args.realtime, device=args.device)
     try:
         lab.start()
         sock_path.unlink(missing_ok=True)
@@ -164,7 +164,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     state_path, _, log_path = _paths(args.name)
     state_path.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "dmm.lab.cli", "lab", "serve", args.profile, "--name", args.name]
+    argv = [sys.executable, "-m", "dmm.lab.cli", "lab", "serve", args.profile, "--name", args.name,
+            "--realtime", str(args.realtime), "--device", args.device]
     if args.params:
         argv += ["--params", args.params]
     with open(log_path, "w") as log:
@@ -209,7 +210,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     # The daemon removes these itself; after a SIGKILL or a crash it cannot.
     for info in state["nodes"].values():
         nsu.delete_netns(info["netns"])
-    for path in _paths(args.name)[:2]:
+    for path in _paths(args.name):
         path.unlink(missing_ok=True)
     print(f"lab {args.name} down")
     return 0
@@ -275,9 +276,13 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("profile", help="internet, inter-dc, intra-dc, perfect, filesync or custom")
     up.add_argument("--params", help="link parameters added to the profile, e.g. 'delay=5ms,loss=0'")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lab")
+    for p in (up, serve := sub.add_parser("serve", help="run a lab in the foreground (what 'up' starts)")):
+        p.add_argument("--realtime", type=int, default=0,
+                       help="SCHED_FIFO priority of the relay threads (0: normal scheduling)")
+        p.add_argument("--device", choices=["tap", "veth"], default="tap", help="emulator device mechanism")
     up.set_defaults(func=cmd_up)
 
-    serve = named(sub.add_parser("serve", help="run a lab in the foreground (what 'up' starts)"))
+    named(serve)
     serve.add_argument("profile")
     serve.add_argument("--params")
     serve.set_defaults(func=cmd_serve)
