@@ -515,6 +515,197 @@ struct Worker {
     timestamps: bool,
 }
 
+/// Frames read per turn with one syscall per frame (TAP) before due frames
+/// are looked at again; small, so a burst cannot hold releases back long.
+const READ_BATCH_SINGLE: usize = 8;
+/// Frames per recvmmsg call on a packet socket.
+const READ_BATCH_MMSG: usize = 32;
+
+impl Worker {
+    fn now(&self) -> Nanos {
+        self.origin.elapsed().as_nanos() as Nanos
+    }
+
+    fn wait(&self, rx: RawFd, wake: RawFd, timeout: Option<Nanos>) {
+        let mut fds = [
+            libc::pollfd {
+                fd: rx,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Without a deadline, still wake now and then: cheap insurance.
+        let t = timeout.unwrap_or(200_000_000);
+        let ts = libc::timespec {
+            tv_sec: (t / 1_000_000_000) as libc::time_t,
+            tv_nsec: (t % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: fds and ts are live for the call; no signal mask change.
+        unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+    }
+
+    /// Writes the due frames; returns them to the pool.
+    fn send(&self, port: &mut Port, tx: RawFd, due: &mut Vec<Pending>, pool: &mut Vec<Vec<u8>>) {
+        let c = &self.shared.dirs[self.dir].counters;
+        if port.batched {
+            let now = self.now();
+            for p in due.iter() {
+                c.record_late(now - p.release);
+            }
+            let (sent, bytes) = port.send_batch(tx, due);
+            Counters::add(&c.frames_out, sent as u64);
+            Counters::add(&c.bytes_out, bytes as u64);
+            Counters::add(&c.tx_errors, (due.len() - sent) as u64);
+        } else {
+            for p in due.iter() {
+                // Stamp each write: a burst of single writes takes a while.
+                c.record_late(self.now() - p.release);
+                if port.send_one(tx, &p.buf) {
+                    Counters::add(&c.frames_out, 1);
+                    Counters::add(&c.bytes_out, p.buf.len() as u64);
+                } else {
+                    Counters::add(&c.tx_errors, 1);
+                }
+            }
+        }
+        pool.extend(due.drain(..).map(|p| p.buf));
+    }
+
+    fn run(self) {
+        // Sleeps end within ~1 us of their deadline instead of the default
+        // 50 us slack; the spin phase covers the wake-up latency.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+        let ds = &self.shared.dirs[self.dir];
+        let c = &ds.counters;
+        let (rx, tx, wake) = (
+            self.rx.as_raw_fd(),
+            self.tx.as_raw_fd(),
+            ds.wake.as_raw_fd(),
+        );
+        // Packet sockets (the ones with timestamps) take batches; TAPs do not.
+        let mut rx_port = Port::new(self.timestamps, self.buf_len);
+        let mut tx_port = Port::new(self.timestamps, self.buf_len);
+        let batch = if self.timestamps {
+            READ_BATCH_MMSG
+        } else {
+            READ_BATCH_SINGLE
+        };
+        let mut generation = ds.generation.load(Ordering::Acquire);
+        let mut imp = Impairment::new(ds.params.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let mut heap: BinaryHeap<Pending> = BinaryHeap::new();
+        let mut pool: Vec<Vec<u8>> = Vec::new();
+        let mut frames: Vec<(Vec<u8>, Nanos)> = Vec::with_capacity(READ_BATCH_MMSG);
+        let mut due: Vec<Pending> = Vec::new();
+        let mut seq: u64 = 0;
+        let mut rx_failed_at: Option<Nanos> = None;
+        let mut last_arrival: Nanos = 0;
+
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let g = ds.generation.load(Ordering::Acquire);
+            if g != generation {
+                generation = g;
+                imp.set_params(ds.params.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            }
+
+            // Send every frame that is due (again if more fell due meanwhile).
+            loop {
+                let now = self.now();
+                while heap.peek().is_some_and(|p| p.release <= now) {
+                    due.push(heap.pop().expect("peeked"));
+                }
+                if due.is_empty() {
+                    break;
+                }
+                self.send(&mut tx_port, tx, &mut due, &mut pool);
+            }
+
+            // Read what is waiting. A failing device (e.g. brought down) is
+            // retried every 10 ms, not in a hot loop.
+            if rx_failed_at.is_some_and(|t| self.now() < t + 10_000_000) {
+                let now = self.now();
+                let next = heap
+                    .peek()
+                    .map_or(1_000_000, |p| p.release.saturating_sub(now));
+                if next > self.spin {
+                    self.wait(-1, wake, Some((next - self.spin).min(1_000_000)));
+                }
+                continue;
+            }
+            rx_failed_at = None;
+            match rx_port.recv(rx, batch, &mut pool, &mut frames) {
+                Recv::Frames => {}
+                Recv::Empty => {}
+                Recv::Error => {
+                    Counters::add(&c.rx_errors, 1);
+                    rx_failed_at = Some(self.now());
+                }
+            }
+            let got = frames.len();
+            for (frame, waited) in frames.drain(..) {
+                // The frame's clock starts when it reached the device, when
+                // the kernel told us; never before the previous frame's.
+                let now = self.now().saturating_sub(waited).max(last_arrival);
+                last_arrival = now;
+                let len = frame.len();
+                Counters::add(&c.frames_in, 1);
+                Counters::add(&c.bytes_in, len as u64);
+                let d = imp.on_frame(now, len);
+                let copy = match d.duplicate {
+                    Some(Verdict::Release(_)) => {
+                        Counters::add(&c.duplicated, 1);
+                        Some(frame.clone())
+                    }
+                    _ => None,
+                };
+                let mut keep = |v: Verdict, buf: Vec<u8>| match v {
+                    Verdict::Release(t) if heap.len() < self.max_in_flight => {
+                        seq += 1;
+                        heap.push(Pending {
+                            release: t,
+                            seq,
+                            buf,
+                        });
+                    }
+                    Verdict::Release(_) => {
+                        Counters::add(&c.dropped_overflow, 1);
+                        pool.push(buf);
+                    }
+                    Verdict::Drop(r) => {
+                        let ctr = match r {
+                            DropReason::Loss => &c.dropped_loss,
+                            DropReason::Queue => &c.dropped_queue,
+                        };
+                        Counters::add(ctr, 1);
+                        pool.push(buf);
+                    }
+                };
+                keep(d.frame, frame);
+                if let (Some(v), Some(b)) = (d.duplicate, copy) {
+                    keep(v, b);
+                }
+            }
+            if got > 0 {
+                continue;
+            }
+
+            // Nothing to read: sleep until shortly before the next deadline,
+            // or spin when it is close.
+            let now = self.now();
+            match heap.peek().map(|p| p.release) {
+                Some(t) if t <= now + self.spin => std::hint::spin_loop(),
+                Some(t) => self.wait(rx, wake, Some(t - now - self.spin)),
+                None => self.wait(rx, wake, None),
+            }
+        }
+    }
+}
+
 /// How long ago (ns, on CLOCK_REALTIME, as SO_TIMESTAMPNS stamps) the
 /// kernel received the frame `msg` came with; 0 without a stamp or with one
 /// more than 100 ms old, so a clock step cannot move a frame's clock far.
@@ -542,215 +733,185 @@ fn kernel_wait(msg: &libc::msghdr) -> Nanos {
     0
 }
 
-/// Frames read per turn before due frames are looked at again.
-const READ_BATCH: usize = 64;
-
-enum Read {
-    /// A frame, and how long (ns) it waited in the kernel before we read it.
-    Frame(Vec<u8>, Nanos),
-    Empty(Vec<u8>),
+enum Recv {
+    Frames,
+    Empty,
     Error,
 }
 
-impl Worker {
-    fn now(&self) -> Nanos {
-        self.origin.elapsed().as_nanos() as Nanos
-    }
+/// Per-thread scratch space for reading and writing frames on one end:
+/// one syscall per frame (TAP), or recvmmsg/sendmmsg batches with kernel
+/// timestamps (packet sockets). Holds raw pointers only during a call, but
+/// its `mmsghdr`s make it `!Send`, so each thread builds its own.
+struct Port {
+    batched: bool,
+    buf_len: usize,
+    hdrs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    ctrl: Vec<[u64; 8]>,
+    bufs: Vec<Vec<u8>>,
+}
 
-    /// Reads one frame. With kernel timestamps, also returns how long ago
-    /// (ns) the frame reached the device, so its delay can start then.
-    fn read_frame(&self, fd: RawFd, mut buf: Vec<u8>) -> Read {
-        buf.clear();
-        buf.reserve(self.buf_len);
-        // Room for one SCM_TIMESTAMPNS message, 8-byte aligned.
-        let mut control = [0u64; 8];
-        loop {
-            let mut iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.capacity(),
-            };
-            // SAFETY: msghdr is plain data; all-zero is valid.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            let n = if self.timestamps {
-                msg.msg_control = control.as_mut_ptr().cast();
-                msg.msg_controllen = std::mem::size_of_val(&control);
-                // SAFETY: msg points at live buffers of the stated sizes.
-                unsafe { libc::recvmsg(fd, &mut msg, 0) }
-            } else {
-                // SAFETY: reads at most the buffer's spare capacity into it.
-                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.capacity()) }
-            };
-            if n > 0 {
-                // SAFETY: the kernel initialised the first n bytes.
-                unsafe { buf.set_len(n as usize) };
-                let waited = if self.timestamps {
-                    kernel_wait(&msg)
-                } else {
-                    0
-                };
-                return Read::Frame(buf, waited);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Read::Empty(buf),
-                _ => return Read::Error,
-            }
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+impl Port {
+    fn new(batched: bool, buf_len: usize) -> Port {
+        let n = if batched { READ_BATCH_MMSG.max(256) } else { 0 };
+        Port {
+            batched,
+            buf_len,
+            // SAFETY: mmsghdr and iovec are plain data; all-zero is valid.
+            hdrs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            iovs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            ctrl: vec![[0u64; 8]; n],
+            bufs: Vec::new(),
         }
     }
 
-    fn wait(&self, rx: RawFd, wake: RawFd, timeout: Option<Nanos>) {
-        let mut fds = [
-            libc::pollfd {
-                fd: rx,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // Without a deadline, still wake now and then: cheap insurance.
-        let t = timeout.unwrap_or(200_000_000);
-        let ts = libc::timespec {
-            tv_sec: (t / 1_000_000_000) as libc::time_t,
-            tv_nsec: (t % 1_000_000_000) as libc::c_long,
+    /// Reads up to `max` frames into `out` with how long each waited in the
+    /// kernel (0 when unknown). Buffers come from and go back to `pool`.
+    fn recv(
+        &mut self,
+        fd: RawFd,
+        max: usize,
+        pool: &mut Vec<Vec<u8>>,
+        out: &mut Vec<(Vec<u8>, Nanos)>,
+    ) -> Recv {
+        if !self.batched {
+            for _ in 0..max {
+                let mut buf = pool.pop().unwrap_or_default();
+                buf.clear();
+                buf.reserve(self.buf_len);
+                // SAFETY: reads at most the buffer's spare capacity into it.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.capacity()) };
+                if n > 0 {
+                    // SAFETY: the kernel initialised the first n bytes.
+                    unsafe { buf.set_len(n as usize) };
+                    out.push((buf, 0));
+                    continue;
+                }
+                pool.push(buf);
+                return match errno() {
+                    libc::EAGAIN | libc::EINTR => Recv::Empty,
+                    _ if !out.is_empty() => Recv::Frames,
+                    _ => Recv::Error,
+                };
+            }
+            return Recv::Frames;
+        }
+        let max = max.min(self.hdrs.len());
+        while self.bufs.len() < max {
+            let mut b = pool.pop().unwrap_or_default();
+            b.clear();
+            b.reserve(self.buf_len);
+            self.bufs.push(b);
+        }
+        for i in 0..max {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.bufs[i].capacity(),
+            };
+            let h = &mut self.hdrs[i];
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            h.msg_hdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 8]>();
+            h.msg_len = 0;
+        }
+        let n = loop {
+            // SAFETY: hdrs[..max] point at live iovecs, buffers and control
+            // space, all of the stated sizes, for the duration of the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr(),
+                    max as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            match errno() {
+                libc::EINTR => continue,
+                libc::EAGAIN => return Recv::Empty,
+                _ => return Recv::Error,
+            }
         };
-        // SAFETY: fds and ts are live for the call; no signal mask change.
-        unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+        // The first n buffers were filled: hand them out, keep the rest.
+        let rest = self.bufs.split_off(n);
+        for (i, mut b) in std::mem::replace(&mut self.bufs, rest)
+            .into_iter()
+            .enumerate()
+        {
+            // SAFETY: the kernel initialised msg_len bytes (at most the capacity).
+            unsafe { b.set_len((self.hdrs[i].msg_len as usize).min(b.capacity())) };
+            out.push((b, kernel_wait(&self.hdrs[i].msg_hdr)));
+        }
+        if n == 0 {
+            Recv::Empty
+        } else {
+            Recv::Frames
+        }
     }
 
-    fn run(self) {
-        // Sleeps end within ~1 us of their deadline instead of the default
-        // 50 us slack; the spin phase covers the wake-up latency.
-        // SAFETY: prctl with integer arguments.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-        let ds = &self.shared.dirs[self.dir];
-        let c = &ds.counters;
-        let (rx, tx, wake) = (
-            self.rx.as_raw_fd(),
-            self.tx.as_raw_fd(),
-            ds.wake.as_raw_fd(),
-        );
-        let mut generation = ds.generation.load(Ordering::Acquire);
-        let mut imp = Impairment::new(ds.params.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let mut heap: BinaryHeap<Pending> = BinaryHeap::new();
-        let mut pool: Vec<Vec<u8>> = Vec::new();
-        let mut seq: u64 = 0;
-        let mut rx_failed_at: Option<Nanos> = None;
-        let mut last_arrival: Nanos = 0;
-
-        while !self.shared.stop.load(Ordering::Acquire) {
-            let g = ds.generation.load(Ordering::Acquire);
-            if g != generation {
-                generation = g;
-                imp.set_params(ds.params.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    /// Writes one frame; false if the kernel refused it.
+    fn send_one(&mut self, fd: RawFd, frame: &[u8]) -> bool {
+        loop {
+            // SAFETY: writes the frame's initialised bytes.
+            let n = unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+            if n == frame.len() as isize {
+                return true;
             }
-
-            // Send every frame that is due, stamping each write separately.
-            while let Some(top) = heap.peek() {
-                let now = self.now();
-                if top.release > now {
-                    break;
-                }
-                let p = heap.pop().expect("peeked");
-                c.record_late(now - p.release);
-                // SAFETY: writes the frame's initialised bytes.
-                let n = unsafe { libc::write(tx, p.buf.as_ptr().cast(), p.buf.len()) };
-                if n == p.buf.len() as isize {
-                    Counters::add(&c.frames_out, 1);
-                    Counters::add(&c.bytes_out, n as u64);
-                } else {
-                    Counters::add(&c.tx_errors, 1);
-                }
-                pool.push(p.buf);
-            }
-
-            // Read what is waiting, but go back to sending as soon as
-            // something is due.
-            let mut got = 0;
-            if rx_failed_at.is_some_and(|t| self.now() < t + 10_000_000) {
-                // A failing device (e.g. brought down): retry every 10 ms, not in a hot loop.
-            } else {
-                rx_failed_at = None;
-                while got < READ_BATCH {
-                    let buf = pool.pop().unwrap_or_default();
-                    let (frame, waited) = match self.read_frame(rx, buf) {
-                        Read::Frame(f, waited) => (f, waited),
-                        Read::Empty(b) => {
-                            pool.push(b);
-                            break;
-                        }
-                        Read::Error => {
-                            Counters::add(&c.rx_errors, 1);
-                            rx_failed_at = Some(self.now());
-                            break;
-                        }
-                    };
-                    got += 1;
-                    // The frame's clock starts when it reached the device,
-                    // when the kernel told us; never before the last one's.
-                    let now = self.now().saturating_sub(waited).max(last_arrival);
-                    last_arrival = now;
-                    let len = frame.len();
-                    Counters::add(&c.frames_in, 1);
-                    Counters::add(&c.bytes_in, len as u64);
-                    let d = imp.on_frame(now, len);
-                    let copy = match d.duplicate {
-                        Some(Verdict::Release(_)) => {
-                            Counters::add(&c.duplicated, 1);
-                            Some(frame.clone())
-                        }
-                        _ => None,
-                    };
-                    let mut keep = |v: Verdict, buf: Vec<u8>| match v {
-                        Verdict::Release(t) if heap.len() < self.max_in_flight => {
-                            seq += 1;
-                            heap.push(Pending {
-                                release: t,
-                                seq,
-                                buf,
-                            });
-                        }
-                        Verdict::Release(_) => {
-                            Counters::add(&c.dropped_overflow, 1);
-                            pool.push(buf);
-                        }
-                        Verdict::Drop(r) => {
-                            let ctr = match r {
-                                DropReason::Loss => &c.dropped_loss,
-                                DropReason::Queue => &c.dropped_queue,
-                            };
-                            Counters::add(ctr, 1);
-                            pool.push(buf);
-                        }
-                    };
-                    keep(d.frame, frame);
-                    if let (Some(v), Some(b)) = (d.duplicate, copy) {
-                        keep(v, b);
-                    }
-                    if heap.peek().is_some_and(|p| p.release <= self.now()) {
-                        break;
-                    }
-                }
-            }
-            if got > 0 {
+            if n < 0 && errno() == libc::EINTR {
                 continue;
             }
+            return false;
+        }
+    }
 
-            // Nothing to read: sleep until shortly before the next deadline,
-            // or spin when it is close.
-            let now = self.now();
-            match heap.peek().map(|p| p.release) {
-                Some(t) if t <= now + self.spin => std::hint::spin_loop(),
-                Some(t) => self.wait(rx, wake, Some(t - now - self.spin)),
-                None if rx_failed_at.is_some() => self.wait(-1, wake, Some(10_000_000)),
-                None => self.wait(rx, wake, None),
+    /// Writes the frames with as few sendmmsg calls as it takes; returns
+    /// how many frames and bytes the kernel took.
+    fn send_batch(&mut self, fd: RawFd, frames: &[Pending]) -> (usize, usize) {
+        let (mut done, mut ok, mut bytes) = (0, 0, 0);
+        while done < frames.len() {
+            let n = (frames.len() - done).min(self.hdrs.len());
+            for i in 0..n {
+                let f = &frames[done + i].buf;
+                self.iovs[i] = libc::iovec {
+                    iov_base: f.as_ptr() as *mut _,
+                    iov_len: f.len(),
+                };
+                let h = &mut self.hdrs[i];
+                // SAFETY: msghdr is plain data; all-zero is valid.
+                h.msg_hdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_iov = &mut self.iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: hdrs[..n] point at live iovecs over live frames; the
+            // kernel only reads them.
+            let r = unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+            if r > 0 {
+                let r = r as usize;
+                ok += r;
+                bytes += frames[done..done + r]
+                    .iter()
+                    .map(|p| p.buf.len())
+                    .sum::<usize>();
+                done += r;
+            } else if r < 0 && errno() == libc::EINTR {
+                continue;
+            } else {
+                // ENOBUFS/EAGAIN: this frame is lost, as on a full wire; go
+                // on with the next one.
+                done += 1;
             }
         }
+        (ok, bytes)
     }
 }
