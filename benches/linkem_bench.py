@@ -228,8 +228,8 @@ def main() -> int:
         "Arrival is when the relay read the frame (tap) or when the kernel received it (veth, "
         "SO_TIMESTAMPNS): so for veth the lateness also contains the time a frame waited in the "
         "socket before the relay read it, which for tap is invisible (and not corrected).\n")
-    say("| rate limit | device | relay scheduling | direction | frames | lateness p50 us | p99 us | max us | mean us "
-        "| goodput Mbit/s |")
+    say("| rate limit | device | relay scheduling | direction | frames | lateness p50 us | p99 us "
+        "| max us | mean us | goodput Mbit/s |")
     say("|---|---|---|---|---|---|---|---|---|---|")
     ping_rows = []
     for rate in ["100mbit", "1gbit"]:

@@ -169,7 +169,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.params:
         argv += ["--params", args.params]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         if state_path.exists():
@@ -277,8 +278,8 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--params", help="link parameters added to the profile, e.g. 'delay=5ms,loss=0'")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lab")
     for p in (up, serve := sub.add_parser("serve", help="run a lab in the foreground (what 'up' starts)")):
-        p.add_argument("--realtime", type=int, default=0,
-                       help="SCHED_FIFO priority of the relay threads (0: normal scheduling)")
+        p.add_argument("--realtime", type=int, default=10,
+                       help="SCHED_FIFO priority of the relay threads (default 10; 0: normal scheduling)")
         p.add_argument("--device", choices=["tap", "veth"], default="tap", help="emulator device mechanism")
     up.set_defaults(func=cmd_up)
 
