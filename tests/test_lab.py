@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -238,3 +239,26 @@ def test_cli_up_exec_status_down(tmp_path):
     assert lab_namespaces(tag) == []
     assert not (tmp_path / f"{name}.json").exists()
     assert "not up" in cli("status", check=False).stdout
+
+
+@needs_root
+def test_serve_cleans_up_on_sigint(tmp_path):
+    env = dict(os.environ, DMM_LAB_DIR=str(tmp_path))
+    name = f"s{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-m", "dmm.lab.cli", "lab", "serve", "perfect", "--name", name],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        state_path = tmp_path / f"{name}.json"
+        deadline = time.monotonic() + 30
+        while not state_path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        tag = json.loads(state_path.read_text())["tag"]
+        assert len(lab_namespaces(tag)) == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert lab_namespaces(tag) == []
+    assert not state_path.exists()

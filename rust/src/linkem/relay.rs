@@ -520,6 +520,8 @@ struct Worker {
 const READ_BATCH_SINGLE: usize = 8;
 /// Frames per recvmmsg call on a packet socket.
 const READ_BATCH_MMSG: usize = 32;
+/// Frames per sendmmsg call on a packet socket.
+const SEND_BATCH_MMSG: usize = 256;
 
 impl Worker {
     fn now(&self) -> Nanos {
@@ -758,12 +760,17 @@ fn errno() -> i32 {
 
 impl Port {
     fn new(batched: bool, buf_len: usize) -> Port {
-        let n = if batched { READ_BATCH_MMSG.max(256) } else { 0 };
+        let n = if batched {
+            READ_BATCH_MMSG.max(SEND_BATCH_MMSG)
+        } else {
+            0
+        };
         Port {
             batched,
             buf_len,
-            // SAFETY: mmsghdr and iovec are plain data; all-zero is valid.
+            // SAFETY: mmsghdr is plain data; all-zero is valid.
             hdrs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            // SAFETY: iovec is plain data; all-zero is valid.
             iovs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
             ctrl: vec![[0u64; 8]; n],
             bufs: Vec::new(),
