@@ -205,18 +205,22 @@ fn packet_socket(dev: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Devices that do not go away with their fds (veth pairs), deleted on
-/// [`Cleanup::run`] or drop.
+/// Devices to delete on [`Cleanup::run`] or drop, once the relay has
+/// stopped using them.
 #[derive(Debug, Default)]
 pub(crate) struct Cleanup {
-    owned: Vec<String>,
+    /// (namespace, device) pairs; `None` is the caller's namespace.
+    owned: Vec<(Option<String>, String)>,
 }
 
 impl Cleanup {
     /// Deletes the devices. Idempotent.
     pub fn run(&mut self) {
-        for dev in self.owned.drain(..) {
-            let _ = ip(&["link", "del", "dev", &dev]);
+        for (ns, dev) in self.owned.drain(..) {
+            let _ = match ns {
+                Some(ns) => ip(&["-n", &ns, "link", "del", "dev", &dev]),
+                None => ip(&["link", "del", "dev", &dev]),
+            };
         }
     }
 }
@@ -246,6 +250,14 @@ pub(crate) fn open(
             let b = open_tap(names[1])?;
             place(names[0], netns[0], mtu, qlen)?;
             place(names[1], netns[1], mtu, qlen)?;
+            // A TAP goes with its last fd, but a process forked meanwhile
+            // (any `ip` we or another thread spawn) holds a copy until it
+            // execs; deleting explicitly makes `stop` synchronous.
+            for (name, ns) in names.iter().zip(netns) {
+                cleanup
+                    .owned
+                    .push((ns.map(str::to_string), name.to_string()));
+            }
             Ok((a, b, false, cleanup))
         }
         DeviceKind::VethPacket => {
@@ -269,7 +281,7 @@ fn veth_end(
     check_name(name, 14)?;
     let here = format!("{name}r");
     ip(&["link", "add", name, "type", "veth", "peer", "name", &here])?;
-    cleanup.owned.push(here.clone());
+    cleanup.owned.push((None, here.clone()));
     no_offloads(name)?;
     no_offloads(&here)?;
     // The end that stays here carries only relayed frames: no addresses,

@@ -465,8 +465,8 @@ impl Linkem {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        // The threads held the last references to the fds: TAP devices are
-        // gone now; veth pairs need deleting.
+        // The threads held the last references to the fds; now delete the
+        // devices (see device::Cleanup for why TAPs too).
         self.cleanup.run();
     }
 }
