@@ -189,7 +189,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _print_nodes(state: dict[str, Any]) -> None:
     for node, info in state["nodes"].items():
-        print(f"  {node:10} {info['address']:12} netns {info['netns']}")
+        print(f"  {node:10} {info['address']:12} {info.get('address6', ''):16} netns {info['netns']}")
     for link, info in state["links"].items():
         print(f"  link {link:10} {info['params'] or '(no impairment)'}")
 

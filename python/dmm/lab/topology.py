@@ -4,12 +4,16 @@ Every lab is a star: one ``server`` namespace and one or more client
 namespaces, each client behind its own emulated link (two TAP devices and a
 ``dmm._core.Linkem`` relaying between them). One link per client instead of a
 bridge keeps each client's impairments independent and needs no bridge
-device. Addresses (IPv4 only):
+device. Addresses:
 
-* the server has ``10.201.0.1/32`` on its loopback, reachable from every
-  client, so ``lab.address("server")`` is the same for all of them;
-* link ``i`` (1-based) is ``10.201.i.0/24``: ``.1`` on the server's side,
-  ``.2`` on the client's; the client routes ``10.201.0.1`` via ``.1``.
+* the server has ``10.201.0.1/32`` and ``fd00:201::1/128`` on its loopback,
+  reachable from every client, so ``lab.address("server")`` is the same for
+  all of them;
+* link ``i`` (1-based) is ``10.201.i.0/24`` and ``fd00:201::i:0/112``:
+  ``.1``/``::i:1`` on the server's side, ``.2``/``::i:2`` on the client's;
+  the client routes the server's loopback addresses via the server's side.
+  Neighbour entries are static (no ARP/ND through lossy links), IPv6 has
+  no link-local addresses, DAD or router solicitation.
 
 Link ``up`` is client -> server (the emulator's ``ab``), ``down`` the reverse.
 """
@@ -31,6 +35,7 @@ __all__ = ["Lab", "LinkPlan", "Topology", "SERVER"]
 #: Name of the server node in every topology.
 SERVER = "server"
 SERVER_ADDRESS = "10.201.0.1"
+SERVER_ADDRESS6 = "fd00:201::1"
 
 _DIRECTIONS = {"up": "ab", "down": "ba", "both": "both"}
 
@@ -47,6 +52,16 @@ class LinkPlan:
     def client_address(self) -> str:
         """The client's address on this link."""
         return f"10.201.{self.index}.2"
+
+    @property
+    def client_address6(self) -> str:
+        """The client's IPv6 address on this link."""
+        return f"fd00:201::{self.index}:2"
+
+    @property
+    def server_address6(self) -> str:
+        """The server's IPv6 address on this link."""
+        return f"fd00:201::{self.index}:1"
 
     @property
     def server_address(self) -> str:
@@ -178,11 +193,15 @@ class Lab:
                 name = self.netns(node)
                 self._netns.append(name)
                 nsu.add_netns(name)
-                # Devices moved in later get IPv6 off: no RS/DAD/MLD chatter
-                # on the emulated links (the lab is IPv4 only).
-                nsu.sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")
+                # Devices moved in later get no link-local address, no DAD
+                # and no router solicitations: the links carry only what the
+                # lab's users send (plus a few MLD reports at start).
+                nsu.sysctl(name, "net.ipv6.conf.default.addr_gen_mode", "1")
+                nsu.sysctl(name, "net.ipv6.conf.default.accept_dad", "0")
+                nsu.sysctl(name, "net.ipv6.conf.default.router_solicitations", "0")
             server_ns = self.netns(SERVER)
             nsu.ip("addr", "add", f"{SERVER_ADDRESS}/32", "dev", "lo", netns=server_ns)
+            nsu.ip("-6", "addr", "add", f"{SERVER_ADDRESS6}/128", "dev", "lo", netns=server_ns)
             for plan in self.topology.links:
                 client_ns = self.netns(plan.name)
                 dev_c, dev_s = self.devices(plan.name)
@@ -193,12 +212,22 @@ class Lab:
                 nsu.ip("addr", "add", f"{plan.client_address}/24", "dev", dev_c, netns=client_ns)
                 nsu.ip("addr", "add", f"{plan.server_address}/24", "dev", dev_s, netns=server_ns)
                 nsu.ip("route", "add", f"{SERVER_ADDRESS}/32", "via", plan.server_address, netns=client_ns)
+                nsu.ip("-6", "addr", "add", f"{plan.client_address6}/112", "dev", dev_c, "nodad",
+                       netns=client_ns)
+                nsu.ip("-6", "addr", "add", f"{plan.server_address6}/112", "dev", dev_s, "nodad",
+                       netns=server_ns)
+                nsu.ip("-6", "route", "add", f"{SERVER_ADDRESS6}/128", "via", plan.server_address6,
+                       netns=client_ns)
                 # Static neighbours: ARP through a lossy link would make the
                 # first packets' timing depend on luck.
                 mac_c, mac_s = nsu.mac_address(client_ns, dev_c), nsu.mac_address(server_ns, dev_s)
                 nsu.ip("neigh", "replace", plan.server_address, "lladdr", mac_s, "dev", dev_c,
                        "nud", "permanent", netns=client_ns)
                 nsu.ip("neigh", "replace", plan.client_address, "lladdr", mac_c, "dev", dev_s,
+                       "nud", "permanent", netns=server_ns)
+                nsu.ip("-6", "neigh", "replace", plan.server_address6, "lladdr", mac_s, "dev", dev_c,
+                       "nud", "permanent", netns=client_ns)
+                nsu.ip("-6", "neigh", "replace", plan.client_address6, "lladdr", mac_c, "dev", dev_s,
                        "nud", "permanent", netns=server_ns)
         except BaseException:
             self.close()
@@ -252,12 +281,18 @@ class Lab:
         """Link names (each is also its client's node name)."""
         return [plan.name for plan in self.topology.links]
 
-    def address(self, node: str) -> str:
-        """The IPv4 address of ``node`` that every other node can reach."""
+    def address(self, node: str, family: int = 4) -> str:
+        """The address of ``node`` that every other node can reach.
+
+        ``family`` is 4 (10.201.x.x) or 6 (fd00:201::...).
+        """
         self._check_node(node)
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, got {family!r}")
         if node == SERVER:
-            return SERVER_ADDRESS
-        return self._plan(node).client_address
+            return SERVER_ADDRESS if family == 4 else SERVER_ADDRESS6
+        plan = self._plan(node)
+        return plan.client_address if family == 4 else plan.client_address6
 
     def exec(self, node: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Runs ``argv`` in ``node`` and waits: ``subprocess.run`` arguments apply."""
@@ -303,7 +338,8 @@ class Lab:
         return {
             "profile": self.topology.profile,
             "tag": self.tag,
-            "nodes": {n: {"netns": self.netns(n), "address": self.address(n)} for n in self.nodes},
+            "nodes": {n: {"netns": self.netns(n), "address": self.address(n), "address6": self.address(n, 6)}
+                      for n in self.nodes},
             "links": {p.name: {"params": p.params, "devices": list(self.devices(p.name))}
                       for p in self.topology.links},
         }
