@@ -8,6 +8,8 @@
     dmm stacks                    the configured stack instances
     dmm routes                    the routing rules
     dmm route explain HOST:PORT   which stack a connection would use, and why
+    dmm lab up PROFILE | down | exec NODE -- CMD | status | set | serve
+                                  namespaces joined by the link emulator
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a server and clients on two stack instances, chosen by routes")
     demo.add_argument("--size", type=int, default=64, help="MiB each client sends (default 64)")
     demo.set_defaults(func=cmd_demo)
+
+    from .lab.cli import add_subcommands
+
+    add_subcommands(sub)
     return p
 
 

@@ -5,6 +5,7 @@
 
 mod error;
 mod kernel;
+mod linkem;
 mod route;
 mod socket;
 
@@ -19,5 +20,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kernel::PyKernelStack>()?;
     m.add_function(wrap_pyfunction!(kernel::tcp_info, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::uring_available, m)?)?;
+    linkem::register(m)?;
     Ok(())
 }
