@@ -118,6 +118,8 @@ class socket(_StdSocket):
         """Chooses the stack for this socket; returns ``address`` made numeric."""
         if self._dmm_stack is not None:  # already routed, or never routed
             return address
+        if not isinstance(address, tuple) or len(address) < 2 or not isinstance(address[1], int):
+            return address  # malformed: the C method raises the stdlib's own error
         host, port = address[0], address[1]
         family = _raw_family(self)
         if not isinstance(host, str) or not _is_ip(host, family):
@@ -200,17 +202,14 @@ class socket(_StdSocket):
             self._dmm_route("listen", local)
         return super().listen(*backlog)
 
-    def sendto(self, data, flags_or_addr, address=None):
-        if self._dmm_stack is None:
-            dest = flags_or_addr if address is None else address
-            resolved = self._dmm_route("sendto", dest)
-            if address is None:
-                flags_or_addr = resolved
-            else:
-                address = resolved
-        if address is None:
-            return super().sendto(data, flags_or_addr)
-        return super().sendto(data, flags_or_addr, address)
+    def sendto(self, *args):
+        # (data, address) or (data, flags, address); anything else is left to
+        # the C method, so errors read exactly as the stdlib's.
+        if self._dmm_stack is None and len(args) in (2, 3):
+            dest = args[-1]
+            if isinstance(dest, tuple) and len(dest) >= 2:
+                args = args[:-1] + (self._dmm_route("sendto", dest),)
+        return super().sendto(*args)
 
     def sendmsg(self, buffers, *args):
         if self._dmm_stack is None and len(args) > 2 and args[2] is not None:
@@ -360,12 +359,16 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     """Connects to ``(host, port)``, trying each address ``getaddrinfo`` gives,
     like the stdlib's; the host name reaches policy hooks."""
     host, port = address
+    # Once patched, use whatever the stdlib module's class is now (ours, or a
+    # test's mock), as the stdlib's create_connection does.
+    cls = _std.socket if _std.socket is not _StdSocket else socket
     errors = []
     for family, type_, proto, _canon, sockaddr in _std.getaddrinfo(host, port, 0, _std.SOCK_STREAM):
         sock = None
         try:
-            sock = socket(family, type_, proto)
-            sock._dmm_host = host if isinstance(host, str) and not _runtime.is_ip(host) else None
+            sock = cls(family, type_, proto)
+            if isinstance(sock, socket):
+                sock._dmm_host = host if isinstance(host, str) and not _runtime.is_ip(host) else None
             if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
                 sock.settimeout(timeout)
             if source_address:
