@@ -4,6 +4,7 @@
 //! around blocking calls and maps errors (see [`error`]).
 
 mod error;
+mod fillp;
 mod kernel;
 mod linkem;
 mod route;
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<route::Router>()?;
     m.add_class::<socket::CoreSocket>()?;
     m.add_class::<kernel::PyKernelStack>()?;
+    m.add_class::<fillp::PyFillpStack>()?;
     m.add_function(wrap_pyfunction!(kernel::tcp_info, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::uring_available, m)?)?;
     linkem::register(m)?;

@@ -44,6 +44,7 @@
 //! * **No panics**: no input, from the application or from the network,
 //!   may panic. Bad input is an error.
 
+pub mod fillp;
 pub mod kernel;
 pub mod uring;
 

@@ -1,0 +1,84 @@
+//! The FillP stack, seen from Python.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::error::to_py;
+use super::route::parse_kind;
+use super::socket::CoreSocket;
+use crate::stack::fillp::{parse_rate_mode, FillpOptions, FillpStack};
+use crate::stack::{Family, Stack};
+
+/// A FillP (reliable UDP) stack instance with its driver thread.
+#[pyclass(name = "FillpStack", module = "dmm._core", frozen)]
+pub struct PyFillpStack {
+    inner: Arc<FillpStack>,
+}
+
+fn family(raw: i32) -> PyResult<Family> {
+    match raw {
+        libc::AF_INET => Ok(Family::V4),
+        libc::AF_INET6 => Ok(Family::V6),
+        other => Err(PyValueError::new_err(format!(
+            "address family {other} is not IPv4 or IPv6"
+        ))),
+    }
+}
+
+#[pymethods]
+impl PyFillpStack {
+    /// `rate_control`: "bbr", "fillp" or "fixed"; `bind_address`: the local
+    /// IP of the instance's UDP sockets.
+    #[new]
+    #[pyo3(signature = (name, rate_control = "bbr", bind_address = "0.0.0.0"))]
+    fn new(name: &str, rate_control: &str, bind_address: &str) -> PyResult<Self> {
+        let mode = parse_rate_mode(rate_control).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "rate_control must be 'bbr', 'fillp' or 'fixed', got {rate_control:?}"
+            ))
+        })?;
+        let bind_ip: IpAddr = bind_address.parse().map_err(|_| {
+            PyValueError::new_err(format!(
+                "bind_address is not an IP address: {bind_address:?}"
+            ))
+        })?;
+        let mut opts = FillpOptions {
+            bind_ip,
+            ..FillpOptions::default()
+        };
+        opts.connection.mode = mode;
+        Ok(PyFillpStack {
+            inner: Arc::new(FillpStack::new(name, opts).map_err(to_py)?),
+        })
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    /// A new socket on this instance.
+    fn socket(&self, family_: i32, kind: &str) -> PyResult<CoreSocket> {
+        let sock = self
+            .inner
+            .socket(family(family_)?, parse_kind(kind)?)
+            .map_err(to_py)?;
+        Ok(CoreSocket::new(sock, self.inner.name().to_string()))
+    }
+
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.inner.counters() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+}

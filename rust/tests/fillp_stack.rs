@@ -1,0 +1,450 @@
+//! The FillP stack through the plug-in traits (`Stack`, `StackSocket`), on
+//! real UDP over 127.0.0.1.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dmm::stack::fillp::{FillpOptions, FillpStack};
+use dmm::stack::{Family, SockKind, Stack, StackSocket};
+
+type Sock = Box<dyn StackSocket>;
+
+fn stack() -> Arc<FillpStack> {
+    stack_with(FillpOptions::default())
+}
+
+fn stack_with(opts: FillpOptions) -> Arc<FillpStack> {
+    Arc::new(FillpStack::new("fillp-test", opts).expect("stack"))
+}
+
+fn lo(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+fn listener(stack: &dyn Stack, backlog: i32) -> (Sock, SocketAddr) {
+    let l = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    l.bind(lo(0)).unwrap();
+    l.listen(backlog).unwrap();
+    let addr = l.local_addr().unwrap();
+    assert_ne!(addr.port(), 0);
+    (l, addr)
+}
+
+/// A connected (client, server) pair; the two may be on different stacks.
+fn pair(client_stack: &dyn Stack, server_stack: &dyn Stack) -> (Sock, Sock) {
+    let (l, addr) = listener(server_stack, 8);
+    let c = client_stack.socket(Family::V4, SockKind::Stream).unwrap();
+    c.connect(addr).unwrap();
+    let (s, peer) = l.accept().unwrap();
+    assert_eq!(peer, c.local_addr().unwrap());
+    (c, s)
+}
+
+fn errno_of(e: &io::Error) -> Option<i32> {
+    e.raw_os_error()
+}
+
+/// Deterministic test data.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a.
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn recv_to_eof(s: &dyn StackSocket) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = s.recv(&mut buf, 0).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Polls `fd` for readability for at most `ms`.
+fn fd_readable(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: p is valid for the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn listen_accept_connect() {
+    let st = stack();
+    assert!(st.supports(Family::V4, SockKind::Stream));
+    assert!(!st.supports(Family::V4, SockKind::Dgram));
+    let (c, s) = pair(&*st, &*st);
+    assert_eq!(c.peer_addr().unwrap(), s.local_addr().unwrap());
+    assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+    c.send_all(b"hello", 0).unwrap();
+    let mut buf = [0u8; 16];
+    let n = s.recv(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    // send_to on a connected stream ignores the address; recv_from names the peer.
+    s.send_to(b"back", 0, lo(1)).unwrap();
+    let (n, from) = c.recv_from(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"back");
+    assert_eq!(from, Some(s.local_addr().unwrap()));
+    assert!(st
+        .counters()
+        .iter()
+        .any(|(k, v)| *k == "accepted" && *v == 1));
+    assert!(c
+        .counters()
+        .iter()
+        .any(|(k, v)| *k == "bytes_sent" && *v > 0));
+}
+
+#[test]
+fn bind_in_use_and_options() {
+    let st = stack();
+    let (_l, addr) = listener(&*st, 4);
+    let other = st.socket(Family::V4, SockKind::Stream).unwrap();
+    let e = other.bind(addr).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EADDRINUSE));
+    let s = st.socket(Family::V4, SockKind::Stream).unwrap();
+    let ty = s.get_option(libc::SOL_SOCKET, libc::SO_TYPE, 4).unwrap();
+    assert_eq!(
+        i32::from_ne_bytes(ty[..4].try_into().unwrap()),
+        libc::SOCK_STREAM
+    );
+    s.set_option(libc::IPPROTO_TCP, libc::TCP_NODELAY, &1i32.to_ne_bytes())
+        .unwrap();
+    s.set_option(
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        &(1i32 << 20).to_ne_bytes(),
+    )
+    .unwrap();
+    let e = s
+        .set_option(libc::IPPROTO_IP, libc::IP_TTL, &1i32.to_ne_bytes())
+        .unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::ENOPROTOOPT));
+    let e = s.peer_addr().unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::ENOTCONN));
+    let e = s.send(b"x", 0).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::ENOTCONN));
+}
+
+#[test]
+fn transfer_16mib_each_way() {
+    const LEN: usize = 16 << 20;
+    let st = stack();
+    let (c, s) = pair(&*st, &*st);
+    let (c, s): (Arc<Sock>, Arc<Sock>) = (Arc::new(c), Arc::new(s));
+    let up = pattern(LEN, 1);
+    let down = pattern(LEN, 2);
+    let (up_sum, down_sum) = (checksum(&up), checksum(&down));
+    let t0 = Instant::now();
+    let writers = [(Arc::clone(&c), up), (Arc::clone(&s), down)].map(|(sock, data)| {
+        thread::spawn(move || {
+            sock.send_all(&data, 0).unwrap();
+            sock.shutdown(Shutdown::Write).unwrap();
+        })
+    });
+    let readers =
+        [Arc::clone(&s), Arc::clone(&c)].map(|sock| thread::spawn(move || recv_to_eof(&**sock)));
+    for w in writers {
+        w.join().unwrap();
+    }
+    let [got_up, got_down] = readers.map(|r| r.join().unwrap());
+    eprintln!("2 x 16 MiB in {:?}", t0.elapsed());
+    assert_eq!(got_up.len(), LEN);
+    assert_eq!(got_down.len(), LEN);
+    assert_eq!(checksum(&got_up), up_sum);
+    assert_eq!(checksum(&got_down), down_sum);
+}
+
+#[test]
+fn eof_after_shutdown_write() {
+    let st = stack();
+    let (c, s) = pair(&*st, &*st);
+    c.send_all(b"last words", 0).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(recv_to_eof(&*s), b"last words");
+    let mut buf = [0u8; 4];
+    assert_eq!(s.recv(&mut buf, 0).unwrap(), 0);
+    // Writing after our own shutdown is EPIPE; the other direction still works.
+    assert_eq!(errno_of(&c.send(b"x", 0).unwrap_err()), Some(libc::EPIPE));
+    s.send_all(b"reply", 0).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(recv_to_eof(&*c), b"reply");
+}
+
+#[test]
+fn recv_timeout() {
+    let st = stack();
+    let (c, _s) = pair(&*st, &*st);
+    c.set_timeout(Some(Duration::from_millis(200))).unwrap();
+    assert_eq!(c.timeout(), Some(Duration::from_millis(200)));
+    let t0 = Instant::now();
+    let e = c.recv(&mut [0u8; 8], 0).unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert_eq!(e.raw_os_error(), None);
+    assert!(took >= Duration::from_millis(190), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[test]
+fn nonblocking_connect_and_recv() {
+    let st = stack();
+    let (l, addr) = listener(&*st, 4);
+    let c = st.socket(Family::V4, SockKind::Stream).unwrap();
+    c.set_timeout(Some(Duration::ZERO)).unwrap();
+    let e = c.connect(addr).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EINPROGRESS));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.readiness().writable {
+        assert!(Instant::now() < deadline, "connect never completed");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let err = c.get_option(libc::SOL_SOCKET, libc::SO_ERROR, 4).unwrap();
+    assert_eq!(i32::from_ne_bytes(err[..4].try_into().unwrap()), 0);
+    assert_eq!(errno_of(&c.connect(addr).unwrap_err()), Some(libc::EISCONN));
+    let e = c.recv(&mut [0u8; 8], 0).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    assert_eq!(errno_of(&e), Some(libc::EAGAIN));
+    // Non-blocking accept: the connection is queued by now.
+    l.set_timeout(Some(Duration::ZERO)).unwrap();
+    let (s, _) = l.accept().unwrap();
+    let e = l.accept().err().unwrap();
+    assert_eq!(errno_of(&e), Some(libc::EAGAIN));
+    s.send_all(b"hi", 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 8];
+    loop {
+        match c.recv(&mut buf, 0) {
+            Ok(n) => {
+                assert_eq!(&buf[..n], b"hi");
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline);
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn refused_when_no_listener() {
+    let st = stack();
+    // A port that nobody listens on: bind a UDP socket, note it, close it.
+    let port = {
+        let u = std::net::UdpSocket::bind(lo(0)).unwrap();
+        u.local_addr().unwrap().port()
+    };
+    let c = st.socket(Family::V4, SockKind::Stream).unwrap();
+    let t0 = Instant::now();
+    let e = c.connect(lo(port)).unwrap_err();
+    assert!(
+        matches!(errno_of(&e), Some(libc::ECONNREFUSED | libc::ETIMEDOUT)),
+        "{e:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(11), "{:?}", t0.elapsed());
+    eprintln!("refused after {:?}: {e}", t0.elapsed());
+}
+
+#[test]
+fn poll_fd_tracks_readability() {
+    let st = stack();
+    let (c, s) = pair(&*st, &*st);
+    let fd = s.poll_fd();
+    assert!(fd >= 0);
+    assert!(!fd_readable(fd, 0));
+    assert!(!s.readiness().readable);
+    c.send_all(&[7u8; 10_000], 0).unwrap();
+    assert!(fd_readable(fd, 5000), "poll_fd never became readable");
+    assert!(s.readiness().readable);
+    let mut got = 0;
+    let mut buf = [0u8; 4096];
+    while got < 10_000 {
+        got += s.recv(&mut buf, 0).unwrap();
+    }
+    assert!(!fd_readable(fd, 0), "poll_fd still readable after draining");
+    assert!(!s.readiness().readable);
+    assert!(s.readiness().writable);
+    // EOF makes it readable again.
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(fd_readable(fd, 5000));
+    assert_eq!(s.recv(&mut buf, 0).unwrap(), 0);
+    // The listener's fd is readable while a connection waits.
+    let (l, addr) = listener(&*st, 4);
+    assert!(!fd_readable(l.poll_fd(), 0));
+    let c2 = st.socket(Family::V4, SockKind::Stream).unwrap();
+    c2.connect(addr).unwrap();
+    assert!(fd_readable(l.poll_fd(), 5000));
+    let _ = l.accept().unwrap();
+    assert!(!fd_readable(l.poll_fd(), 0));
+}
+
+#[test]
+fn many_concurrent_connections() {
+    const N: usize = 200;
+    let st = stack();
+    let (l, addr) = listener(&*st, N as i32);
+    let clients: Vec<thread::JoinHandle<()>> = (0..N)
+        .map(|i| {
+            let st = Arc::clone(&st);
+            thread::spawn(move || {
+                let c = st.socket(Family::V4, SockKind::Stream).unwrap();
+                c.connect(addr).unwrap();
+                let msg = format!("client {i}");
+                c.send_all(msg.as_bytes(), 0).unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(recv_to_eof(&*c), msg.as_bytes());
+            })
+        })
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..N {
+        let (s, _) = l.accept().unwrap();
+        servers.push(thread::spawn(move || {
+            let got = recv_to_eof(&*s);
+            s.send_all(&got, 0).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            assert!(got.starts_with(b"client "));
+        }));
+    }
+    for t in clients.into_iter().chain(servers) {
+        t.join().unwrap();
+    }
+}
+
+/// Sends until an error, returning it (or panics after `limit`).
+fn send_until_error(c: &dyn StackSocket, limit: Duration) -> io::Error {
+    let chunk = vec![1u8; 64 << 10];
+    let t0 = Instant::now();
+    c.set_timeout(Some(Duration::from_millis(200))).unwrap();
+    loop {
+        match c.send(&chunk, 0) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+            Err(e) => return e,
+        }
+        assert!(t0.elapsed() < limit, "no error after {limit:?}");
+    }
+}
+
+#[test]
+fn peer_socket_dropped_mid_transfer() {
+    let st = stack();
+    let (c, s) = pair(&*st, &*st);
+    c.send_all(&[0u8; 100_000], 0).unwrap();
+    assert!(fd_readable(s.poll_fd(), 5000));
+    drop(s); // unread data: an abort (RST)
+    let e = send_until_error(&*c, Duration::from_secs(10));
+    assert_eq!(errno_of(&e), Some(libc::ECONNRESET), "{e:?}");
+}
+
+#[test]
+fn peer_stack_dropped_mid_transfer() {
+    let mut opts = FillpOptions::default();
+    opts.connection.keepalive = Duration::from_millis(500);
+    opts.connection.idle_timeout = Duration::from_secs(3);
+    let a = stack_with(opts.clone());
+    let b = stack_with(opts);
+    let (c, s) = pair(&*a, &*b);
+    let reader = thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        // Reads until the stack goes away under it.
+        while let Ok(n) = s.recv(&mut buf, 0) {
+            if n == 0 {
+                break;
+            }
+        }
+        s
+    });
+    c.send_all(&[0u8; 1 << 20], 0).unwrap();
+    drop(b); // the whole peer instance: its UDP port closes
+    let t0 = Instant::now();
+    let e = send_until_error(&*c, Duration::from_secs(10));
+    eprintln!("survivor error after {:?}: {e}", t0.elapsed());
+    assert!(
+        matches!(
+            errno_of(&e),
+            Some(libc::ECONNRESET | libc::ETIMEDOUT | libc::ECONNREFUSED)
+        ),
+        "{e:?}"
+    );
+    let s = reader.join().unwrap();
+    assert_eq!(
+        errno_of(&s.recv(&mut [0u8; 4], 0).unwrap_err()),
+        Some(libc::ENETDOWN)
+    );
+}
+
+#[test]
+fn closed_socket_is_ebadf() {
+    let st = stack();
+    let (c, _s) = pair(&*st, &*st);
+    c.close().unwrap();
+    c.close().unwrap();
+    assert_eq!(errno_of(&c.send(b"x", 0).unwrap_err()), Some(libc::EBADF));
+    assert_eq!(
+        errno_of(&c.recv(&mut [0u8; 4], 0).unwrap_err()),
+        Some(libc::EBADF)
+    );
+    assert_eq!(errno_of(&c.local_addr().unwrap_err()), Some(libc::EBADF));
+    assert_eq!(
+        errno_of(&c.set_timeout(None).unwrap_err()),
+        Some(libc::EBADF)
+    );
+}
+
+#[test]
+fn graceful_close_delivers_everything() {
+    let st = stack();
+    let (c, s) = pair(&*st, &*st);
+    let data = pattern(1 << 20, 9);
+    c.send_all(&data, 0).unwrap();
+    c.close().unwrap();
+    let got = recv_to_eof(&*s);
+    assert_eq!(checksum(&got), checksum(&data));
+}
+
+#[test]
+fn connects_beyond_the_backlog_wait_in_the_accept_queue() {
+    let st = stack();
+    let (l, addr) = listener(&*st, 4);
+    // More clients than the backlog connect before anyone accepts (as with
+    // kernel TCP, their connects complete).
+    let clients: Vec<Sock> = (0..50)
+        .map(|_| {
+            let c = st.socket(Family::V4, SockKind::Stream).unwrap();
+            c.connect(addr).unwrap();
+            c
+        })
+        .collect();
+    for _ in 0..clients.len() {
+        let (s, peer) = l.accept().unwrap();
+        assert!(clients.iter().any(|c| c.local_addr().unwrap() == peer));
+        drop(s);
+    }
+    assert!(!fd_readable(l.poll_fd(), 0));
+}
