@@ -8,7 +8,7 @@ Example::
 
     [[stack]]
     name = "kernel"
-    kind = "kernel"          # kernel (smoltcp and fillp: not in this version)
+    kind = "kernel"          # kernel | fillp (smoltcp: not in this version)
     protocol = "tcp"         # tcp | mptcp
     io = "syscall"           # syscall | uring
 
@@ -16,6 +16,11 @@ Example::
     name = "mptcp"
     kind = "kernel"
     protocol = "mptcp"
+
+    [[stack]]
+    name = "wan"
+    kind = "fillp"           # reliable transport over UDP
+    rate_control = "bbr"     # bbr | fillp | fixed
 
     [[route]]
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6
@@ -65,8 +70,14 @@ protocol = "tcp"
 _KINDS = ("kernel", "smoltcp", "fillp")
 _NOT_YET = {
     "smoltcp": "the user-space TCP stack over TAP",
-    "fillp": "the FillP-style transport over UDP",
 }
+# Fields each kind takes besides name and kind.
+_FIELDS = {
+    "kernel": ("protocol", "io"),
+    "fillp": ("rate_control", "address"),
+    "smoltcp": ("device", "address", "gateway", "mtu"),
+}
+_RATE_CONTROLS = ("bbr", "fillp", "fixed")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -90,6 +101,10 @@ class StackSpec:
     kind: str
     protocol: str = "tcp"
     io: str = "syscall"
+    #: FillP: rate control mode (bbr, fillp or fixed).
+    rate_control: str = "bbr"
+    #: FillP: the local address its UDP sockets bind to.
+    address: str = "0.0.0.0"
     line: int | None = None
 
 
@@ -262,7 +277,7 @@ class _Validator:
         where = f"stack[{i}]"
         if not isinstance(raw, dict):
             raise self.error(start, where, "must be a table")
-        allowed = {"name", "kind", "protocol", "io", "device", "address", "gateway", "port", "rate_control", "mtu"}
+        allowed = {"name", "kind"}.union(*_FIELDS.values())
         for key in raw:
             if key not in allowed:
                 raise self.error(self._key_line(start, key), f"{where}.{key}", "unknown field (expected one of: " + ", ".join(sorted(allowed)) + ")")
@@ -277,16 +292,28 @@ class _Validator:
         if kind in _NOT_YET:
             raise self.error(self._key_line(start, "kind"), f"{where}.kind",
                              f"stack kind {kind!r} ({_NOT_YET[kind]}) is not available in this version of dmm")
+        for key in raw:
+            if key not in ("name", "kind") and key not in _FIELDS[kind]:
+                raise self.error(self._key_line(start, key), f"{where}.{key}",
+                                 f"does not apply to a {kind} stack (it takes: {', '.join(_FIELDS[kind])})")
         protocol = raw.get("protocol", "tcp")
         if protocol not in ("tcp", "mptcp"):
             raise self.error(self._key_line(start, "protocol"), f"{where}.protocol", f"expected 'tcp' or 'mptcp', got {protocol!r}")
         io = raw.get("io", "syscall")
         if io not in ("syscall", "uring"):
             raise self.error(self._key_line(start, "io"), f"{where}.io", f"expected 'syscall' or 'uring', got {io!r}")
-        for key in ("device", "address", "gateway", "port", "rate_control", "mtu"):
-            if key in raw:
-                raise self.error(self._key_line(start, key), f"{where}.{key}", f"does not apply to a {kind} stack")
-        return StackSpec(name=name, kind=kind, protocol=protocol, io=io, line=start)
+        rate = raw.get("rate_control", "bbr")
+        if rate not in _RATE_CONTROLS:
+            raise self.error(self._key_line(start, "rate_control"), f"{where}.rate_control",
+                             f"expected one of {', '.join(_RATE_CONTROLS)}, got {rate!r}")
+        address = raw.get("address", "0.0.0.0")
+        try:
+            if kind == "fillp":
+                ipaddress.ip_address(address)
+        except (ValueError, TypeError):
+            raise self.error(self._key_line(start, "address"), f"{where}.address",
+                             f"expected an IP address to bind to, got {address!r}") from None
+        return StackSpec(name=name, kind=kind, protocol=protocol, io=io, rate_control=rate, address=address, line=start)
 
     def stack_list(self, raw: Any, fld: str, line: int | None, names: list[str]) -> tuple[str, ...]:
         if not isinstance(raw, list) or not raw or not all(isinstance(s, str) for s in raw):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import sys as _sys
 import socket as _std
 import _socket
 
@@ -169,16 +170,31 @@ class socket(_StdSocket):
             _StdSocket.bind(self, bound)
 
     def _dmm_use_core(self, core):
-        """Sends this socket's data through a Rust core socket from now on."""
+        """Sends this socket's data through a Rust core socket from now on
+        (the fd stays the kernel socket: io_uring kernel instances)."""
         self._dmm_core = core
         core.settimeout(self.gettimeout())
-        self.__class__ = _with_core_methods(type(self))
+        self.__class__ = _with_mixin(type(self), _CoreMethods)
+
+    def _dmm_use_userspace(self, core):
+        """Hands the whole socket to a user-space stack's core socket.
+
+        The kernel socket under our fd number is replaced (``dup2``) by the
+        core socket's readiness eventfd, so ``fileno()`` keeps its number and
+        polls readable exactly when the socket is readable."""
+        timeout = self.gettimeout()
+        core.settimeout(timeout)
+        _os.dup2(core.poll_fd(), self.fileno(), inheritable=self.get_inheritable())
+        self._dmm_core = core
+        self.__class__ = _with_mixin(type(self), _UserSpaceMethods)
 
     # -- methods that route ------------------------------------------------------
 
     def connect(self, address):
         if self._dmm_stack is None:
             address = self._dmm_route("connect", address)
+            if isinstance(self, _UserSpaceMethods):
+                return _UserSpaceMethods.connect(self, address)
         return super().connect(address)
 
     def connect_ex(self, address):
@@ -191,6 +207,8 @@ class socket(_StdSocket):
                 if exc.errno is None:
                     raise
                 return exc.errno
+            if isinstance(self, _UserSpaceMethods):
+                return _UserSpaceMethods.connect_ex(self, address)
         return super().connect_ex(address)
 
     def listen(self, *backlog):
@@ -200,6 +218,8 @@ class socket(_StdSocket):
             except OSError:
                 local = ("::" if self.family == _std.AF_INET6 else "0.0.0.0", 0)
             self._dmm_route("listen", local)
+            if isinstance(self, _UserSpaceMethods):
+                return _UserSpaceMethods.listen(self, *backlog)
         return super().listen(*backlog)
 
     def sendto(self, *args):
@@ -209,6 +229,8 @@ class socket(_StdSocket):
             dest = args[-1]
             if isinstance(dest, tuple) and len(dest) >= 2:
                 args = args[:-1] + (self._dmm_route("sendto", dest),)
+                if isinstance(self, _UserSpaceMethods):
+                    return _UserSpaceMethods.sendto(self, *args)
         return super().sendto(*args)
 
     def sendmsg(self, buffers, *args):
@@ -338,17 +360,112 @@ class _CoreMethods:
             super()._real_close(*args)
 
 
-_core_classes: dict[type, type] = {}
+def _not_supported(name):
+    def method(self, *args, **kwargs):
+        raise OSError(_errno.EOPNOTSUPP, f"{name}() is not supported on a {self._dmm_stack} socket")
+
+    method.__name__ = name
+    method.__doc__ = "Not supported on user-space stacks: raises OSError(EOPNOTSUPP)."
+    return method
 
 
-def _with_core_methods(cls):
-    derived = _core_classes.get(cls)
+class _UserSpaceMethods(_CoreMethods):
+    """Every socket method goes to the Rust core socket of a user-space stack
+    (FillP, smoltcp). The fd is that socket's readiness eventfd."""
+
+    __slots__ = ()
+
+    def connect(self, address):
+        return self._dmm_core.connect(self._dmm_numeric(address))
+
+    def connect_ex(self, address):
+        try:
+            self._dmm_core.connect(self._dmm_numeric(address))
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            return exc.errno
+        return 0
+
+    def _dmm_numeric(self, address):
+        host, port = address[0], address[1]
+        if not _is_ip(host, _raw_family(self)):
+            address = _std.getaddrinfo(host, port, _raw_family(self), _raw_type(self))[0][4]
+        return address
+
+    def bind(self, address):
+        return self._dmm_core.bind(self._dmm_numeric(address))
+
+    def listen(self, *backlog):
+        return self._dmm_core.listen(backlog[0] if backlog else 128)
+
+    def accept(self):
+        core, addr = self._dmm_core.accept()
+        sock = socket(_raw_family(self), _raw_type(self), self.proto)
+        sock._dmm_stack = self._dmm_stack
+        if _std.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        sock._dmm_use_userspace(core)
+        inst = _runtime.get().stacks.get(self._dmm_stack)
+        if inst is not None:
+            inst.count("accept")
+        return sock, addr
+
+    def sendto(self, data, *args):
+        flags, address = (0, args[0]) if len(args) == 1 else args
+        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
+
+    def recvfrom(self, bufsize, flags=0):
+        return self._dmm_core.recvfrom(bufsize, flags)
+
+    def recvfrom_into(self, buffer, nbytes=0, flags=0):
+        return self._dmm_core.recvfrom_into(buffer, nbytes, flags)
+
+    def sendfile(self, file, offset=0, count=None):
+        return self._sendfile_use_send(file, offset, count)
+
+    def shutdown(self, how):
+        return self._dmm_core.shutdown(how)
+
+    def getsockname(self):
+        return self._dmm_core.getsockname()
+
+    def getpeername(self):
+        return self._dmm_core.getpeername()
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        if level == SOL_DMM:
+            return socket.setsockopt(self, level, optname, value)
+        if isinstance(value, int):
+            value = value.to_bytes(4, _sys.byteorder, signed=True)
+        return self._dmm_core.setsockopt(level, optname, bytes(value))
+
+    def getsockopt(self, level, optname, buflen=None):
+        if level == SOL_DMM:
+            return socket.getsockopt(self, level, optname, buflen)
+        raw = self._dmm_core.getsockopt(level, optname, buflen or 4)
+        if buflen is None:
+            return int.from_bytes(raw[:4], _sys.byteorder, signed=True)
+        return raw
+
+    sendmsg = _not_supported("sendmsg")
+    recvmsg = _not_supported("recvmsg")
+    recvmsg_into = _not_supported("recvmsg_into")
+    dup = _not_supported("dup")
+
+
+_mixed_classes: dict[tuple[type, type], type] = {}
+
+
+def _with_mixin(cls, mixin):
+    """``cls`` with ``mixin``'s methods first, same layout, cached."""
+    if issubclass(cls, mixin):
+        return cls
+    derived = _mixed_classes.get((cls, mixin))
     if derived is None:
-        if issubclass(cls, _CoreMethods):
-            return cls
-        derived = type(cls.__name__, (_CoreMethods, cls),
+        derived = type(cls.__name__, (mixin, cls),
                        {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        _core_classes[cls] = derived
+        _mixed_classes[(cls, mixin)] = derived
     return derived
 
 

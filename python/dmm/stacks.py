@@ -1,9 +1,9 @@
 """Stack instances as the Python facade sees them.
 
 Each instance wraps its Rust core object and knows how to take over a
-``dmm.socket.socket`` once the router has chosen it (:meth:`attach`). Only
-the kernel kind exists in this version; the user-space TCP stack and the
-FillP transport plug in here with the same three methods.
+``dmm.socket.socket`` once the router has chosen it (:meth:`attach`). The
+kernel and FillP kinds exist; the user-space TCP stack plugs in here with the
+same methods.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Optional
 from . import _core
 from .config import StackSpec
 
-__all__ = ["IPPROTO_MPTCP", "KernelInstance", "StackInstance", "make_instance"]
+__all__ = ["IPPROTO_MPTCP", "FillpInstance", "KernelInstance", "StackInstance", "make_instance"]
 
 #: ``IPPROTO_MPTCP`` (CPython exposes it only from 3.10 on some builds).
 IPPROTO_MPTCP = getattr(_stdsocket, "IPPROTO_MPTCP", 262)
@@ -101,6 +101,56 @@ class KernelInstance(StackInstance):
         return {key: _peek(c) for key, c in self._counts.items()}
 
 
+class FillpInstance(StackInstance):
+    """A FillP-style reliable transport over UDP (Rust driver thread).
+
+    Sockets routed here are carried entirely by the Rust core; the Python
+    socket's fd becomes the core socket's readiness eventfd. A listener bound
+    to port P takes UDP port P, the number of its TCP twin.
+    """
+
+    kind = "fillp"
+
+    def __init__(self, spec: StackSpec):
+        self.name = spec.name
+        self.rate_control = spec.rate_control
+        self.address = spec.address
+        self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address)
+        self._counts = {key: itertools.count() for key in ("sockets", *_ROLE_KEYS.values())}
+        self._family = _stdsocket.AF_INET6 if ":" in spec.address else _stdsocket.AF_INET
+
+    def can_carry(self, family: int, type: int) -> Optional[str]:
+        if type != _stdsocket.SOCK_STREAM:
+            return "FillP carries stream sockets only"
+        if family != self._family:
+            return f"this instance's UDP sockets are {'IPv6' if self._family == _stdsocket.AF_INET6 else 'IPv4'}"
+        return None
+
+    def attach(self, sock: Any, role: str) -> None:
+        core = self.core.socket(_stdsocket.AF_INET if self._family == _stdsocket.AF_INET else _stdsocket.AF_INET6, "stream")
+        try:
+            local = sock.getsockname()
+        except OSError:
+            local = None
+        if local is not None and local[1] != 0:
+            core.bind((self.address if local[0] in ("0.0.0.0", "::") else local[0], local[1]))
+        sock._dmm_use_userspace(core)
+        self.count(role)
+
+    def count(self, role: str) -> None:
+        """Counts a socket taken over in ``role``."""
+        next(self._counts["sockets"])
+        next(self._counts[_ROLE_KEYS[role]])
+
+    def describe(self) -> str:
+        return self.core.describe()
+
+    def counters(self) -> dict[str, int]:
+        counts = {key: _peek(c) for key, c in self._counts.items()}
+        counts.update(self.core.counters())
+        return counts
+
+
 def _peek(counter: itertools.count) -> int:
     """The next value of an ``itertools.count`` without advancing it."""
     return counter.__reduce__()[1][0]
@@ -110,4 +160,6 @@ def make_instance(spec: StackSpec) -> StackInstance:
     """Builds the instance a ``[[stack]]`` entry describes."""
     if spec.kind == "kernel":
         return KernelInstance(spec)
+    if spec.kind == "fillp":
+        return FillpInstance(spec)
     raise ValueError(f"stack kind {spec.kind!r} is not available in this version of dmm")

@@ -1,0 +1,230 @@
+"""dmm.socket sockets routed to a FillP instance: real UDP over loopback."""
+
+import hashlib
+import os
+import selectors
+import signal
+import socket as stdsocket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import dmm.socket as dsocket
+
+from conftest import use_config
+
+FILLP = """
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "wan"
+kind = "fillp"
+rate_control = "{mode}"
+
+[[route]]
+to = "127.0.0.0/8"
+stacks = ["wan"]
+
+[listen]
+stacks = ["wan"]
+"""
+
+
+@pytest.fixture(params=["bbr"])
+def fillp(request):
+    return use_config(FILLP.format(mode=request.param))
+
+
+def listener():
+    srv = dsocket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    return srv
+
+
+def test_listener_and_client_are_on_fillp_with_stable_fds(fillp):
+    srv = listener()
+    fd = srv.fileno()
+    assert srv.dmm_stack == "wan" and srv.fileno() == fd
+    port = srv.getsockname()[1]
+    c = dsocket.socket()
+    cfd = c.fileno()
+    c.connect(("127.0.0.1", port))
+    conn, peer = srv.accept()
+    with srv, c, conn:
+        assert c.fileno() == cfd and c.dmm_stack == "wan" and conn.dmm_stack == "wan"
+        assert peer == c.getsockname() and c.getpeername()[1] == port
+        c.sendall(b"hello fillp")
+        assert conn.recv(100) == b"hello fillp"
+        conn.sendall(b"back")
+        assert c.recv(100) == b"back"
+
+
+def test_100_mb_with_sha256(fillp):
+    srv = listener()
+    port = srv.getsockname()[1]
+    size = 100 * 1000 * 1000
+    block = os.urandom(1 << 20)
+    result = {}
+
+    def server():
+        conn, _ = srv.accept()
+        with conn:
+            h = hashlib.sha256()
+            buf = bytearray(1 << 18)
+            got = 0
+            while True:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                h.update(memoryview(buf)[:n])
+                got += n
+            result["sha"], result["n"] = h.hexdigest(), got
+            conn.sendall(h.digest())
+
+    t = threading.Thread(target=server)
+    t.start()
+    expected = hashlib.sha256()
+    with dsocket.create_connection(("127.0.0.1", port)) as c:
+        sent = 0
+        while sent < size:
+            chunk = block[: min(len(block), size - sent)]
+            c.sendall(chunk)
+            expected.update(chunk)
+            sent += len(chunk)
+        c.shutdown(stdsocket.SHUT_WR)
+        digest = b""
+        while len(digest) < 32:
+            part = c.recv(32)
+            if not part:
+                break
+            digest += part
+        counters = c.dmm_counters()
+    t.join(60)
+    srv.close()
+    assert result["n"] == size and digest == expected.digest()
+    assert counters.get("bytes_sent", 0) >= size
+
+
+def test_selectors_see_readability_through_the_placeholder_fd(fillp):
+    srv = listener()
+    with srv, selectors.DefaultSelector() as sel:
+        sel.register(srv, selectors.EVENT_READ)
+        assert sel.select(0) == []
+        c = dsocket.create_connection(srv.getsockname())
+        assert len(sel.select(5)) == 1  # a pending connection
+        conn, _ = srv.accept()
+        with c, conn:
+            sel.register(conn, selectors.EVENT_READ, "conn")
+            time.sleep(0.05)
+            assert [k.data for k, _ in sel.select(0)] == []
+            c.sendall(b"x")
+            assert [k.data for k, _ in sel.select(5)] == ["conn"]
+            assert conn.recv(1) == b"x"
+            assert [k.data for k, _ in sel.select(0.05)] == []
+
+
+def test_timeouts_nonblocking_and_eof(fillp):
+    srv = listener()
+    c = dsocket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    with srv, c, conn:
+        conn.settimeout(0.1)
+        with pytest.raises(TimeoutError, match="timed out"):
+            conn.recv(10)
+        conn.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            conn.recv(10)
+        conn.setblocking(True)
+        c.sendall(b"end")
+        c.shutdown(stdsocket.SHUT_WR)
+        got = b""
+        while True:
+            part = conn.recv(10)
+            if not part:
+                break
+            got += part
+        assert got == b"end"
+
+
+def test_many_concurrent_connections(fillp):
+    srv = listener()
+    port = srv.getsockname()[1]
+    count = 1000
+    accepted = []
+
+    def server():
+        for _ in range(count):
+            conn, _ = srv.accept()
+            accepted.append(conn)
+
+    t = threading.Thread(target=server)
+    t.start()
+    clients = []
+    for i in range(count):
+        c = dsocket.socket()
+        c.connect(("127.0.0.1", port))
+        clients.append(c)
+    t.join(120)
+    assert len(accepted) == count
+    # Every client sends its own message; each arrives once, on one
+    # accepted socket. (All clients of an instance share its UDP port, so
+    # peer addresses do not tell connections apart: connection IDs do.)
+    sent = {f"client {i}".encode() for i in range(count)}
+    for i, c in enumerate(clients):
+        c.sendall(f"client {i}".encode())
+    got = []
+    with selectors.DefaultSelector() as sel:
+        for conn in accepted:
+            sel.register(conn, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while len(got) < count and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                got.append(key.fileobj.recv(100))
+                sel.unregister(key.fileobj)
+    assert sorted(got) == sorted(sent)
+    for s in clients + accepted + [srv]:
+        s.close()
+
+
+PEER = r"""
+import sys, time
+import dmm.runtime, dmm.socket as s
+from dmm import config
+dmm.runtime.configure(config.parse(sys.argv[1], "<peer>"))
+c = s.create_connection(("127.0.0.1", int(sys.argv[2])))
+c.sendall(b"x" * 100000)
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_peer_killed_mid_transfer_gives_an_error_not_a_hang(fillp):
+    srv = listener()
+    port = srv.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", PEER, FILLP.format(mode="bbr"), str(port)], stdout=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    assert proc.stdout.readline().strip() == "sent"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    start = time.monotonic()
+    with conn, srv, pytest.raises(OSError):
+        while True:
+            if not conn.recv(65536):
+                raise AssertionError("a killed peer must not look like a clean EOF")
+            if time.monotonic() - start > 60:
+                raise AssertionError("no error within 60 s")
+    assert time.monotonic() - start < 60
+
+
+def test_bad_fillp_config_is_refused():
+    from dmm import config
+    with pytest.raises(config.ConfigError, match="rate_control"):
+        config.parse('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "turbo"\n', "x.toml")
+    with pytest.raises(config.ConfigError, match="does not apply to a fillp stack"):
+        config.parse('[[stack]]\nname = "w"\nkind = "fillp"\nprotocol = "mptcp"\n', "x.toml")
