@@ -448,3 +448,31 @@ fn connects_beyond_the_backlog_wait_in_the_accept_queue() {
     }
     assert!(!fd_readable(l.poll_fd(), 0));
 }
+
+/// A listener bound to the wildcard answers from the address the client
+/// wrote to (IP_PKTINFO), not from whatever routing picks: a client of
+/// 127.0.0.3 gets its replies from 127.0.0.3 although 127.0.0.1 would be
+/// the routed source.
+#[test]
+fn wildcard_listener_replies_from_the_address_written_to() {
+    let server = stack();
+    let client = stack();
+    let l = server.socket(Family::V4, SockKind::Stream).expect("socket");
+    l.bind("0.0.0.0:0".parse().unwrap()).expect("bind");
+    l.listen(8).expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    let c = client.socket(Family::V4, SockKind::Stream).expect("socket");
+    c.set_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.connect(SocketAddr::from(([127, 0, 0, 3], port)))
+        .expect("connect via 127.0.0.3");
+    let (a, _) = l.accept().expect("accept");
+    c.send_all(b"ping", 0).expect("send");
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        got += a.recv(&mut buf[got..], 0).expect("recv");
+    }
+    assert_eq!(&buf, b"ping");
+    assert_eq!(c.peer_addr().expect("peer").ip().to_string(), "127.0.0.3");
+}

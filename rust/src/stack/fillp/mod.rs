@@ -570,6 +570,10 @@ struct Driver {
     pfds: Vec<libc::pollfd>,
     pfd_slot: Vec<usize>,
     touched: Vec<u64>,
+    /// Per slot and peer, the local address the peer last wrote to: replies
+    /// go out from it (a wildcard-bound socket would otherwise let routing
+    /// pick the source, and the peer would drop the reply).
+    reply_from: HashMap<(usize, SocketAddr), IpAddr>,
 }
 
 impl Driver {
@@ -582,6 +586,7 @@ impl Driver {
             pfds: Vec::new(),
             pfd_slot: Vec::new(),
             touched: Vec::new(),
+            reply_from: HashMap::new(),
         }
     }
 
@@ -670,6 +675,11 @@ impl Driver {
                 for i in 0..n {
                     if let Some((from, data)) = self.rx.get(i) {
                         sl.ep.handle_datagram(now, from, data);
+                        if let Some(local) = self.rx.local(i) {
+                            if self.reply_from.get(&(slot, from)) != Some(&local) {
+                                self.reply_from.insert((slot, from), local);
+                            }
+                        }
                     }
                 }
                 drop(st);
@@ -815,6 +825,7 @@ impl Driver {
         for i in dead {
             st.slots.remove(&i);
             self.pending.remove(&i);
+            self.reply_from.retain(|(s, _), _| *s != i);
             st.by_conn.retain(|(s, _), _| *s != i);
         }
         busy
@@ -839,7 +850,8 @@ impl Driver {
             while !q.is_empty() {
                 let (a, b) = q.as_slices();
                 let batch: &[(SocketAddr, Vec<u8>)] = if a.is_empty() { b } else { a };
-                match udp::send_batch(fd, batch) {
+                let reply_from = &self.reply_from;
+                match udp::send_batch(fd, batch, |dest| reply_from.get(&(i, *dest)).copied()) {
                     Ok(0) => break, // socket buffer full: wait for POLLOUT
                     Ok(n) => {
                         self.shared.udp_sent.fetch_add(n as u64, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::sys::{self, sockaddr::RawAddr};
@@ -50,6 +50,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<OwnedFd> {
         SocketAddr::V4(_) => sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_RECVERR, &on),
         SocketAddr::V6(_) => sys::setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, &on),
     };
+    // Learn each datagram's destination address, so that a socket bound to
+    // a wildcard answers from the address the peer wrote to (see `send_batch`).
+    let _ = match addr {
+        SocketAddr::V4(_) => sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_PKTINFO, &on),
+        SocketAddr::V6(_) => sys::setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, &on),
+    };
     let ra = RawAddr::from(&addr);
     // SAFETY: ra is a valid address of ra.len bytes.
     sys::cvt(unsafe { libc::bind(raw, ra.as_ptr(), ra.len) })?;
@@ -64,11 +70,16 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
     raw.to_socket_addr()
 }
 
+/// Room for one `IP_PKTINFO`/`IPV6_PKTINFO` control message, 8-byte aligned.
+type Cmsg = [u64; 8];
+
 /// Reusable buffers for one `recvmmsg` batch.
 pub struct RecvBatch {
     bufs: Vec<[u8; DGRAM_MAX]>,
     addrs: Vec<RawAddr>,
     lens: Vec<usize>,
+    ctrl: Vec<Cmsg>,
+    ctrl_lens: Vec<usize>,
 }
 
 impl Default for RecvBatch {
@@ -77,6 +88,8 @@ impl Default for RecvBatch {
             bufs: vec![[0u8; DGRAM_MAX]; BATCH],
             addrs: (0..BATCH).map(|_| RawAddr::empty()).collect(),
             lens: vec![0; BATCH],
+            ctrl: vec![[0u64; 8]; BATCH],
+            ctrl_lens: vec![0; BATCH],
         }
     }
 }
@@ -96,6 +109,8 @@ impl RecvBatch {
             hdrs[i].msg_hdr.msg_namelen = self.addrs[i].len;
             hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_hdr.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            hdrs[i].msg_hdr.msg_controllen = mem::size_of::<Cmsg>();
         }
         // SAFETY: hdrs describes BATCH valid, writable buffers.
         let n = unsafe {
@@ -115,15 +130,46 @@ impl RecvBatch {
             };
         }
         let n = n as usize;
-        for ((h, len), addr) in hdrs[..n]
-            .iter()
-            .zip(self.lens.iter_mut())
-            .zip(self.addrs.iter_mut())
-        {
-            *len = h.msg_len as usize;
-            addr.len = h.msg_hdr.msg_namelen;
+        for (i, h) in hdrs[..n].iter().enumerate() {
+            self.lens[i] = h.msg_len as usize;
+            self.addrs[i].len = h.msg_hdr.msg_namelen;
+            self.ctrl_lens[i] = h.msg_hdr.msg_controllen;
         }
         Ok(n)
+    }
+
+    /// The local address datagram `i` of the last batch was sent to, from
+    /// its `IP_PKTINFO`/`IPV6_PKTINFO` control message.
+    pub fn local(&self, i: usize) -> Option<IpAddr> {
+        let ctrl = self.ctrl.get(i)?;
+        let len = (*self.ctrl_lens.get(i)?).min(mem::size_of::<Cmsg>());
+        // SAFETY: a zeroed msghdr is valid; we only point it at `ctrl`, whose
+        // first `len` bytes the kernel filled with control messages.
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_control = ctrl.as_ptr() as *mut libc::c_void;
+        msg.msg_controllen = len;
+        // SAFETY: the CMSG_* macros stay within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                let data = libc::CMSG_DATA(c);
+                match ((*c).cmsg_level, (*c).cmsg_type) {
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                        let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                        return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            info.ipi_addr.s_addr,
+                        ))));
+                    }
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                        let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                        return Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        None
     }
 
     /// Datagram `i` of the last batch and its source.
@@ -136,12 +182,27 @@ impl RecvBatch {
 
 /// Sends `pkts` with `sendmmsg`; returns how many the kernel took (it stops
 /// at the first failure). A full socket buffer returns `Ok` with fewer.
-pub fn send_batch(fd: RawFd, pkts: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize> {
+///
+/// `source` gives, per destination, the local address to send from: the one
+/// the peer wrote to. Without it, a socket bound to a wildcard would answer
+/// from whatever address routing picks, and a peer that wrote to another of
+/// our addresses would drop the reply.
+pub fn send_batch(
+    fd: RawFd,
+    pkts: &[(SocketAddr, Vec<u8>)],
+    source: impl Fn(&SocketAddr) -> Option<IpAddr>,
+) -> io::Result<usize> {
     let n = pkts.len().min(BATCH);
     if n == 0 {
         return Ok(0);
     }
     let addrs: Vec<RawAddr> = pkts[..n].iter().map(|(a, _)| RawAddr::from(a)).collect();
+    let mut ctrl: Vec<Cmsg> = vec![[0u64; 8]; n];
+    let ctrl_lens: Vec<usize> = pkts[..n]
+        .iter()
+        .zip(ctrl.iter_mut())
+        .map(|((dest, _), buf)| source(dest).map_or(0, |src| pktinfo(buf, src)))
+        .collect();
     // SAFETY: zeroed iovec/mmsghdr are valid; pointers below point into
     // `pkts` and `addrs`, which outlive the call.
     let mut iovs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
@@ -153,6 +214,10 @@ pub fn send_batch(fd: RawFd, pkts: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize
         hdrs[i].msg_hdr.msg_namelen = addrs[i].len;
         hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
+        if ctrl_lens[i] > 0 {
+            hdrs[i].msg_hdr.msg_control = ctrl[i].as_mut_ptr().cast();
+            hdrs[i].msg_hdr.msg_controllen = ctrl_lens[i];
+        }
     }
     // SAFETY: hdrs describes n valid, readable buffers.
     let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
@@ -164,6 +229,59 @@ pub fn send_batch(fd: RawFd, pkts: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize
         };
     }
     Ok(r as usize)
+}
+
+/// Writes a `IP_PKTINFO`/`IPV6_PKTINFO` control message asking to send from
+/// `src` into `buf`; returns its length.
+fn pktinfo(buf: &mut Cmsg, src: IpAddr) -> usize {
+    // SAFETY: a zeroed msghdr is valid; `buf` has room for one pktinfo
+    // message of either family (checked by the CMSG_SPACE sums below).
+    unsafe {
+        let mut msg: libc::msghdr = mem::zeroed();
+        msg.msg_control = buf.as_mut_ptr().cast();
+        msg.msg_controllen = mem::size_of::<Cmsg>();
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() {
+            return 0;
+        }
+        match src {
+            IpAddr::V4(ip) => {
+                let space = libc::CMSG_SPACE(mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                if space > mem::size_of::<Cmsg>() {
+                    return 0;
+                }
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+                space
+            }
+            IpAddr::V6(ip) => {
+                let space = libc::CMSG_SPACE(mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                if space > mem::size_of::<Cmsg>() {
+                    return 0;
+                }
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+                space
+            }
+        }
+    }
 }
 
 /// Drains the ICMP error queue: the destinations that were refused or
