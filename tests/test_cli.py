@@ -79,10 +79,12 @@ def test_demo_runs_on_builtin_defaults(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     rows = [line for line in lines if line.startswith("127.0.0.")]
-    assert len(rows) == 2 and all(" ok " in r for r in rows)
+    assert len(rows) == 3 and all(" ok " in r for r in rows)
     # 127.0.0.2 is routed to the instance named "mptcp" (plain TCP where MPTCP is refused).
     assert rows[0].split()[1] == "kernel" and rows[1].split()[1] == "mptcp"
     assert rows[1].split()[3] == ("MPTCP" if mptcp_available() is None else "TCP")
+    # 127.0.0.3 goes over FillP, to a FillP listener on the same port number.
+    assert rows[2].split()[1:4] == ["wan", "route[1]", "FillP"] and rows[2].split()[-1] == "wan"
 
 
 def test_main_without_command_prints_help(capsys):

@@ -228,3 +228,22 @@ def test_bad_fillp_config_is_refused():
         config.parse('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "turbo"\n', "x.toml")
     with pytest.raises(config.ConfigError, match="does not apply to a fillp stack"):
         config.parse('[[stack]]\nname = "w"\nkind = "fillp"\nprotocol = "mptcp"\n', "x.toml")
+
+
+def test_explicit_stack_binds_its_own_port_beside_a_tcp_listener(fillp):
+    tcp = dsocket.socket(stack="kernel")
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    port = tcp.getsockname()[1]
+    udp = dsocket.socket(stack="wan")
+    udp.bind(("127.0.0.1", port))  # the same number, on UDP: no conflict
+    udp.listen()
+    with tcp, udp:
+        assert tcp.dmm_stack == "kernel" and udp.dmm_stack == "wan"
+        assert udp.getsockname() == ("127.0.0.1", port)
+        with dsocket.create_connection(("127.0.0.1", port)) as c:
+            assert c.dmm_stack == "wan"
+            conn, _ = udp.accept()
+            with conn:
+                c.sendall(b"same port")
+                assert conn.recv(20) == b"same port"

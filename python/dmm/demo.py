@@ -1,10 +1,12 @@
-"""``dmm demo``: one server, clients routed to two stack instances.
+"""``dmm demo``: one server, clients routed to three stack instances.
 
 Needs no set-up: everything runs over loopback in this process. The demo
 configures two kernel instances, plain TCP (``kernel``) and Multipath TCP
-(``mptcp``), and a route that sends 127.0.0.2 to MPTCP. One listening socket
-serves both. Each client sends the same amount of data; the table shows which
-stack carried each connection, who decided, and how fast it went.
+(``mptcp``), and a FillP instance over UDP (``wan``), with routes that send
+127.0.0.2 to MPTCP and 127.0.0.3 to FillP. One kernel listening socket serves
+TCP and MPTCP clients; a FillP listener takes the same port number on UDP.
+Each client sends the same amount of data; the table shows which stack
+carried each connection, who decided, and how fast it went.
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ name = "mptcp"
 kind = "kernel"
 protocol = "mptcp"
 
+[[stack]]
+name = "wan"
+kind = "fillp"
+rate_control = "bbr"
+
 [[route]]
 to = "127.0.0.2/32"
 stacks = ["mptcp", "kernel"]
+
+[[route]]
+to = "127.0.0.3/32"
+stacks = ["wan", "kernel"]
 
 [listen]
 stacks = ["mptcp", "kernel"]
@@ -71,14 +82,14 @@ def run_demo(size_mib: int = 64, config: Optional[str] = None) -> int:
     """Runs the demo and prints its table; returns a process exit code."""
     if config:
         cfg = _config.load(config)
-        targets = ["127.0.0.1", "127.0.0.2"]
+        targets = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     else:
         why = _mptcp_works()
         toml = DEMO_TOML if why is None else DEMO_TOML.replace('protocol = "mptcp"', 'protocol = "tcp"')
         if why is not None:
             print(f"note: MPTCP is not available here ({why}); the 'mptcp' instance uses plain TCP")
         cfg = _config.parse(toml, "<demo config>")
-        targets = ["127.0.0.1", "127.0.0.2"]
+        targets = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     runtime.configure(cfg)
     print(f"config: {cfg.path}")
     for spec in cfg.stacks:
@@ -88,10 +99,26 @@ def run_demo(size_mib: int = 64, config: Optional[str] = None) -> int:
 
     listener = dsocket.create_server(("0.0.0.0", 0))
     port = listener.getsockname()[1]
-    print(f"server: one listening socket on port {port}, stack {listener.dmm_stack}")
+    listeners = [listener]
+    print(f"server: listening on TCP port {port}, stack {listener.dmm_stack}")
+    fillp = [name for name, inst in runtime.get().stacks.items() if inst.kind == "fillp"]
+    if fillp:
+        udp = dsocket.socket(stack=fillp[0])
+        udp.bind(("0.0.0.0", port))
+        udp.listen()
+        listeners.append(udp)
+        print(f"server: listening on UDP port {port}, stack {udp.dmm_stack}")
     results: dict = {}
-    server = threading.Thread(target=_serve, args=(listener, len(targets), results), daemon=True)
-    server.start()
+    expected_per = {id(lst): 0 for lst in listeners}
+    for dest in targets:
+        req = policy.Request("connect", _std.AF_INET, _std.SOCK_STREAM, dest, port)
+        stack = runtime.get().decide(req).stack
+        on_fillp = runtime.get().stacks[stack].kind == "fillp"
+        expected_per[id(listeners[-1] if on_fillp else listeners[0])] += 1
+    servers = [threading.Thread(target=_serve, args=(lst, expected_per[id(lst)], results), daemon=True)
+               for lst in listeners]
+    for server in servers:
+        server.start()
 
     payload = bytes(range(256)) * (_CHUNK // 256)
     total = size_mib * 1024 * 1024
@@ -116,13 +143,17 @@ def run_demo(size_mib: int = 64, config: Optional[str] = None) -> int:
                     break
                 digest += part
             elapsed = time.perf_counter() - start
-            proto = sock.getsockopt(_std.SOL_SOCKET, _std.SO_PROTOCOL)
+            kind = runtime.get().stacks[sock.dmm_stack].kind
+            proto = "FillP" if kind == "fillp" else (
+                "MPTCP" if sock.getsockopt(_std.SOL_SOCKET, _std.SO_PROTOCOL) == 262 else "TCP")
             local_port = sock.getsockname()[1]
             counters = sock.dmm_counters()
-            rows.append((dest, sock.dmm_stack, outcome.source, "MPTCP" if proto == 262 else "TCP",
+            rows.append((dest, sock.dmm_stack, outcome.source, proto,
                          sent, elapsed, counters.get("rtt_us"), digest == expected.digest(), local_port))
-    server.join(timeout=30)
-    listener.close()
+    for server in servers:
+        server.join(timeout=30)
+    for lst in listeners:
+        lst.close()
 
     print()
     header = f"{'client -> server':<22} {'stack':<8} {'decided by':<12} {'proto':<6} {'MiB':>5} {'seconds':>8} {'Gbit/s':>7} {'rtt us':>7} {'sha256':>7} {'server saw':<12}"

@@ -190,6 +190,15 @@ class socket(_StdSocket):
 
     # -- methods that route ------------------------------------------------------
 
+    def bind(self, address):
+        # A socket that named its stack is routed here, so that a user-space
+        # stack binds its own port instead of a kernel socket taking it first.
+        if self._dmm_stack is None and self._dmm_override is not None and isinstance(address, tuple):
+            address = self._dmm_route("listen", address)
+            if isinstance(self, _UserSpaceMethods):
+                return _UserSpaceMethods.bind(self, address)
+        return super().bind(address)
+
     def connect(self, address):
         if self._dmm_stack is None:
             address = self._dmm_route("connect", address)
