@@ -62,6 +62,12 @@ class Runtime:
         # With one stack, no rules and no [listen], every answer is that stack
         # unless a hook or an override says otherwise: skip the table.
         self.only = self.order[0] if len(self.order) == 1 and not config.routes and not config.listen else None
+        # The built-in default: one plain kernel TCP instance with syscalls.
+        # Then no socket can ever change protocol or leave the kernel, so
+        # sockets need neither an option log nor an attach step.
+        spec = config.stacks[0]
+        self.plain_kernel = self.stacks[spec.name] if (
+            self.only is not None and spec.kind == "kernel" and spec.protocol == "tcp" and spec.io == "syscall") else None
 
     def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
         """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""

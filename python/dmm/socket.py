@@ -119,6 +119,12 @@ class socket(_StdSocket):
         """Chooses the stack for this socket; returns ``address`` made numeric."""
         if self._dmm_stack is not None:  # already routed, or never routed
             return address
+        rt = _runtime._runtime
+        if rt is not None and rt.plain_kernel is not None and self._dmm_override is None and not _policy._hooks:
+            # Nothing to decide and nothing to change: the socket stays as it is.
+            rt.plain_kernel.count(role)
+            self._dmm_stack = rt.only
+            return address
         if not isinstance(address, tuple) or len(address) < 2 or not isinstance(address[1], int):
             return address  # malformed: the C method raises the stdlib's own error
         host, port = address[0], address[1]
@@ -249,18 +255,20 @@ class socket(_StdSocket):
 
     def accept(self):
         fd, addr = self._accept()
-        sock = socket(self.family, self.type, self.proto, fileno=fd)
-        if _std.getdefaulttimeout() is None and self.gettimeout():
+        # Plain ints for the new socket: the stdlib's enum properties cost
+        # more than the rest of the bookkeeping here.
+        sock = socket(_raw_family(self), _raw_type(self), self.proto, fileno=fd)
+        if self.gettimeout() and _std.getdefaulttimeout() is None:
             sock.setblocking(True)
         name = self._dmm_stack
         if name:
             sock._dmm_stack = name
-            inst = _runtime.get().stacks.get(name)
+            inst = (_runtime._runtime or _runtime.get()).stacks.get(name)
             if inst is not None:
                 inst.count("accept")
-                if getattr(inst, "io", None) == "uring":
-                    kind = "stream" if self.type == _std.SOCK_STREAM else "dgram"
-                    sock._dmm_use_core(inst.core.adopt(sock.fileno(), sock.family, kind))
+                if inst.kind == "kernel" and inst.io == "uring":
+                    kind = "stream" if _raw_type(self) == _std.SOCK_STREAM else "dgram"
+                    sock._dmm_use_core(inst.core.adopt(sock.fileno(), _raw_family(sock), kind))
         return sock, addr
 
     def dup(self):
@@ -278,7 +286,7 @@ class socket(_StdSocket):
             super().setsockopt(level, optname, value)
         else:
             super().setsockopt(level, optname, value, optlen)
-        if self._dmm_stack is None:
+        if self._dmm_stack is None and (_runtime._runtime is None or _runtime._runtime.plain_kernel is None):
             # Kept so that a change of protocol at routing time can replay them.
             if self._dmm_opts is None:
                 self._dmm_opts = []
