@@ -9,24 +9,14 @@ use pyo3::types::PyDict;
 
 use super::error::to_py;
 use super::route::parse_kind;
-use super::socket::CoreSocket;
+use super::socket::{counters_dict, family, CoreSocket};
 use crate::stack::fillp::{parse_rate_mode, FillpOptions, FillpStack};
-use crate::stack::{Family, Stack};
+use crate::stack::Stack;
 
 /// A FillP (reliable UDP) stack instance with its driver thread.
 #[pyclass(name = "FillpStack", module = "dmm._core", frozen)]
 pub struct PyFillpStack {
     inner: Arc<FillpStack>,
-}
-
-fn family(raw: i32) -> PyResult<Family> {
-    match raw {
-        libc::AF_INET => Ok(Family::V4),
-        libc::AF_INET6 => Ok(Family::V6),
-        other => Err(PyValueError::new_err(format!(
-            "address family {other} is not IPv4 or IPv6"
-        ))),
-    }
 }
 
 #[pymethods]
@@ -75,10 +65,6 @@ impl PyFillpStack {
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (k, v) in self.inner.counters() {
-            d.set_item(k, v)?;
-        }
-        Ok(d)
+        counters_dict(py, self.inner.counters())
     }
 }

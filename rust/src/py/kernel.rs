@@ -8,24 +8,14 @@ use pyo3::types::PyDict;
 
 use super::error::to_py;
 use super::route::parse_kind;
-use super::socket::CoreSocket;
+use super::socket::{counters_dict, family, CoreSocket};
 use crate::stack::kernel::{self, IoMode, KernelStack, Protocol};
-use crate::stack::{Family, Stack};
+use crate::stack::Stack;
 
 /// A kernel stack instance.
 #[pyclass(name = "KernelStack", module = "dmm._core", frozen)]
 pub struct PyKernelStack {
     inner: Arc<KernelStack>,
-}
-
-fn family(raw: i32) -> PyResult<Family> {
-    match raw {
-        libc::AF_INET => Ok(Family::V4),
-        libc::AF_INET6 => Ok(Family::V6),
-        other => Err(PyValueError::new_err(format!(
-            "address family {other} is not IPv4 or IPv6"
-        ))),
-    }
 }
 
 #[pymethods]
@@ -100,22 +90,14 @@ impl PyKernelStack {
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (k, v) in self.inner.counters() {
-            d.set_item(k, v)?;
-        }
-        Ok(d)
+        counters_dict(py, self.inner.counters())
     }
 }
 
 /// Counters of a kernel TCP socket from `TCP_INFO`, as a dict.
 #[pyfunction]
 pub fn tcp_info<'py>(py: Python<'py>, fd: i32) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    for (k, v) in kernel::tcp_info_counters(fd).map_err(to_py)? {
-        d.set_item(k, v)?;
-    }
-    Ok(d)
+    counters_dict(py, kernel::tcp_info_counters(fd).map_err(to_py)?)
 }
 
 /// `None` if this process may use io_uring, else the reason it may not.

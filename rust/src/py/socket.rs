@@ -122,6 +122,29 @@ fn parse_sockaddr(addr: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// The stack family for an `AF_*` number from Python.
+pub fn family(raw: i32) -> PyResult<crate::stack::Family> {
+    match raw {
+        libc::AF_INET => Ok(crate::stack::Family::V4),
+        libc::AF_INET6 => Ok(crate::stack::Family::V6),
+        other => Err(PyValueError::new_err(format!(
+            "address family {other} is not IPv4 or IPv6"
+        ))),
+    }
+}
+
+/// Counters as a Python dict.
+pub fn counters_dict<'py>(
+    py: Python<'py>,
+    counters: crate::stack::Counters,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in counters {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
+}
+
 /// The stdlib's address tuple: `(host, port)` or `(host, port, flowinfo, scope_id)`.
 pub fn sockaddr_to_py(py: Python<'_>, addr: SocketAddr) -> PyResult<Py<PyAny>> {
     let obj = match addr {
@@ -344,11 +367,7 @@ impl CoreSocket {
 
     /// Per-socket counters as a dict.
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (k, v) in self.inner.counters() {
-            d.set_item(k, v)?;
-        }
-        Ok(d)
+        counters_dict(py, self.inner.counters())
     }
 }
 

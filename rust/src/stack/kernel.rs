@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use super::{
     errno, timed_out, uring, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
+    TimeoutCell,
 };
 use crate::sys::{self, sockaddr::RawAddr};
 
@@ -151,9 +152,6 @@ impl Stack for KernelStack {
     }
 }
 
-/// Timeout encoding in one atomic: blocking, non-blocking, or nanoseconds.
-const BLOCKING: u64 = u64::MAX;
-
 /// A kernel socket.
 pub struct KernelSocket {
     fd: AtomicI32,
@@ -161,7 +159,7 @@ pub struct KernelSocket {
     kind: SockKind,
     io: IoMode,
     owned: bool,
-    timeout_ns: AtomicU64,
+    timeout: TimeoutCell,
     /// Serializes close against itself; I/O reads the fd atomically.
     close_lock: Mutex<()>,
 }
@@ -174,7 +172,7 @@ impl KernelSocket {
             kind,
             io,
             owned,
-            timeout_ns: AtomicU64::new(BLOCKING),
+            timeout: TimeoutCell::new(),
             close_lock: Mutex::new(()),
         }
     }
@@ -218,7 +216,7 @@ impl KernelSocket {
     }
 
     fn blocking_uring(&self) -> bool {
-        self.io == IoMode::Uring && self.timeout_ns.load(Ordering::Relaxed) == BLOCKING
+        self.io == IoMode::Uring && self.timeout.is_blocking()
     }
 }
 
@@ -385,21 +383,12 @@ impl StackSocket for KernelSocket {
 
     fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         sys::set_nonblocking(self.fd()?, timeout.is_some())?;
-        let ns = match timeout {
-            None => BLOCKING,
-            Some(t) => u64::try_from(t.as_nanos())
-                .unwrap_or(BLOCKING - 1)
-                .min(BLOCKING - 1),
-        };
-        self.timeout_ns.store(ns, Ordering::Relaxed);
+        self.timeout.set(timeout);
         Ok(())
     }
 
     fn timeout(&self) -> Option<Duration> {
-        match self.timeout_ns.load(Ordering::Relaxed) {
-            BLOCKING => None,
-            ns => Some(Duration::from_nanos(ns)),
-        }
+        self.timeout.get()
     }
 
     fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {

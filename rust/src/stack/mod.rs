@@ -51,6 +51,7 @@ pub mod uring;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use crate::route::SockKind;
@@ -126,6 +127,51 @@ pub struct Readiness {
 /// Python boundary can tell it from a kernel `ETIMEDOUT`.
 pub fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "timed out")
+}
+
+/// A socket's timeout mode in one atomic, so `set_timeout` and blocking
+/// calls on other threads need no lock: blocking, non-blocking (zero) or a
+/// duration in nanoseconds.
+#[derive(Debug)]
+pub struct TimeoutCell(AtomicU64);
+
+impl TimeoutCell {
+    const BLOCKING: u64 = u64::MAX;
+
+    /// A cell in blocking mode (no timeout).
+    pub fn new() -> TimeoutCell {
+        TimeoutCell(AtomicU64::new(Self::BLOCKING))
+    }
+
+    /// Stores a mode: `None` blocks, `Some(ZERO)` is non-blocking.
+    pub fn set(&self, timeout: Option<Duration>) {
+        let ns = match timeout {
+            None => Self::BLOCKING,
+            Some(t) => u64::try_from(t.as_nanos())
+                .unwrap_or(u64::MAX)
+                .min(Self::BLOCKING - 1),
+        };
+        self.0.store(ns, Ordering::Relaxed);
+    }
+
+    /// The stored mode.
+    pub fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::BLOCKING => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Whether the socket blocks without limit.
+    pub fn is_blocking(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::BLOCKING
+    }
+}
+
+impl Default for TimeoutCell {
+    fn default() -> Self {
+        TimeoutCell::new()
+    }
 }
 
 /// An `io::Error` from an errno constant.

@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     errno, timed_out, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
+    TimeoutCell,
 };
 use crate::fillp::{
     CloseReason, Config, ConnectionHandle, ConnectionStats, Endpoint, EndpointConfig,
@@ -909,16 +910,13 @@ impl Driver {
 
 // ------------------------------------------------------------------ socket
 
-/// Timeout encoding in one atomic: blocking, non-blocking, or nanoseconds.
-const BLOCKING: u64 = u64::MAX;
-
 /// One FillP stream socket.
 pub struct FillpSocket {
     shared: Arc<Shared>,
     id: u64,
     fds: Arc<SockFds>,
     family: Family,
-    timeout_ns: AtomicU64,
+    timeout: TimeoutCell,
     closed: AtomicBool,
 }
 
@@ -944,7 +942,7 @@ impl FillpSocket {
             id,
             fds,
             family,
-            timeout_ns: AtomicU64::new(BLOCKING),
+            timeout: TimeoutCell::new(),
             closed: AtomicBool::new(false),
         }
     }
@@ -1426,21 +1424,12 @@ impl StackSocket for FillpSocket {
 
     fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.check_open()?;
-        let ns = match timeout {
-            None => BLOCKING,
-            Some(t) => u64::try_from(t.as_nanos())
-                .unwrap_or(BLOCKING - 1)
-                .min(BLOCKING - 1),
-        };
-        self.timeout_ns.store(ns, Ordering::Relaxed);
+        self.timeout.set(timeout);
         Ok(())
     }
 
     fn timeout(&self) -> Option<Duration> {
-        match self.timeout_ns.load(Ordering::Relaxed) {
-            BLOCKING => None,
-            ns => Some(Duration::from_nanos(ns)),
-        }
+        self.timeout.get()
     }
 
     fn set_option(&self, level: i32, name: i32, _value: &[u8]) -> io::Result<()> {
