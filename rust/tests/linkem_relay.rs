@@ -291,6 +291,27 @@ fn params_change_while_running() {
         .is_err());
 }
 
+/// Whether `ip ARGS` fails (the device is gone) within 2 s. The kernel
+/// unregisters a closed TAP device asynchronously, so it can still be listed
+/// for a moment after the fd is closed.
+fn gone_soon(args: &[&str]) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let listed = Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !listed {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn stop_removes_devices_and_errors_are_clean() {
     need_root!();
@@ -299,22 +320,17 @@ fn stop_removes_devices_and_errors_are_clean() {
     assert!(link.is_running());
     link.stop();
     assert!(!link.is_running());
-    let out = Command::new("ip")
-        .args(["-n", &net.ns[0], "link", "show", &net.dev[0]])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "device still there after stop");
+    assert!(
+        gone_soon(&["-n", &net.ns[0], "link", "show", &net.dev[0]]),
+        "device still there after stop"
+    );
     // A namespace that does not exist is an error, not a panic, and leaves no device.
     let mut cfg = LinkemConfig::new(&net.dev[0], &net.dev[1]);
     cfg.netns_a = Some("lkt-no-such-ns".into());
     let e = Linkem::start(cfg).unwrap_err();
     assert!(e.to_string().contains("lkt-no-such-ns"), "{e}");
-    let out = Command::new("ip")
-        .args(["link", "show", &net.dev[0]])
-        .output()
-        .unwrap();
     assert!(
-        !out.status.success(),
+        gone_soon(&["link", "show", &net.dev[0]]),
         "device left behind after a failed start"
     );
     let e = Linkem::start(LinkemConfig::new("this-name-is-too-long", "x")).unwrap_err();
