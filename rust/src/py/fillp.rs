@@ -8,8 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::error::to_py;
-use super::route::parse_kind;
-use super::socket::{counters_dict, family, CoreSocket};
+use super::socket::{counters_dict, socket_on, CoreSocket};
 use crate::stack::fillp::{parse_rate_mode, FillpOptions, FillpStack};
 use crate::stack::Stack;
 
@@ -57,11 +56,7 @@ impl PyFillpStack {
 
     /// A new socket on this instance.
     fn socket(&self, family_: i32, kind: &str) -> PyResult<CoreSocket> {
-        let sock = self
-            .inner
-            .socket(family(family_)?, parse_kind(kind)?)
-            .map_err(to_py)?;
-        Ok(CoreSocket::new(sock, self.inner.name().to_string()))
+        socket_on(self.inner.as_ref(), family_, kind)
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

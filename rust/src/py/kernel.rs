@@ -8,7 +8,7 @@ use pyo3::types::PyDict;
 
 use super::error::to_py;
 use super::route::parse_kind;
-use super::socket::{counters_dict, family, CoreSocket};
+use super::socket::{counters_dict, family, socket_on, CoreSocket};
 use crate::stack::kernel::{self, IoMode, KernelStack, Protocol};
 use crate::stack::Stack;
 
@@ -73,11 +73,7 @@ impl PyKernelStack {
 
     /// A new socket on this instance.
     fn socket(&self, family_: i32, kind: &str) -> PyResult<CoreSocket> {
-        let sock = self
-            .inner
-            .socket(family(family_)?, parse_kind(kind)?)
-            .map_err(to_py)?;
-        Ok(CoreSocket::new(sock, self.inner.name().to_string()))
+        socket_on(self.inner.as_ref(), family_, kind)
     }
 
     /// A core socket over an fd that Python owns (closing it leaves the fd open).
