@@ -31,8 +31,9 @@ fn parse_role(role: &str) -> PyResult<Role> {
         "connect" => Ok(Role::Connect),
         "listen" => Ok(Role::Listen),
         "sendto" => Ok(Role::SendTo),
+        "accept" => Ok(Role::Accept),
         other => Err(PyValueError::new_err(format!(
-            "role must be 'connect', 'listen' or 'sendto', got {other:?}"
+            "role must be 'connect', 'listen', 'sendto' or 'accept', got {other:?}"
         ))),
     }
 }

@@ -17,6 +17,20 @@ pub enum Role {
     Listen,
     /// The first `sendto()` on an unconnected socket: the address is the peer.
     SendTo,
+    /// A connection arriving on a listener: the address is the client's,
+    /// the port the listener's. Only rules that name this role match it, so
+    /// the ordinary rules (which name no role) never refuse a client.
+    Accept,
+}
+
+impl Role {
+    /// Whether a rule with role `rule` matches a query with role `self`.
+    fn matched_by(self, rule: Option<Role>) -> bool {
+        match rule {
+            None => self != Role::Accept,
+            Some(r) => r == self,
+        }
+    }
 }
 
 /// The socket type.
@@ -64,7 +78,7 @@ pub struct Rule {
     pub ports: RangeInclusive<u16>,
     /// Socket type matched; `None` matches any.
     pub kind: Option<SockKind>,
-    /// Call matched; `None` matches any.
+    /// Call matched; `None` matches any but [`Role::Accept`].
     pub role: Option<Role>,
     /// Breaks ties between rules with the same prefix length: larger wins.
     pub priority: i32,
@@ -90,12 +104,12 @@ impl Rule {
 
     /// Whether this rule applies to `q`: the prefix contains the address
     /// (IPv4-mapped IPv6 counted as IPv4), the port is in range, and kind
-    /// and role match (`None` matches any).
+    /// and role match (`None` matches any kind, and any role but accept).
     pub fn matches(&self, q: &Query) -> bool {
         self.prefix.contains(q.addr)
             && self.ports.contains(&q.port)
             && self.kind.is_none_or(|k| k == q.kind)
-            && self.role.is_none_or(|r| r == q.role)
+            && q.role.matched_by(self.role)
     }
 }
 
@@ -105,6 +119,7 @@ const DGRAM: u8 = 1 << 1;
 const CONNECT: u8 = 1 << 2;
 const LISTEN: u8 = 1 << 3;
 const SENDTO: u8 = 1 << 4;
+const ACCEPT: u8 = 1 << 5;
 
 fn kind_bit(k: SockKind) -> u8 {
     match k {
@@ -118,6 +133,7 @@ fn role_bit(r: Role) -> u8 {
         Role::Connect => CONNECT,
         Role::Listen => LISTEN,
         Role::SendTo => SENDTO,
+        Role::Accept => ACCEPT,
     }
 }
 
@@ -182,6 +198,8 @@ mod tests {
                     assert!(!r.matches(&q("11.1.1.1", port, kind, role)));
                 }
             }
+            // Accept queries are for rules that ask for them by name.
+            assert!(!r.matches(&q("10.1.1.1", 80, kind, Role::Accept)));
         }
     }
 
@@ -194,6 +212,7 @@ mod tests {
             Some(Role::Connect),
             Some(Role::Listen),
             Some(Role::SendTo),
+            Some(Role::Accept),
         ];
         let mut exhausted = 5..=6;
         exhausted.by_ref().for_each(drop);
@@ -215,7 +234,7 @@ mod tests {
                     r.ports = ports;
                     let f = Filter::of(&r);
                     for qk in [SockKind::Stream, SockKind::Dgram] {
-                        for qr in [Role::Connect, Role::Listen, Role::SendTo] {
+                        for qr in [Role::Connect, Role::Listen, Role::SendTo, Role::Accept] {
                             for port in [0, 5, 6, 9, 80, 81, 999, 1000, 2000, 2001, u16::MAX] {
                                 let query = q("::1", port, qk, qr);
                                 assert_eq!(
