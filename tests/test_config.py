@@ -69,7 +69,17 @@ def test_full_example_parses():
 BAD = [
     # (text, line, field, words in the message)
     ('[[stack]]\nname = "k"\nkind = "warp"\n', 3, "stack[0].kind", "expected one of kernel"),
-    ('[[stack]]\nname = "k"\nkind = "smoltcp"\n', 3, "stack[0].kind", "not available in this version"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\naddress = "10.7.0.2/24"\n', 1, "stack[0].device", "TAP device name"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "tap:this-name-is-too-long"\naddress = "10.7.0.2/24"\n', 4,
+     "stack[0].device", "at most 15"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\n', 1, "stack[0].address", "prefix length"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2"\n', 5, "stack[0].address", "prefix length"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\ngateway = "fd00::1"\n', 6,
+     "stack[0].gateway", "per family"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nmtu = 70000\n', 6, "stack[0].mtu", "576"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nmac = "zz"\n', 6, "stack[0].mac", "MAC"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nrate_control = "bbr"\n', 6,
+     "stack[0].rate_control", "does not apply to a smoltcp stack"),
     ('[[stack]]\nname = "k"\nkind = "kernel"\nprotocol = "sctp"\n', 4, "stack[0].protocol", "'tcp' or 'mptcp'"),
     ('[[stack]]\nname = "k"\nkind = "kernel"\nspeed = 3\n', 4, "stack[0].speed", "unknown field"),
     ('[[stack]]\nname = "9k"\nkind = "kernel"\n', 2, "stack[0].name", "expected a name"),

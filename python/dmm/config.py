@@ -8,7 +8,7 @@ Example::
 
     [[stack]]
     name = "kernel"
-    kind = "kernel"          # kernel | fillp (smoltcp: not in this version)
+    kind = "kernel"          # kernel | smoltcp | fillp
     protocol = "tcp"         # tcp | mptcp
     io = "syscall"           # syscall | uring
 
@@ -16,6 +16,14 @@ Example::
     name = "mptcp"
     kind = "kernel"
     protocol = "mptcp"
+
+    [[stack]]
+    name = "lan0"
+    kind = "smoltcp"         # user-space TCP/IP over a TAP device
+    device = "tap:dmm0"      # created if absent ("dmm0" works too)
+    address = ["10.77.0.2/24", "fd00:77::2/64"]   # one or several
+    gateway = "10.77.0.1"    # optional, one per family
+    mtu = 1500               # optional (jumbo frames allowed)
 
     [[stack]]
     name = "wan"
@@ -26,17 +34,25 @@ Example::
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6
     ports = "8000-8999"      # optional: a port or a range
     type = "stream"          # optional: stream | dgram
-    role = "connect"         # optional: connect | listen | sendto
+    role = "connect"         # optional: connect | listen | sendto | accept
     priority = 10            # optional: breaks ties between equal prefixes
     stacks = ["mptcp", "kernel"]   # preference order
 
     [listen]
-    stacks = ["kernel"]      # where listening sockets go unless a rule says
+    stacks = ["kernel", "lan0"]   # one listening socket spans all of these
 
-Rules match on the destination (the bind address for listeners); the longest
-prefix wins, then the larger priority, then the earlier rule. A socket that
-no rule matches goes to the first stack declared. Every error names the
-file, the line, the field and what was expected.
+    [[route]]
+    role = "accept"          # which stacks may serve clients from 10.77/16
+    to = "10.77.0.0/16"
+    stacks = ["lan0"]
+
+Rules match on the destination (the bind address for listeners, the
+client's address for ``role = "accept"``); the longest prefix wins, then the
+larger priority, then the earlier rule. A socket that no rule matches goes
+to the first stack declared. Rules without a role never match accepts; an
+accepted connection that arrived on a stack its accept rule does not list
+is refused. Every error names the file, the line, the field and what was
+expected.
 """
 
 from __future__ import annotations
@@ -68,14 +84,11 @@ protocol = "tcp"
 """
 
 _KINDS = ("kernel", "smoltcp", "fillp")
-_NOT_YET = {
-    "smoltcp": "the user-space TCP stack over TAP",
-}
 # Fields each kind takes besides name and kind.
 _FIELDS = {
     "kernel": ("protocol", "io"),
     "fillp": ("rate_control", "address"),
-    "smoltcp": ("device", "address", "gateway", "mtu"),
+    "smoltcp": ("device", "address", "gateway", "mtu", "mac", "buffer_size"),
 }
 _RATE_CONTROLS = ("bbr", "fillp", "fixed")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
@@ -105,6 +118,18 @@ class StackSpec:
     rate_control: str = "bbr"
     #: FillP: the local address its UDP sockets bind to.
     address: str = "0.0.0.0"
+    #: smoltcp: the TAP device's name.
+    device: str = ""
+    #: smoltcp: the instance's addresses with prefix length ("10.77.0.2/24").
+    addresses: tuple[str, ...] = ()
+    #: smoltcp: default gateways, at most one per family.
+    gateways: tuple[str, ...] = ()
+    #: smoltcp: the device MTU.
+    mtu: int = 1500
+    #: smoltcp: the MAC address ("02:..."); derived from the name if empty.
+    mac: str = ""
+    #: smoltcp: receive and send buffer per TCP socket, in bytes.
+    buffer_size: int = 262144
     line: int | None = None
 
 
@@ -289,9 +314,6 @@ class _Validator:
         if kind not in _KINDS:
             raise self.error(self._key_line(start, "kind") if "kind" in raw else start, f"{where}.kind",
                              f"expected one of {', '.join(_KINDS)}, got {kind!r}")
-        if kind in _NOT_YET:
-            raise self.error(self._key_line(start, "kind"), f"{where}.kind",
-                             f"stack kind {kind!r} ({_NOT_YET[kind]}) is not available in this version of dmm")
         for key in raw:
             if key not in ("name", "kind") and key not in _FIELDS[kind]:
                 raise self.error(self._key_line(start, key), f"{where}.{key}",
@@ -306,6 +328,8 @@ class _Validator:
         if rate not in _RATE_CONTROLS:
             raise self.error(self._key_line(start, "rate_control"), f"{where}.rate_control",
                              f"expected one of {', '.join(_RATE_CONTROLS)}, got {rate!r}")
+        if kind == "smoltcp":
+            return self.smoltcp(raw, start, where, name)
         address = raw.get("address", "0.0.0.0")
         try:
             if kind == "fillp":
@@ -314,6 +338,53 @@ class _Validator:
             raise self.error(self._key_line(start, "address"), f"{where}.address",
                              f"expected an IP address to bind to, got {address!r}") from None
         return StackSpec(name=name, kind=kind, protocol=protocol, io=io, rate_control=rate, address=address, line=start)
+
+    def smoltcp(self, raw: dict[str, Any], start: int | None, where: str, name: str) -> StackSpec:
+        line = lambda key: self._key_line(start, key) if key in raw else start  # noqa: E731
+        device = raw.get("device")
+        if isinstance(device, str) and device.startswith("tap:"):
+            device = device[4:]
+        if not isinstance(device, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", device):
+            raise self.error(line("device"), f"{where}.device",
+                             f"expected a TAP device name such as \"tap:dmm0\" (at most 15 characters), got {raw.get('device')!r}")
+        addrs = raw.get("address")
+        addrs = [addrs] if isinstance(addrs, str) else addrs
+        if not isinstance(addrs, list) or not addrs:
+            raise self.error(line("address"), f"{where}.address",
+                             f"expected an address with prefix length such as \"10.77.0.2/24\", or a list of them, got {raw.get('address')!r}")
+        families = set()
+        for a in addrs:
+            try:
+                iface = ipaddress.ip_interface(a)
+            except (ValueError, TypeError):
+                iface = None
+            if iface is None or not isinstance(a, str) or "/" not in a:
+                raise self.error(line("address"), f"{where}.address",
+                                 f"expected an address with prefix length such as \"10.77.0.2/24\", got {a!r}")
+            families.add(iface.version)
+        gws = raw.get("gateway", [])
+        gws = [gws] if isinstance(gws, str) else gws
+        seen = set()
+        for g in gws if isinstance(gws, list) else [gws]:
+            try:
+                version = ipaddress.ip_address(g).version
+            except (ValueError, TypeError):
+                version = None
+            if version is None or version not in families or version in seen:
+                raise self.error(line("gateway"), f"{where}.gateway",
+                                 f"expected at most one gateway address per family the instance has an address in, got {raw.get('gateway')!r}")
+            seen.add(version)
+        mtu = raw.get("mtu", 1500)
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 65521:
+            raise self.error(line("mtu"), f"{where}.mtu", f"expected an integer from 576 to 65521, got {mtu!r}")
+        mac = raw.get("mac", "")
+        if not isinstance(mac, str) or (mac and not re.fullmatch(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", mac)):
+            raise self.error(line("mac"), f"{where}.mac", f"expected a MAC address like \"02:00:00:00:00:01\", got {mac!r}")
+        size = raw.get("buffer_size", 262144)
+        if not isinstance(size, int) or isinstance(size, bool) or not 4096 <= size <= 1 << 30:
+            raise self.error(line("buffer_size"), f"{where}.buffer_size", f"expected bytes from 4096 to 1 GiB, got {size!r}")
+        return StackSpec(name=name, kind="smoltcp", device=device, addresses=tuple(addrs), gateways=tuple(gws),
+                         mtu=mtu, mac=mac, buffer_size=size, line=start)
 
     def stack_list(self, raw: Any, fld: str, line: int | None, names: list[str]) -> tuple[str, ...]:
         if not isinstance(raw, list) or not raw or not all(isinstance(s, str) for s in raw):
@@ -346,8 +417,9 @@ class _Validator:
         if typ not in (None, "stream", "dgram"):
             raise self.error(line("type"), f"{where}.type", f"expected 'stream' or 'dgram', got {typ!r}")
         role = raw.get("role")
-        if role not in (None, "connect", "listen", "sendto"):
-            raise self.error(line("role"), f"{where}.role", f"expected 'connect', 'listen' or 'sendto', got {role!r}")
+        if role not in (None, "connect", "listen", "sendto", "accept"):
+            raise self.error(line("role"), f"{where}.role",
+                             f"expected 'connect', 'listen', 'sendto' or 'accept', got {role!r}")
         priority = raw.get("priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool) or not -(2**31) <= priority < 2**31:
             raise self.error(line("priority"), f"{where}.priority", f"expected an integer, got {priority!r}")
