@@ -3,8 +3,9 @@
 Needs no set-up: everything runs over loopback in this process. The demo
 configures two kernel instances, plain TCP (``kernel``) and Multipath TCP
 (``mptcp``), and a FillP instance over UDP (``wan``), with routes that send
-127.0.0.2 to MPTCP and 127.0.0.3 to FillP. One kernel listening socket serves
-TCP and MPTCP clients; a FillP listener takes the same port number on UDP.
+127.0.0.2 to MPTCP and 127.0.0.3 to FillP. One listening socket serves them
+all: its kernel member is MPTCP (which accepts plain TCP too), and its FillP
+member takes the same port number on UDP.
 Each client sends the same amount of data; the table shows which stack
 carried each connection, who decided, and how fast it went.
 """
@@ -46,7 +47,7 @@ to = "127.0.0.3/32"
 stacks = ["wan", "kernel"]
 
 [listen]
-stacks = ["mptcp", "kernel"]
+stacks = ["mptcp", "wan"]
 """
 
 _CHUNK = 256 * 1024
@@ -97,28 +98,14 @@ def run_demo(size_mib: int = 64, config: Optional[str] = None) -> int:
     for r in cfg.routes:
         print(f"  route[{r.index}]: {r.describe()}")
 
+    # One listening socket spans every stack [listen] names: the kernel
+    # (an MPTCP listener also takes plain TCP) and FillP on the same port.
     listener = dsocket.create_server(("0.0.0.0", 0))
     port = listener.getsockname()[1]
-    listeners = [listener]
-    print(f"server: listening on TCP port {port}, stack {listener.dmm_stack}")
-    fillp = [name for name, inst in runtime.get().stacks.items() if inst.kind == "fillp"]
-    if fillp:
-        udp = dsocket.socket(stack=fillp[0])
-        udp.bind(("0.0.0.0", port))
-        udp.listen()
-        listeners.append(udp)
-        print(f"server: listening on UDP port {port}, stack {udp.dmm_stack}")
+    print(f"server: one listening socket on port {port}, stacks {', '.join(listener.dmm_stacks)}")
     results: dict = {}
-    expected_per = {id(lst): 0 for lst in listeners}
-    for dest in targets:
-        req = policy.Request("connect", _std.AF_INET, _std.SOCK_STREAM, dest, port)
-        stack = runtime.get().decide(req).stack
-        on_fillp = runtime.get().stacks[stack].kind == "fillp"
-        expected_per[id(listeners[-1] if on_fillp else listeners[0])] += 1
-    servers = [threading.Thread(target=_serve, args=(lst, expected_per[id(lst)], results), daemon=True)
-               for lst in listeners]
-    for server in servers:
-        server.start()
+    server = threading.Thread(target=_serve, args=(listener, len(targets), results), daemon=True)
+    server.start()
 
     payload = bytes(range(256)) * (_CHUNK // 256)
     total = size_mib * 1024 * 1024
@@ -150,10 +137,8 @@ def run_demo(size_mib: int = 64, config: Optional[str] = None) -> int:
             counters = sock.dmm_counters()
             rows.append((dest, sock.dmm_stack, outcome.source, proto,
                          sent, elapsed, counters.get("rtt_us"), digest == expected.digest(), local_port))
-    for server in servers:
-        server.join(timeout=30)
-    for lst in listeners:
-        lst.close()
+    server.join(timeout=30)
+    listener.close()
 
     print()
     header = f"{'client -> server':<22} {'stack':<8} {'decided by':<12} {'proto':<6} {'MiB':>5} {'seconds':>8} {'Gbit/s':>7} {'rtt us':>7} {'sha256':>7} {'server saw':<12}"

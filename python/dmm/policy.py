@@ -16,6 +16,26 @@ Hooks run in registration order at ``connect()``, ``listen()`` and the first
 ``sendto()``. A hook that raises, or returns something that is not a
 decision, is logged and ignored: the routing table decides and the
 application carries on.
+
+For a listener the answer may name several stacks: the listening socket then
+listens on every one of them that can carry it (see ``[listen]`` in
+:mod:`dmm.config`).
+
+Hooks registered with ``roles=("accept",)`` (or ``roles=None``, every role)
+also run for each connection a listener accepts. ``Request.address`` is then
+the client's address, ``Request.port`` the listener's port and
+``Request.stack`` the stack the connection arrived on; the answer lists the
+stacks allowed to serve that client, and a connection that arrived on any
+other stack is refused (closed at once)::
+
+    @dmm.policy.register(roles=("accept",))
+    def lan_clients_on_lan0(req):
+        if ipaddress.ip_address(req.address) in LAN:
+            return "lan0"
+        return "kernel"
+
+Accept is opt-in so that a hook written for outgoing connections, which may
+return a stack name whatever it is asked, never refuses clients.
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 __all__ = [
+    "DEFAULT_ROLES",
     "Decision",
     "Hook",
     "Request",
@@ -42,20 +63,23 @@ log = logging.getLogger("dmm.policy")
 class Request:
     """What a hook sees about the socket being routed."""
 
-    #: ``"connect"``, ``"listen"`` or ``"sendto"``.
+    #: ``"connect"``, ``"listen"``, ``"sendto"`` or ``"accept"``.
     role: str
     #: ``socket.AF_INET`` or ``socket.AF_INET6``.
     family: int
     #: ``socket.SOCK_STREAM`` or ``socket.SOCK_DGRAM``.
     type: int
-    #: The numeric destination address (the bind address for listeners).
+    #: The numeric destination address (the bind address for listeners, the
+    #: client's address for accepts).
     address: str
-    #: The destination port (the bind port for listeners).
+    #: The destination port (the bind port for listeners and accepts).
     port: int
     #: The host name the application gave, when it gave one.
     host: Optional[str] = None
     #: Application properties set with ``properties=`` or ``DMM_PROPERTIES``.
     properties: Mapping[str, Any] = field(default_factory=dict)
+    #: For accepts: the stack the connection arrived on.
+    stack: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -74,49 +98,73 @@ class Decision:
 
 Hook = Callable[[Request], Union[None, str, Sequence[str], Decision]]
 
+#: The roles a hook runs for unless it says otherwise.
+DEFAULT_ROLES = frozenset({"connect", "listen", "sendto"})
+_ROLES = DEFAULT_ROLES | {"accept"}
+
 _lock = threading.Lock()
-_hooks: tuple[tuple[str, Hook], ...] = ()
+# (label, hook, roles): an immutable tuple, replaced whole, so readers need no lock.
+_hooks: tuple[tuple[str, Hook, frozenset[str]], ...] = ()
+#: Whether some hook runs for accepts (read on every accept, so kept apart).
+accept_hooks = False
 
 
-def register(hook: Hook, *, name: Optional[str] = None) -> Hook:
-    """Adds a hook (also usable as a decorator); returns it unchanged."""
-    global _hooks
+def register(hook: Optional[Hook] = None, *, name: Optional[str] = None,
+             roles: Optional[Sequence[str]] = tuple(DEFAULT_ROLES)) -> Any:
+    """Adds a hook; returns it unchanged.
+
+    Usable as ``register(fn)``, ``@register`` or ``@register(roles=...)``.
+    ``roles``: the calls the hook is asked about (default connect, listen and
+    sendto; ``None`` means all, accept included).
+    """
+    wanted = _ROLES if roles is None else frozenset(roles)
+    if isinstance(roles, str) or not wanted <= _ROLES or not wanted:
+        raise ValueError(f"roles must be a non-empty list drawn from {sorted(_ROLES)}, got {roles!r}")
+    if hook is None:
+        return lambda fn: register(fn, name=name, roles=roles)
+    global _hooks, accept_hooks
     if not callable(hook):
         raise TypeError(f"a policy hook must be callable, got {hook!r}")
     label = name or getattr(hook, "__qualname__", None) or repr(hook)
     with _lock:
-        _hooks = _hooks + ((label, hook),)
+        _hooks = _hooks + ((label, hook, wanted),)
+        accept_hooks = any("accept" in h[2] for h in _hooks)
     return hook
 
 
 def unregister(hook: Hook) -> None:
     """Removes a hook; ``ValueError`` if it was not registered."""
-    global _hooks
+    global _hooks, accept_hooks
     with _lock:
         kept = tuple(h for h in _hooks if h[1] is not hook)
         if len(kept) == len(_hooks):
             raise ValueError(f"{hook!r} is not a registered policy hook")
         _hooks = kept
+        accept_hooks = any("accept" in h[2] for h in _hooks)
 
 
 def clear() -> None:
     """Removes every hook."""
-    global _hooks
+    global _hooks, accept_hooks
     with _lock:
         _hooks = ()
+        accept_hooks = False
 
 
 def hooks() -> tuple[tuple[str, Hook], ...]:
     """The registered hooks as ``(name, hook)`` pairs, in the order they run."""
-    return _hooks
+    return tuple((label, hook) for label, hook, _roles in _hooks)
 
 
 def ask(request: Request) -> Optional[tuple[str, Decision]]:
-    """Runs the hooks in order; the first answer wins, as ``(hook name, decision)``.
+    """Runs the hooks that asked for ``request.role``, in order; the first
+    answer wins, as ``(hook name, decision)``.
 
     Never raises because of a hook: failures are logged and skipped.
     """
-    for label, hook in _hooks:
+    for label, hook, roles in _hooks:
+        if request.role not in roles:
+            continue
         try:
             answer = hook(request)
         except Exception:  # a hook must never take the application down

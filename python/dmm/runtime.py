@@ -12,7 +12,13 @@ Order of a decision, first answer wins:
 5. the default route (the first stack declared).
 
 Within an answer the first stack that can carry the socket wins; if none
-can, the next source is asked.
+can, the next source is asked. A listener whose answer comes from a hook or
+from ``[listen]`` listens on *every* stack of the answer that can carry it
+(``Outcome.stacks``); routing rules keep their fallback meaning.
+
+Connections a listener accepts are admitted by :meth:`Runtime.admit`: hooks
+registered for the ``accept`` role, then rules with ``role = "accept"``
+matched on the client's address; no answer admits the client.
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class Outcome:
     source: str
     reason: str
     trace: list[str] = field(default_factory=list)
+    #: Every stack a listener listens on (the chosen one first); else ``(stack,)``.
+    stacks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.stacks:
+            self.stacks = (self.stack,)
 
 
 class Runtime:
@@ -62,6 +74,8 @@ class Runtime:
         # With one stack, no rules and no [listen], every answer is that stack
         # unless a hook or an override says otherwise: skip the table.
         self.only = self.order[0] if len(self.order) == 1 and not config.routes and not config.listen else None
+        #: Whether accepted connections need an admission check at all.
+        self.accept_rules = any(r.role == "accept" for r in config.routes)
         # The built-in default: one plain kernel TCP instance with syscalls.
         # Then no socket can ever change protocol or leave the kernel, so
         # sockets need neither an option log nor an attach step.
@@ -84,9 +98,10 @@ class Runtime:
             answer = policy.ask(request)
             if answer is not None:
                 label, decision = answer
-                chosen = self._first_capable(decision.stacks, request, trace, f"hook {label}")
-                if chosen is not None:
-                    return Outcome(chosen, f"hook {label}", decision.reason or "the hook chose it", trace)
+                capable = self._capable(decision.stacks, request, trace, f"hook {label}")
+                if capable:
+                    return Outcome(capable[0], f"hook {label}", decision.reason or "the hook chose it", trace,
+                                   self._listeners(capable, trace) if request.role == "listen" else ())
             elif explain:
                 trace.append("hooks: every hook returned None")
 
@@ -94,9 +109,10 @@ class Runtime:
             return Outcome(self.only, "default", "the only stack configured", trace)
 
         if request.role == "listen" and self.config.listen:
-            chosen = self._first_capable(self.config.listen, request, trace, "[listen]")
-            if chosen is not None:
-                return Outcome(chosen, "[listen]", "the [listen] section of the config", trace)
+            capable = self._capable(self.config.listen, request, trace, "[listen]")
+            if capable:
+                return Outcome(capable[0], "[listen]", "the [listen] section of the config", trace,
+                               self._listeners(capable, trace))
 
         tag, ids = self.router.lookup(request.address, request.port, _KIND.get(request.type, "stream"), request.role)
         if tag is not None:
@@ -118,6 +134,23 @@ class Runtime:
             return Outcome(chosen, "default", "no rule matched: the first capable stack declared", trace)
         raise OSError(errno.EPROTONOSUPPORT, "dmm: no configured stack can carry this socket")
 
+    def admit(self, request: policy.Request) -> Optional[Outcome]:
+        """Which stacks may serve an accepted client (``request.role`` is
+        ``"accept"``, ``request.stack`` where it arrived). ``None`` when no
+        hook or rule has an opinion: the client is admitted."""
+        if policy.accept_hooks:
+            answer = policy.ask(request)
+            if answer is not None:
+                label, decision = answer
+                return Outcome(decision.stacks[0], f"hook {label}", decision.reason or "the hook chose it",
+                               stacks=tuple(decision.stacks))
+        if self.accept_rules:
+            tag, ids = self.router.lookup(request.address, request.port, _KIND.get(request.type, "stream"), "accept")
+            if tag is not None:
+                names = tuple(self.order[i] for i in ids)
+                return Outcome(names[0], f"route[{tag}]", self.config.routes[tag].describe(), stacks=names)
+        return None
+
     def _first_capable(self, names, request: policy.Request, trace: list[str], source: str) -> Optional[str]:
         for name in names:
             inst = self.stacks.get(name)
@@ -129,6 +162,27 @@ class Runtime:
                 return name
             trace.append(f"{source}: {name} cannot carry it ({why}); next")
         return None
+
+    def _listeners(self, names: tuple[str, ...], trace: list[str]) -> tuple[str, ...]:
+        """The stacks a listener spans: at most one kernel instance (the first
+        named; a kernel port has one listener, and an MPTCP listener accepts
+        plain TCP too), and every user-space one."""
+        kernel = [n for n in names if self.stacks[n].kind == "kernel"]
+        for extra in kernel[1:]:
+            trace.append(f"listen: {extra} skipped, {kernel[0]} is the kernel listener for this port")
+        return tuple(n for n in names if n == kernel[0] or self.stacks[n].kind != "kernel") if kernel else names
+
+    def _capable(self, names, request: policy.Request, trace: list[str], source: str) -> tuple[str, ...]:
+        """Every stack of ``names`` that can carry the socket, in order."""
+        found = []
+        rest = list(names)
+        while rest:
+            name = self._first_capable(rest, request, trace, source)
+            if name is None:
+                break
+            found.append(name)
+            rest = rest[rest.index(name) + 1:]
+        return tuple(found)
 
 
 _lock = threading.Lock()

@@ -141,7 +141,14 @@ class socket(_StdSocket):
         else:
             request = _policy.Request(role=role, family=family, type=_raw_type(self), address=host.partition("%")[0],
                                       port=port, host=self._dmm_host, properties=dict(self._dmm_props))
-            name = rt.decide(request, self._dmm_override).stack
+            outcome = rt.decide(request, self._dmm_override)
+            name = outcome.stack
+            if len(outcome.stacks) > 1:
+                # Listens on several stacks: the members are made by listen().
+                self._dmm_core = _ListenGroup(rt, outcome.stacks)
+                self._dmm_stack = name
+                self.__class__ = _with_mixin(type(self), _MultiListenMethods)
+                return address
         rt.stacks[name].attach(self, role)
         self._dmm_stack = name
         self._dmm_opts = None
@@ -154,7 +161,7 @@ class socket(_StdSocket):
         timeout = self.gettimeout()
         bound = None
         try:
-            local = self.getsockname()
+            local = _StdSocket.getsockname(self)
             if local[1] != 0:
                 bound = local
         except OSError:
@@ -233,6 +240,8 @@ class socket(_StdSocket):
             except OSError:
                 local = ("::" if self.family == _std.AF_INET6 else "0.0.0.0", 0)
             self._dmm_route("listen", local)
+            if isinstance(self, _MultiListenMethods):
+                return _MultiListenMethods.listen(self, *backlog)
             if isinstance(self, _UserSpaceMethods):
                 return _UserSpaceMethods.listen(self, *backlog)
         return super().listen(*backlog)
@@ -254,22 +263,11 @@ class socket(_StdSocket):
         return super().sendmsg(buffers, *args)
 
     def accept(self):
-        fd, addr = self._accept()
-        # Plain ints for the new socket: the stdlib's enum properties cost
-        # more than the rest of the bookkeeping here.
-        sock = socket(_raw_family(self), _raw_type(self), self.proto, fileno=fd)
-        if self.gettimeout() and _std.getdefaulttimeout() is None:
-            sock.setblocking(True)
-        name = self._dmm_stack
-        if name:
-            sock._dmm_stack = name
-            inst = (_runtime._runtime or _runtime.get()).stacks.get(name)
-            if inst is not None:
-                inst.count("accept")
-                if inst.kind == "kernel" and inst.io == "uring":
-                    kind = "stream" if _raw_type(self) == _std.SOCK_STREAM else "dgram"
-                    sock._dmm_use_core(inst.core.adopt(sock.fileno(), _raw_family(sock), kind))
-        return sock, addr
+        while True:
+            fd, addr = self._accept()
+            sock = _adopt_kernel(self, fd, self._dmm_stack)
+            if _admitted(self, sock, addr):
+                return sock, addr
 
     def dup(self):
         sock = super().dup()
@@ -325,6 +323,12 @@ class socket(_StdSocket):
         return self._dmm_stack or None
 
     @property
+    def dmm_stacks(self):
+        """Every stack the socket is on: one, or several for a listener that
+        spans stacks (``()`` before the decision)."""
+        return (self._dmm_stack,) if self._dmm_stack else ()
+
+    @property
     def dmm_properties(self):
         """Application properties that policy hooks see (a mutable dict)."""
         return self._dmm_props
@@ -377,13 +381,21 @@ class _CoreMethods:
             super()._real_close(*args)
 
 
-def _not_supported(name):
+def _refusing(name, code, why, doc):
+    """A method ``name`` that raises ``OSError(code)``; ``why`` is formatted
+    with ``name`` and ``stack``."""
+
     def method(self, *args, **kwargs):
-        raise OSError(_errno.EOPNOTSUPP, f"{name}() is not supported on a {self._dmm_stack} socket")
+        raise OSError(code, why.format(name=name, stack=self._dmm_stack))
 
     method.__name__ = name
-    method.__doc__ = "Not supported on user-space stacks: raises OSError(EOPNOTSUPP)."
+    method.__doc__ = doc
     return method
+
+
+def _not_supported(name):
+    return _refusing(name, _errno.EOPNOTSUPP, "{name}() is not supported on a {stack} socket",
+                     "Not supported on user-space stacks: raises OSError(EOPNOTSUPP).")
 
 
 class _UserSpaceMethods(_CoreMethods):
@@ -417,16 +429,11 @@ class _UserSpaceMethods(_CoreMethods):
         return self._dmm_core.listen(backlog[0] if backlog else 128)
 
     def accept(self):
-        core, addr = self._dmm_core.accept()
-        sock = socket(_raw_family(self), _raw_type(self), self.proto)
-        sock._dmm_stack = self._dmm_stack
-        if _std.getdefaulttimeout() is None and self.gettimeout():
-            sock.setblocking(True)
-        sock._dmm_use_userspace(core)
-        inst = _runtime.get().stacks.get(self._dmm_stack)
-        if inst is not None:
-            inst.count("accept")
-        return sock, addr
+        while True:
+            core, addr = self._dmm_core.accept()
+            sock = _adopt_core(self, core, self._dmm_stack)
+            if _admitted(self, sock, addr):
+                return sock, addr
 
     def sendto(self, data, *args):
         flags, address = (0, args[0]) if len(args) == 1 else args
@@ -468,6 +475,260 @@ class _UserSpaceMethods(_CoreMethods):
     sendmsg = _not_supported("sendmsg")
     recvmsg = _not_supported("recvmsg")
     recvmsg_into = _not_supported("recvmsg_into")
+    dup = _not_supported("dup")
+
+
+def _adopt_kernel(listener, fd, name):
+    """The dmm socket for a kernel connection ``fd`` accepted on stack ``name``."""
+    # Plain ints for the new socket: the stdlib's enum properties cost more
+    # than the rest of the bookkeeping here.
+    sock = socket(_raw_family(listener), _raw_type(listener), listener.proto, fileno=fd)
+    if listener.gettimeout() and _std.getdefaulttimeout() is None:
+        sock.setblocking(True)
+    if name:
+        sock._dmm_stack = name
+        inst = (_runtime._runtime or _runtime.get()).stacks.get(name)
+        if inst is not None:
+            inst.count("accept")
+            if inst.kind == "kernel" and inst.io == "uring":
+                kind = "stream" if _raw_type(listener) == _std.SOCK_STREAM else "dgram"
+                sock._dmm_use_core(inst.core.adopt(sock.fileno(), _raw_family(sock), kind))
+    return sock
+
+
+def _adopt_core(listener, core, name):
+    """The dmm socket for a user-space connection ``core`` accepted on ``name``."""
+    sock = socket(_raw_family(listener), _raw_type(listener), listener.proto)
+    sock._dmm_stack = name
+    if _std.getdefaulttimeout() is None and listener.gettimeout():
+        sock.setblocking(True)
+    sock._dmm_use_userspace(core)
+    inst = _runtime.get().stacks.get(name)
+    if inst is not None:
+        inst.count("accept")
+    return sock
+
+
+def _admitted(listener, sock, addr):
+    """Whether the accept policy lets ``sock``'s stack serve the client at
+    ``addr``; a refused connection is reset and counted."""
+    rt = _runtime._runtime
+    if rt is None or not (_policy.accept_hooks or rt.accept_rules) or not sock._dmm_stack:
+        return True
+    try:
+        port = listener.getsockname()[1]
+    except OSError:
+        port = 0
+    request = _policy.Request(role="accept", family=_raw_family(sock), type=_raw_type(sock),
+                              address=addr[0].partition("%")[0], port=port, stack=sock._dmm_stack)
+    outcome = rt.admit(request)
+    if outcome is None or sock._dmm_stack in outcome.stacks:
+        return True
+    inst = rt.stacks.get(sock._dmm_stack)
+    if inst is not None:
+        inst.count_refused()
+    try:
+        # Linger 0: the client sees a reset, not an orderly close.
+        sock.setsockopt(_std.SOL_SOCKET, _std.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+    return False
+
+
+class _ListenGroup:
+    """The member listeners of one dmm socket that listens on several stacks.
+
+    The dmm socket's fd becomes an epoll fd watching every member (a kernel
+    listening socket, and the readiness fds of user-space listeners), so it
+    polls readable when any member has a connection waiting, and
+    ``selectors``, ``socketserver`` and asyncio work on it unchanged.
+    """
+
+    __slots__ = ("runtime", "names", "members", "epoll", "next")
+
+    def __init__(self, runtime, names):
+        self.runtime = runtime
+        self.names = tuple(names)
+        self.members = []  # (name, kernel _socket.socket or None, core socket or None)
+        self.epoll = None
+        self.next = 0  # round robin, so one busy stack cannot starve another
+
+    def open(self, sock, backlog):
+        """Makes the members listen, then puts the epoll fd under ``sock``'s number."""
+        import select
+
+        family = _raw_family(sock)
+        if _StdSocket.getsockname(sock)[1] == 0:
+            _StdSocket.bind(sock, ("::" if family == _std.AF_INET6 else "0.0.0.0", 0))
+        host, port = _StdSocket.getsockname(sock)[:2]
+        kernel = None
+        try:
+            for name in self.names:
+                inst = self.runtime.stacks[name]
+                if inst.kind == "kernel":
+                    if kernel is not None:
+                        continue  # one kernel listener per port; the first named wins
+                    kernel = name
+                    continue
+                core = inst.listener(family, (host, port), backlog)
+                core.settimeout(0.0)
+                self.members.append((name, None, core))
+            if kernel is not None:
+                # The kernel member is the socket itself, moved to a new fd.
+                self.runtime.stacks[kernel].attach(sock, "listen")
+                _StdSocket.listen(sock, backlog)
+                ksock = _socket.socket(fileno=_os.dup(sock.fileno()))
+                ksock.setblocking(False)
+                self.members.insert(0, (kernel, ksock, None))
+            self.epoll = select.epoll()
+            for _name, ksock, core in self.members:
+                self.epoll.register(ksock.fileno() if ksock is not None else core.poll_fd(), select.EPOLLIN)
+            _os.dup2(self.epoll.fileno(), sock.fileno(), inheritable=sock.get_inheritable())
+        except BaseException:
+            self.close()
+            raise
+        for name, _ksock, core in self.members:
+            if core is not None:
+                self.runtime.stacks[name].count("listen")
+
+    def accept_one(self):
+        """The next waiting connection from any member, or ``None``."""
+        n = len(self.members)
+        for i in range(n):
+            name, ksock, core = self.members[(self.next + i) % n]
+            try:
+                if ksock is not None:
+                    fd, addr = ksock._accept()
+                    conn = (name, fd, None, addr)
+                else:
+                    conn_core, addr = core.accept()
+                    conn = (name, None, conn_core, addr)
+            except (BlockingIOError, InterruptedError):
+                continue
+            self.next = (self.next + i + 1) % n
+            return conn
+        return None
+
+    def close(self):
+        for _name, ksock, core in self.members:
+            try:
+                if ksock is not None:
+                    ksock.close()
+                else:
+                    core.close()
+            except OSError:
+                pass
+        self.members = []
+        if self.epoll is not None:
+            self.epoll.close()
+            self.epoll = None
+
+
+def _listening(name):
+    return _refusing(name, _errno.ENOTCONN, "{name}() on a listening socket",
+                     "A listening socket has no peer: raises OSError(ENOTCONN).")
+
+
+class _MultiListenMethods:
+    """A socket listening on several stacks at once (``_dmm_core`` is its
+    :class:`_ListenGroup`). ``accept()`` returns the next connection from any
+    of them, as a dmm socket of the stack it arrived on."""
+
+    __slots__ = ()
+
+    def listen(self, *backlog):
+        group = self._dmm_core
+        if group.epoll is None:
+            group.open(self, backlog[0] if backlog else 128)
+
+    def accept(self):
+        import time
+
+        group = self._dmm_core
+        if group.epoll is None:
+            raise OSError(_errno.EINVAL, "Invalid argument")
+        timeout = self.gettimeout()
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            conn = group.accept_one()
+            if conn is not None:
+                name, fd, core, addr = conn
+                sock = _adopt_kernel(self, fd, name) if fd is not None else _adopt_core(self, core, name)
+                if _admitted(self, sock, addr):
+                    return sock, addr
+                continue
+            if timeout == 0.0:
+                raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
+            wait = -1 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and wait <= 0:
+                raise TimeoutError("timed out")
+            group.epoll.poll(wait)  # EINTR: handlers run, then it retries (PEP 475)
+
+    def getsockname(self):
+        name, ksock, core = self._dmm_core.members[0]
+        return ksock.getsockname() if ksock is not None else core.getsockname()
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        if level == SOL_DMM:
+            return socket.setsockopt(self, level, optname, value)
+        for _name, ksock, core in self._dmm_core.members:
+            if ksock is not None:
+                ksock.setsockopt(level, optname, value) if optlen is None else ksock.setsockopt(level, optname, value, optlen)
+            else:
+                raw = value.to_bytes(4, _sys.byteorder, signed=True) if isinstance(value, int) else bytes(value)
+                try:
+                    core.setsockopt(level, optname, raw)
+                except OSError as exc:
+                    if exc.errno != _errno.ENOPROTOOPT:
+                        raise
+
+    def getsockopt(self, level, optname, buflen=None):
+        if level == SOL_DMM:
+            return socket.getsockopt(self, level, optname, buflen)
+        _name, ksock, core = self._dmm_core.members[0]
+        if ksock is not None:
+            return ksock.getsockopt(level, optname) if buflen is None else ksock.getsockopt(level, optname, buflen)
+        raw = core.getsockopt(level, optname, buflen or 4)
+        return int.from_bytes(raw[:4], _sys.byteorder, signed=True) if buflen is None else raw
+
+    def settimeout(self, value):
+        _StdSocket.settimeout(self, value)
+
+    def setblocking(self, flag):
+        _StdSocket.setblocking(self, flag)
+
+    def shutdown(self, how):
+        for _name, ksock, core in self._dmm_core.members:
+            ksock.shutdown(how) if ksock is not None else core.shutdown(how)
+
+    def _real_close(self, *args):
+        try:
+            self._dmm_core.close()
+        finally:
+            _StdSocket._real_close(self, *args)
+
+    @property
+    def dmm_stacks(self):
+        return self._dmm_core.names if not self._dmm_core.members else tuple(m[0] for m in self._dmm_core.members)
+
+    def dmm_counters(self):
+        return {}
+
+    getpeername = _listening("getpeername")
+    connect = _listening("connect")
+    connect_ex = _listening("connect_ex")
+    send = _listening("send")
+    sendall = _listening("sendall")
+    sendto = _listening("sendto")
+    sendmsg = _listening("sendmsg")
+    sendfile = _listening("sendfile")
+    recv = _listening("recv")
+    recv_into = _listening("recv_into")
+    recvfrom = _listening("recvfrom")
+    recvfrom_into = _listening("recvfrom_into")
+    recvmsg = _listening("recvmsg")
+    recvmsg_into = _listening("recvmsg_into")
     dup = _not_supported("dup")
 
 

@@ -48,6 +48,19 @@ class StackInstance:
         """Instance-wide counters."""
         raise NotImplementedError
 
+    def count(self, role: str) -> None:
+        """Counts a socket taken over in ``role`` (connect, listen, accept, sendto)."""
+        raise NotImplementedError
+
+    def count_refused(self) -> None:
+        """Counts a connection the accept policy refused."""
+        raise NotImplementedError
+
+    def listener(self, family: int, address: tuple, backlog: int) -> Any:
+        """User-space kinds: a core socket listening on ``address``'s port,
+        for a dmm socket that listens on several stacks at once."""
+        raise NotImplementedError
+
 
 class KernelInstance(StackInstance):
     """The kernel's TCP/IP (or MPTCP) stack.
@@ -67,7 +80,7 @@ class KernelInstance(StackInstance):
         self.io = self.core.io
         self._stream_proto = IPPROTO_MPTCP if spec.protocol == "mptcp" else _stdsocket.IPPROTO_TCP
         # itertools.count: next() is atomic under the GIL and cheaper than a lock.
-        self._counts = {key: itertools.count() for key in ("sockets", *_ROLE_KEYS.values())}
+        self._counts = {key: itertools.count() for key in ("sockets", "policy_refused", *_ROLE_KEYS.values())}
 
     def can_carry(self, family: int, type: int) -> Optional[str]:
         if family not in _INET:
@@ -94,6 +107,10 @@ class KernelInstance(StackInstance):
         next(counts["sockets"])
         next(counts[_ROLE_KEYS[role]])
 
+    def count_refused(self) -> None:
+        """Counts a connection the accept policy refused."""
+        next(self._counts["policy_refused"])
+
     def describe(self) -> str:
         return self.core.describe()
 
@@ -116,7 +133,7 @@ class FillpInstance(StackInstance):
         self.rate_control = spec.rate_control
         self.address = spec.address
         self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address)
-        self._counts = {key: itertools.count() for key in ("sockets", *_ROLE_KEYS.values())}
+        self._counts = {key: itertools.count() for key in ("sockets", "policy_refused", *_ROLE_KEYS.values())}
         self._family = _stdsocket.AF_INET6 if ":" in spec.address else _stdsocket.AF_INET
 
     def can_carry(self, family: int, type: int) -> Optional[str]:
@@ -137,10 +154,26 @@ class FillpInstance(StackInstance):
         sock._dmm_use_userspace(core)
         self.count(role)
 
+    def listener(self, family: int, address: tuple, backlog: int) -> Any:
+        """A core socket listening on ``address``'s port, for a dmm socket
+        that listens on several stacks."""
+        core = self.core.socket(self._family, "stream")
+        try:
+            core.bind((self.address if address[0] in ("0.0.0.0", "::") else address[0], address[1]))
+            core.listen(backlog)
+        except BaseException:
+            core.close()
+            raise
+        return core
+
     def count(self, role: str) -> None:
         """Counts a socket taken over in ``role``."""
         next(self._counts["sockets"])
         next(self._counts[_ROLE_KEYS[role]])
+
+    def count_refused(self) -> None:
+        """Counts a connection the accept policy refused."""
+        next(self._counts["policy_refused"])
 
     def describe(self) -> str:
         return self.core.describe()
