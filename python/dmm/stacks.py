@@ -2,8 +2,8 @@
 
 Each instance wraps its Rust core object and knows how to take over a
 ``dmm.socket.socket`` once the router has chosen it (:meth:`attach`). The
-kernel and FillP kinds exist; the user-space TCP stack plugs in here with the
-same methods.
+kernel kind keeps the socket's own fd; the user-space kinds (FillP, smoltcp)
+hand the socket to a Rust core socket.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Optional
 from . import _core
 from .config import StackSpec
 
-__all__ = ["IPPROTO_MPTCP", "FillpInstance", "KernelInstance", "StackInstance", "make_instance"]
+__all__ = ["IPPROTO_MPTCP", "FillpInstance", "KernelInstance", "SmolInstance", "StackInstance",
+           "UserSpaceInstance", "make_instance"]
 
 #: ``IPPROTO_MPTCP`` (CPython exposes it only from 3.10 on some builds).
 IPPROTO_MPTCP = getattr(_stdsocket, "IPPROTO_MPTCP", 262)
@@ -27,10 +28,17 @@ _ROLE_KEYS = {"connect": "connects", "listen": "listens", "accept": "accepts", "
 
 
 class StackInstance:
-    """Interface of a stack instance (documentation and ``isinstance`` only)."""
+    """A stack instance as the facade sees it: what it can carry, how it takes
+    over a socket, and counters kept in Python (sockets by role, refusals)."""
 
     name: str
     kind: str
+    core: Any
+
+    def __init__(self, name: str):
+        self.name = name
+        # itertools.count: next() is atomic under the GIL and cheaper than a lock.
+        self._counts = {key: itertools.count() for key in ("sockets", "policy_refused", *_ROLE_KEYS.values())}
 
     def can_carry(self, family: int, type: int) -> Optional[str]:
         """``None`` if this instance can carry such a socket, else why not."""
@@ -40,26 +48,28 @@ class StackInstance:
         """Makes ``sock`` a socket of this instance (may replace its fd in place)."""
         raise NotImplementedError
 
-    def describe(self) -> str:
-        """One line for ``dmm stacks``."""
-        raise NotImplementedError
-
-    def counters(self) -> dict[str, int]:
-        """Instance-wide counters."""
-        raise NotImplementedError
-
-    def count(self, role: str) -> None:
-        """Counts a socket taken over in ``role`` (connect, listen, accept, sendto)."""
-        raise NotImplementedError
-
-    def count_refused(self) -> None:
-        """Counts a connection the accept policy refused."""
-        raise NotImplementedError
-
     def listener(self, family: int, address: tuple, backlog: int) -> Any:
         """User-space kinds: a core socket listening on ``address``'s port,
         for a dmm socket that listens on several stacks at once."""
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for ``dmm stacks``."""
+        return self.core.describe()
+
+    def count(self, role: str) -> None:
+        """Counts a socket taken over in ``role`` (connect, listen, accept, sendto)."""
+        counts = self._counts
+        next(counts["sockets"])
+        next(counts[_ROLE_KEYS[role]])
+
+    def count_refused(self) -> None:
+        """Counts a connection the accept policy refused."""
+        next(self._counts["policy_refused"])
+
+    def counters(self) -> dict[str, int]:
+        """Instance-wide counters."""
+        return {key: _peek(c) for key, c in self._counts.items()}
 
 
 class KernelInstance(StackInstance):
@@ -74,13 +84,11 @@ class KernelInstance(StackInstance):
     kind = "kernel"
 
     def __init__(self, spec: StackSpec):
-        self.name = spec.name
+        super().__init__(spec.name)
         self.protocol = spec.protocol
         self.core = _core.KernelStack(spec.name, spec.protocol, spec.io)
         self.io = self.core.io
         self._stream_proto = IPPROTO_MPTCP if spec.protocol == "mptcp" else _stdsocket.IPPROTO_TCP
-        # itertools.count: next() is atomic under the GIL and cheaper than a lock.
-        self._counts = {key: itertools.count() for key in ("sockets", "policy_refused", *_ROLE_KEYS.values())}
 
     def can_carry(self, family: int, type: int) -> Optional[str]:
         if family not in _INET:
@@ -101,39 +109,65 @@ class KernelInstance(StackInstance):
             sock._dmm_use_core(self.core.adopt(sock.fileno(), sock.family, kind))
         self.count(role)
 
-    def count(self, role: str) -> None:
-        """Counts a socket taken over in ``role`` (connect, listen, accept, sendto)."""
-        counts = self._counts
-        next(counts["sockets"])
-        next(counts[_ROLE_KEYS[role]])
 
-    def count_refused(self) -> None:
-        """Counts a connection the accept policy refused."""
-        next(self._counts["policy_refused"])
+class UserSpaceInstance(StackInstance):
+    """A stack that carries sockets entirely in the Rust core (FillP, smoltcp).
 
-    def describe(self) -> str:
-        return self.core.describe()
+    The Python socket's fd becomes the core socket's readiness eventfd. A
+    socket bound before routing keeps its port on the new stack; its address
+    is mapped by :meth:`local_address`.
+    """
+
+    def local_address(self, family: int, host: str) -> str:
+        """The address a core socket binds to when the application bound
+        ``host`` (the wildcard, or one of its own addresses)."""
+        raise NotImplementedError
+
+    def core_socket(self, family: int, type: int) -> Any:
+        """A new core socket for a Python socket of ``family`` and ``type``."""
+        return self.core.socket(family, "stream" if type == _stdsocket.SOCK_STREAM else "dgram")
+
+    def attach(self, sock: Any, role: str) -> None:
+        family = _stdsocket.AF_INET6 if sock.family == _stdsocket.AF_INET6 else _stdsocket.AF_INET
+        core = self.core_socket(family, _raw_type(sock))
+        try:
+            local = sock.getsockname()
+        except OSError:
+            local = None
+        if local is not None and local[1] != 0:
+            core.bind((self.local_address(family, local[0]), local[1]))
+        sock._dmm_use_userspace(core)
+        self.count(role)
+
+    def listener(self, family: int, address: tuple, backlog: int) -> Any:
+        core = self.core_socket(family, _stdsocket.SOCK_STREAM)
+        try:
+            core.bind((self.local_address(family, address[0]), address[1]))
+            core.listen(backlog)
+        except BaseException:
+            core.close()
+            raise
+        return core
 
     def counters(self) -> dict[str, int]:
-        return {key: _peek(c) for key, c in self._counts.items()}
+        counts = super().counters()
+        counts.update(self.core.counters())
+        return counts
 
 
-class FillpInstance(StackInstance):
+class FillpInstance(UserSpaceInstance):
     """A FillP-style reliable transport over UDP (Rust driver thread).
 
-    Sockets routed here are carried entirely by the Rust core; the Python
-    socket's fd becomes the core socket's readiness eventfd. A listener bound
-    to port P takes UDP port P, the number of its TCP twin.
+    A listener bound to port P takes UDP port P, the number of its TCP twin.
     """
 
     kind = "fillp"
 
     def __init__(self, spec: StackSpec):
-        self.name = spec.name
+        super().__init__(spec.name)
         self.rate_control = spec.rate_control
         self.address = spec.address
         self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address)
-        self._counts = {key: itertools.count() for key in ("sockets", "policy_refused", *_ROLE_KEYS.values())}
         self._family = _stdsocket.AF_INET6 if ":" in spec.address else _stdsocket.AF_INET
 
     def can_carry(self, family: int, type: int) -> Optional[str]:
@@ -143,45 +177,38 @@ class FillpInstance(StackInstance):
             return f"this instance's UDP sockets are {'IPv6' if self._family == _stdsocket.AF_INET6 else 'IPv4'}"
         return None
 
-    def attach(self, sock: Any, role: str) -> None:
-        core = self.core.socket(_stdsocket.AF_INET if self._family == _stdsocket.AF_INET else _stdsocket.AF_INET6, "stream")
-        try:
-            local = sock.getsockname()
-        except OSError:
-            local = None
-        if local is not None and local[1] != 0:
-            core.bind((self.address if local[0] in ("0.0.0.0", "::") else local[0], local[1]))
-        sock._dmm_use_userspace(core)
-        self.count(role)
+    def local_address(self, family: int, host: str) -> str:
+        return self.address if host in ("0.0.0.0", "::") else host
 
-    def listener(self, family: int, address: tuple, backlog: int) -> Any:
-        """A core socket listening on ``address``'s port, for a dmm socket
-        that listens on several stacks."""
-        core = self.core.socket(self._family, "stream")
-        try:
-            core.bind((self.address if address[0] in ("0.0.0.0", "::") else address[0], address[1]))
-            core.listen(backlog)
-        except BaseException:
-            core.close()
-            raise
-        return core
 
-    def count(self, role: str) -> None:
-        """Counts a socket taken over in ``role``."""
-        next(self._counts["sockets"])
-        next(self._counts[_ROLE_KEYS[role]])
+class SmolInstance(UserSpaceInstance):
+    """A user-space TCP/IP stack (smoltcp) over a TAP device, with its own
+    addresses, MAC and MTU, driven by one Rust thread."""
 
-    def count_refused(self) -> None:
-        """Counts a connection the accept policy refused."""
-        next(self._counts["policy_refused"])
+    kind = "smoltcp"
 
-    def describe(self) -> str:
-        return self.core.describe()
+    def __init__(self, spec: StackSpec):
+        super().__init__(spec.name)
+        self.device = spec.device
+        self.addresses = spec.addresses
+        self.core = _core.SmolStack(spec.name, spec.device, list(spec.addresses), list(spec.gateways),
+                                    spec.mtu, spec.mac or None, spec.buffer_size)
+        self._families = {_stdsocket.AF_INET6 if ":" in a else _stdsocket.AF_INET for a in spec.addresses}
 
-    def counters(self) -> dict[str, int]:
-        counts = {key: _peek(c) for key, c in self._counts.items()}
-        counts.update(self.core.counters())
-        return counts
+    def can_carry(self, family: int, type: int) -> Optional[str]:
+        if type not in (_stdsocket.SOCK_STREAM, _stdsocket.SOCK_DGRAM):
+            return f"socket type {type!r} is not stream or datagram"
+        if family not in self._families:
+            return f"the instance has no {'IPv6' if family == _stdsocket.AF_INET6 else 'IPv4'} address"
+        return None
+
+    def local_address(self, family: int, host: str) -> str:
+        # The host's addresses are not the instance's: anything else than one
+        # of its own means "any of mine".
+        own = {a.split("/")[0] for a in self.addresses}
+        if host in own:
+            return host
+        return "::" if family == _stdsocket.AF_INET6 else "0.0.0.0"
 
 
 def _peek(counter: itertools.count) -> int:
@@ -195,4 +222,6 @@ def make_instance(spec: StackSpec) -> StackInstance:
         return KernelInstance(spec)
     if spec.kind == "fillp":
         return FillpInstance(spec)
+    if spec.kind == "smoltcp":
+        return SmolInstance(spec)
     raise ValueError(f"stack kind {spec.kind!r} is not available in this version of dmm")
