@@ -1,5 +1,6 @@
 """The `dmm` command."""
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,19 @@ def test_demo_runs_on_builtin_defaults(tmp_path):
 def test_main_without_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "usage" in capsys.readouterr().out
+
+
+def test_run_writes_stack_counters_on_exit(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import socket\n"
+        "srv = socket.create_server(('127.0.0.1', 0))\n"
+        "c = socket.create_connection(srv.getsockname())\n"
+        "conn, _ = srv.accept()\n"
+        "raise KeyboardInterrupt  # the stats are written on the way out too\n"
+    )
+    stats = tmp_path / "stats.json"
+    proc = run(["run", "--stats", str(stats), str(script)])
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    counts = json.loads(stats.read_text())
+    assert counts["kernel"]["connects"] == 1 and counts["kernel"]["accepts"] == 1 and counts["kernel"]["listens"] == 1

@@ -39,18 +39,32 @@ def cmd_run(args) -> int:
     if args.config:
         os.environ["DMM_CONFIG"] = args.config
     _runtime(args)  # fail early on a bad config, before the program starts
+    if not args.module and not args.args:
+        raise SystemExit("dmm run: give a script path or -m MODULE")
     patch_all()
-    if args.module:
-        sys.argv = [args.module] + args.args
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
-    else:
-        if not args.args:
-            raise SystemExit("dmm run: give a script path or -m MODULE")
-        script, rest = args.args[0], args.args[1:]
-        sys.argv = [script] + rest
-        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-        runpy.run_path(script, run_name="__main__")
+    try:
+        if args.module:
+            sys.argv = [args.module] + args.args
+            runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        else:
+            script, rest = args.args[0], args.args[1:]
+            sys.argv = [script] + rest
+            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        if args.stats:
+            _write_stats(args.stats)
     return 0
+
+
+def _write_stats(path: str) -> None:
+    """Writes every stack's counters as JSON (``dmm run --stats``)."""
+    import json
+
+    from .socket import stack_counters
+
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(stack_counters(), f, indent=1, sort_keys=True)
 
 
 def cmd_stacks(args) -> int:
@@ -127,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a Python program with its sockets on dmm")
     run.add_argument("-m", dest="module", help="run a library module as a script")
+    run.add_argument("--stats", metavar="FILE",
+                     help="write every stack's counters as JSON to FILE when the program ends (also on Ctrl-C)")
     run.add_argument("args", nargs=argparse.REMAINDER, help="script and its arguments")
     run.set_defaults(func=cmd_run)
 
