@@ -68,9 +68,30 @@ fn run(entry: io_uring::squeue::Entry) -> io::Result<usize> {
         // not return before its completion has been reaped (see `reap`).
         unsafe { ring.submission().push(&entry.user_data(OP)) }
             .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
-        reap(ring)
+        match reap(ring) {
+            Reaped::Done(result) => result,
+            Reaped::RingFailed(e) => {
+                // Tear the ring down: its fd closes, which cancels whatever
+                // it still holds, and no stale entry can reach the next call.
+                *slot = None;
+                Err(e)
+            }
+        }
     })
 }
+
+/// How waiting for the operation ended.
+enum Reaped {
+    /// Its completion was reaped: the operation's own result.
+    Done(io::Result<usize>),
+    /// `io_uring_enter` kept failing in ways that say nothing about the
+    /// operation; the ring must not be used again.
+    RingFailed(io::Error),
+}
+
+/// How many times an unexpected `io_uring_enter` error is retried (1 ms
+/// apart, cancelling the operation) before the ring is given up.
+const ENTER_RETRIES: u32 = 100;
 
 /// Waits for the completion of the one operation in flight. If the wait is
 /// interrupted, cancels it and still waits for its completion, so the
@@ -80,20 +101,32 @@ fn run(entry: io_uring::squeue::Entry) -> io::Result<usize> {
 /// wait was cut short by a signal (it returns `EINTR` only when it submitted
 /// nothing), so a wait that returns with an empty completion queue was
 /// interrupted too. Missing that would leave Ctrl-C unanswered.
-fn reap(ring: &mut IoUring) -> io::Result<usize> {
+///
+/// Other `io_uring_enter` errors (`EBUSY`, `EBADR`: completions to drain
+/// first; anything else is unexpected) are not returned while the
+/// operation may still be in flight: it is cancelled and waited for, and
+/// only a ring that keeps failing is given up ([`Reaped::RingFailed`]).
+fn reap(ring: &mut IoUring) -> Reaped {
     let mut cancelled = false;
     let mut cancel_reaped = false;
     let mut result = None;
+    let mut failures = 0;
     loop {
         let interrupted = match ring.submit_and_wait(1) {
             Ok(_) => false,
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EAGAIN) =>
-            {
-                true
-            }
-            Err(e) => return Err(e),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EAGAIN) => true,
+                // The completion queue overflowed: drain it below.
+                Some(libc::EBUSY) | Some(libc::EBADR) => false,
+                _ => {
+                    failures += 1;
+                    if failures > ENTER_RETRIES {
+                        return Reaped::RingFailed(e);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    true
+                }
+            },
         };
         let mut any = false;
         for cqe in ring.completion() {
@@ -118,13 +151,13 @@ fn reap(ring: &mut IoUring) -> io::Result<usize> {
         // Once a cancel was sent, wait for its completion as well, so that no
         // stale completion is left for the next operation on this ring.
         if let Some(res) = result.filter(|_| !cancelled || cancel_reaped) {
-            return match res {
+            return Reaped::Done(match res {
                 r if r >= 0 => Ok(r as usize),
                 r if -r == libc::ECANCELED && cancelled => {
                     Err(io::Error::from_raw_os_error(libc::EINTR))
                 }
                 r => Err(io::Error::from_raw_os_error(-r)),
-            };
+            });
         }
     }
 }
