@@ -340,3 +340,54 @@ def test_counters_track_the_transfer():
         assert c["bytes_acked"] >= 100_000 - 1 or c["bytes_sent"] >= 100_000
         assert conn.dmm_counters()["bytes_received"] >= 100_000
         assert io.DEFAULT_BUFFER_SIZE  # keeps the import honest
+
+
+SENDALL_CONFIGS = {
+    "stdlib": None,
+    "kernel": "[[stack]]\nname = \"k\"\nkind = \"kernel\"\n",
+    "uring": "[[stack]]\nname = \"k\"\nkind = \"kernel\"\nio = \"uring\"\n",
+}
+
+
+@pytest.mark.parametrize("route", list(SENDALL_CONFIGS))
+def test_sendall_timeout_covers_the_whole_call(route):
+    """A reader that drains slowly keeps every single send making progress;
+    the timeout must still end sendall as a whole, as CPython's does."""
+    import socket as stdsocket
+    import threading
+    import time
+
+    from conftest import use_config
+
+    if SENDALL_CONFIGS[route] is not None:
+        use_config(SENDALL_CONFIGS[route])
+    mod = stdsocket if route == "stdlib" else dsocket
+    srv = mod.create_server(("127.0.0.1", 0))
+    cli = mod.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                if not conn.recv(65536):
+                    return
+            except OSError:
+                return
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=trickle)
+    reader.start()
+    try:
+        cli.settimeout(0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            cli.sendall(b"x" * (64 << 20))  # ~20 s of trickle
+        # Generous bound: per-send timeouts would keep going for minutes.
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        cli.close()
+        reader.join(10)
+        conn.close()
+        srv.close()

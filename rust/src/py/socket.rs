@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -212,6 +212,12 @@ impl CoreSocket {
         let held = hold(data, false)?;
         let mut sent = 0usize;
         let raw = held.raw;
+        // CPython's sendall: the timeout covers the whole call, not each send.
+        let deadline = self
+            .inner
+            .timeout()
+            .filter(|t| !t.is_zero())
+            .map(|t| Instant::now() + t);
         loop {
             // SAFETY: `held` keeps the buffer exported until we return.
             let rest = RawBuf {
@@ -221,7 +227,10 @@ impl CoreSocket {
             if rest.len == 0 {
                 return Ok(());
             }
-            match py.detach(|| self.inner.send(unsafe { rest.slice() }, flags)) {
+            match py.detach(|| {
+                self.inner
+                    .send_until(unsafe { rest.slice() }, flags, deadline)
+            }) {
                 Ok(n) => sent += n.min(rest.len),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => py.check_signals()?,
                 Err(e) => return Err(to_py(e)),

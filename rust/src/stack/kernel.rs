@@ -14,7 +14,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{
     errno, timed_out, uring, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
@@ -194,15 +194,31 @@ impl KernelSocket {
     fn wait_op<T>(
         &self,
         events: libc::c_short,
-        mut op: impl FnMut(RawFd) -> io::Result<T>,
+        op: impl FnMut(RawFd) -> io::Result<T>,
     ) -> io::Result<T> {
         let fd = self.fd()?;
         let timeout = match self.timeout() {
-            None => return op(fd),
-            Some(t) if t.is_zero() => return op(fd),
+            None => return self.retry_until(fd, events, None, op),
+            Some(t) if t.is_zero() => return self.retry_until(fd, events, None, op),
             Some(t) => t,
         };
-        let deadline = sys::deadline(Some(timeout));
+        self.retry_until(fd, events, sys::deadline(Some(timeout)), op)
+    }
+
+    /// Runs `op`; while it would block and a deadline is given, waits for
+    /// `events` until then. Without one, `op`'s result stands (a blocking fd
+    /// blocked in the call itself; a non-blocking one says `EAGAIN`).
+    fn retry_until<T>(
+        &self,
+        fd: RawFd,
+        events: libc::c_short,
+        deadline: Option<Instant>,
+        mut op: impl FnMut(RawFd) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let Some(deadline) = deadline else {
+            return op(fd);
+        };
+        let deadline = Some(deadline);
         loop {
             match op(fd) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -280,6 +296,23 @@ impl StackSocket for KernelSocket {
             return uring::send(self.fd()?, buf, flags | libc::MSG_NOSIGNAL);
         }
         self.wait_op(libc::POLLOUT, |fd| {
+            // SAFETY: buf is valid for its length.
+            sys::cvt_size(unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    flags | libc::MSG_NOSIGNAL,
+                )
+            })
+        })
+    }
+
+    fn send_until(&self, buf: &[u8], flags: i32, deadline: Option<Instant>) -> io::Result<usize> {
+        if deadline.is_none() || self.timeout.is_blocking() {
+            return self.send(buf, flags);
+        }
+        self.retry_until(self.fd()?, libc::POLLOUT, deadline, |fd| {
             // SAFETY: buf is valid for its length.
             sys::cvt_size(unsafe {
                 libc::send(

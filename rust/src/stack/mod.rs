@@ -52,7 +52,7 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use crate::route::SockKind;
 
@@ -220,6 +220,16 @@ pub trait StackSocket: Send + Sync {
 
     /// Sends from `buf`, returning how many bytes were taken.
     fn send(&self, buf: &[u8], flags: i32) -> io::Result<usize>;
+
+    /// [`StackSocket::send`], except that when `deadline` is given a blocking
+    /// wait ends there instead of after the socket's own timeout. The
+    /// Python `sendall` uses it so that its timeout covers the whole call,
+    /// as CPython's does. The default ignores `deadline` (each call then
+    /// waits up to the socket's timeout); stacks override it.
+    fn send_until(&self, buf: &[u8], flags: i32, deadline: Option<Instant>) -> io::Result<usize> {
+        let _ = deadline;
+        self.send(buf, flags)
+    }
 
     /// Sends all of `buf`, blocking as the timeout allows. On error some
     /// bytes may have been sent; how many is not reported (stdlib semantics).
