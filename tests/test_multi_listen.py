@@ -263,3 +263,35 @@ def test_unmodified_socketserver_on_two_stacks():
         server.shutdown()
         server.server_close()
         t.join(5)
+
+
+def test_asyncio_server_on_two_stacks():
+    import asyncio
+
+    use_config(BOTH)
+    srv = dsocket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    served = []
+
+    async def handle(reader, writer):
+        line = await reader.readline()
+        served.append(line)
+        writer.write(line.upper())
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, sock=srv)
+        async with server:
+            loop = asyncio.get_running_loop()
+            for stack in ("wan", "kernel"):
+                got = await loop.run_in_executor(None, client, port, stack, b"abc\n")
+                assert got == b"ABC\n"
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert served == [b"abc\n", b"abc\n"]
+    counts = dsocket.stack_counters()
+    assert counts["wan"]["accepts"] == 1 and counts["kernel"]["accepts"] == 1
