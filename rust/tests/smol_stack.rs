@@ -501,3 +501,64 @@ fn bad_parameters_are_errors() {
     let e = s.send(b"x", 0).unwrap_err();
     assert_eq!(errno_of(&e), Some(libc::ENOTCONN));
 }
+
+#[test]
+fn smol_to_smol_over_a_bridge_v4_and_v6() {
+    let br = dev_name("br");
+    let (da, db) = (dev_name("i"), dev_name("j"));
+    ip(&["link", "add", &br, "type", "bridge"]);
+    struct DelBridge(String);
+    impl Drop for DelBridge {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let _guard = DelBridge(br.clone());
+    ip(&["link", "set", &br, "up"]);
+    let mk = |dev: &str, host: u8| {
+        let opts = SmolOptions::new(
+            dev,
+            vec![
+                cidr(&format!("10.99.9.{host}/24")),
+                cidr(&format!("fd00:99::{host}/64")),
+            ],
+        );
+        let s = SmolStack::new(format!("s{host}"), opts).unwrap();
+        ip(&["link", "set", dev, "master", &br]);
+        s
+    };
+    let a = mk(&da, 2);
+    let b = mk(&db, 3);
+    for family in [Family::V4, Family::V6] {
+        let (ip_b, any): (IpAddr, IpAddr) = match family {
+            Family::V4 => (v4(9, 3), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            Family::V6 => ("fd00:99::3".parse().unwrap(), "::".parse().unwrap()),
+        };
+        let l = b.socket(family, SockKind::Stream).unwrap();
+        l.bind(SocketAddr::new(any, 5000)).unwrap();
+        l.listen(4).unwrap();
+        let server = thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let got = recv_stream(|buf| s.recv(buf, 0));
+            s.send_all(&got.0.to_le_bytes(), 0).unwrap();
+            s.close().unwrap();
+            got
+        });
+        let c = a.socket(family, SockKind::Stream).unwrap();
+        c.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.connect(SocketAddr::new(ip_b, 5000)).unwrap();
+        let sent = send_stream(|buf| c.send_all(buf, 0), 20 * MB, 13);
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut echo = [0u8; 8];
+        let mut n = 0;
+        while n < 8 {
+            let k = c.recv(&mut echo[n..], 0).unwrap();
+            assert!(k > 0);
+            n += k;
+        }
+        assert_eq!(c.recv(&mut echo, 0).unwrap(), 0);
+        let got = server.join().unwrap();
+        assert_eq!((got.0, got.1), (sent.0, sent.1));
+        assert_eq!(u64::from_le_bytes(echo), sent.0);
+    }
+}
