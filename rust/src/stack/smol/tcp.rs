@@ -10,11 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::ports::Proto;
-use super::state::{readable, writable, Phase, Role, SockFds, State, MAX_BACKLOG, SYN_TIMEOUT};
+use super::state::{
+    readable, writable, Phase, Role, SockFds, SockState, State, MAX_BACKLOG, SYN_TIMEOUT,
+};
 use super::{lock, Shared, MAX_BUFFER, MIN_BUFFER};
 use crate::stack::{errno, timed_out, Counters, Family, Readiness, StackSocket, TimeoutCell};
 use crate::sys;
@@ -49,6 +52,29 @@ fn int_value(value: &[u8]) -> io::Result<i32> {
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| errno(libc::EINVAL))?;
     Ok(i32::from_ne_bytes(b))
+}
+
+/// The common start of `send` and `recv`: a pending error, then `shut`
+/// (the result for a shut-down direction), then the connection's handle,
+/// or `Block` while the handshake runs.
+fn established<T>(s: &mut SockState, shut: Option<io::Result<T>>) -> Result<SocketHandle, Try<T>> {
+    if let Some(e) = s.error.take().or(s.fatal) {
+        return Err(Try::Done(Err(errno(e))));
+    }
+    if let Some(r) = shut {
+        return Err(Try::Done(r));
+    }
+    match s.role {
+        Role::Conn {
+            h,
+            phase: Phase::Established,
+        } => Ok(h),
+        Role::Conn {
+            phase: Phase::Connecting(_),
+            ..
+        } => Err(Try::Block),
+        _ => Err(Try::Done(Err(errno(libc::ENOTCONN)))),
+    }
 }
 
 /// One TCP socket on a smoltcp instance.
@@ -348,22 +374,10 @@ impl StackSocket for TcpSocket {
             let Some(s) = st.socks.get_mut(&self.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
-            if let Some(e) = s.error.take().or(s.fatal) {
-                return Try::Done(Err(errno(e)));
-            }
-            if s.shut_wr {
-                return Try::Done(Err(errno(libc::EPIPE)));
-            }
-            let h = match s.role {
-                Role::Conn {
-                    h,
-                    phase: Phase::Established,
-                } => h,
-                Role::Conn {
-                    phase: Phase::Connecting(_),
-                    ..
-                } => return Try::Block,
-                _ => return Try::Done(Err(errno(libc::ENOTCONN))),
+            let shut = s.shut_wr.then(|| Err(errno(libc::EPIPE)));
+            let h = match established(s, shut) {
+                Ok(h) => h,
+                Err(t) => return t,
             };
             let Some(t) = st.sockets.tcp_mut(h) else {
                 return Try::Done(Err(errno(libc::EPIPE)));
@@ -403,22 +417,10 @@ impl StackSocket for TcpSocket {
             let Some(s) = st.socks.get_mut(&self.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
-            if let Some(e) = s.error.take().or(s.fatal) {
-                return Try::Done(Err(errno(e)));
-            }
-            if s.shut_rd {
-                return Try::Done(Ok(0));
-            }
-            let h = match s.role {
-                Role::Conn {
-                    h,
-                    phase: Phase::Established,
-                } => h,
-                Role::Conn {
-                    phase: Phase::Connecting(_),
-                    ..
-                } => return Try::Block,
-                _ => return Try::Done(Err(errno(libc::ENOTCONN))),
+            let shut = s.shut_rd.then_some(Ok(0));
+            let h = match established(s, shut) {
+                Ok(h) => h,
+                Err(t) => return t,
             };
             let Some(t) = st.sockets.tcp_mut(h) else {
                 return Try::Done(Ok(0));
