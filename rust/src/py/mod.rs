@@ -8,6 +8,7 @@ mod fillp;
 mod kernel;
 mod linkem;
 mod route;
+mod smol;
 mod socket;
 
 use pyo3::prelude::*;
@@ -20,6 +21,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<socket::CoreSocket>()?;
     m.add_class::<kernel::PyKernelStack>()?;
     m.add_class::<fillp::PyFillpStack>()?;
+    m.add_class::<smol::PySmolStack>()?;
     m.add_function(wrap_pyfunction!(kernel::tcp_info, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::uring_available, m)?)?;
     linkem::register(m)?;

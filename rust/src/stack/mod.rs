@@ -46,6 +46,7 @@
 
 pub mod fillp;
 pub mod kernel;
+pub mod smol;
 pub mod uring;
 
 use std::io;

@@ -1,0 +1,520 @@
+//! The `smoltcp` stack kind: a smoltcp 0.14 TCP/IP instance over a TAP
+//! device, one driver thread per instance.
+//!
+//! # Design
+//!
+//! * **Shared state behind one `Mutex`** ([`state::State`]: the smoltcp
+//!   `Interface`, its `SocketSet`, the TAP device, the port table and dmm's
+//!   view of each socket), as in the FillP stack: application `send`/`recv`
+//!   copy straight into and out of smoltcp's socket buffers, and every
+//!   operation sees one consistent state.
+//! * **Who polls.** An application call that changes a connection (data
+//!   queued or read, connect, close, shutdown) runs a turn of
+//!   `Interface::poll` itself, under the lock, before it returns: the
+//!   segment leaves at once with no hop to another thread (ping-pong pays
+//!   one wake-up per direction, not two). The driver thread
+//!   ([`driver`]) does the rest: it waits in `ppoll` on the TAP fd and a wake
+//!   eventfd with smoltcp's `poll_at` as timeout, so delayed ACKs,
+//!   retransmissions, keepalives and TIME-WAIT expiry run while the
+//!   application is idle; an application turn that moves the next deadline
+//!   earlier wakes it. The driver blocks every signal.
+//! * **Readiness** as in the FillP stack: each socket has a `ready` eventfd,
+//!   readable exactly while the socket is (data, EOF, error, pending
+//!   accept), and a `wake` eventfd set for writers blocked in `send` or
+//!   `connect`. Blocking calls wait on them with `poll(2)`, so a signal
+//!   returns `EINTR`.
+//! * **Listen backlog.** smoltcp has none: one listening socket takes one
+//!   connection. A listener keeps a pool of `backlog` smoltcp sockets
+//!   listening on its port; each one that completes a handshake moves to the
+//!   accept queue and is replaced while the queue has room.
+//! * **Ports** ([`ports`]): smoltcp has no port table and `connect` needs an
+//!   explicit local port; dmm reserves ports per instance (`EADDRINUSE`) and
+//!   picks ephemeral ones.
+//! * **Device failure.** A TAP read or write error other than `EAGAIN`, or
+//!   `POLLERR`/`POLLHUP` on its fd (the device was deleted), takes the
+//!   instance down: every connection is dropped, blocked calls wake, and
+//!   every call on an old socket fails with `ENETDOWN`. Nothing panics.
+//!   [`SmolStack::restart`] reopens (re-creates) the device; sockets made
+//!   after it work again.
+//!
+//! # TCP tuning, and why
+//!
+//! * **Congestion control: CUBIC** (smoltcp's `socket-tcp-cubic`), as the
+//!   kernel peers here mostly run. On a TAP link nothing is lost unless a
+//!   queue overflows, so it matters little; CUBIC grows the window fastest.
+//! * **RTO.** smoltcp 0.14 fixes the minimum and initial RTO at 1 s (RFC
+//!   6298; a `const`, not settable) and retransmits go-back-N, ignoring SACK.
+//!   Within a TAP link, losses are rare (a full TAP queue) and three
+//!   duplicate ACKs trigger a fast retransmit, so the 1 s floor only costs
+//!   on a lost tail segment or a lost SYN. We keep smoltcp's value rather
+//!   than patch it: a lower floor would make spurious retransmissions under
+//!   scheduling noise (two shared cores) likely.
+//! * **Delayed ACK: 10 ms** (smoltcp's default, Linux uses 40 ms at least).
+//!   smoltcp ACKs at once after every second full segment, so bulk transfer
+//!   does not wait for the timer; ping-pong piggybacks ACKs on replies. The
+//!   timer only shows when a Nagle sender waits for an ACK of a small
+//!   segment, where 10 ms is a quarter of the kernel's wait.
+//! * **Nagle** on by default, as in the kernel; `TCP_NODELAY` turns it off.
+//! * **Buffers**: 256 KiB per direction and connection by default (window
+//!   scaling follows from the receive buffer); `SO_RCVBUF`/`SO_SNDBUF` set
+//!   before `connect`/`listen` override it.
+//!
+//! # Not supported
+//!
+//! `MSG_OOB`, `TCP_KEEPINTVL`/`TCP_KEEPCNT` (smoltcp probes at the idle
+//! interval and never gives up on its own), SACK, TSO/GSO over the TAP
+//! (smoltcp needs finished frames, so each frame costs a `read`/`write`),
+//! binding one port on two addresses of an instance.
+
+#![warn(missing_docs)]
+
+mod device;
+mod driver;
+mod event;
+pub mod ports;
+mod state;
+pub mod tap;
+mod tcp;
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use smoltcp::iface::{Config, Interface};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress};
+
+pub use smoltcp::wire::IpCidr;
+
+use super::{errno, Counters, Family, SockKind, Stack, StackKind, StackSocket};
+use device::TapDevice;
+use event::EventFd;
+use state::{SockFds, SockOpts, SockState, State};
+use tap::Tap;
+
+/// Default socket buffer per direction and TCP connection.
+pub const DEFAULT_BUFFER: usize = 256 * 1024;
+
+/// Largest socket buffer smoltcp takes (it panics above 1 GiB).
+pub const MAX_BUFFER: usize = 1 << 30;
+
+/// Smallest socket buffer we accept.
+pub const MIN_BUFFER: usize = 1024;
+
+/// Settings of a smoltcp instance.
+#[derive(Debug, Clone)]
+pub struct SmolOptions {
+    /// TAP device name; created if absent, attached to if it exists.
+    pub device: String,
+    /// The instance's addresses with prefix lengths (IPv4 and/or IPv6).
+    pub addresses: Vec<IpCidr>,
+    /// Default gateways, at most one per family.
+    pub gateways: Vec<IpAddr>,
+    /// IP MTU of the device (set on it with `SIOCSIFMTU`).
+    pub mtu: u32,
+    /// MAC address; `None` derives a locally administered one from the name.
+    pub mac: Option<[u8; 6]>,
+    /// TCP receive buffer per connection (bytes).
+    pub rx_buffer: usize,
+    /// TCP send buffer per connection (bytes).
+    pub tx_buffer: usize,
+}
+
+impl SmolOptions {
+    /// Options for `device` with `addresses` and every default.
+    pub fn new(device: impl Into<String>, addresses: Vec<IpCidr>) -> SmolOptions {
+        SmolOptions {
+            device: device.into(),
+            addresses,
+            gateways: Vec::new(),
+            mtu: 1500,
+            mac: None,
+            rx_buffer: DEFAULT_BUFFER,
+            tx_buffer: DEFAULT_BUFFER,
+        }
+    }
+
+    /// Checks the options; the error says which one is wrong and why.
+    pub fn validate(&self) -> io::Result<()> {
+        let bad = |msg: String| Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        if self.addresses.is_empty() {
+            return bad("at least one address is needed".into());
+        }
+        if self.addresses.len() > 4 {
+            return bad(format!(
+                "at most 4 addresses per instance, got {}",
+                self.addresses.len()
+            ));
+        }
+        for a in &self.addresses {
+            let ip = a.address();
+            if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
+                return bad(format!("{a} is not a unicast address"));
+            }
+        }
+        let has = |f: Family| self.addresses.iter().any(|a| family_of(a.address()) == f);
+        let mut seen = Vec::new();
+        for g in &self.gateways {
+            let f = Family::of(&std::net::SocketAddr::new(*g, 0));
+            if !has(f) {
+                return bad(format!("gateway {g} has no address of its family"));
+            }
+            if seen.contains(&f) {
+                return bad(format!("two gateways for one family ({g})"));
+            }
+            if g.is_unspecified() || g.is_multicast() {
+                return bad(format!("gateway {g} is not a unicast address"));
+            }
+            seen.push(f);
+        }
+        let min = if has(Family::V6) { tap::MTU_MIN } else { 576 };
+        if !(min..=tap::MTU_MAX).contains(&self.mtu) {
+            return bad(format!(
+                "mtu must be {min}..={}, got {}",
+                tap::MTU_MAX,
+                self.mtu
+            ));
+        }
+        if let Some(m) = self.mac {
+            if m[0] & 1 != 0 || m == [0; 6] {
+                return bad(format!("mac {} is not a unicast address", fmt_mac(&m)));
+            }
+        }
+        for (what, n) in [("rx_buffer", self.rx_buffer), ("tx_buffer", self.tx_buffer)] {
+            if !(MIN_BUFFER..=MAX_BUFFER).contains(&n) {
+                return bad(format!(
+                    "{what} must be {MIN_BUFFER}..={MAX_BUFFER} bytes, got {n}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The MAC in use: the configured one, else one derived from `name`
+    /// (locally administered, unicast).
+    fn mac_for(&self, name: &str) -> [u8; 6] {
+        if let Some(m) = self.mac {
+            return m;
+        }
+        // FNV-1a over the name: stable across runs, spread over 40 bits.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes().chain(self.device.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        [0x02, b[1], b[2], b[3], b[4], b[5]]
+    }
+}
+
+fn family_of(ip: IpAddress) -> Family {
+    match ip {
+        IpAddress::Ipv4(_) => Family::V4,
+        IpAddress::Ipv6(_) => Family::V6,
+    }
+}
+
+fn is_broadcast(ip: IpAddress) -> bool {
+    matches!(ip, IpAddress::Ipv4(v4) if v4.is_broadcast())
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    let mut s = String::new();
+    for (i, b) in m.iter().enumerate() {
+        let _ = write!(s, "{}{b:02x}", if i == 0 { "" } else { ":" });
+    }
+    s
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// 8 random bytes for seeds (the clock if `getrandom` fails).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: b is valid for 8 bytes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+}
+
+/// What the driver and application threads share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the driver.
+    wake: EventFd,
+    /// Set (under the lock) while the driver is about to sleep or sleeps.
+    sleeping: AtomicBool,
+    stop: AtomicBool,
+    opts: SmolOptions,
+    name: String,
+    sockets: AtomicU64,
+    connects: AtomicU64,
+    restarts: AtomicU64,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Runs a turn in the calling thread after it changed a connection, and
+    /// wakes the driver if that moved smoltcp's next deadline before the
+    /// driver's.
+    fn poll_inline(&self, st: &mut State) {
+        st.turn();
+        if self.sleeping.load(Ordering::SeqCst) {
+            let next = st.poll_at();
+            let earlier = match (next, st.driver_deadline) {
+                (Some(n), Some(d)) => n < d,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if earlier {
+                st.driver_deadline = next;
+                self.wake.set();
+            }
+        }
+    }
+}
+
+/// Opens the device and sets it up: MTU, link up.
+fn open_device(opts: &SmolOptions) -> io::Result<TapDevice> {
+    let tap = Tap::open(&opts.device)?;
+    tap.set_mtu(opts.mtu)?;
+    tap.set_up()?;
+    Ok(TapDevice::new(tap, opts.mtu as usize))
+}
+
+/// A smoltcp instance over a TAP device with its driver thread.
+pub struct SmolStack {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SmolStack {
+    /// Opens (or creates) the TAP device, configures the interface and
+    /// starts the driver thread.
+    pub fn new(name: impl Into<String>, opts: SmolOptions) -> io::Result<SmolStack> {
+        let name = name.into();
+        opts.validate()?;
+        let wake = EventFd::new()?;
+        let mac = opts.mac_for(&name);
+        let seed = random_u64();
+        let mut dev = open_device(&opts)?;
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        config.random_seed = seed;
+        let epoch = std::time::Instant::now();
+        let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::from_micros(0));
+        let mut addr_err = None;
+        iface.update_ip_addrs(|addrs| {
+            for a in &opts.addresses {
+                if addrs.push(*a).is_err() {
+                    addr_err = Some(*a);
+                }
+            }
+        });
+        if let Some(a) = addr_err {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("too many addresses at {a}"),
+            ));
+        }
+        for g in &opts.gateways {
+            let r = match g {
+                IpAddr::V4(v4) => iface.routes_mut().add_default_ipv4_route(*v4),
+                IpAddr::V6(v6) => iface.routes_mut().add_default_ipv6_route(*v6),
+            };
+            r.map_err(|_| io::Error::other(format!("route table full at gateway {g}")))?;
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(iface, dev, epoch, seed)),
+            wake,
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            opts,
+            name,
+            sockets: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+        });
+        let s2 = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("smol-{}", shared.name))
+            .spawn(move || driver::run(s2))?;
+        Ok(SmolStack {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The options in effect.
+    pub fn options(&self) -> &SmolOptions {
+        &self.shared.opts
+    }
+
+    /// The TAP device's name.
+    pub fn device(&self) -> &str {
+        &self.shared.opts.device
+    }
+
+    /// Whether the instance is up (device working, not stopped).
+    pub fn is_up(&self) -> bool {
+        lock(&self.shared.state).down.is_none()
+    }
+
+    /// Reopens the device (re-creating it if it was deleted) after the
+    /// instance went down. Sockets from before stay failed; new ones work.
+    /// Fails if the instance was stopped.
+    pub fn restart(&self) -> io::Result<()> {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return Err(errno(libc::ESHUTDOWN));
+        }
+        let mut st = lock(&self.shared.state);
+        if st.down.is_none() {
+            // Drop every connection first, as a device failure would.
+            st.go_down(libc::ENETDOWN);
+        }
+        st.dev = None;
+        st.dev = Some(open_device(&self.shared.opts)?);
+        st.down = None;
+        self.shared.restarts.fetch_add(1, Ordering::Relaxed);
+        drop(st);
+        self.shared.wake.set();
+        Ok(())
+    }
+
+    /// Stops the driver thread and closes the device (a device created by
+    /// the instance disappears). Every socket then fails with `ENETDOWN`.
+    /// Idempotent; dropping the stack does the same.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.set();
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+        let mut st = lock(&self.shared.state);
+        if st.down.is_none() {
+            st.go_down(libc::ENETDOWN);
+        }
+        st.dev = None;
+    }
+}
+
+impl Drop for SmolStack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Stack for SmolStack {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn kind(&self) -> StackKind {
+        StackKind::Smoltcp
+    }
+
+    fn supports(&self, family: Family, kind: SockKind) -> bool {
+        let _ = kind;
+        self.shared
+            .opts
+            .addresses
+            .iter()
+            .any(|a| family_of(a.address()) == family)
+    }
+
+    fn socket(&self, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>> {
+        if !self.supports(family, kind) {
+            return Err(errno(libc::EAFNOSUPPORT));
+        }
+        let fds = SockFds::new()?;
+        let opts = SockOpts {
+            rcvbuf: self.shared.opts.rx_buffer,
+            sndbuf: self.shared.opts.tx_buffer,
+            nodelay: false,
+            keepalive: false,
+            keepidle: state::KEEPIDLE_DEFAULT,
+            reuseaddr: false,
+        };
+        let mut st = lock(&self.shared.state);
+        st.check_up()?;
+        let id = st.insert(SockState::new(Arc::clone(&fds), family, opts));
+        drop(st);
+        self.shared.sockets.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            SockKind::Stream => Ok(Box::new(tcp::TcpSocket::new(
+                Arc::clone(&self.shared),
+                id,
+                fds,
+                family,
+            ))),
+            _ => {
+                let mut st = lock(&self.shared.state);
+                st.socks.remove(&id);
+                Err(errno(libc::EPROTONOSUPPORT))
+            }
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        let s = &self.shared;
+        let st = lock(&s.state);
+        let d = st.dev.as_ref().map(|d| d.stats()).unwrap_or_default();
+        vec![
+            ("sockets", s.sockets.load(Ordering::Relaxed)),
+            ("connects", s.connects.load(Ordering::Relaxed)),
+            ("accepted", st.accepted),
+            ("tcp_sockets", st.sockets.tcp_count() as u64),
+            ("ports", st.ports.len() as u64),
+            ("packets_received", d.frames_in),
+            ("packets_sent", d.frames_out),
+            ("bytes_received", d.bytes_in),
+            ("bytes_sent", d.bytes_out),
+            ("tx_dropped", d.tx_dropped),
+            ("down", u64::from(st.down.is_some())),
+            ("restarts", s.restarts.load(Ordering::Relaxed)),
+        ]
+    }
+
+    fn describe(&self) -> String {
+        let o = &self.shared.opts;
+        let addrs: Vec<String> = o.addresses.iter().map(|a| a.to_string()).collect();
+        let state = if self.is_up() { "up" } else { "down" };
+        format!(
+            "smoltcp on TAP {} ({}), mtu {}, mac {}, {state}",
+            o.device,
+            addrs.join(", "),
+            o.mtu,
+            fmt_mac(&o.mac_for(&self.shared.name)),
+        )
+    }
+}
+
+/// The raw fd of the device, for the driver's poll set.
+fn device_fd(st: &State) -> Option<i32> {
+    if st.down.is_some() {
+        return None;
+    }
+    st.dev.as_ref().map(|d| d.tap().as_raw_fd())
+}

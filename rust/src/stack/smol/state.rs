@@ -1,0 +1,596 @@
+//! The state an instance shares between its driver thread and application
+//! threads (behind one `Mutex`): the smoltcp interface, its socket set, the
+//! TAP device, the port table and dmm's view of every socket.
+//!
+//! [`State::turn`] is one round of work: `Interface::poll` (read every
+//! queued frame, run timers, send what the sockets have), then bring dmm's
+//! sockets in line with what changed: listener pools refilled, connects
+//! completed or failed, readiness eventfds set or cleared, blocked writers
+//! woken, closed connections reaped. Both the driver and application threads
+//! (right after they queue data) run it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::{Duration as SmolDuration, Instant};
+use smoltcp::wire::IpListenEndpoint;
+
+use super::device::TapDevice;
+use super::event::EventFd;
+use super::ports::{Ports, Proto};
+use crate::stack::{errno, Family};
+
+/// How long a connect may wait for its handshake before `ETIMEDOUT` (as
+/// Linux with `tcp_syn_retries` = 6).
+pub const SYN_TIMEOUT: SmolDuration = SmolDuration::from_secs(127);
+
+/// How long a closed connection may linger, sending what it still has and
+/// its FIN, before it is given up.
+pub const LINGER: SmolDuration = SmolDuration::from_secs(60);
+
+/// The delayed-ACK timer (see the module docs of `smol` for the choice).
+pub const ACK_DELAY: SmolDuration = SmolDuration::from_millis(10);
+
+/// Largest listen backlog (Linux' `SOMAXCONN`).
+pub const MAX_BACKLOG: i32 = 4096;
+
+/// Default idle time before keepalive probes (`TCP_KEEPIDLE`), as Linux.
+pub const KEEPIDLE_DEFAULT: u32 = 7200;
+
+/// The socket set, with a record of which handles are live and what they
+/// are, so a stale handle yields `None` instead of smoltcp's panic.
+pub struct Sockets {
+    pub set: SocketSet<'static>,
+    tcp: HashSet<SocketHandle>,
+    udp: HashSet<SocketHandle>,
+}
+
+impl Sockets {
+    fn new() -> Sockets {
+        Sockets {
+            set: SocketSet::new(Vec::new()),
+            tcp: HashSet::new(),
+            udp: HashSet::new(),
+        }
+    }
+
+    /// Adds a TCP socket.
+    pub fn add_tcp(&mut self, s: tcp::Socket<'static>) -> SocketHandle {
+        let h = self.set.add(s);
+        self.tcp.insert(h);
+        h
+    }
+
+    /// Adds a UDP socket.
+    pub fn add_udp(&mut self, s: udp::Socket<'static>) -> SocketHandle {
+        let h = self.set.add(s);
+        self.udp.insert(h);
+        h
+    }
+
+    /// The TCP socket `h`, if live.
+    pub fn tcp(&self, h: SocketHandle) -> Option<&tcp::Socket<'static>> {
+        self.tcp
+            .contains(&h)
+            .then(|| self.set.get::<tcp::Socket>(h))
+    }
+
+    /// The TCP socket `h`, if live, for changes.
+    pub fn tcp_mut(&mut self, h: SocketHandle) -> Option<&mut tcp::Socket<'static>> {
+        if self.tcp.contains(&h) {
+            Some(self.set.get_mut::<tcp::Socket>(h))
+        } else {
+            None
+        }
+    }
+
+    /// The UDP socket `h`, if live.
+    pub fn udp(&self, h: SocketHandle) -> Option<&udp::Socket<'static>> {
+        self.udp
+            .contains(&h)
+            .then(|| self.set.get::<udp::Socket>(h))
+    }
+
+    /// The UDP socket `h`, if live, for changes.
+    pub fn udp_mut(&mut self, h: SocketHandle) -> Option<&mut udp::Socket<'static>> {
+        if self.udp.contains(&h) {
+            Some(self.set.get_mut::<udp::Socket>(h))
+        } else {
+            None
+        }
+    }
+
+    /// Removes `h` if live.
+    pub fn remove(&mut self, h: SocketHandle) {
+        if self.tcp.remove(&h) || self.udp.remove(&h) {
+            self.set.remove(h);
+        }
+    }
+
+    /// Removes every socket.
+    fn clear(&mut self) {
+        let all: Vec<SocketHandle> = self.tcp.iter().chain(self.udp.iter()).copied().collect();
+        for h in all {
+            self.remove(h);
+        }
+    }
+
+    /// Live TCP sockets.
+    pub fn tcp_count(&self) -> usize {
+        self.tcp.len()
+    }
+}
+
+/// The two eventfds of a socket. `ready` is readable exactly while the
+/// socket is (the `poll_fd`); `wake` is set for a writer blocked in
+/// `send`/`connect` when it may go on.
+pub struct SockFds {
+    pub ready: EventFd,
+    pub wake: EventFd,
+}
+
+impl SockFds {
+    /// Two new eventfds.
+    pub fn new() -> io::Result<Arc<SockFds>> {
+        Ok(Arc::new(SockFds {
+            ready: EventFd::new()?,
+            wake: EventFd::new()?,
+        }))
+    }
+}
+
+/// Options set on a socket before its smoltcp socket exists, and applied
+/// when it is made (accepted sockets inherit the listener's).
+#[derive(Clone, Copy, Debug)]
+pub struct SockOpts {
+    pub rcvbuf: usize,
+    pub sndbuf: usize,
+    pub nodelay: bool,
+    pub keepalive: bool,
+    pub keepidle: u32,
+    pub reuseaddr: bool,
+}
+
+impl SockOpts {
+    /// Applies the options that smoltcp can change on a live socket.
+    pub fn apply(&self, t: &mut tcp::Socket<'static>) {
+        t.set_nagle_enabled(!self.nodelay);
+        t.set_keep_alive(
+            self.keepalive
+                .then(|| SmolDuration::from_secs(u64::from(self.keepidle.max(1)))),
+        );
+    }
+
+    /// A new smoltcp TCP socket with these options.
+    pub fn tcp_socket(&self) -> tcp::Socket<'static> {
+        // Zeroed vectors come from calloc: pages are only touched when data
+        // fills them, so idle listener pools and connections cost little.
+        let mut t = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.rcvbuf]),
+            tcp::SocketBuffer::new(vec![0; self.sndbuf]),
+        );
+        t.set_congestion_control(tcp::CongestionControl::Cubic);
+        t.set_ack_delay(Some(ACK_DELAY));
+        self.apply(&mut t);
+        t
+    }
+}
+
+/// Where a connection is in its life, as dmm reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The handshake is under way (since the given time).
+    Connecting(Instant),
+    /// The handshake completed (or the socket was accepted).
+    Established,
+    /// The handshake failed (the error is in `SockState::error`).
+    Failed,
+}
+
+/// What a socket is.
+pub enum Role {
+    /// Neither bound nor connected.
+    Fresh,
+    /// Bound (the port is reserved in `SockState::port`).
+    Bound,
+    /// Listening: a pool of smoltcp sockets listening on the port and the
+    /// established connections not yet accepted.
+    Listening {
+        endpoint: IpListenEndpoint,
+        pool: Vec<SocketHandle>,
+        queue: VecDeque<u64>,
+        backlog: usize,
+    },
+    /// A TCP connection.
+    Conn { h: SocketHandle, phase: Phase },
+    /// A UDP socket (bound: it has a smoltcp socket).
+    Udp { h: SocketHandle },
+}
+
+/// dmm's view of one socket.
+pub struct SockState {
+    pub fds: Arc<SockFds>,
+    pub family: Family,
+    pub role: Role,
+    /// `SO_ERROR`: a failed connect, consumed by `SO_ERROR` or the next call.
+    pub error: Option<i32>,
+    /// An error every later call reports (the instance went down).
+    pub fatal: Option<i32>,
+    pub shut_rd: bool,
+    pub shut_wr: bool,
+    /// Whether `fds.ready` is set now.
+    pub ready: bool,
+    /// A writer waits on `fds.wake`.
+    pub want_write: bool,
+    pub opts: SockOpts,
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    /// The reserved local port, released when the socket is done with it.
+    pub port: Option<(Proto, u16)>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl SockState {
+    /// A fresh socket.
+    pub fn new(fds: Arc<SockFds>, family: Family, opts: SockOpts) -> SockState {
+        SockState {
+            fds,
+            family,
+            role: Role::Fresh,
+            error: None,
+            fatal: None,
+            shut_rd: false,
+            shut_wr: false,
+            ready: false,
+            want_write: false,
+            opts,
+            local: None,
+            peer: None,
+            port: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+}
+
+/// TCP states in which the receive side is still open (no FIN, no reset).
+fn rx_open(s: tcp::State) -> bool {
+    use tcp::State::*;
+    matches!(s, SynSent | SynReceived | Established | FinWait1 | FinWait2)
+}
+
+/// Whether socket `s` is readable (data, EOF, error, pending connection).
+pub fn readable(s: &SockState, set: &Sockets) -> bool {
+    if s.fatal.is_some() || s.error.is_some() || s.shut_rd {
+        return true;
+    }
+    match &s.role {
+        Role::Fresh | Role::Bound => false,
+        Role::Listening { queue, .. } => !queue.is_empty(),
+        Role::Conn { h, .. } => set
+            .tcp(*h)
+            .is_none_or(|t| t.can_recv() || !rx_open(t.state())),
+        Role::Udp { h } => set.udp(*h).is_none_or(|u| u.can_recv()),
+    }
+}
+
+/// Whether socket `s` is writable (room to send, connect done, error).
+pub fn writable(s: &SockState, set: &Sockets) -> bool {
+    if s.fatal.is_some() || s.error.is_some() {
+        return true;
+    }
+    match &s.role {
+        Role::Conn { h, phase } => match (set.tcp(*h), phase) {
+            (None, _) | (_, Phase::Failed) => true,
+            (Some(_), Phase::Connecting(_)) => false,
+            (Some(t), Phase::Established) => s.shut_wr || t.can_send() || !t.may_send(),
+        },
+        Role::Udp { h } => set.udp(*h).is_none_or(|u| u.can_send()),
+        _ => false,
+    }
+}
+
+/// A closed connection still draining (FIN, TIME-WAIT) after its socket was
+/// closed; its port stays reserved until smoltcp lets go.
+struct Orphan {
+    h: SocketHandle,
+    port: Option<(Proto, u16)>,
+}
+
+/// Everything behind the instance's lock.
+pub struct State {
+    pub iface: Interface,
+    /// The device; `None` once the instance is stopped.
+    pub dev: Option<TapDevice>,
+    pub sockets: Sockets,
+    pub socks: HashMap<u64, SockState>,
+    pub ports: Ports,
+    orphans: Vec<Orphan>,
+    /// The errno every socket reports while the instance is down.
+    pub down: Option<i32>,
+    pub next_id: u64,
+    epoch: std::time::Instant,
+    /// When the driver will next wake by itself (`None`: only when kicked).
+    pub driver_deadline: Option<Instant>,
+    pub accepted: u64,
+}
+
+impl State {
+    /// A state around `iface` and `dev`.
+    pub fn new(iface: Interface, dev: TapDevice, epoch: std::time::Instant, seed: u64) -> State {
+        State {
+            iface,
+            dev: Some(dev),
+            sockets: Sockets::new(),
+            socks: HashMap::new(),
+            ports: Ports::new(seed),
+            orphans: Vec::new(),
+            down: None,
+            next_id: 1,
+            epoch,
+            driver_deadline: None,
+            accepted: 0,
+        }
+    }
+
+    /// smoltcp's clock: microseconds since the instance started.
+    pub fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros().min(i64::MAX as u128) as i64)
+    }
+
+    /// Adds a socket and returns its id.
+    pub fn insert(&mut self, s: SockState) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.socks.insert(id, s);
+        id
+    }
+
+    /// One round of work (see the module docs).
+    pub fn turn(&mut self) {
+        if self.down.is_some() {
+            return;
+        }
+        let now = self.now();
+        let Some(dev) = self.dev.as_mut() else {
+            return;
+        };
+        self.iface.poll(now, dev, &mut self.sockets.set);
+        if dev.failure().is_some() {
+            self.go_down(libc::ENETDOWN);
+            return;
+        }
+        self.after_poll(now);
+    }
+
+    /// When smoltcp next needs a turn (`None`: only on input).
+    pub fn poll_at(&mut self) -> Option<Instant> {
+        if self.down.is_some() || self.dev.is_none() {
+            return None;
+        }
+        let now = self.now();
+        self.iface.poll_at(now, &self.sockets.set)
+    }
+
+    fn after_poll(&mut self, now: Instant) {
+        let listeners: Vec<u64> = self
+            .socks
+            .iter()
+            .filter(|(_, s)| matches!(s.role, Role::Listening { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in listeners {
+            self.refill(id);
+        }
+        let State { socks, sockets, .. } = self;
+        for s in socks.values_mut() {
+            step(s, sockets, now);
+        }
+        let State {
+            orphans,
+            sockets,
+            ports,
+            ..
+        } = self;
+        orphans.retain(|o| {
+            let done = sockets
+                .tcp(o.h)
+                .is_none_or(|t| t.state() == tcp::State::Closed);
+            if done {
+                sockets.remove(o.h);
+                if let Some((p, n)) = o.port {
+                    ports.release(p, n);
+                }
+            }
+            !done
+        });
+    }
+
+    /// Moves listener `id`'s established connections to its accept queue
+    /// and tops its pool of listening sockets up to the backlog while the
+    /// queue has room (a full queue leaves SYNs unanswered by a listener, so
+    /// smoltcp refuses them, where Linux would drop them).
+    pub fn refill(&mut self, id: u64) {
+        let mut born = Vec::new();
+        let opts;
+        let family;
+        {
+            let Some(s) = self.socks.get_mut(&id) else {
+                return;
+            };
+            if s.fatal.is_some() {
+                return;
+            }
+            opts = s.opts;
+            family = s.family;
+            let Role::Listening {
+                endpoint,
+                pool,
+                queue,
+                backlog,
+            } = &mut s.role
+            else {
+                return;
+            };
+            let mut i = 0;
+            while i < pool.len() {
+                let h = pool[i];
+                match self.sockets.tcp_mut(h).map(|t| (t.state(), t)) {
+                    None => {
+                        pool.swap_remove(i);
+                    }
+                    Some((tcp::State::Listen | tcp::State::SynReceived, _)) => i += 1,
+                    Some((tcp::State::Closed, t)) => {
+                        // A half-open connection timed out: listen again.
+                        if t.listen(*endpoint).is_err() {
+                            pool.swap_remove(i);
+                            self.sockets.remove(h);
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    Some(_) => {
+                        pool.swap_remove(i);
+                        born.push(h);
+                    }
+                }
+            }
+            while pool.len() < *backlog && queue.len() + born.len() < *backlog {
+                let mut t = opts.tcp_socket();
+                if t.listen(*endpoint).is_err() {
+                    break;
+                }
+                pool.push(self.sockets.add_tcp(t));
+            }
+        }
+        for h in born {
+            let Ok(fds) = SockFds::new() else {
+                // Out of fds: refuse the connection, as the kernel would.
+                if let Some(t) = self.sockets.tcp_mut(h) {
+                    t.abort();
+                }
+                self.orphans.push(Orphan { h, port: None });
+                continue;
+            };
+            let mut c = SockState::new(fds, family, opts);
+            if let Some(t) = self.sockets.tcp(h) {
+                c.local = t.local_endpoint().map(SocketAddr::from);
+                c.peer = t.remote_endpoint().map(SocketAddr::from);
+            }
+            c.role = Role::Conn {
+                h,
+                phase: Phase::Established,
+            };
+            let cid = self.insert(c);
+            self.accepted += 1;
+            if let Some(Role::Listening { queue, .. }) =
+                self.socks.get_mut(&id).map(|s| &mut s.role)
+            {
+                queue.push_back(cid);
+            }
+        }
+        self.sync(id);
+    }
+
+    /// Brings socket `id`'s readiness eventfds in line with its state.
+    pub fn sync(&mut self, id: u64) {
+        let now = self.now();
+        if let Some(s) = self.socks.get_mut(&id) {
+            step(s, &mut self.sockets, now);
+        }
+    }
+
+    /// Hands socket `h` to the reaper: it finishes closing on its own and
+    /// then gives its port back.
+    pub fn orphan(&mut self, h: SocketHandle, port: Option<(Proto, u16)>) {
+        if let Some(t) = self.sockets.tcp_mut(h) {
+            t.set_timeout(Some(LINGER));
+            self.orphans.push(Orphan { h, port });
+        } else {
+            self.sockets.remove(h);
+            if let Some((p, n)) = port {
+                self.ports.release(p, n);
+            }
+        }
+    }
+
+    /// Takes the instance down: every connection is dropped and every socket
+    /// fails from now on with `err`, blocked callers included.
+    pub fn go_down(&mut self, err: i32) {
+        self.down = Some(err);
+        self.sockets.clear();
+        for o in self.orphans.drain(..) {
+            if let Some((p, n)) = o.port {
+                self.ports.release(p, n);
+            }
+        }
+        for s in self.socks.values_mut() {
+            s.fatal = Some(err);
+            if !s.ready {
+                s.ready = true;
+                s.fds.ready.set();
+            }
+            s.fds.wake.set();
+        }
+    }
+
+    /// Whether the instance is down, as an error.
+    pub fn check_up(&self) -> io::Result<()> {
+        match self.down {
+            Some(e) => Err(errno(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Brings one socket up to date: connect completion or failure, the
+/// `ready` eventfd, a blocked writer.
+fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
+    if let Role::Conn { h, phase } = &mut s.role {
+        if let Phase::Connecting(since) = *phase {
+            match set.tcp_mut(*h) {
+                None => {
+                    *phase = Phase::Failed;
+                    s.error = Some(libc::ENETDOWN);
+                }
+                Some(t) => match t.state() {
+                    tcp::State::SynSent | tcp::State::SynReceived => {}
+                    tcp::State::Closed => {
+                        *phase = Phase::Failed;
+                        // smoltcp does not say why: a close before the SYN
+                        // timeout can only be a reset (or an ICMP error).
+                        let timed_out = now >= since + SYN_TIMEOUT - SmolDuration::from_secs(1);
+                        s.error = Some(if timed_out {
+                            libc::ETIMEDOUT
+                        } else {
+                            libc::ECONNREFUSED
+                        });
+                    }
+                    _ => {
+                        *phase = Phase::Established;
+                        t.set_timeout(None);
+                        s.local = t.local_endpoint().map(SocketAddr::from).or(s.local);
+                    }
+                },
+            }
+        }
+    }
+    let want = readable(s, set);
+    if want != s.ready {
+        s.ready = want;
+        if want {
+            s.fds.ready.set();
+        } else {
+            s.fds.ready.clear();
+        }
+    }
+    if s.want_write && writable(s, set) {
+        s.want_write = false;
+        s.fds.wake.set();
+    }
+}

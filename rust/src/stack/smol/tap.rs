@@ -1,0 +1,147 @@
+//! A TAP device: open or create it, set its MTU, bring it up, and move
+//! single Ethernet frames in and out without blocking.
+//!
+//! The device is opened with `IFF_TAP | IFF_NO_PI` and no `TUNSETOFFLOAD`
+//! flags, so the kernel hands us finished frames of at most MTU bytes (no
+//! GSO super-frames, no partial checksums) that smoltcp can parse as they are.
+//! A device created here is not persistent: closing the fd removes it. An
+//! existing persistent device (`ip tuntap add mode tap`) is attached to.
+//!
+//! Errors are returned, never panicked on: a read or write that fails with
+//! anything but `EAGAIN` (the device was deleted: `EBADFD`, `EIO`, ...) is
+//! reported to the caller, which takes the instance down.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::sys::{cvt, cvt_size};
+
+/// Longest interface name the kernel takes (`IFNAMSIZ` minus the NUL).
+const NAME_MAX: usize = libc::IFNAMSIZ - 1;
+
+/// Largest MTU a TAP device accepts (`ETH_MAX_MTU`).
+pub const MTU_MAX: u32 = 65535;
+
+/// Smallest MTU that carries IPv4 (68) and IPv6 (1280) packets. IPv6 needs
+/// 1280; we ask for that much so both families always work.
+pub const MTU_MIN: u32 = 1280;
+
+/// An open TAP device.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+}
+
+/// An `ifreq` naming `name`, everything else zero.
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() > NAME_MAX || name.bytes().any(|b| b <= b' ' || b == b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad device name {name:?} (1-{NAME_MAX} bytes, no '/' or spaces)"),
+        ));
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// Runs one `SIOC*` interface ioctl through a throwaway datagram socket.
+fn if_ioctl(req: &mut libc::ifreq, op: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: s was just created and is owned by nobody else.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: req is a valid ifreq that outlives the call.
+    cvt(unsafe { libc::ioctl(s.as_raw_fd(), op as _, req as *mut libc::ifreq) })?;
+    Ok(())
+}
+
+impl Tap {
+    /// Opens the TAP device `name`, creating it if it does not exist.
+    pub fn open(name: &str) -> io::Result<Tap> {
+        let mut req = ifreq(name)?;
+        let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        // SAFETY: the path is a NUL-terminated literal.
+        let fd = cvt(unsafe { libc::open(c"/dev/net/tun".as_ptr(), flags) })
+            .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")))?;
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: req is a valid ifreq that outlives the call.
+        cvt(unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNSETIFF,
+                &mut req as *mut libc::ifreq,
+            )
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("attaching TAP device {name:?}: {e}")))?;
+        // No offloads: the kernel must give us complete frames.
+        // SAFETY: TUNSETOFFLOAD takes an integer by value.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
+        Ok(Tap {
+            fd,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets the MTU (`SIOCSIFMTU`).
+    pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
+        let mut req = ifreq(&self.name)?;
+        req.ifr_ifru.ifru_mtu = mtu.min(i32::MAX as u32) as libc::c_int;
+        if_ioctl(&mut req, libc::SIOCSIFMTU).map_err(|e| {
+            io::Error::new(e.kind(), format!("setting MTU {mtu} on {}: {e}", self.name))
+        })
+    }
+
+    /// Brings the link up (`IFF_UP`), keeping the other flags.
+    pub fn set_up(&self) -> io::Result<()> {
+        let mut req = ifreq(&self.name)?;
+        if_ioctl(&mut req, libc::SIOCGIFFLAGS)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        if_ioctl(&mut req, libc::SIOCSIFFLAGS)
+            .map_err(|e| io::Error::new(e.kind(), format!("bringing {} up: {e}", self.name)))
+    }
+
+    /// Reads one frame into `buf`: `Ok(None)` when none is queued.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: buf is valid for writes of its length.
+        let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match cvt_size(r) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes one frame: `Ok(false)` when the kernel would block (the frame
+    /// is dropped; TCP repairs the loss).
+    pub fn write(&self, frame: &[u8]) -> io::Result<bool> {
+        // SAFETY: frame is valid for reads of its length.
+        let r = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        match cvt_size(r) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
