@@ -76,7 +76,7 @@ BAD = [
     ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2"\n', 5, "stack[0].address", "prefix length"),
     ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\ngateway = "fd00::1"\n', 6,
      "stack[0].gateway", "per family"),
-    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nmtu = 70000\n', 6, "stack[0].mtu", "576"),
+    ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nmtu = 70000\n', 6, "stack[0].mtu", "1280"),
     ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nmac = "zz"\n', 6, "stack[0].mac", "MAC"),
     ('[[stack]]\nname = "k"\nkind = "smoltcp"\ndevice = "d0"\naddress = "10.7.0.2/24"\nrate_control = "bbr"\n', 6,
      "stack[0].rate_control", "does not apply to a smoltcp stack"),

@@ -118,6 +118,11 @@ impl phy::TxToken for TxToken<'_> {
                     self.stats.bytes_out += len as u64;
                 }
                 Ok(false) => self.stats.tx_dropped += 1,
+                // EIO: the host side of the TAP is down (an administrator
+                // took it down, or it is moving to another namespace). Like
+                // an unplugged cable, the frame is lost and TCP will resend;
+                // only a deleted device (EBADFD, POLLERR) kills the instance.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => self.stats.tx_dropped += 1,
                 Err(e) => *self.failure = Some(e),
             }
         }

@@ -8,8 +8,10 @@
 //! existing persistent device (`ip tuntap add mode tap`) is attached to.
 //!
 //! Errors are returned, never panicked on: a read or write that fails with
-//! anything but `EAGAIN` (the device was deleted: `EBADFD`, `EIO`, ...) is
-//! reported to the caller, which takes the instance down.
+//! anything but `EAGAIN` (the device was deleted: `EBADFD`, ...) is
+//! reported to the caller, which takes the instance down, except `EIO` on a
+//! write: the host side is down (or moving to another namespace), and the
+//! device layer counts the frame as lost.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

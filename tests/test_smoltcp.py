@@ -1,0 +1,463 @@
+"""dmm sockets on smoltcp instances over real TAP devices and namespaces.
+
+Each test's smoltcp instance creates its TAP device in this process's
+namespace; the test then moves the device's host side into a namespace of
+its own (``peer``) and gives it the gateway address, so kernel TCP in that
+namespace talks to the user-space stack through the TAP, as a LAN host would.
+"""
+
+import errno
+import hashlib
+import itertools
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import dmm.socket as dsocket
+from dmm.lab import netns
+
+from conftest import ROOT, use_config
+
+_ids = itertools.count()
+
+
+def unique(prefix):
+    return f"{prefix}{os.getpid() % 1000}x{next(_ids)}"
+
+
+class Peer:
+    """A namespace holding the host side of a smoltcp instance's TAP device."""
+
+    def __init__(self, device, subnet):
+        self.ns = unique("dmmtp")
+        self.device = device
+        self.subnet = subnet  # e.g. "10.77.3": the peer is .1, smoltcp .2
+        netns.add_netns(self.ns)
+
+    @property
+    def address(self):
+        return f"{self.subnet}.1"
+
+    def take_device(self):
+        """Moves the TAP's host side in here and addresses it."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                netns.ip("link", "show", "dev", self.device)
+                break
+            except netns.LabError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        netns.ip("link", "set", "dev", self.device, "netns", self.ns)
+        netns.ip("addr", "add", f"{self.address}/24", "dev", self.device, netns=self.ns)
+        netns.ip("link", "set", "dev", self.device, "up", netns=self.ns)
+
+    def popen(self, code, *args, **kw):
+        return subprocess.Popen(netns.exec_argv(self.ns, [sys.executable, "-c", code, *args]),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+    def run(self, code, *args, timeout=120):
+        return subprocess.run(netns.exec_argv(self.ns, [sys.executable, "-c", code, *args]),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def close(self):
+        netns.delete_netns(self.ns)
+
+
+def smol_config(device, subnet, extra=""):
+    return f"""
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "lan0"
+kind = "smoltcp"
+device = "tap:{device}"
+address = "{subnet}.2/24"
+gateway = "{subnet}.1"
+
+[[route]]
+to = "{subnet}.0/24"
+stacks = ["lan0"]
+
+[listen]
+stacks = ["lan0"]
+{extra}"""
+
+
+@pytest.fixture
+def lan():
+    """A smoltcp instance ``lan0`` whose TAP's host side is in a namespace."""
+    n = next(_ids)
+    device = unique("dmmt")
+    subnet = f"10.77.{(os.getpid() + n) % 200 + 20}"
+    peer = Peer(device, subnet)
+    try:
+        use_config(smol_config(device, subnet))
+        peer.take_device()
+        yield peer
+    finally:
+        import dmm.runtime
+
+        dmm.runtime.reset()
+        peer.close()
+        try:
+            netns.ip("link", "del", "dev", device)
+        except netns.LabError:
+            pass
+
+
+SINK = r"""
+import hashlib, socket, sys
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+h = hashlib.sha256(); n = 0
+while True:
+    b = conn.recv(1 << 20)
+    if not b:
+        break
+    h.update(b); n += len(b)
+conn.sendall(h.hexdigest().encode())
+conn.close()
+print(n, flush=True)
+"""
+
+SOURCE = r"""
+import hashlib, socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = socket.create_connection((host, port), timeout=60)
+block = bytes(range(256)) * 4096
+sent = 0
+while sent < size:
+    c.sendall(block); sent += len(block)
+c.shutdown(socket.SHUT_WR)
+print(c.recv(100).decode(), flush=True)
+"""
+
+
+def expected_digest(size):
+    block = bytes(range(256)) * 4096
+    h = hashlib.sha256()
+    for _ in range(size // len(block)):
+        h.update(block)
+    return h.hexdigest()
+
+
+def test_dmm_client_on_smoltcp_to_kernel_server(lan):
+    server = lan.popen(SINK, lan.address)
+    try:
+        port = int(server.stdout.readline())
+        size = 100 * 2**20
+        block = bytes(range(256)) * 4096
+        c = dsocket.create_connection((lan.address, port), timeout=60)
+        with c:
+            assert c.dmm_stack == "lan0"
+            assert c.getsockname()[0] == lan.subnet + ".2"
+            for _ in range(size // len(block)):
+                c.sendall(block)
+            c.shutdown(dsocket.SHUT_WR)
+            digest = b""
+            while len(digest) < 64:
+                part = c.recv(64)
+                if not part:
+                    break
+                digest += part
+            counters = c.dmm_counters()
+        assert digest.decode() == expected_digest(size)
+        assert int(server.stdout.readline()) == size
+        assert counters.get("bytes_sent", size) >= size
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_kernel_client_in_namespace_to_dmm_server_on_smoltcp(lan):
+    srv = dsocket.socket()
+    srv.bind(("0.0.0.0", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    assert srv.dmm_stack == "lan0"
+    size = 100 * 2**20
+    client = lan.popen(SOURCE, lan.subnet + ".2", str(port), str(size))
+    try:
+        srv.settimeout(30)
+        conn, peer = srv.accept()
+        assert peer[0] == lan.address and conn.dmm_stack == "lan0"
+        h = hashlib.sha256()
+        n = 0
+        buf = bytearray(1 << 20)
+        with conn:
+            conn.settimeout(60)
+            while True:
+                k = conn.recv_into(buf)
+                if not k:
+                    break
+                h.update(memoryview(buf)[:k])
+                n += k
+            conn.sendall(h.hexdigest().encode())
+        out, err = client.communicate(timeout=60)
+        assert n == size and h.hexdigest() == expected_digest(size)
+        assert out.strip() == expected_digest(size), err
+    finally:
+        client.kill()
+        srv.close()
+
+
+def test_errors_match_kernel_semantics(lan):
+    # Nothing listens on this port in the peer namespace: the kernel answers RST.
+    c = dsocket.socket()
+    c.settimeout(5)
+    with c, pytest.raises(ConnectionRefusedError):
+        c.connect((lan.address, 9))
+    # Non-blocking connect: EINPROGRESS, then the refusal shows in SO_ERROR.
+    c = dsocket.socket()
+    c.setblocking(False)
+    with c:
+        assert c.connect_ex((lan.address, 9)) == errno.EINPROGRESS
+        deadline = time.monotonic() + 5
+        while (err := c.getsockopt(dsocket.SOL_SOCKET, dsocket.SO_ERROR)) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert err == errno.ECONNREFUSED
+    # Non-blocking recv with nothing to read: EAGAIN.
+    server = lan.popen(SINK, lan.address)
+    try:
+        port = int(server.stdout.readline())
+        c = dsocket.create_connection((lan.address, port), timeout=5)
+        with c:
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                c.recv(10)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_selectors_server_on_smoltcp(lan):
+    srv = dsocket.socket()
+    srv.bind(("0.0.0.0", 0))
+    srv.listen()
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ)
+    client = lan.popen(r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(b"hello over tap")
+print(c.recv(100).decode(), flush=True)
+""", lan.subnet + ".2", str(port))
+    try:
+        events = sel.select(10)
+        assert events and events[0][0].fileobj is srv
+        conn, _ = srv.accept()
+        conn.setblocking(False)
+        sel.register(conn, selectors.EVENT_READ)
+        got = b""
+        deadline = time.monotonic() + 10
+        while len(got) < 14 and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                if key.fileobj is conn:
+                    got += conn.recv(100)
+        assert got == b"hello over tap"
+        conn.setblocking(True)
+        conn.sendall(got.upper())
+        out, err = client.communicate(timeout=10)
+        assert out.strip() == "HELLO OVER TAP", err
+        conn.close()
+    finally:
+        client.kill()
+        sel.close()
+        srv.close()
+
+
+def test_removing_the_tap_device_fails_live_sockets_and_spares_the_process(lan):
+    server = lan.popen(r"""
+import socket, sys, time
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+time.sleep(60)
+""", lan.address)
+    try:
+        port = int(server.stdout.readline())
+        c = dsocket.create_connection((lan.address, port), timeout=10)
+        with c:
+            c.settimeout(None)
+            errors = []
+
+            def reader():
+                try:
+                    c.recv(100)
+                except OSError as exc:
+                    errors.append(exc)
+
+            t = threading.Thread(target=reader)
+            t.start()
+            time.sleep(0.2)
+            netns.ip("link", "del", "dev", lan.device, netns=lan.ns)
+            t.join(10)
+            assert not t.is_alive(), "recv still blocked 10 s after the device went away"
+            assert errors and errors[0].errno is not None
+            with pytest.raises(OSError):
+                c.sendall(b"x" * 100)
+        # The process is fine: kernel sockets work, new smoltcp sockets fail cleanly.
+        a, b = dsocket.socketpair()
+        with a, b:
+            a.sendall(b"ok")
+            assert b.recv(2) == b"ok"
+        d = dsocket.socket()
+        d.settimeout(5)
+        with d, pytest.raises(OSError):
+            d.connect((lan.address, port))
+    finally:
+        server.kill()
+        server.wait()
+
+
+HTTP_TOML = """
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "lan0"
+kind = "smoltcp"
+device = "tap:{device}"
+address = "10.77.{n}.2/24"
+
+[listen]
+stacks = ["kernel", "lan0"]
+
+[[route]]
+role = "accept"
+to = "10.77.{n}.0/24"
+stacks = ["lan0"]
+
+[[route]]
+role = "accept"
+to = "0.0.0.0/0"
+stacks = ["kernel"]
+"""
+
+FETCH = r"""
+import sys, urllib.request
+for _ in range(int(sys.argv[2])):
+    with urllib.request.urlopen(sys.argv[1], timeout=20) as r:
+        body = r.read()
+print(r.status, len(body), flush=True)
+"""
+
+
+def test_unmodified_http_server_answers_lan_on_smoltcp_and_wan_on_kernel(tmp_path):
+    """Use case 2: one listening socket, LAN clients through the user-space
+    stack, the others through the kernel, chosen by the accept policy."""
+    n = os.getpid() % 200 + 20
+    device = unique("dmmh")
+    srv_ns, lan_ns, wan_ns = unique("dmmsrv"), unique("dmmlan"), unique("dmmwan")
+    veth = unique("dmmv")
+    for ns in (srv_ns, lan_ns, wan_ns):
+        netns.add_netns(ns)
+    server = None
+    try:
+        # The WAN client reaches the server's kernel over a veth pair.
+        netns.ip("link", "add", veth, "netns", srv_ns, "type", "veth", "peer", "name", veth + "p", "netns", wan_ns)
+        netns.ip("addr", "add", f"10.78.{n}.1/24", "dev", veth, netns=srv_ns)
+        netns.ip("link", "set", veth, "up", netns=srv_ns)
+        netns.ip("addr", "add", f"10.78.{n}.2/24", "dev", veth + "p", netns=wan_ns)
+        netns.ip("link", "set", veth + "p", "up", netns=wan_ns)
+        (tmp_path / "www").mkdir()
+        (tmp_path / "www" / "index.html").write_text("dual mode\n" * 1000)
+        config = tmp_path / "dmm.toml"
+        config.write_text(HTTP_TOML.format(device=device, n=n))
+        stats = tmp_path / "stats.json"
+        server = subprocess.Popen(
+            netns.exec_argv(srv_ns, [sys.executable, "-m", "dmm", "--config", str(config), "run", "--stats", str(stats),
+                                     "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory",
+                                     str(tmp_path / "www")]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        # The smoltcp instance made its TAP in the server's namespace: hand the
+        # host side to the LAN namespace.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                netns.ip("link", "show", "dev", device, netns=srv_ns)
+                break
+            except netns.LabError:
+                assert server.poll() is None, server.communicate()[1]
+                assert time.monotonic() < deadline, "the smoltcp instance did not create its TAP device"
+                time.sleep(0.05)
+        netns.ip("link", "set", "dev", device, "netns", lan_ns, netns=srv_ns)
+        netns.ip("addr", "add", f"10.77.{n}.1/24", "dev", device, netns=lan_ns)
+        netns.ip("link", "set", "dev", device, "up", netns=lan_ns)
+
+        def fetch(ns, url, count):
+            deadline = time.monotonic() + 20
+            while True:
+                done = subprocess.run(netns.exec_argv(ns, [sys.executable, "-c", FETCH, url, str(count)]),
+                                      capture_output=True, text=True, timeout=60)
+                if done.returncode == 0 or time.monotonic() > deadline:
+                    return done
+                time.sleep(0.2)  # the server may still be starting
+
+        lan_fetch = fetch(lan_ns, f"http://10.77.{n}.2:8080/index.html", 5)
+        wan_fetch = fetch(wan_ns, f"http://10.78.{n}.1:8080/index.html", 3)
+        assert lan_fetch.stdout.split() == ["200", "10000"], lan_fetch.stderr
+        assert wan_fetch.stdout.split() == ["200", "10000"], wan_fetch.stderr
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        for ns in (srv_ns, lan_ns, wan_ns):
+            netns.delete_netns(ns)
+    counts = json.loads(stats.read_text())
+    # Each request was served by the stack its accept rule names.
+    assert counts["lan0"]["accepts"] >= 5 and counts["kernel"]["accepts"] >= 3
+    assert counts["lan0"]["policy_refused"] == 0 and counts["kernel"]["policy_refused"] == 0
+
+
+def test_link_down_for_a_while_loses_frames_not_the_connection(lan):
+    server = lan.popen(SINK, lan.address)
+    try:
+        port = int(server.stdout.readline())
+        size = 64 * 2**20
+        block = bytes(range(256)) * 4096
+        c = dsocket.create_connection((lan.address, port), timeout=60)
+        errors = []
+
+        def send_all():
+            try:
+                for _ in range(size // len(block)):
+                    c.sendall(block)
+                c.shutdown(dsocket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+
+        with c:
+            sender = threading.Thread(target=send_all)
+            sender.start()
+            time.sleep(0.05)
+            netns.ip("link", "set", "dev", lan.device, "down", netns=lan.ns)
+            time.sleep(0.5)  # frames sent now fail with EIO: lost, not fatal
+            netns.ip("link", "set", "dev", lan.device, "up", netns=lan.ns)
+            sender.join(60)
+            assert not errors and not sender.is_alive()
+            digest = c.recv(64)
+        assert digest.decode() == expected_digest(size)
+        counts = dsocket.stack_counters()["lan0"]
+        assert counts["tx_dropped"] > 0 and counts["down"] == 0
+    finally:
+        server.kill()
+        server.wait()
