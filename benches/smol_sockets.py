@@ -1,0 +1,244 @@
+"""dmm on smoltcp against dmm on the kernel, between two namespaces.
+
+Topology, built by this script (root needed) and removed at the end::
+
+    this namespace                              namespace "peer"
+    dmm client --kernel TCP-- veth 10.79.N.1 ===== veth 10.79.N.2  server
+    dmm client --smoltcp----- TAP (smoltcp .2) ===== TAP 10.77.N.1  server
+
+The server is plain CPython in the peer namespace. The client is a fresh
+process per sample using ``dmm.socket`` with a config naming one kernel
+instance and one smoltcp instance, and a route that sends 10.77.N.0/24 to
+smoltcp; so the only difference between the contenders is the stack the
+client's socket is on (and the link it takes: a veth for the kernel, the
+TAP for smoltcp). Each client process creates its own TAP device and moves
+its host side into the peer namespace.
+
+Tests:
+
+* ``bulk``: one connection, ``--bulk-mib`` MiB with ``sendall`` of 256 KiB,
+  client to server; Gbit/s measured at the client until the server's
+  one-byte acknowledgement of the last byte.
+* ``pingpong``: 1-byte request and reply, round trips per second.
+
+Rounds interleave the contenders; medians and the ratio smoltcp/kernel go to
+``benches/results/smoltcp.md`` and ``smoltcp.json``. CPU time of the client
+process (user + system, all threads) per GB is reported beside throughput.
+
+    python benches/smol_sockets.py [--rounds 5] [--bulk-mib 512] [--pings 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE.parent / "python"))
+
+N = 91
+PEER_NS = f"dmmbench{os.getpid()}"
+VETH = f"dmmbv{os.getpid() % 10000}"
+KERNEL_SERVER = f"10.79.{N}.2"
+SMOL_SERVER = f"10.77.{N}.1"
+PORT = 5201
+CONTENDERS = ("kernel", "smoltcp")
+
+SERVER = r"""
+import socket, sys
+test = sys.argv[1]
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[2])))
+srv.listen(4)
+print("ready", flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if test == "bulk":
+    buf = bytearray(1 << 20)
+    want = int(sys.argv[3])
+    got = 0
+    while got < want:
+        n = conn.recv_into(buf)
+        if not n:
+            break
+        got += n
+    conn.sendall(b"k")
+else:
+    while True:
+        b = conn.recv(1)
+        if not b:
+            break
+        conn.sendall(b)
+"""
+
+CLIENT = r"""
+import json, mmap, os, subprocess, sys, time, resource
+import dmm.runtime, dmm.socket as socket
+from dmm import config
+test, toml, host, port, amount, device, peer_ns, n = sys.argv[1:9]
+dmm.runtime.configure(config.parse(toml, "<bench>"))
+if device != "-":
+    ip = lambda *a: subprocess.run(["ip", *a], check=True)
+    ip("link", "set", "dev", device, "netns", peer_ns)
+    ip("-n", peer_ns, "addr", "add", f"10.77.{n}.1/24", "dev", device)
+    ip("-n", peer_ns, "link", "set", "dev", device, "up")
+c = socket.create_connection((host, int(port)), timeout=60)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+amount = int(amount)
+r0 = resource.getrusage(resource.RUSAGE_SELF)
+t0 = time.perf_counter()
+if test == "bulk":
+    buf = mmap.mmap(-1, 256 * 1024)
+    buf.write(bytes(range(256)) * 1024)
+    view = memoryview(buf)
+    sent = 0
+    while sent < amount:
+        c.sendall(view)
+        sent += len(view)
+    assert c.recv(1) == b"k"
+else:
+    one = b"x"
+    for _ in range(amount):
+        c.sendall(one)
+        if c.recv(1) != one:
+            raise SystemExit("bad echo")
+elapsed = time.perf_counter() - t0
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+print(json.dumps({"stack": c.dmm_stack, "elapsed": elapsed, "cpu": cpu}), flush=True)
+c.close()
+"""
+
+
+def config(device: str) -> str:
+    return textwrap.dedent(f"""
+        [[stack]]
+        name = "kernel"
+        kind = "kernel"
+
+        [[stack]]
+        name = "lan0"
+        kind = "smoltcp"
+        device = "tap:{device}"
+        address = "10.77.{N}.2/24"
+
+        [[route]]
+        to = "10.77.{N}.0/24"
+        stacks = ["lan0"]
+    """)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True)
+
+
+def setup() -> None:
+    ip("netns", "add", PEER_NS)
+    ip("-n", PEER_NS, "link", "set", "lo", "up")
+    ip("link", "add", VETH, "type", "veth", "peer", "name", VETH + "p", "netns", PEER_NS)
+    ip("addr", "add", f"10.79.{N}.1/24", "dev", VETH)
+    ip("link", "set", VETH, "up")
+    ip("-n", PEER_NS, "addr", "add", f"{KERNEL_SERVER}/24", "dev", VETH + "p")
+    ip("-n", PEER_NS, "link", "set", VETH + "p", "up")
+
+
+def teardown() -> None:
+    subprocess.run(["ip", "link", "del", VETH], capture_output=True)
+    subprocess.run(["ip", "netns", "pids", PEER_NS], capture_output=True)
+    subprocess.run(["ip", "netns", "del", PEER_NS], capture_output=True)
+
+
+def sample(contender: str, test: str, amount: int, round_no: int) -> dict:
+    port = PORT + round_no * 4 + (0 if test == "bulk" else 2) + (1 if contender == "smoltcp" else 0)
+    server = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, "-c", SERVER, test, str(port),
+                               str(amount)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        device = f"dmmbt{round_no}{test[0]}" if contender == "smoltcp" else "-"
+        host = SMOL_SERVER if contender == "smoltcp" else KERNEL_SERVER
+        done = subprocess.run([sys.executable, "-c", CLIENT, test, config(device if device != "-" else "dmmbunused"),
+                               host, str(port), str(amount), device, PEER_NS, str(N)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{contender} {test} client failed:\n{done.stderr}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        want = "lan0" if contender == "smoltcp" else "kernel"
+        if result["stack"] != want:
+            raise RuntimeError(f"{contender}: the socket was on {result['stack']}, not {want}")
+        return result
+    finally:
+        server.wait(timeout=30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bulk-mib", type=int, default=512)
+    p.add_argument("--pings", type=int, default=20000)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root: it creates a namespace, a veth pair and TAP devices")
+    teardown()
+    setup()
+    bulk_bytes = args.bulk_mib << 20
+    runs: dict = {(c, t): [] for c in CONTENDERS for t in ("bulk", "pingpong")}
+    try:
+        for r in range(args.rounds):
+            for test, amount in (("bulk", bulk_bytes), ("pingpong", args.pings)):
+                order = CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]
+                for contender in order:
+                    res = sample(contender, test, amount, r)
+                    if test == "bulk":
+                        value = amount * 8 / res["elapsed"] / 1e9
+                        cpu = res["cpu"] / (amount / 1e9)
+                    else:
+                        value = amount / res["elapsed"]
+                        cpu = res["cpu"] / amount * 1e6
+                    runs[(contender, test)].append((value, cpu))
+                    print(f"round {r + 1}/{args.rounds} {test:<8} {contender:<8} {value:12.2f}"
+                          f" {'Gbit/s' if test == 'bulk' else 'rt/s'}", file=sys.stderr, flush=True)
+    finally:
+        teardown()
+
+    def med(c, t, i=0):
+        return statistics.median(v[i] for v in runs[(c, t)])
+
+    out = {"rounds": args.rounds, "bulk_mib": args.bulk_mib, "pings": args.pings, "samples": {
+        f"{c}/{t}": runs[(c, t)] for (c, t) in runs}}
+    lines = [
+        "# dmm on smoltcp vs dmm on the kernel, between two namespaces",
+        "",
+        f"`python benches/smol_sockets.py --rounds {args.rounds} --bulk-mib {args.bulk_mib} --pings {args.pings}`;"
+        " fresh client and server processes per sample, contenders interleaved, medians.",
+        "Kernel path: veth; smoltcp path: TAP, 1500-byte MTU. Client CPU is the client process's"
+        " user+system time, all threads (the smoltcp driver thread included).",
+        "",
+        "| test | dmm on kernel | dmm on smoltcp | smoltcp / kernel | target | client CPU kernel | client CPU smoltcp |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    kb, sb = med("kernel", "bulk"), med("smoltcp", "bulk")
+    kp, sp = med("kernel", "pingpong"), med("smoltcp", "pingpong")
+    lines.append(f"| bulk, Gbit/s | {kb:.2f} | {sb:.2f} | {sb / kb:.2f} | >= 2 Gbit/s and >= 0.5 |"
+                 f" {med('kernel', 'bulk', 1):.2f} s/GB | {med('smoltcp', 'bulk', 1):.2f} s/GB |")
+    lines.append(f"| 1-byte ping-pong, round trips/s | {kp:,.0f} | {sp:,.0f} | {sp / kp:.2f} | >= 0.8 |"
+                 f" {med('kernel', 'pingpong', 1):.1f} us/rt | {med('smoltcp', 'pingpong', 1):.1f} us/rt |")
+    out["ratios"] = {"bulk": sb / kb, "pingpong": sp / kp}
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "smoltcp.md").write_text(text)
+    (RESULTS / "smoltcp.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
