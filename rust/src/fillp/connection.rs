@@ -255,6 +255,8 @@ const MAX_NACKS: u8 = 3;
 const MAX_MISSING: usize = 4096;
 /// A packet number this far ahead of the highest seen is refused.
 const MAX_PN_JUMP: u32 = 1 << 16;
+/// Receive memory is given back once nothing has arrived for this long.
+const IDLE_SHRINK: Duration = Duration::from_secs(1);
 /// Peer loss smoothing weight.
 const LOSS_EWMA: f64 = 0.125;
 
@@ -299,7 +301,6 @@ pub struct Connection {
     probe_pending: bool,
     dup_next: Option<u64>,
     finish_pending: bool,
-    scratch: Vec<u8>,
     write_blocked: bool,
     last_tx: Instant,
 
@@ -391,7 +392,6 @@ impl Connection {
             probe_pending: false,
             dup_next: None,
             finish_pending: false,
-            scratch: Vec::new(),
             write_blocked: false,
             last_tx: now,
             recv: RecvBuf::new(u64::from(config.recv_window)),
@@ -1063,6 +1063,11 @@ impl Connection {
                     self.enter_closed(CloseReason::IdleTimeout);
                     return;
                 }
+                if now.saturating_duration_since(self.last_rx) >= IDLE_SHRINK {
+                    // The flow paused (the keepalive timer brings us here):
+                    // give the drained receive queue's memory back.
+                    self.recv.shrink_if_empty();
+                }
                 if self.rto_deadline().is_some_and(|d| now >= d) {
                     self.send.on_rto();
                     self.stats.rto_count += 1;
@@ -1346,21 +1351,25 @@ impl Connection {
         let pn = self.next_pn;
         self.next_pn = self.next_pn.wrapping_add(1);
         self.probe_pending = false;
-        let mut payload = std::mem::take(&mut self.scratch);
-        payload.clear();
-        self.send.copy(seg.offset, seg.len, &mut payload);
-        let repr = Repr {
-            dst_cid: self.remote_cid,
-            body: Body::Data(DataRepr {
-                pn,
-                offset: seg.offset,
-                timestamp: us_since(self.epoch, now),
-                fin: seg.fin,
-                payload: &payload,
-            }),
+        // Header, then the payload copied once from the send buffer.
+        let data = DataRepr {
+            pn,
+            offset: seg.offset,
+            timestamp: us_since(self.epoch, now),
+            fin: seg.fin,
+            payload: &[],
         };
-        repr.emit(buf);
-        self.scratch = payload;
+        let len = seg.len.min(max_payload);
+        data.emit_header(self.remote_cid, len as u16, buf);
+        self.send.copy(seg.offset, len, buf);
+        if buf.len() != DATA_HEADER_LEN + len {
+            // `copy` clamps a stale range (never expected): keep the length
+            // field true to what was copied rather than send a bad packet.
+            let got = (buf.len() - DATA_HEADER_LEN.min(buf.len())) as u16;
+            if let Some(f) = buf.get_mut(DATA_HEADER_LEN - 2..DATA_HEADER_LEN) {
+                f.copy_from_slice(&got.to_be_bytes());
+            }
+        }
         self.pacer.on_sent(buf.len());
         if seg.retransmit {
             self.stats.retransmissions += 1;
