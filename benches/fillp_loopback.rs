@@ -8,7 +8,8 @@
 //! (size, default 256), `FILLP_BENCH_ROUNDS` (default 3),
 //! `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`), `FILLP_BENCH_FIXED_MBPS`
 //! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`fillp` or `kernel`:
-//! run one side only, for profiling).
+//! run one side only, for profiling), `FILLP_BENCH_OFFLOAD=0` (no UDP
+//! GSO/GRO).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::thread;
@@ -134,6 +135,9 @@ fn main() {
     if let Some(r) = env::<u64>("FILLP_BENCH_FIXED_MBPS") {
         opts.connection.mode = dmm::fillp::RateMode::Fixed;
         opts.connection.fixed_rate = r * 1_000_000 / 8;
+    }
+    if env::<u8>("FILLP_BENCH_OFFLOAD") == Some(0) {
+        opts.offload = false;
     }
     let fillp = FillpStack::new("fillp", opts).expect("fillp stack");
     let (mut ks, mut fs) = (Vec::new(), Vec::new());
