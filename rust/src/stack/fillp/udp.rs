@@ -50,6 +50,10 @@ pub const GSO_MAX_SEGMENTS: usize = 64;
 /// IPv4 UDP datagram, which is what the kernel builds before cutting.
 pub const GSO_MAX_BYTES: usize = 65_000;
 
+/// Entries per `recvmmsg` with GRO: each holds up to 64 KiB, and a smaller
+/// batch keeps what was received in cache until it is processed.
+pub const GRO_BATCH: usize = 16;
+
 /// `UDP_SEGMENT` from `linux/udp.h` (level `SOL_UDP`).
 const UDP_SEGMENT: libc::c_int = 103;
 /// `UDP_GRO` from `linux/udp.h` (level `SOL_UDP`).
@@ -143,6 +147,8 @@ pub fn gso_refused(e: &io::Error) -> bool {
 /// datagram or, with GRO, a run of datagrams from one source.
 pub struct RecvBatch {
     bufs: Vec<u8>,
+    /// Entries per call.
+    count: usize,
     /// Bytes per entry: [`DGRAM_MAX`], or [`GRO_BUF`] with GRO.
     entry: usize,
     addrs: Vec<RawAddr>,
@@ -157,8 +163,10 @@ impl RecvBatch {
     /// lands.
     pub fn new(gro: bool) -> Self {
         let entry = if gro { GRO_BUF } else { DGRAM_MAX };
+        let count = if gro { GRO_BATCH } else { BATCH };
         RecvBatch {
-            bufs: vec![0u8; entry * BATCH],
+            bufs: vec![0u8; entry * count],
+            count,
             entry,
             addrs: (0..BATCH).map(|_| RawAddr::empty()).collect(),
             lens: vec![0; BATCH],
@@ -177,7 +185,7 @@ impl RecvBatch {
             .bufs
             .chunks_exact_mut(self.entry)
             .enumerate()
-            .take(BATCH)
+            .take(self.count)
         {
             iovs[i].iov_base = chunk.as_mut_ptr().cast();
             iovs[i].iov_len = chunk.len();
@@ -194,7 +202,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 fd,
                 hdrs.as_mut_ptr(),
-                BATCH as libc::c_uint,
+                self.count as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -213,6 +221,11 @@ impl RecvBatch {
             self.ctrl_lens[i] = h.msg_hdr.msg_controllen;
         }
         Ok(n)
+    }
+
+    /// Entries one call receives at most.
+    pub fn capacity(&self) -> usize {
+        self.count
     }
 
     /// Entry `i` of the last batch: its source, the local address it was
