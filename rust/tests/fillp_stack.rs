@@ -149,14 +149,13 @@ fn bind_in_use_and_options() {
     assert_eq!(errno_of(&e), Some(libc::ENOTCONN));
 }
 
-#[test]
-fn transfer_16mib_each_way() {
-    const LEN: usize = 16 << 20;
-    let st = stack();
-    let (c, s) = pair(&*st, &*st);
+/// Sends `len` bytes each way at once over one connection of `st` and
+/// checks every byte.
+fn transfer_each_way(st: &dyn Stack, len: usize) {
+    let (c, s) = pair(st, st);
     let (c, s): (Arc<Sock>, Arc<Sock>) = (Arc::new(c), Arc::new(s));
-    let up = pattern(LEN, 1);
-    let down = pattern(LEN, 2);
+    let up = pattern(len, 1);
+    let down = pattern(len, 2);
     let (up_sum, down_sum) = (checksum(&up), checksum(&down));
     let t0 = Instant::now();
     let writers = [(Arc::clone(&c), up), (Arc::clone(&s), down)].map(|(sock, data)| {
@@ -171,11 +170,64 @@ fn transfer_16mib_each_way() {
         w.join().unwrap();
     }
     let [got_up, got_down] = readers.map(|r| r.join().unwrap());
-    eprintln!("2 x 16 MiB in {:?}", t0.elapsed());
-    assert_eq!(got_up.len(), LEN);
-    assert_eq!(got_down.len(), LEN);
+    eprintln!("2 x {len} bytes in {:?}", t0.elapsed());
+    assert_eq!(got_up.len(), len);
+    assert_eq!(got_down.len(), len);
     assert_eq!(checksum(&got_up), up_sum);
     assert_eq!(checksum(&got_down), down_sum);
+}
+
+/// The stack-wide counter `name`.
+fn counter(st: &dyn Stack, name: &str) -> u64 {
+    st.counters()
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map_or(0, |(_, v)| *v)
+}
+
+#[test]
+fn transfer_16mib_each_way() {
+    // UDP GSO and GRO on (the default).
+    let st = stack();
+    transfer_each_way(&*st, 16 << 20);
+    assert_eq!(counter(&*st, "gso_disabled"), 0);
+}
+
+#[test]
+fn transfer_without_offload() {
+    let st = stack_with(FillpOptions {
+        offload: false,
+        ..FillpOptions::default()
+    });
+    transfer_each_way(&*st, 4 << 20);
+}
+
+/// A path that refuses GSO turns it off for that socket and resends the
+/// refused datagrams one by one: nothing is lost. The path: loopback with
+/// a 1280-byte MTU in a network namespace of this thread's own, where
+/// 1400-byte segments fail with EMSGSIZE (the datagrams alone are
+/// fragmented and pass).
+#[test]
+fn gso_refused_falls_back_without_loss() {
+    let t = thread::spawn(|| {
+        // SAFETY: unshare affects only this thread (and what it starts).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!("skipped: unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+            return;
+        }
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "1280", "up"])
+            .status();
+        if !up.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("skipped: ip link set lo: {up:?}");
+            return;
+        }
+        let st = stack();
+        transfer_each_way(&*st, 2 << 20);
+        assert!(counter(&*st, "gso_disabled") >= 1, "{:?}", st.counters());
+        assert_eq!(counter(&*st, "udp_send_errors"), 0);
+    });
+    t.join().unwrap();
 }
 
 #[test]
