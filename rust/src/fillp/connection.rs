@@ -856,8 +856,10 @@ impl Connection {
         let newly = self.send.on_cum_ack(p.cum_ack, p.fin_received);
         self.stats.bytes_acked += newly;
         for s in p.sacks() {
-            let start = p.cum_ack + u64::from(s.start);
-            self.send.on_sack(start, start + u64::from(s.len));
+            // Saturating: a forged cum_ack near 2^64 must not wrap.
+            let start = p.cum_ack.saturating_add(u64::from(s.start));
+            self.send
+                .on_sack(start, start.saturating_add(u64::from(s.len)));
         }
         let mut progress = newly > 0;
         let mut rate_sample = None;

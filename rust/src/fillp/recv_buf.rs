@@ -79,7 +79,10 @@ impl RecvBuf {
 
     /// Insert a segment.
     pub fn insert(&mut self, offset: u64, data: &[u8], fin: bool) -> Result<Inserted, RecvError> {
-        let end = offset + data.len() as u64;
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            // Beyond any window: a forged or corrupt offset, ignored.
+            return Ok(Inserted::default());
+        };
         if let Some(f) = self.fin {
             if end > f || (fin && end != f) {
                 return Err(RecvError::FinalSize);
@@ -235,6 +238,20 @@ mod tests {
         assert_eq!(r.insert(25, &[], true).unwrap().new_bytes, 0);
         assert!(r.fin_complete() && r.at_eof());
         assert_eq!(r.insert(26, &[1], false), Err(RecvError::FinalSize));
+    }
+
+    #[test]
+    fn offsets_at_the_end_of_the_space_are_ignored() {
+        let mut r = RecvBuf::new(1000);
+        assert_eq!(
+            r.insert(u64::MAX - 5, &[1; 10], false),
+            Ok(Inserted::default())
+        );
+        assert_eq!(
+            r.insert(u64::MAX - 5, &[1; 10], true),
+            Ok(Inserted::default())
+        );
+        assert_eq!(r.cum(), 0);
     }
 
     #[test]
