@@ -9,7 +9,9 @@
 //! `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`), `FILLP_BENCH_FIXED_MBPS`
 //! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`fillp` or `kernel`:
 //! run one side only, for profiling), `FILLP_BENCH_OFFLOAD=0` (no UDP
-//! GSO/GRO).
+//! GSO/GRO), `FILLP_BENCH_INSTANCES=2` (client and server on two FillP
+//! instances, each with its own driver thread, as in two processes; the
+//! default is one instance whose driver runs both ends).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::thread;
@@ -36,15 +38,16 @@ struct Sample {
     cpu_per_gbit: f64,
 }
 
-/// Sends `total` bytes over one connection; returns Gbit/s at the receiver
+/// Sends `total` bytes over one connection from `client` to `server` (the
+/// same stack or two instances); returns Gbit/s at the receiver
 /// and the process CPU seconds per Gbit moved.
-fn run(stack: &dyn Stack, total: usize) -> Sample {
-    let l = stack.socket(Family::V4, SockKind::Stream).expect("socket");
+fn run(server: &dyn Stack, client: &dyn Stack, total: usize) -> Sample {
+    let l = server.socket(Family::V4, SockKind::Stream).expect("socket");
     l.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .expect("bind");
     l.listen(1).expect("listen");
     let addr = l.local_addr().expect("local_addr");
-    let c = stack.socket(Family::V4, SockKind::Stream).expect("socket");
+    let c = client.socket(Family::V4, SockKind::Stream).expect("socket");
     c.connect(addr).expect("connect");
     let (s, _) = l.accept().expect("accept");
     let cpu0 = cpu_time();
@@ -139,11 +142,20 @@ fn main() {
     if env::<u8>("FILLP_BENCH_OFFLOAD") == Some(0) {
         opts.offload = false;
     }
-    let fillp = FillpStack::new("fillp", opts).expect("fillp stack");
+    // Both ends on one FillP instance (one driver thread runs both), or, with
+    // FILLP_BENCH_INSTANCES=2, one instance each, as two processes would be.
+    let two = env::<u8>("FILLP_BENCH_INSTANCES") == Some(2);
+    let fillp = FillpStack::new("fillp", opts.clone()).expect("fillp stack");
+    let fillp2 = if two {
+        Some(FillpStack::new("fillp2", opts).expect("fillp stack"))
+    } else {
+        None
+    };
+    let fillp_client: &dyn Stack = fillp2.as_ref().map_or(&fillp, |s| s);
     let (mut ks, mut fs) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         if only.as_deref() != Some("fillp") {
-            let k = run(&kernel, total);
+            let k = run(&kernel, &kernel, total);
             println!(
                 "round {round} kernel tcp: {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
                 k.gbps, k.cpu_per_gbit
@@ -151,7 +163,7 @@ fn main() {
             ks.push(k);
         }
         if only.as_deref() != Some("kernel") {
-            let f = run(&fillp, total);
+            let f = run(&fillp, fillp_client, total);
             println!(
                 "round {round} fillp:      {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
                 f.gbps, f.cpu_per_gbit
