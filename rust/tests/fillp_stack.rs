@@ -25,8 +25,12 @@ fn lo(port: u16) -> SocketAddr {
 }
 
 fn listener(stack: &dyn Stack, backlog: i32) -> (Sock, SocketAddr) {
-    let l = stack.socket(Family::V4, SockKind::Stream).unwrap();
-    l.bind(lo(0)).unwrap();
+    listener_on(stack, backlog, lo(0))
+}
+
+fn listener_on(stack: &dyn Stack, backlog: i32, at: SocketAddr) -> (Sock, SocketAddr) {
+    let l = stack.socket(Family::of(&at), SockKind::Stream).unwrap();
+    l.bind(at).unwrap();
     l.listen(backlog).unwrap();
     let addr = l.local_addr().unwrap();
     assert_ne!(addr.port(), 0);
@@ -35,8 +39,15 @@ fn listener(stack: &dyn Stack, backlog: i32) -> (Sock, SocketAddr) {
 
 /// A connected (client, server) pair; the two may be on different stacks.
 fn pair(client_stack: &dyn Stack, server_stack: &dyn Stack) -> (Sock, Sock) {
-    let (l, addr) = listener(server_stack, 8);
-    let c = client_stack.socket(Family::V4, SockKind::Stream).unwrap();
+    pair_on(client_stack, server_stack, lo(0))
+}
+
+/// A connected pair through a listener bound to `at`.
+fn pair_on(client_stack: &dyn Stack, server_stack: &dyn Stack, at: SocketAddr) -> (Sock, Sock) {
+    let (l, addr) = listener_on(server_stack, 8, at);
+    let c = client_stack
+        .socket(Family::of(&addr), SockKind::Stream)
+        .unwrap();
     c.connect(addr).unwrap();
     let (s, peer) = l.accept().unwrap();
     assert_eq!(peer, c.local_addr().unwrap());
@@ -152,7 +163,12 @@ fn bind_in_use_and_options() {
 /// Sends `len` bytes each way at once over one connection of `st` and
 /// checks every byte.
 fn transfer_each_way(st: &dyn Stack, len: usize) {
-    let (c, s) = pair(st, st);
+    transfer_each_way_on(st, len, lo(0));
+}
+
+/// [`transfer_each_way`] through a listener bound to `at`.
+fn transfer_each_way_on(st: &dyn Stack, len: usize, at: SocketAddr) {
+    let (c, s) = pair_on(st, st, at);
     let (c, s): (Arc<Sock>, Arc<Sock>) = (Arc::new(c), Arc::new(s));
     let up = pattern(len, 1);
     let down = pattern(len, 2);
@@ -194,6 +210,14 @@ fn transfer_16mib_each_way() {
 }
 
 #[test]
+fn transfer_over_ipv6_with_offload() {
+    let st = stack();
+    let at = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 0);
+    transfer_each_way_on(&*st, 4 << 20, at);
+    assert_eq!(counter(&*st, "gso_disabled"), 0);
+}
+
+#[test]
 fn transfer_without_offload() {
     let st = stack_with(FillpOptions {
         offload: false,
@@ -212,7 +236,10 @@ fn gso_refused_falls_back_without_loss() {
     let t = thread::spawn(|| {
         // SAFETY: unshare affects only this thread (and what it starts).
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            eprintln!("skipped: unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+            eprintln!(
+                "skipped: unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            );
             return;
         }
         let up = std::process::Command::new("ip")
