@@ -11,7 +11,8 @@
 //! run one side only, for profiling), `FILLP_BENCH_OFFLOAD=0` (no UDP
 //! GSO/GRO), `FILLP_BENCH_INSTANCES=2` (client and server on two FillP
 //! instances, each with its own driver thread, as in two processes; the
-//! default is one instance whose driver runs both ends).
+//! default is one instance whose driver runs both ends), `FILLP_BENCH_MTU`
+//! (FillP's datagram size, default 1400).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::thread;
@@ -138,6 +139,9 @@ fn main() {
     if let Some(r) = env::<u64>("FILLP_BENCH_FIXED_MBPS") {
         opts.connection.mode = dmm::fillp::RateMode::Fixed;
         opts.connection.fixed_rate = r * 1_000_000 / 8;
+    }
+    if let Some(mtu) = env::<u16>("FILLP_BENCH_MTU") {
+        opts.connection.mtu = mtu;
     }
     if env::<u8>("FILLP_BENCH_OFFLOAD") == Some(0) {
         opts.offload = false;
