@@ -58,13 +58,17 @@
 //!
 //! # Not supported
 //!
-//! Datagram sockets (`supports` is streams only), `MSG_PEEK`/`MSG_OOB`.
-//! Zero-copy sends (`MSG_ZEROCOPY`): a datagram is copied from the send
-//! buffer into the datagram, then by the kernel. Sharding one instance
-//! over several driver threads: one thread runs every endpoint of an
-//! instance (run several instances to use more cores). A socket closed with no unread data closes gracefully and
-//! then silently discards what the peer still sends (TCP would answer
-//! with RST); with unread data, close is an abort (RST), as in TCP.
+//! * Datagram sockets (`supports` is streams only), `MSG_PEEK`/`MSG_OOB`.
+//! * Zero-copy I/O: the application's bytes are copied into the send
+//!   buffer, from there into each datagram, then by the kernel (and as many
+//!   times on receive): six copies per byte against kernel TCP's two, which
+//!   is most of what a packet still costs (see
+//!   `benches/results/fillp_loopback.md`).
+//! * Spreading one instance over several driver threads: one thread runs
+//!   every endpoint of an instance; run several instances to use more cores.
+//! * A socket closed with no unread data closes gracefully and then
+//!   silently discards what the peer still sends (TCP would answer with
+//!   RST); with unread data, close is an abort (RST), as in TCP.
 
 #![warn(missing_docs)]
 
