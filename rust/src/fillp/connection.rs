@@ -605,6 +605,8 @@ impl Connection {
         }
         if self.send.fin_acked() && self.recv.at_eof() {
             self.state = State::Draining;
+            // Everything was read: nothing to keep the receive queue for.
+            self.recv.shrink_if_empty();
             // Linger as long as the peer may still retry (its idle timeout,
             // restarted by each of its datagrams), so a peer whose FIN-ack
             // was lost still gets one. Buffers are empty by now.
