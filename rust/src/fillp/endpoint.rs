@@ -559,16 +559,18 @@ mod tests {
         assert_eq!(ep.stats().malformed, 1);
     }
 
+    /// A client and a server endpoint over an ideal 10 ms-RTT link, with
+    /// one connection established.
+    fn connected_pair(seed: u64) -> (Pair, ConnectionHandle, ConnectionHandle) {
+        let link = LinkConfig::ideal(Duration::from_millis(5));
+        let mut p = Pair::new(seed, EndpointConfig::default(), server_cfg(), link, link);
+        let (ch, sh) = p.connect(1000).unwrap();
+        (p, ch, sh)
+    }
+
     #[test]
     fn idle_connection_memory() {
-        let mut p = Pair::new(
-            3,
-            EndpointConfig::default(),
-            server_cfg(),
-            LinkConfig::ideal(Duration::from_millis(5)),
-            LinkConfig::ideal(Duration::from_millis(5)),
-        );
-        let (ch, sh) = p.connect(1000).unwrap();
+        let (mut p, ch, sh) = connected_pair(3);
         // A little traffic, then idle.
         p.client
             .connection_mut(ch)
@@ -690,14 +692,7 @@ mod tests {
     /// must not keep the receive queue it grew during the transfer.
     #[test]
     fn finished_connection_gives_its_buffers_back() {
-        let mut p = Pair::new(
-            4,
-            EndpointConfig::default(),
-            server_cfg(),
-            LinkConfig::ideal(Duration::from_millis(5)),
-            LinkConfig::ideal(Duration::from_millis(5)),
-        );
-        let (ch, sh) = p.connect(1000).unwrap();
+        let (mut p, ch, sh) = connected_pair(4);
         let data = vec![3u8; 2 << 20];
         let (mut sent, mut got) = (0, 0);
         let mut b = vec![0u8; 1 << 20];
