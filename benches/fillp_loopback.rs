@@ -12,7 +12,8 @@
 //! GSO/GRO), `FILLP_BENCH_INSTANCES=2` (client and server on two FillP
 //! instances, each with its own driver thread, as in two processes; the
 //! default is one instance whose driver runs both ends), `FILLP_BENCH_MTU`
-//! (FillP's datagram size, default 1400).
+//! (FillP's datagram size, default 1400), `FILLP_BENCH_FRESH=1` (new FillP
+//! instances every round).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::thread;
@@ -149,15 +150,21 @@ fn main() {
     // Both ends on one FillP instance (one driver thread runs both), or, with
     // FILLP_BENCH_INSTANCES=2, one instance each, as two processes would be.
     let two = env::<u8>("FILLP_BENCH_INSTANCES") == Some(2);
-    let fillp = FillpStack::new("fillp", opts.clone()).expect("fillp stack");
-    let fillp2 = if two {
-        Some(FillpStack::new("fillp2", opts).expect("fillp stack"))
-    } else {
-        None
+    let make = || {
+        let server = FillpStack::new("fillp", opts.clone()).expect("fillp stack");
+        let client = two.then(|| FillpStack::new("fillp2", opts.clone()).expect("fillp stack"));
+        (server, client)
     };
-    let fillp_client: &dyn Stack = fillp2.as_ref().map_or(&fillp, |s| s);
+    // FILLP_BENCH_FRESH=1: new instances every round (the connections of
+    // earlier rounds otherwise linger, draining, for the idle timeout).
+    let fresh = env::<u8>("FILLP_BENCH_FRESH") == Some(1);
+    let (mut fillp, mut fillp2) = make();
     let (mut ks, mut fs) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
+        if fresh && round > 1 {
+            (fillp, fillp2) = make();
+        }
+        let fillp_client: &dyn Stack = fillp2.as_ref().map_or(&fillp, |s| s);
         if only.as_deref() != Some("fillp") {
             let k = run(&kernel, &kernel, total);
             println!(
