@@ -1,31 +1,90 @@
-//! One connection over loopback, 256 MiB, FillP versus the kernel's TCP in
-//! the same run. Prints Gbit/s; asserts only that every byte arrived.
+//! One connection over loopback, FillP versus the kernel's TCP in the same
+//! run, interleaved rounds. Prints Gbit/s and CPU seconds per Gbit (the
+//! whole process: application threads, the FillP driver and the kernel work
+//! done on their behalf), median and spread; asserts only that every byte
+//! arrived.
 //!
 //! `cargo bench --bench fillp_loopback`. Environment: `FILLP_BENCH_MIB`
-//! (size), `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`),
-//! `FILLP_BENCH_FIXED_MBPS` (fixed rate, implies `fixed`).
+//! (size, default 256), `FILLP_BENCH_ROUNDS` (default 3),
+//! `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`), `FILLP_BENCH_FIXED_MBPS`
+//! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`fillp` or `kernel`:
+//! run one side only, for profiling), `FILLP_BENCH_OFFLOAD=0` (no UDP
+//! GSO/GRO), `FILLP_BENCH_INSTANCES=2` (client and server on two FillP
+//! instances, each with its own driver thread, as in two processes; the
+//! default is one instance whose driver runs both ends), `FILLP_BENCH_MTU`
+//! (FillP's datagram size, default 1400), `FILLP_BENCH_FRESH=1` (new FillP
+//! instances every round).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dmm::stack::fillp::{FillpOptions, FillpStack};
 use dmm::stack::kernel::{IoMode, KernelStack, Protocol};
 use dmm::stack::{Family, SockKind, Stack};
 
-/// Sends `total` bytes over one connection; returns Gbit/s at the receiver.
-fn run(stack: &dyn Stack, total: usize) -> f64 {
-    let l = stack.socket(Family::V4, SockKind::Stream).expect("socket");
+/// User plus system CPU time of the whole process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF covers every thread.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// A page-aligned buffer. The application buffers are page-aligned in
+/// every round: from `vec!` they were in the first round (glibc mmaps them)
+/// and not in later ones (its raised mmap threshold serves them from the
+/// heap), and the copies in and out of the stacks ran up to ~30% slower
+/// for that alone.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    offset: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let storage = vec![0u8; len + 4096];
+        let offset = storage.as_ptr().align_offset(4096).min(4096);
+        AlignedBuf {
+            storage,
+            offset,
+            len,
+        }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + self.len]
+    }
+}
+
+/// One transfer's outcome.
+#[derive(Clone, Copy)]
+struct Sample {
+    gbps: f64,
+    cpu_per_gbit: f64,
+}
+
+/// Sends `total` bytes over one connection from `client` to `server` (the
+/// same stack or two instances); returns Gbit/s at the receiver
+/// and the process CPU seconds per Gbit moved.
+fn run(server: &dyn Stack, client: &dyn Stack, total: usize) -> Sample {
+    let l = server.socket(Family::V4, SockKind::Stream).expect("socket");
     l.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .expect("bind");
     l.listen(1).expect("listen");
     let addr = l.local_addr().expect("local_addr");
-    let c = stack.socket(Family::V4, SockKind::Stream).expect("socket");
+    let c = client.socket(Family::V4, SockKind::Stream).expect("socket");
     c.connect(addr).expect("connect");
     let (s, _) = l.accept().expect("accept");
+    let cpu0 = cpu_time();
     let t0 = Instant::now();
     let writer = thread::spawn(move || {
-        let chunk = vec![0x5au8; 1 << 20];
+        let mut chunk_buf = AlignedBuf::new(1 << 20);
+        let chunk = chunk_buf.as_mut();
+        chunk.fill(0x5a);
         let mut left = total;
         while left > 0 {
             let n = left.min(chunk.len());
@@ -35,16 +94,18 @@ fn run(stack: &dyn Stack, total: usize) -> f64 {
         c.shutdown(std::net::Shutdown::Write).expect("shutdown");
         c
     });
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf_a = AlignedBuf::new(1 << 20);
+    let buf = buf_a.as_mut();
     let mut got = 0usize;
     loop {
-        let n = s.recv(&mut buf, 0).expect("recv");
+        let n = s.recv(buf, 0).expect("recv");
         if n == 0 {
             break;
         }
         got += n;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu0).as_secs_f64();
     let c = writer.join().expect("writer");
     assert_eq!(got, total);
     let stats: Vec<String> = c
@@ -67,14 +128,36 @@ fn run(stack: &dyn Stack, total: usize) -> f64 {
     if !stats.is_empty() {
         println!("  sender: {}", stats.join(" "));
     }
-    total as f64 * 8.0 / secs / 1e9
+    let gbit = total as f64 * 8.0 / 1e9;
+    Sample {
+        gbps: gbit / secs,
+        cpu_per_gbit: cpu / gbit,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 fn main() {
-    let mib: usize = std::env::var("FILLP_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let mib: usize = env("FILLP_BENCH_MIB").unwrap_or(256);
+    let rounds: usize = env("FILLP_BENCH_ROUNDS").unwrap_or(3).max(1);
+    let only: Option<String> = env("FILLP_BENCH_ONLY");
     let total = mib << 20;
     let kernel = KernelStack::new("kernel", Protocol::Tcp, IoMode::Syscall);
     let mut opts = FillpOptions::default();
@@ -84,18 +167,75 @@ fn main() {
     {
         opts.connection.mode = m;
     }
-    if let Ok(r) = std::env::var("FILLP_BENCH_FIXED_MBPS") {
-        if let Ok(r) = r.parse::<u64>() {
-            opts.connection.mode = dmm::fillp::RateMode::Fixed;
-            opts.connection.fixed_rate = r * 1_000_000 / 8;
+    if let Some(r) = env::<u64>("FILLP_BENCH_FIXED_MBPS") {
+        opts.connection.mode = dmm::fillp::RateMode::Fixed;
+        opts.connection.fixed_rate = r * 1_000_000 / 8;
+    }
+    if let Some(mtu) = env::<u16>("FILLP_BENCH_MTU") {
+        opts.connection.mtu = mtu;
+    }
+    if env::<u8>("FILLP_BENCH_OFFLOAD") == Some(0) {
+        opts.offload = false;
+    }
+    // Both ends on one FillP instance (one driver thread runs both), or, with
+    // FILLP_BENCH_INSTANCES=2, one instance each, as two processes would be.
+    let two = env::<u8>("FILLP_BENCH_INSTANCES") == Some(2);
+    let make = || {
+        let server = FillpStack::new("fillp", opts.clone()).expect("fillp stack");
+        let client = two.then(|| FillpStack::new("fillp2", opts.clone()).expect("fillp stack"));
+        (server, client)
+    };
+    // FILLP_BENCH_FRESH=1: new instances every round (the connections of
+    // earlier rounds otherwise linger, draining, for the idle timeout).
+    let fresh = env::<u8>("FILLP_BENCH_FRESH") == Some(1);
+    let (mut fillp, mut fillp2) = make();
+    let (mut ks, mut fs) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        if fresh && round > 1 {
+            (fillp, fillp2) = make();
+        }
+        let fillp_client: &dyn Stack = fillp2.as_ref().map_or(&fillp, |s| s);
+        if only.as_deref() != Some("fillp") {
+            let k = run(&kernel, &kernel, total);
+            println!(
+                "round {round} kernel tcp: {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
+                k.gbps, k.cpu_per_gbit
+            );
+            ks.push(k);
+        }
+        if only.as_deref() != Some("kernel") {
+            let f = run(&fillp, fillp_client, total);
+            println!(
+                "round {round} fillp:      {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
+                f.gbps, f.cpu_per_gbit
+            );
+            fs.push(f);
         }
     }
-    let fillp = FillpStack::new("fillp", opts).expect("fillp stack");
-    let k = run(&kernel, total);
-    println!("kernel tcp: {mib} MiB at {k:.2} Gbit/s");
-    let f = run(&fillp, total);
-    println!(
-        "fillp:      {mib} MiB at {f:.2} Gbit/s ({:.0}% of kernel)",
-        100.0 * f / k
-    );
+    let line = |name: &str, v: &[Sample]| {
+        if v.is_empty() {
+            return None;
+        }
+        let g: Vec<f64> = v.iter().map(|s| s.gbps).collect();
+        let c: Vec<f64> = v.iter().map(|s| s.cpu_per_gbit).collect();
+        let ((glo, ghi), (clo, chi)) = (spread(&g), spread(&c));
+        let gm = median(g);
+        println!(
+            "{name}: median {gm:.2} Gbit/s (min {glo:.2}, max {ghi:.2}), \
+             {:.3} CPU s/Gbit (min {clo:.3}, max {chi:.3})",
+            median(c)
+        );
+        Some(gm)
+    };
+    println!("{rounds} rounds of {mib} MiB:");
+    let k = line("kernel tcp", &ks);
+    let f = line("fillp     ", &fs);
+    if let (Some(k), Some(f)) = (k, f) {
+        let ratios: Vec<f64> = ks.iter().zip(&fs).map(|(k, f)| f.gbps / k.gbps).collect();
+        let (lo, hi) = spread(&ratios);
+        println!(
+            "fillp / kernel: median of medians {:.3}, per round {lo:.3}..{hi:.3}",
+            f / k
+        );
+    }
 }

@@ -175,10 +175,19 @@ proptest! {
 fn forged(rng: &mut SimRng, cid: u32, payload: &[u8]) -> Vec<u8> {
     use dmm::fillp::wire::{DataRepr, HsParams, NackRepr, PackRepr, PnRange, SackRange};
     let small = |rng: &mut SimRng| (rng.next_u64() % 3000) as u32;
+    // Mostly near the stream, sometimes at the very end of the offset space
+    // (where a careless `offset + len` overflows).
+    let offset = |rng: &mut SimRng| {
+        if rng.chance(0.05) {
+            u64::MAX - u64::from(small(rng))
+        } else {
+            rng.next_u64() % 200_000
+        }
+    };
     let body = match rng.next_u64() % 7 {
         0 => Body::Data(DataRepr {
             pn: small(rng),
-            offset: rng.next_u64() % 200_000,
+            offset: offset(rng),
             timestamp: rng.next_u64() as u32,
             fin: rng.chance(0.1),
             payload: &payload[..(rng.next_u64() % 1300) as usize],
@@ -194,7 +203,7 @@ fn forged(rng: &mut SimRng, cid: u32, payload: &[u8]) -> Vec<u8> {
                 at += len;
             }
             Body::Pack(PackRepr {
-                cum_ack: rng.next_u64() % 200_000,
+                cum_ack: offset(rng),
                 fin_received: rng.chance(0.1),
                 highest_pn: small(rng),
                 echo_ts: rng.next_u64() as u32,

@@ -25,8 +25,12 @@ fn lo(port: u16) -> SocketAddr {
 }
 
 fn listener(stack: &dyn Stack, backlog: i32) -> (Sock, SocketAddr) {
-    let l = stack.socket(Family::V4, SockKind::Stream).unwrap();
-    l.bind(lo(0)).unwrap();
+    listener_on(stack, backlog, lo(0))
+}
+
+fn listener_on(stack: &dyn Stack, backlog: i32, at: SocketAddr) -> (Sock, SocketAddr) {
+    let l = stack.socket(Family::of(&at), SockKind::Stream).unwrap();
+    l.bind(at).unwrap();
     l.listen(backlog).unwrap();
     let addr = l.local_addr().unwrap();
     assert_ne!(addr.port(), 0);
@@ -35,8 +39,15 @@ fn listener(stack: &dyn Stack, backlog: i32) -> (Sock, SocketAddr) {
 
 /// A connected (client, server) pair; the two may be on different stacks.
 fn pair(client_stack: &dyn Stack, server_stack: &dyn Stack) -> (Sock, Sock) {
-    let (l, addr) = listener(server_stack, 8);
-    let c = client_stack.socket(Family::V4, SockKind::Stream).unwrap();
+    pair_on(client_stack, server_stack, lo(0))
+}
+
+/// A connected pair through a listener bound to `at`.
+fn pair_on(client_stack: &dyn Stack, server_stack: &dyn Stack, at: SocketAddr) -> (Sock, Sock) {
+    let (l, addr) = listener_on(server_stack, 8, at);
+    let c = client_stack
+        .socket(Family::of(&addr), SockKind::Stream)
+        .unwrap();
     c.connect(addr).unwrap();
     let (s, peer) = l.accept().unwrap();
     assert_eq!(peer, c.local_addr().unwrap());
@@ -149,14 +160,18 @@ fn bind_in_use_and_options() {
     assert_eq!(errno_of(&e), Some(libc::ENOTCONN));
 }
 
-#[test]
-fn transfer_16mib_each_way() {
-    const LEN: usize = 16 << 20;
-    let st = stack();
-    let (c, s) = pair(&*st, &*st);
+/// Sends `len` bytes each way at once over one connection of `st` and
+/// checks every byte.
+fn transfer_each_way(st: &dyn Stack, len: usize) {
+    transfer_each_way_on(st, len, lo(0));
+}
+
+/// [`transfer_each_way`] through a listener bound to `at`.
+fn transfer_each_way_on(st: &dyn Stack, len: usize, at: SocketAddr) {
+    let (c, s) = pair_on(st, st, at);
     let (c, s): (Arc<Sock>, Arc<Sock>) = (Arc::new(c), Arc::new(s));
-    let up = pattern(LEN, 1);
-    let down = pattern(LEN, 2);
+    let up = pattern(len, 1);
+    let down = pattern(len, 2);
     let (up_sum, down_sum) = (checksum(&up), checksum(&down));
     let t0 = Instant::now();
     let writers = [(Arc::clone(&c), up), (Arc::clone(&s), down)].map(|(sock, data)| {
@@ -171,11 +186,75 @@ fn transfer_16mib_each_way() {
         w.join().unwrap();
     }
     let [got_up, got_down] = readers.map(|r| r.join().unwrap());
-    eprintln!("2 x 16 MiB in {:?}", t0.elapsed());
-    assert_eq!(got_up.len(), LEN);
-    assert_eq!(got_down.len(), LEN);
+    eprintln!("2 x {len} bytes in {:?}", t0.elapsed());
+    assert_eq!(got_up.len(), len);
+    assert_eq!(got_down.len(), len);
     assert_eq!(checksum(&got_up), up_sum);
     assert_eq!(checksum(&got_down), down_sum);
+}
+
+/// The stack-wide counter `name`.
+fn counter(st: &dyn Stack, name: &str) -> u64 {
+    st.counters()
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map_or(0, |(_, v)| *v)
+}
+
+#[test]
+fn transfer_16mib_each_way() {
+    // UDP GSO and GRO on (the default).
+    let st = stack();
+    transfer_each_way(&*st, 16 << 20);
+    assert_eq!(counter(&*st, "gso_disabled"), 0);
+}
+
+#[test]
+fn transfer_over_ipv6_with_offload() {
+    let st = stack();
+    let at = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 0);
+    transfer_each_way_on(&*st, 4 << 20, at);
+    assert_eq!(counter(&*st, "gso_disabled"), 0);
+}
+
+#[test]
+fn transfer_without_offload() {
+    let st = stack_with(FillpOptions {
+        offload: false,
+        ..FillpOptions::default()
+    });
+    transfer_each_way(&*st, 4 << 20);
+}
+
+/// A path that refuses GSO turns it off for that socket and resends the
+/// refused datagrams one by one: nothing is lost. The path: loopback with
+/// a 1280-byte MTU in a network namespace of this thread's own, where
+/// 1400-byte segments fail with EMSGSIZE (the datagrams alone are
+/// fragmented and pass).
+#[test]
+fn gso_refused_falls_back_without_loss() {
+    let t = thread::spawn(|| {
+        // SAFETY: unshare affects only this thread (and what it starts).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "skipped: unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "1280", "up"])
+            .status();
+        if !up.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("skipped: ip link set lo: {up:?}");
+            return;
+        }
+        let st = stack();
+        transfer_each_way(&*st, 2 << 20);
+        assert!(counter(&*st, "gso_disabled") >= 1, "{:?}", st.counters());
+        assert_eq!(counter(&*st, "udp_send_errors"), 0);
+    });
+    t.join().unwrap();
 }
 
 #[test]

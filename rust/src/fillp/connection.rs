@@ -255,6 +255,8 @@ const MAX_NACKS: u8 = 3;
 const MAX_MISSING: usize = 4096;
 /// A packet number this far ahead of the highest seen is refused.
 const MAX_PN_JUMP: u32 = 1 << 16;
+/// Receive memory is given back once nothing has arrived for this long.
+const IDLE_SHRINK: Duration = Duration::from_secs(1);
 /// Peer loss smoothing weight.
 const LOSS_EWMA: f64 = 0.125;
 
@@ -299,7 +301,6 @@ pub struct Connection {
     probe_pending: bool,
     dup_next: Option<u64>,
     finish_pending: bool,
-    scratch: Vec<u8>,
     write_blocked: bool,
     last_tx: Instant,
 
@@ -391,7 +392,6 @@ impl Connection {
             probe_pending: false,
             dup_next: None,
             finish_pending: false,
-            scratch: Vec::new(),
             write_blocked: false,
             last_tx: now,
             recv: RecvBuf::new(u64::from(config.recv_window)),
@@ -605,6 +605,8 @@ impl Connection {
         }
         if self.send.fin_acked() && self.recv.at_eof() {
             self.state = State::Draining;
+            // Everything was read: nothing to keep the receive queue for.
+            self.recv.shrink_if_empty();
             // Linger as long as the peer may still retry (its idle timeout,
             // restarted by each of its datagrams), so a peer whose FIN-ack
             // was lost still gets one. Buffers are empty by now.
@@ -856,8 +858,10 @@ impl Connection {
         let newly = self.send.on_cum_ack(p.cum_ack, p.fin_received);
         self.stats.bytes_acked += newly;
         for s in p.sacks() {
-            let start = p.cum_ack + u64::from(s.start);
-            self.send.on_sack(start, start + u64::from(s.len));
+            // Saturating: a forged cum_ack near 2^64 must not wrap.
+            let start = p.cum_ack.saturating_add(u64::from(s.start));
+            self.send
+                .on_sack(start, start.saturating_add(u64::from(s.len)));
         }
         let mut progress = newly > 0;
         let mut rate_sample = None;
@@ -1062,6 +1066,11 @@ impl Connection {
                 if now >= self.last_rx + self.config.idle_timeout {
                     self.enter_closed(CloseReason::IdleTimeout);
                     return;
+                }
+                if now.saturating_duration_since(self.last_rx) >= IDLE_SHRINK {
+                    // The flow paused (the keepalive timer brings us here):
+                    // give the drained receive queue's memory back.
+                    self.recv.shrink_if_empty();
                 }
                 if self.rto_deadline().is_some_and(|d| now >= d) {
                     self.send.on_rto();
@@ -1346,21 +1355,25 @@ impl Connection {
         let pn = self.next_pn;
         self.next_pn = self.next_pn.wrapping_add(1);
         self.probe_pending = false;
-        let mut payload = std::mem::take(&mut self.scratch);
-        payload.clear();
-        self.send.copy(seg.offset, seg.len, &mut payload);
-        let repr = Repr {
-            dst_cid: self.remote_cid,
-            body: Body::Data(DataRepr {
-                pn,
-                offset: seg.offset,
-                timestamp: us_since(self.epoch, now),
-                fin: seg.fin,
-                payload: &payload,
-            }),
+        // Header, then the payload copied once from the send buffer.
+        let data = DataRepr {
+            pn,
+            offset: seg.offset,
+            timestamp: us_since(self.epoch, now),
+            fin: seg.fin,
+            payload: &[],
         };
-        repr.emit(buf);
-        self.scratch = payload;
+        let len = seg.len.min(max_payload);
+        data.emit_header(self.remote_cid, len as u16, buf);
+        self.send.copy(seg.offset, len, buf);
+        if buf.len() != DATA_HEADER_LEN + len {
+            // `copy` clamps a stale range (never expected): keep the length
+            // field true to what was copied rather than send a bad packet.
+            let got = (buf.len() - DATA_HEADER_LEN.min(buf.len())) as u16;
+            if let Some(f) = buf.get_mut(DATA_HEADER_LEN - 2..DATA_HEADER_LEN) {
+                f.copy_from_slice(&got.to_be_bytes());
+            }
+        }
         self.pacer.on_sent(buf.len());
         if seg.retransmit {
             self.stats.retransmissions += 1;

@@ -559,16 +559,18 @@ mod tests {
         assert_eq!(ep.stats().malformed, 1);
     }
 
+    /// A client and a server endpoint over an ideal 10 ms-RTT link, with
+    /// one connection established.
+    fn connected_pair(seed: u64) -> (Pair, ConnectionHandle, ConnectionHandle) {
+        let link = LinkConfig::ideal(Duration::from_millis(5));
+        let mut p = Pair::new(seed, EndpointConfig::default(), server_cfg(), link, link);
+        let (ch, sh) = p.connect(1000).unwrap();
+        (p, ch, sh)
+    }
+
     #[test]
     fn idle_connection_memory() {
-        let mut p = Pair::new(
-            3,
-            EndpointConfig::default(),
-            server_cfg(),
-            LinkConfig::ideal(Duration::from_millis(5)),
-            LinkConfig::ideal(Duration::from_millis(5)),
-        );
-        let (ch, sh) = p.connect(1000).unwrap();
+        let (mut p, ch, sh) = connected_pair(3);
         // A little traffic, then idle.
         p.client
             .connection_mut(ch)
@@ -683,6 +685,54 @@ mod tests {
         ] {
             assert_eq!(c.mode(), RateMode::Fixed);
             assert_eq!(c.mtu(), 1200);
+        }
+    }
+
+    /// A finished connection lingers (draining) for the idle timeout; it
+    /// must not keep the receive queue it grew during the transfer.
+    #[test]
+    fn finished_connection_gives_its_buffers_back() {
+        let (mut p, ch, sh) = connected_pair(4);
+        let data = vec![3u8; 2 << 20];
+        let (mut sent, mut got) = (0, 0);
+        let mut b = vec![0u8; 1 << 20];
+        let r = p.run_until(2_000_000, Duration::from_secs(60), |p| {
+            let c = p.client.connection_mut(ch).unwrap();
+            if sent < data.len() {
+                sent += c.write(&data[sent..]).unwrap_or(0);
+                if sent == data.len() {
+                    c.shutdown_write();
+                }
+            }
+            while let Ok(n) = c.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+            }
+            // The server reads only once everything has arrived, so its
+            // receive queue grows to the whole 2 MiB first.
+            let late = p.elapsed() > Duration::from_secs(2);
+            let s = p.server.connection_mut(sh).unwrap();
+            while let Some(Ok(n)) = late.then(|| s.read(&mut b)) {
+                if n == 0 {
+                    s.shutdown_write();
+                    break;
+                }
+                got += n;
+            }
+            p.server.connection(sh).is_some_and(|c| c.is_closed())
+                && p.client.connection(ch).is_some_and(|c| c.is_closed())
+        });
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(got, data.len());
+        for c in [
+            p.client.connection(ch).unwrap(),
+            p.server.connection(sh).unwrap(),
+        ] {
+            // What is left is bookkeeping (the pipe's capacity), not the
+            // megabytes of data buffers the transfer used.
+            eprintln!("finished connection: heap ~{} bytes", c.heap_bytes());
+            assert!(c.heap_bytes() <= 128 * 1024, "{}", c.heap_bytes());
         }
     }
 

@@ -50,6 +50,10 @@ pub struct SendBuf {
     fin_sent: bool,
     fin_acked: bool,
     segs: BTreeMap<u64, Segment>,
+    /// Segments in `segs` with `sacked` set: with none (no loss, the common
+    /// case) `mark_holes` returns at once instead of scanning every segment
+    /// in flight on every PACK.
+    sacked: usize,
     lost: BTreeSet<u64>,
     pn_map: BTreeMap<u32, u64>,
     capacity: usize,
@@ -66,6 +70,7 @@ impl SendBuf {
             fin_sent: false,
             fin_acked: false,
             segs: BTreeMap::new(),
+            sacked: 0,
             lost: BTreeSet::new(),
             pn_map: BTreeMap::new(),
             capacity,
@@ -253,6 +258,7 @@ impl SendBuf {
                 break;
             }
             self.segs.remove(&off);
+            self.sacked -= usize::from(s.sacked);
             self.pn_map.remove(&s.pn);
             let was_lost = self.lost.remove(&off);
             if (end > self.base || fin_left) && off < self.base {
@@ -262,6 +268,7 @@ impl SendBuf {
                 };
                 if let std::collections::btree_map::Entry::Vacant(v) = self.segs.entry(self.base) {
                     v.insert(tail);
+                    self.sacked += usize::from(tail.sacked);
                     self.pn_map.insert(s.pn, self.base);
                     if was_lost {
                         self.lost.insert(self.base);
@@ -275,16 +282,14 @@ impl SendBuf {
 
     /// Selective acknowledgement of `[start, end)`.
     pub fn on_sack(&mut self, start: u64, end: u64) {
-        let keys: Vec<u64> = self
-            .segs
-            .range(start..end)
-            .filter(|(o, s)| **o + u64::from(s.len) <= end && !s.sacked)
-            .map(|(o, _)| *o)
-            .collect();
-        for o in keys {
-            if let Some(s) = self.segs.get_mut(&o) {
+        if start >= end {
+            return; // empty (and `range` refuses start > end)
+        }
+        for (o, s) in self.segs.range_mut(start..end) {
+            if *o + u64::from(s.len) <= end && !s.sacked {
                 s.sacked = true;
-                self.lost.remove(&o);
+                self.sacked += 1;
+                self.lost.remove(o);
             }
         }
     }
@@ -304,6 +309,9 @@ impl SendBuf {
     /// Queue unacknowledged segments below the highest SACKed byte whose
     /// latest transmission is older than `age`. Returns how many.
     pub fn mark_holes(&mut self, now: Instant, age: Duration) -> usize {
+        if self.sacked == 0 {
+            return 0;
+        }
         let Some(top) = self
             .segs
             .iter()
@@ -380,6 +388,18 @@ mod tests {
         b.on_cum_ack(100, true);
         assert!(b.fin_acked());
         assert_eq!(b.in_flight_segments(), 0);
+    }
+
+    #[test]
+    fn reversed_or_empty_sack_is_ignored() {
+        let t = Instant::now();
+        let mut b = SendBuf::new(1000);
+        b.write(&[0; 300]);
+        let s = b.next_segment(100, 300).unwrap();
+        b.on_sent(&s, 0, t);
+        b.on_sack(50, 10);
+        b.on_sack(u64::MAX, u64::MAX);
+        assert_eq!(b.mark_holes(t + Duration::from_secs(1), Duration::ZERO), 0);
     }
 
     #[test]

@@ -442,6 +442,28 @@ pub struct DataRepr<'a> {
     pub payload: &'a [u8],
 }
 
+impl DataRepr<'_> {
+    /// Appends a whole DATA header (common header included) for a payload of
+    /// `len` bytes, which the caller appends next; `self.payload` is not
+    /// used. This lets a sender copy the payload once, straight from its
+    /// send buffer into the datagram.
+    pub fn emit_header(&self, dst_cid: u32, len: u16, out: &mut Vec<u8>) {
+        out.push(VERSION);
+        out.push(PacketType::Data as u8);
+        let flags: u16 = if self.fin { FLAG_FIN } else { 0 };
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&dst_cid.to_be_bytes());
+        self.emit_fields(len, out);
+    }
+
+    fn emit_fields(&self, len: u16, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.pn.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&self.timestamp.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+}
+
 /// The body of a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body<'a> {
@@ -726,10 +748,7 @@ impl<'a> Repr<'a> {
             Body::ConnAck { server_cid } => out.extend_from_slice(&server_cid.to_be_bytes()),
             Body::Data(d) => {
                 let len = d.payload.len().min(usize::from(u16::MAX));
-                out.extend_from_slice(&d.pn.to_be_bytes());
-                out.extend_from_slice(&d.offset.to_be_bytes());
-                out.extend_from_slice(&d.timestamp.to_be_bytes());
-                out.extend_from_slice(&(len as u16).to_be_bytes());
+                d.emit_fields(len as u16, out);
                 out.extend_from_slice(&d.payload[..len]);
             }
             Body::Pack(p) => {

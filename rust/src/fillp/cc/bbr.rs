@@ -19,6 +19,14 @@
 //!   whose smallest RTT shows such a queue is followed by pacing at 0.85
 //!   instead of the gain cycle: v1's cycle would keep the queue startup left.
 //!
+//! * **Startup never goes backwards.** Its pacing and in-flight cap use the
+//!   highest estimate startup has reached (as Linux BBR keeps its pacing
+//!   rate until the pipe is full): the first round's delivery samples span
+//!   the first RTT, in which nothing could be delivered, and read low. Until
+//!   the first RTT sample the in-flight cap is off (a BDP from a guessed RTT
+//!   stalled a 200 ms path for half of its first round); pacing at the
+//!   initial rate is the limit.
+//!
 //! Not implemented: ProbeRTT (min RTT is a plain 10 s windowed minimum),
 //! app-limited phases beyond ignoring app-limited samples that would lower the
 //! estimate, and BBRv2's inflight_hi/lo bounds.
@@ -91,13 +99,17 @@ pub struct Bbr {
     cycle_idx: usize,
     cycle_start: Option<Instant>,
     in_flight: u64,
+    /// Highest bandwidth estimate of startup, which startup's pacing and
+    /// in-flight cap never fall below (as in Linux BBR: the first round's
+    /// samples, taken while the pipe is still filling, read low).
+    startup_bw: u64,
 }
 
 impl Bbr {
     /// From the configuration.
     pub fn new(cfg: &CcConfig) -> Self {
         let floor_rate = super::floor_rate(cfg.mtu);
-        Bbr {
+        let mut b = Bbr {
             state: State::Startup,
             mtu: u64::from(cfg.mtu),
             floor_rate,
@@ -121,7 +133,10 @@ impl Bbr {
             cycle_idx: 2,
             cycle_start: None,
             in_flight: 0,
-        }
+            startup_bw: 0,
+        };
+        b.startup_bw = b.btl_bw();
+        b
     }
 
     /// Bottleneck bandwidth estimate, bytes/s.
@@ -131,6 +146,15 @@ impl Bbr {
             .map(|&(_, b)| b)
             .unwrap_or(self.initial_rate / 3)
             .clamp(self.floor_rate, self.max_rate)
+    }
+
+    /// The bandwidth pacing and the in-flight cap are based on: the
+    /// estimate, and in startup never less than startup has reached.
+    fn model_bw(&self) -> u64 {
+        match self.state {
+            State::Startup => self.btl_bw().max(self.startup_bw),
+            _ => self.btl_bw(),
+        }
     }
 
     fn min_rtt(&self) -> Duration {
@@ -154,7 +178,7 @@ impl Bbr {
     }
 
     fn bdp(&self) -> u64 {
-        (self.btl_bw() as f64 * self.min_rtt().as_secs_f64()) as u64
+        (self.model_bw() as f64 * self.min_rtt().as_secs_f64()) as u64
     }
 
     fn push_bw(&mut self, v: u64) {
@@ -307,6 +331,9 @@ impl RateController for Bbr {
             self.cycle_idx = 2;
             self.cycle_start = Some(s.now);
         }
+        if self.state == State::Startup {
+            self.startup_bw = self.startup_bw.max(self.btl_bw());
+        }
         if self.state == State::ProbeBw {
             let phase = self.min_rtt().max(Duration::from_millis(1));
             let start = *self.cycle_start.get_or_insert(s.now);
@@ -324,10 +351,16 @@ impl RateController for Bbr {
     }
 
     fn pacing_rate(&self) -> u64 {
-        ((self.btl_bw() as f64 * self.pacing_gain()) as u64).clamp(self.floor_rate, self.max_rate)
+        ((self.model_bw() as f64 * self.pacing_gain()) as u64).clamp(self.floor_rate, self.max_rate)
     }
 
     fn inflight_cap(&self) -> u64 {
+        if self.min_rtt.is_none() {
+            // No RTT sample yet: a BDP from a guessed RTT (100 ms) would stall
+            // a long path for most of the first round. Pacing at the
+            // initial rate is the only limit until the first PACK.
+            return u64::MAX / 4;
+        }
         let gain = match self.state {
             State::Startup | State::Drain => STARTUP_CWND_GAIN,
             State::ProbeBw => CWND_GAIN,

@@ -7,8 +7,24 @@
 //!   polling loop of [`crate::fillp`] (receive, timers, events, transmit).
 //!   It waits in `ppoll` (nanosecond timeouts, for pacing) on the UDP fds and
 //!   an eventfd that application threads write to wake it. Datagrams move in
-//!   `recvmmsg`/`sendmmsg` batches of 64; a full socket buffer
+//!   `recvmmsg`/`sendmmsg` batches; a full socket buffer
 //!   keeps the rest queued and waits for `POLLOUT` instead of dropping.
+//! * **Segmentation offload** ([`FillpOptions::offload`], on by default):
+//!   consecutive datagrams to one peer leave as one GSO `sendmmsg` entry
+//!   (`UDP_SEGMENT`, up to 64 datagrams / 64 KiB) and arrive as one GRO
+//!   entry (`UDP_GRO`), cut back into datagrams by the driver; over
+//!   loopback the kernel then handles one buffer per run, not per datagram.
+//!   Measured over loopback, one connection: per-datagram kernel work was
+//!   ~4.8 µs of the driver's ~6.2 µs per data packet before (both ends in
+//!   one driver thread), and what is left is mostly copying
+//!   (`benches/results/fillp_loopback.md`). GSO is probed per socket and
+//!   switched off for a socket whose path refuses it (`EIO` from a device
+//!   without checksum offload, `EMSGSIZE` for a segment above the device
+//!   MTU, ...): the refused datagrams are sent again without it, none lost.
+//!   Details in `udp.rs`.
+//! * **Lock holds are short**: application `send`/`recv` copy at most
+//!   64 KiB per hold of the state lock, so the driver, which takes it for
+//!   every batch, never waits behind a megabyte copy.
 //! * **State is shared behind one `Mutex`** (endpoints, sockets, accept
 //!   queues) rather than driven by commands over a channel: application
 //!   `send`/`recv` then copy straight into and out of the connection's
@@ -42,10 +58,17 @@
 //!
 //! # Not supported
 //!
-//! Datagram sockets (`supports` is streams only), `MSG_PEEK`/`MSG_OOB`,
-//! UDP GSO/GRO. A socket closed with no unread data closes gracefully and
-//! then silently discards what the peer still sends (TCP would answer
-//! with RST); with unread data, close is an abort (RST), as in TCP.
+//! * Datagram sockets (`supports` is streams only), `MSG_PEEK`/`MSG_OOB`.
+//! * Zero-copy I/O: the application's bytes are copied into the send
+//!   buffer, from there into each datagram, then by the kernel (and as many
+//!   times on receive): six copies per byte against kernel TCP's two, which
+//!   is most of what a packet still costs (see
+//!   `benches/results/fillp_loopback.md`).
+//! * Spreading one instance over several driver threads: one thread runs
+//!   every endpoint of an instance; run several instances to use more cores.
+//! * A socket closed with no unread data closes gracefully and then
+//!   silently discards what the peer still sends (TCP would answer with
+//!   RST); with unread data, close is an abort (RST), as in TCP.
 
 #![warn(missing_docs)]
 
@@ -78,6 +101,10 @@ pub struct FillpOptions {
     pub bind_ip: IpAddr,
     /// Settings of every connection (rate mode, windows, timeouts).
     pub connection: Config,
+    /// Use UDP segmentation offload where the kernel has it: GSO on send,
+    /// GRO on receive (see the module docs). On by default; off sends and
+    /// receives one datagram per `sendmmsg`/`recvmmsg` entry.
+    pub offload: bool,
 }
 
 impl Default for FillpOptions {
@@ -85,6 +112,7 @@ impl Default for FillpOptions {
         FillpOptions {
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             connection: Config::default(),
+            offload: true,
         }
     }
 }
@@ -99,7 +127,10 @@ pub fn parse_rate_mode(name: &str) -> Option<RateMode> {
     }
 }
 
-/// Datagrams the driver pulls from one endpoint before sending them.
+/// Datagrams the driver pulls from one endpoint before sending them. With
+/// GSO that is a handful of `sendmmsg` entries; more (up to 64 full runs)
+/// measured no faster over loopback, and a smaller chunk keeps the
+/// datagrams in cache between being written and being sent.
 const TX_CHUNK: usize = 4 * udp::BATCH;
 
 /// Receive batches per UDP socket per loop turn, so timers and sends of the
@@ -132,6 +163,8 @@ struct Shared {
     udp_sent: AtomicU64,
     udp_received: AtomicU64,
     udp_send_errors: AtomicU64,
+    /// Sockets whose path refused GSO (turned off for them).
+    gso_disabled: AtomicU64,
     icmp_errors: AtomicU64,
 }
 
@@ -224,6 +257,16 @@ impl SockState {
     }
 }
 
+/// A connected socket's state, as `send` and `recv` start from it.
+struct StreamView {
+    slot: usize,
+    h: ConnectionHandle,
+    established: bool,
+    closed: Option<CloseReason>,
+    shut_rd: bool,
+    shut_wr: bool,
+}
+
 /// The errno a connection that ended for `reason` reports.
 fn reason_errno(reason: CloseReason, established: bool) -> i32 {
     match reason {
@@ -275,6 +318,34 @@ impl State {
                     }
                 }
             }
+        }
+    }
+
+    /// Socket `id` as a stream for `send`/`recv`: `EBADF`, its pending
+    /// error (consumed), its fatal error or `ENOTCONN` first.
+    fn stream(&mut self, id: u64) -> io::Result<StreamView> {
+        let s = self.socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))?;
+        if let Some(e) = s.error.take() {
+            self.sync_ready(id);
+            return Err(errno(e));
+        }
+        if let Some(e) = s.fatal {
+            return Err(errno(e));
+        }
+        match s.role {
+            Role::Conn {
+                slot,
+                h,
+                established,
+            } => Ok(StreamView {
+                slot,
+                h,
+                established,
+                closed: s.closed,
+                shut_rd: s.shut_rd,
+                shut_wr: s.shut_wr,
+            }),
+            _ => Err(errno(libc::ENOTCONN)),
         }
     }
 
@@ -389,7 +460,7 @@ impl State {
                     (Family::V4, ip @ IpAddr::V4(_)) | (Family::V6, ip @ IpAddr::V6(_)) => ip,
                     (f, _) => unspecified(f).ip(),
                 };
-                let fd = udp::bind(SocketAddr::new(ip, 0))?;
+                let fd = udp::bind(SocketAddr::new(ip, 0), opts.offload)?;
                 let local = udp::local_addr(fd.as_raw_fd())?;
                 (fd, local)
             }
@@ -448,6 +519,7 @@ impl FillpStack {
             udp_sent: AtomicU64::new(0),
             udp_received: AtomicU64::new(0),
             udp_send_errors: AtomicU64::new(0),
+            gso_disabled: AtomicU64::new(0),
             icmp_errors: AtomicU64::new(0),
         });
         let s2 = Arc::clone(&shared);
@@ -536,6 +608,7 @@ impl Stack for FillpStack {
             ("packets_sent", s.udp_sent.load(Ordering::Relaxed)),
             ("packets_received", s.udp_received.load(Ordering::Relaxed)),
             ("udp_send_errors", s.udp_send_errors.load(Ordering::Relaxed)),
+            ("gso_disabled", s.gso_disabled.load(Ordering::Relaxed)),
             ("icmp_errors", s.icmp_errors.load(Ordering::Relaxed)),
             ("malformed", e.malformed),
             ("unknown_cid", e.unknown_cid),
@@ -565,8 +638,9 @@ impl Stack for FillpStack {
 struct Driver {
     shared: Arc<Shared>,
     rx: udp::RecvBatch,
+    tx: udp::SendBatch,
     /// Datagrams produced but not yet taken by the kernel, per slot.
-    pending: HashMap<usize, VecDeque<(SocketAddr, Vec<u8>)>>,
+    pending: HashMap<usize, TxQueue>,
     pool: Vec<Vec<u8>>,
     pfds: Vec<libc::pollfd>,
     pfd_slot: Vec<usize>,
@@ -577,11 +651,21 @@ struct Driver {
     reply_from: HashMap<(usize, SocketAddr), IpAddr>,
 }
 
+/// One slot's datagrams waiting for the kernel.
+#[derive(Default)]
+struct TxQueue {
+    q: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Whether sends on this socket use GSO: probed when the driver first
+    /// sees the socket, turned off for good if the path refuses it.
+    gso: Option<bool>,
+}
+
 impl Driver {
     fn new(shared: Arc<Shared>) -> Driver {
         Driver {
+            rx: udp::RecvBatch::new(shared.opts.offload),
             shared,
-            rx: udp::RecvBatch::default(),
+            tx: udp::SendBatch::default(),
             pending: HashMap::new(),
             pool: Vec::new(),
             pfds: Vec::new(),
@@ -625,7 +709,7 @@ impl Driver {
         let mut next: Option<Instant> = None;
         for (&i, slot) in st.slots.iter() {
             let mut events = libc::POLLIN;
-            if self.pending.get(&i).is_some_and(|q| !q.is_empty()) {
+            if self.pending.get(&i).is_some_and(|t| !t.q.is_empty()) {
                 events |= libc::POLLOUT;
             }
             self.pfds.push(libc::pollfd {
@@ -667,24 +751,33 @@ impl Driver {
                 if n == 0 {
                     break;
                 }
-                self.shared
-                    .udp_received
-                    .fetch_add(n as u64, Ordering::Relaxed);
                 let mut st = lock(&self.shared.state);
                 let now = Instant::now();
                 let Some(sl) = st.slot_mut(slot) else { break };
+                // The last (peer, local address) pair recorded: a batch
+                // mostly comes from one peer, so the map is touched once.
+                let mut seen: Option<(SocketAddr, IpAddr)> = None;
+                let mut datagrams = 0u64;
                 for i in 0..n {
-                    if let Some((from, data)) = self.rx.get(i) {
-                        sl.ep.handle_datagram(now, from, data);
-                        if let Some(local) = self.rx.local(i) {
-                            if self.reply_from.get(&(slot, from)) != Some(&local) {
-                                self.reply_from.insert((slot, from), local);
+                    let Some(r) = self.rx.get(i) else { continue };
+                    for d in r.datagrams() {
+                        sl.ep.handle_datagram(now, r.from, d);
+                        datagrams += 1;
+                    }
+                    if let Some(local) = r.local {
+                        if seen != Some((r.from, local)) {
+                            seen = Some((r.from, local));
+                            if self.reply_from.get(&(slot, r.from)) != Some(&local) {
+                                self.reply_from.insert((slot, r.from), local);
                             }
                         }
                     }
                 }
                 drop(st);
-                if n < udp::BATCH {
+                self.shared
+                    .udp_received
+                    .fetch_add(datagrams, Ordering::Relaxed);
+                if n < self.rx.capacity() {
                     break;
                 }
             }
@@ -790,7 +883,11 @@ impl Driver {
                 self.touched.push(id);
             }
             // Pull datagrams unless the kernel is still behind on this slot.
-            let q = self.pending.entry(i).or_default();
+            let t = self.pending.entry(i).or_default();
+            if t.gso.is_none() {
+                t.gso = Some(self.shared.opts.offload && udp::gso_supported(sl.fd.as_raw_fd()));
+            }
+            let q = &mut t.q;
             if q.is_empty() {
                 while q.len() < TX_CHUNK {
                     let mut buf = self.pool.pop().unwrap_or_default();
@@ -838,29 +935,37 @@ impl Driver {
             let st = lock(&self.shared.state);
             self.pending
                 .iter()
-                .filter(|(_, q)| !q.is_empty())
+                .filter(|(_, t)| !t.q.is_empty())
                 .filter_map(|(i, _)| st.slot(*i).map(|s| (*i, s.fd.as_raw_fd())))
                 .collect()
         };
         // Slots are removed only by this thread, so the fds stay valid.
         for (i, fd) in fds {
-            let Some(q) = self.pending.get_mut(&i) else {
+            let Some(t) = self.pending.get_mut(&i) else {
                 continue;
             };
             let mut failures = 0;
-            while !q.is_empty() {
-                let (a, b) = q.as_slices();
+            while !t.q.is_empty() {
+                let (a, b) = t.q.as_slices();
                 let batch: &[(SocketAddr, Vec<u8>)] = if a.is_empty() { b } else { a };
                 let reply_from = &self.reply_from;
-                match udp::send_batch(fd, batch, |dest| reply_from.get(&(i, *dest)).copied()) {
+                let gso = t.gso == Some(true);
+                let source = |dest: &SocketAddr| reply_from.get(&(i, *dest)).copied();
+                match udp::send_batch(&mut self.tx, fd, batch, gso, source) {
                     Ok(0) => break, // socket buffer full: wait for POLLOUT
                     Ok(n) => {
                         self.shared.udp_sent.fetch_add(n as u64, Ordering::Relaxed);
                         for _ in 0..n {
-                            if let Some((_, buf)) = q.pop_front() {
+                            if let Some((_, buf)) = t.q.pop_front() {
                                 self.pool.push(buf);
                             }
                         }
+                    }
+                    Err(e) if gso && udp::gso_refused(&e) => {
+                        // The path refuses GSO: off for this socket from now
+                        // on, and the same datagrams go again without it.
+                        t.gso = Some(false);
+                        self.shared.gso_disabled.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => {
                         // A pending ICMP error is reported once by the next
@@ -869,7 +974,7 @@ impl Driver {
                         failures += 1;
                         if failures > 1 {
                             self.shared.udp_send_errors.fetch_add(1, Ordering::Relaxed);
-                            if let Some((_, buf)) = q.pop_front() {
+                            if let Some((_, buf)) = t.q.pop_front() {
                                 self.pool.push(buf);
                             }
                             failures = 0;
@@ -878,7 +983,7 @@ impl Driver {
                 }
             }
         }
-        self.pool.truncate(4 * TX_CHUNK);
+        self.pool.truncate(TX_CHUNK + udp::BATCH);
     }
 
     /// The stack is gone: reset every connection (so peers learn at once)
@@ -1005,6 +1110,129 @@ impl FillpSocket {
         self.check_open()?;
         Ok(lock(&self.shared.state))
     }
+
+    /// One piece of a `send`, under one hold of the lock.
+    fn send_piece(&self, buf: &[u8], nonblock: bool) -> io::Result<usize> {
+        self.run(Wait::Write, nonblock, |st, ctx| {
+            let v = match st.stream(self.id) {
+                Ok(v) => v,
+                Err(e) => return Try::Done(Err(e)),
+            };
+            if v.shut_wr {
+                return Try::Done(Err(errno(libc::EPIPE)));
+            }
+            let StreamView {
+                slot,
+                h,
+                established,
+                closed,
+                ..
+            } = v;
+            if !established {
+                return match closed {
+                    Some(r) => Try::Done(Err(errno(reason_errno(r, false)))),
+                    None => Try::Block,
+                };
+            }
+            let Some(conn) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) else {
+                let r = closed.unwrap_or(CloseReason::Finished);
+                return Try::Done(Err(errno(reason_errno(r, true))));
+            };
+            if buf.is_empty() {
+                return Try::Done(Ok(0));
+            }
+            match conn.write(buf) {
+                Ok(n) => {
+                    ctx.kick = true;
+                    Try::Done(Ok(n))
+                }
+                Err(WriteError::Blocked) => Try::Block,
+                Err(WriteError::Finished) => Try::Done(Err(errno(libc::EPIPE))),
+                Err(WriteError::Closed) => {
+                    let r = closed.unwrap_or(CloseReason::Finished);
+                    Try::Done(Err(errno(reason_errno(r, true))))
+                }
+            }
+        })
+    }
+
+    /// One piece of a `recv`, under one hold of the lock.
+    fn recv_piece(&self, buf: &mut [u8], nonblock: bool) -> io::Result<usize> {
+        self.run(Wait::Read, nonblock, |st, ctx| {
+            let v = match st.stream(self.id) {
+                Ok(v) => v,
+                Err(e) => return Try::Done(Err(e)),
+            };
+            if v.shut_rd {
+                return Try::Done(Ok(0));
+            }
+            let StreamView {
+                slot,
+                h,
+                established,
+                closed,
+                ..
+            } = v;
+            let gone = |r: Option<CloseReason>| match r {
+                None | Some(CloseReason::Finished) => Try::Done(Ok(0)),
+                Some(r) => Try::Done(Err(errno(reason_errno(r, established)))),
+            };
+            if !established {
+                return match closed {
+                    Some(_) => gone(closed),
+                    None => Try::Block,
+                };
+            }
+            let Some(conn) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) else {
+                return gone(closed);
+            };
+            let r = match conn.read(buf) {
+                Ok(n) => {
+                    ctx.kick = n > 0;
+                    Try::Done(Ok(n))
+                }
+                Err(ReadError::Blocked) => match closed {
+                    Some(_) => gone(closed),
+                    None => Try::Block,
+                },
+                Err(ReadError::Reset) => Try::Done(Err(errno(libc::ECONNRESET))),
+                Err(ReadError::Closed) => gone(closed.or(Some(CloseReason::Finished))),
+            };
+            st.sync_ready(self.id);
+            r
+        })
+    }
+}
+
+/// Bytes an application `send` or `recv` copies per hold of the stack lock.
+/// A 1 MiB copy holds it for 100 µs or more, and the driver, which needs it
+/// for every batch, waited up to 40% of its time (measured over loopback).
+const COPY_CHUNK: usize = 64 << 10;
+
+/// Runs a `send`/`recv` of `len` bytes as pieces of at most [`COPY_CHUNK`]
+/// (`piece(range, nonblock)`), releasing the lock in between. Only the
+/// first piece may block; the call returns what was copied as soon as a
+/// piece comes up short or fails (the next call reports the error).
+fn chunked(
+    len: usize,
+    nonblock: bool,
+    mut piece: impl FnMut(std::ops::Range<usize>, bool) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut done = 0;
+    loop {
+        let end = (done + COPY_CHUNK).min(len);
+        match piece(done..end, nonblock || done > 0) {
+            Ok(n) => {
+                let want = end - done;
+                done += n.min(want);
+                if n < want || done >= len {
+                    return Ok(done);
+                }
+            }
+            Err(_) if done > 0 => return Ok(done),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Per-attempt flags an operation sets.
@@ -1040,7 +1268,7 @@ impl StackSocket for FillpSocket {
         if !matches!(s.role, Role::Fresh) {
             return Err(errno(libc::EINVAL));
         }
-        let fd = udp::bind(addr)?;
+        let fd = udp::bind(addr, self.shared.opts.offload)?;
         let local = udp::local_addr(fd.as_raw_fd())?;
         s.local = Some(local);
         s.role = Role::Bound(fd, local);
@@ -1229,55 +1457,7 @@ impl StackSocket for FillpSocket {
 
     fn send(&self, buf: &[u8], flags: i32) -> io::Result<usize> {
         let nonblock = flags & libc::MSG_DONTWAIT != 0;
-        self.run(Wait::Write, nonblock, |st, ctx| {
-            let Some(s) = st.socks.get_mut(&self.id) else {
-                return Try::Done(Err(errno(libc::EBADF)));
-            };
-            if let Some(e) = s.error.take() {
-                st.sync_ready(self.id);
-                return Try::Done(Err(errno(e)));
-            }
-            if let Some(e) = s.fatal {
-                return Try::Done(Err(errno(e)));
-            }
-            if s.shut_wr {
-                return Try::Done(Err(errno(libc::EPIPE)));
-            }
-            let (slot, h, established) = match s.role {
-                Role::Conn {
-                    slot,
-                    h,
-                    established,
-                } => (slot, h, established),
-                _ => return Try::Done(Err(errno(libc::ENOTCONN))),
-            };
-            let closed = s.closed;
-            if !established {
-                return match closed {
-                    Some(r) => Try::Done(Err(errno(reason_errno(r, false)))),
-                    None => Try::Block,
-                };
-            }
-            let Some(conn) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) else {
-                let r = closed.unwrap_or(CloseReason::Finished);
-                return Try::Done(Err(errno(reason_errno(r, true))));
-            };
-            if buf.is_empty() {
-                return Try::Done(Ok(0));
-            }
-            match conn.write(buf) {
-                Ok(n) => {
-                    ctx.kick = true;
-                    Try::Done(Ok(n))
-                }
-                Err(WriteError::Blocked) => Try::Block,
-                Err(WriteError::Finished) => Try::Done(Err(errno(libc::EPIPE))),
-                Err(WriteError::Closed) => {
-                    let r = closed.unwrap_or(CloseReason::Finished);
-                    Try::Done(Err(errno(reason_errno(r, true))))
-                }
-            }
-        })
+        chunked(buf.len(), nonblock, |r, nb| self.send_piece(&buf[r], nb))
     }
 
     fn send_to(&self, buf: &[u8], flags: i32, _addr: SocketAddr) -> io::Result<usize> {
@@ -1290,56 +1470,8 @@ impl StackSocket for FillpSocket {
             return Err(errno(libc::EOPNOTSUPP));
         }
         let nonblock = flags & libc::MSG_DONTWAIT != 0;
-        self.run(Wait::Read, nonblock, |st, ctx| {
-            let Some(s) = st.socks.get_mut(&self.id) else {
-                return Try::Done(Err(errno(libc::EBADF)));
-            };
-            if let Some(e) = s.error.take() {
-                st.sync_ready(self.id);
-                return Try::Done(Err(errno(e)));
-            }
-            if let Some(e) = s.fatal {
-                return Try::Done(Err(errno(e)));
-            }
-            if s.shut_rd {
-                return Try::Done(Ok(0));
-            }
-            let (slot, h, established) = match s.role {
-                Role::Conn {
-                    slot,
-                    h,
-                    established,
-                } => (slot, h, established),
-                _ => return Try::Done(Err(errno(libc::ENOTCONN))),
-            };
-            let closed = s.closed;
-            let gone = |r: Option<CloseReason>| match r {
-                None | Some(CloseReason::Finished) => Try::Done(Ok(0)),
-                Some(r) => Try::Done(Err(errno(reason_errno(r, established)))),
-            };
-            if !established {
-                return match closed {
-                    Some(_) => gone(closed),
-                    None => Try::Block,
-                };
-            }
-            let Some(conn) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) else {
-                return gone(closed);
-            };
-            let r = match conn.read(buf) {
-                Ok(n) => {
-                    ctx.kick = n > 0;
-                    Try::Done(Ok(n))
-                }
-                Err(ReadError::Blocked) => match closed {
-                    Some(_) => gone(closed),
-                    None => Try::Block,
-                },
-                Err(ReadError::Reset) => Try::Done(Err(errno(libc::ECONNRESET))),
-                Err(ReadError::Closed) => gone(closed.or(Some(CloseReason::Finished))),
-            };
-            st.sync_ready(self.id);
-            r
+        chunked(buf.len(), nonblock, |r, nb| {
+            self.recv_piece(&mut buf[r], nb)
         })
     }
 
