@@ -346,6 +346,7 @@ SENDALL_CONFIGS = {
     "stdlib": None,
     "kernel": "[[stack]]\nname = \"k\"\nkind = \"kernel\"\n",
     "uring": "[[stack]]\nname = \"k\"\nkind = \"kernel\"\nio = \"uring\"\n",
+    "fillp": "[[stack]]\nname = \"k\"\nkind = \"fillp\"\naddress = \"127.0.0.1\"\n",
 }
 
 

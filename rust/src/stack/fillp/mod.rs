@@ -1065,6 +1065,18 @@ impl FillpSocket {
         &self,
         wait: Wait,
         nonblock: bool,
+        op: impl FnMut(&mut State, &mut SockCtx) -> Try<T>,
+    ) -> io::Result<T> {
+        self.run_until(wait, nonblock, None, op)
+    }
+
+    /// [`Self::run`], with `until` (when given, and the socket has a
+    /// timeout) as the deadline instead of one timeout from now.
+    fn run_until<T>(
+        &self,
+        wait: Wait,
+        nonblock: bool,
+        until: Option<Instant>,
         mut op: impl FnMut(&mut State, &mut SockCtx) -> Try<T>,
     ) -> io::Result<T> {
         self.check_open()?;
@@ -1073,7 +1085,10 @@ impl FillpSocket {
         } else {
             self.timeout()
         };
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = match (timeout, until) {
+            (Some(t), Some(u)) if !t.is_zero() => Some(u),
+            _ => timeout.map(|t| Instant::now() + t),
+        };
         loop {
             {
                 let mut st = lock(&self.shared.state);
@@ -1112,8 +1127,8 @@ impl FillpSocket {
     }
 
     /// One piece of a `send`, under one hold of the lock.
-    fn send_piece(&self, buf: &[u8], nonblock: bool) -> io::Result<usize> {
-        self.run(Wait::Write, nonblock, |st, ctx| {
+    fn send_piece(&self, buf: &[u8], nonblock: bool, until: Option<Instant>) -> io::Result<usize> {
+        self.run_until(Wait::Write, nonblock, until, |st, ctx| {
             let v = match st.stream(self.id) {
                 Ok(v) => v,
                 Err(e) => return Try::Done(Err(e)),
@@ -1456,8 +1471,14 @@ impl StackSocket for FillpSocket {
     }
 
     fn send(&self, buf: &[u8], flags: i32) -> io::Result<usize> {
+        self.send_until(buf, flags, None)
+    }
+
+    fn send_until(&self, buf: &[u8], flags: i32, deadline: Option<Instant>) -> io::Result<usize> {
         let nonblock = flags & libc::MSG_DONTWAIT != 0;
-        chunked(buf.len(), nonblock, |r, nb| self.send_piece(&buf[r], nb))
+        chunked(buf.len(), nonblock, |r, nb| {
+            self.send_piece(&buf[r], nb, deadline)
+        })
     }
 
     fn send_to(&self, buf: &[u8], flags: i32, _addr: SocketAddr) -> io::Result<usize> {
