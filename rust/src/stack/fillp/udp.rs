@@ -314,10 +314,6 @@ pub struct SendBatch {
     entries: Vec<(usize, usize, usize)>,
 }
 
-// SAFETY: the raw pointers in `iovs` are only set and used within one
-// `send_batch` call, while the data they point to is borrowed.
-unsafe impl Send for SendBatch {}
-
 impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
