@@ -144,8 +144,9 @@ pub fn gso_refused(e: &io::Error) -> bool {
     )
 }
 
-/// Reusable buffers for one `recvmmsg` batch: [`BATCH`] entries, each one
-/// datagram or, with GRO, a run of datagrams from one source.
+/// Reusable buffers for one `recvmmsg` batch: [`BATCH`] entries of one
+/// datagram each, or with GRO [`GRO_BATCH`] entries of a run of datagrams
+/// from one source each.
 pub struct RecvBatch {
     bufs: Vec<u8>,
     /// Entries per call.
@@ -159,9 +160,8 @@ pub struct RecvBatch {
 }
 
 impl RecvBatch {
-    /// Buffers for sockets with (`gro`) or without coalesced receives. The
-    /// GRO buffers are 4 MiB of address space, touched only where data
-    /// lands.
+    /// Buffers for sockets with (`gro`) or without coalesced receives
+    /// (1 MiB or 128 KiB).
     pub fn new(gro: bool) -> Self {
         let entry = if gro { GRO_BUF } else { DGRAM_MAX };
         let count = if gro { GRO_BATCH } else { BATCH };
@@ -176,7 +176,8 @@ impl RecvBatch {
         }
     }
 
-    /// Receives up to [`BATCH`] entries; `Ok(0)` when none is waiting.
+    /// Receives up to [`RecvBatch::capacity`] entries; `Ok(0)` when none is
+    /// waiting.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         // SAFETY: zeroed iovec/mmsghdr are valid; every pointer set below
         // points into `self`, which outlives the call.
@@ -198,7 +199,7 @@ impl RecvBatch {
             hdrs[i].msg_hdr.msg_control = self.ctrl[i].as_mut_ptr().cast();
             hdrs[i].msg_hdr.msg_controllen = mem::size_of::<Cmsg>();
         }
-        // SAFETY: hdrs describes BATCH valid, writable buffers.
+        // SAFETY: hdrs[..count] describe valid, writable buffers.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -313,10 +314,6 @@ pub struct SendBatch {
     /// control length.
     entries: Vec<(usize, usize, usize)>,
 }
-
-// SAFETY: the raw pointers in `iovs` are only set and used within one
-// `send_batch` call, while the data they point to is borrowed.
-unsafe impl Send for SendBatch {}
 
 impl Default for SendBatch {
     fn default() -> Self {
