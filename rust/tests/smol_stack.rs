@@ -231,9 +231,13 @@ fn thousand_concurrent_connections_to_one_listener() {
         }
         conns
     });
+    // A bounded wait: a client that failed must fail the test, not hang it.
+    l.set_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut accepted = Vec::with_capacity(N);
-    for _ in 0..N {
-        let (s, _) = l.accept().unwrap();
+    for i in 0..N {
+        let (s, _) = l
+            .accept()
+            .unwrap_or_else(|e| panic!("accept {i}: {e}; {:?}", stack.counters()));
         accepted.push(s);
     }
     for s in &accepted {
@@ -561,4 +565,58 @@ fn smol_to_smol_over_a_bridge_v4_and_v6() {
         assert_eq!((got.0, got.1), (sent.0, sent.1));
         assert_eq!(u64::from_le_bytes(echo), sent.0);
     }
+}
+
+#[test]
+fn udp_with_a_kernel_peer() {
+    let (stack, _dev) = setup("k", 10);
+    let k = std::net::UdpSocket::bind(SocketAddr::new(v4(10, 1), 0)).unwrap();
+    k.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let kaddr = k.local_addr().unwrap();
+    let u = stack.socket(Family::V4, SockKind::Dgram).unwrap();
+    assert!(u.readiness().writable);
+    // send without a peer: EDESTADDRREQ; send_to binds implicitly.
+    let e = u.send(b"x", 0).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EDESTADDRREQ));
+    assert_eq!(u.send_to(b"ping", 0, kaddr).unwrap(), 4);
+    let mut b = [0u8; 64];
+    let (n, from) = k.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"ping");
+    assert_eq!(from.ip(), v4(10, 2));
+    assert_eq!(u.local_addr().unwrap().port(), from.port());
+    // Replies, one truncated.
+    k.send_to(b"pong", from).unwrap();
+    k.send_to(b"0123456789", from).unwrap();
+    u.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (n, src) = u.recv_from(&mut b, 0).unwrap();
+    assert_eq!((&b[..n], src), (&b"pong"[..], Some(kaddr)));
+    let mut small = [0u8; 4];
+    assert_eq!(u.recv(&mut small, 0).unwrap(), 4);
+    assert_eq!(&small, b"0123");
+    // Non-blocking: EAGAIN; too large: EMSGSIZE.
+    let e = u.recv(&mut b, libc::MSG_DONTWAIT).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EAGAIN));
+    let e = u.send_to(&vec![0u8; 2000], 0, kaddr).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EMSGSIZE));
+    // Connected: default peer, others dropped.
+    u.connect(kaddr).unwrap();
+    assert_eq!(u.peer_addr().unwrap(), kaddr);
+    let other = std::net::UdpSocket::bind(SocketAddr::new(v4(10, 1), 0)).unwrap();
+    other.send_to(b"noise", from).unwrap();
+    k.send_to(b"real", from).unwrap();
+    let n = u.recv(&mut b, 0).unwrap();
+    assert_eq!(&b[..n], b"real");
+    for i in 0..100u32 {
+        u.send(&i.to_le_bytes(), 0).unwrap();
+    }
+    let mut seen = 0;
+    while let Ok(n) = k.recv(&mut b) {
+        assert_eq!(n, 4);
+        seen += 1;
+        if seen == 100 {
+            break;
+        }
+    }
+    assert_eq!(seen, 100);
+    u.close().unwrap();
 }

@@ -72,9 +72,12 @@ mod device;
 mod driver;
 mod event;
 pub mod ports;
+#[macro_use]
+mod socket;
 mod state;
 pub mod tap;
 mod tcp;
+mod udp;
 
 use std::fmt::Write as _;
 use std::io;
@@ -435,8 +438,8 @@ impl Stack for SmolStack {
         StackKind::Smoltcp
     }
 
-    fn supports(&self, family: Family, kind: SockKind) -> bool {
-        let _ = kind;
+    /// Streams and datagrams, in each family the instance has an address of.
+    fn supports(&self, family: Family, _kind: SockKind) -> bool {
         self.shared
             .opts
             .addresses
@@ -459,22 +462,16 @@ impl Stack for SmolStack {
         };
         let mut st = lock(&self.shared.state);
         st.check_up()?;
-        let id = st.insert(SockState::new(Arc::clone(&fds), family, opts));
+        let mut state = SockState::new(Arc::clone(&fds), family, opts);
+        state.dgram = kind == SockKind::Dgram;
+        let id = st.insert(state);
         drop(st);
         self.shared.sockets.fetch_add(1, Ordering::Relaxed);
-        match kind {
-            SockKind::Stream => Ok(Box::new(tcp::TcpSocket::new(
-                Arc::clone(&self.shared),
-                id,
-                fds,
-                family,
-            ))),
-            _ => {
-                let mut st = lock(&self.shared.state);
-                st.socks.remove(&id);
-                Err(errno(libc::EPROTONOSUPPORT))
-            }
-        }
+        let core = socket::SockCore::new(Arc::clone(&self.shared), id, fds, family);
+        Ok(match kind {
+            SockKind::Stream => Box::new(tcp::TcpSocket::new(core)),
+            SockKind::Dgram => Box::new(udp::UdpSocket::new(core)),
+        })
     }
 
     fn counters(&self) -> Counters {

@@ -233,6 +233,8 @@ pub struct SockState {
     pub port: Option<(Proto, u16)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// A datagram socket (a fresh one is writable).
+    pub dgram: bool,
 }
 
 impl SockState {
@@ -254,6 +256,7 @@ impl SockState {
             port: None,
             bytes_sent: 0,
             bytes_received: 0,
+            dgram: false,
         }
     }
 }
@@ -291,6 +294,7 @@ pub fn writable(s: &SockState, set: &Sockets) -> bool {
             (Some(t), Phase::Established) => s.shut_wr || t.can_send() || !t.may_send(),
         },
         Role::Udp { h } => set.udp(*h).is_none_or(|u| u.can_send()),
+        Role::Fresh => s.dgram,
         _ => false,
     }
 }
