@@ -433,6 +433,7 @@ fn device_deleted_under_a_live_connection() {
     let k = thread::spawn(move || {
         let mut c = TcpStream::connect_timeout(&addr2, Duration::from_secs(5)).unwrap();
         c.write_all(b"again").unwrap();
+        c
     });
     let (s3, _) = l2.accept().unwrap();
     let mut b = [0u8; 5];
@@ -442,7 +443,18 @@ fn device_deleted_under_a_live_connection() {
         got += s3.recv(&mut b[got..], 0).unwrap();
     }
     assert_eq!(&b, b"again");
-    k.join().unwrap();
+    // Closing the old sockets must not touch the new connection (smoltcp
+    // reuses socket handles), and the old listener cannot listen again.
+    let e = l.listen(4).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::ENETDOWN));
+    l.close().unwrap();
+    drop(s);
+    s3.send_all(b"still here", 0).unwrap();
+    let mut kc = k.join().unwrap();
+    let mut kb = [0u8; 10];
+    kc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    kc.read_exact(&mut kb).unwrap();
+    assert_eq!(&kb, b"still here");
     // Stop: the driver is joined, old sockets fail, the device goes away.
     stack.stop();
     let e = s3.recv(&mut b, 0).unwrap_err();

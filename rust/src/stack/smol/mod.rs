@@ -124,6 +124,10 @@ pub struct SmolOptions {
     pub rx_buffer: usize,
     /// TCP send buffer per connection (bytes).
     pub tx_buffer: usize,
+    /// Whether application threads run a turn of `Interface::poll`
+    /// themselves after queuing data (default), or leave all polling to the
+    /// driver thread. Kept as an option so the benchmark can compare both.
+    pub inline_poll: bool,
 }
 
 impl SmolOptions {
@@ -137,6 +141,7 @@ impl SmolOptions {
             mac: None,
             rx_buffer: DEFAULT_BUFFER,
             tx_buffer: DEFAULT_BUFFER,
+            inline_poll: true,
         }
     }
 
@@ -283,6 +288,12 @@ impl Shared {
     /// wakes the driver if that moved smoltcp's next deadline before the
     /// driver's.
     fn poll_inline(&self, st: &mut State) {
+        if !self.opts.inline_poll {
+            if self.sleeping.load(Ordering::SeqCst) {
+                self.wake.set();
+            }
+            return;
+        }
         st.turn();
         if self.sleeping.load(Ordering::SeqCst) {
             let next = st.poll_at();

@@ -207,7 +207,7 @@ impl SockCore {
     }
 
     /// Checks that this socket may bind to `addr` (instance up, address
-    /// ours, socket fresh) and returns its state.
+    /// ours, socket not failed) and returns its state.
     pub(super) fn bindable<'a>(
         &self,
         st: &'a State,
@@ -224,7 +224,11 @@ impl SockCore {
         {
             return Err(errno(libc::EADDRNOTAVAIL));
         }
-        st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))
+        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        match s.fatal {
+            Some(e) => Err(errno(e)),
+            None => Ok(s),
+        }
     }
 
     /// The bound local address (unspecified before `bind`/`connect`).

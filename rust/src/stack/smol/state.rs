@@ -535,6 +535,10 @@ impl State {
         }
         for s in self.socks.values_mut() {
             s.fatal = Some(err);
+            // Forget the handles: smoltcp reuses handle numbers, and a
+            // socket made after a restart must never be reached through an
+            // old one. `fatal` answers every call from now on.
+            s.role = Role::Fresh;
             if !s.ready {
                 s.ready = true;
                 s.fds.ready.set();
