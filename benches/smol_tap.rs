@@ -5,7 +5,8 @@
 //! a kernel socket on the root end of a veth pair).
 //!
 //! Measures bulk Gbit/s in both directions and 1-byte ping-pong round trips
-//! per second, prints a table with ratios and writes it to
+//! per second, each next to a kernel run made just before it, prints a
+//! table with ratios and writes it to
 //! `benches/results/smol_tap.md`. Needs root. `cargo bench --bench smol_tap`.
 //! Environment: `SMOL_BENCH_MIB` (bulk size, default 256),
 //! `SMOL_BENCH_SECS` (ping-pong time, default 2).
@@ -221,9 +222,10 @@ fn main() {
     ip(&["-n", &ns, "link", "set", "eth9", "up"]);
     let kernel = KernelStack::new("kernel", Protocol::Tcp, IoMode::Syscall);
 
-    let mk = |inline: bool, name: &str| {
+    let mk = |inline: bool, mtu: u32, name: &str| {
         let mut o = SmolOptions::new(&tap, vec!["10.99.20.2/24".parse().unwrap()]);
         o.inline_poll = inline;
+        o.mtu = mtu;
         let s = SmolStack::new(name, o).expect("smol stack");
         // The namespace end of the TAP: the kernel peer's address.
         ip(&["link", "set", &tap, "netns", &ns]);
@@ -236,12 +238,18 @@ fn main() {
     let [s_sink, s_source, s_echo] = peer.at(Ipv4Addr::new(10, 99, 20, 1));
 
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
-    let k_send = bulk_send(&kernel, k_sink, total);
-    let k_recv = bulk_recv(&kernel, k_source, total);
-    let k_pp = ping_pong(&kernel, k_echo, secs);
-    for inline in [true, false] {
-        let label = if inline { "inline poll" } else { "driver only" };
-        let smol = mk(inline, label);
+    for (inline, mtu) in [(true, 1500), (false, 1500), (true, 9000)] {
+        let label = format!(
+            "{}, mtu {mtu}",
+            if inline { "inline poll" } else { "driver only" }
+        );
+        let label = label.as_str();
+        let smol = mk(inline, mtu, label);
+        // The kernel baseline next to each configuration: this machine is
+        // shared and noisy, so only side-by-side figures compare.
+        let k_send = bulk_send(&kernel, k_sink, total);
+        let k_recv = bulk_recv(&kernel, k_source, total);
+        let k_pp = ping_pong(&kernel, k_echo, secs);
         let s_send = bulk_send(&smol, s_sink, total);
         let s_recv = bulk_recv(&smol, s_source, total);
         let s_pp = ping_pong(&smol, s_echo, secs);

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::event::wait as wait_fds;
 use super::state::{readable, writable, SockFds, State};
-use super::{lock, Shared};
+use super::{device_fd, lock, Shared};
 use crate::stack::{errno, timed_out, Family, Readiness, TimeoutCell};
 use crate::sys;
 
@@ -167,9 +168,16 @@ impl SockCore {
             self.timeout.get()
         };
         let deadline = sys::deadline(timeout);
+        // The TAP fd, while a reader also watches it (see below).
+        let mut tap: Option<RawFd> = None;
+        let mut tap_ready = false;
         loop {
             {
                 let mut st = lock(&self.shared.state);
+                if tap_ready {
+                    // A frame arrived while we waited: take it ourselves.
+                    self.shared.poll_inline(&mut st);
+                }
                 let mut changed = false;
                 let r = op(&mut st, &mut changed);
                 if changed {
@@ -191,6 +199,12 @@ impl SockCore {
                     }
                     self.fds.wake.clear();
                 }
+                // A blocked reader with inline polling also watches the
+                // TAP, so the reply it waits for reaches it without a hop
+                // through the driver thread.
+                if wait == Wait::Read && self.shared.opts.inline_poll {
+                    tap = device_fd(&st);
+                }
             }
             if timeout.is_some_and(|t| t.is_zero()) {
                 return Err(errno(libc::EAGAIN));
@@ -199,8 +213,27 @@ impl SockCore {
                 Wait::Read => self.fds.ready.as_raw_fd(),
                 Wait::Write => self.fds.wake.as_raw_fd(),
             };
-            if sys::poll_until(fd, libc::POLLIN, deadline)? == 0 {
+            let mut pfds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: tap.unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if wait_fds(&mut pfds, left)? == 0 {
                 return Err(timed_out());
+            }
+            // An error on the TAP is the driver's to handle; stop watching.
+            let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+            tap_ready = pfds[1].revents & libc::POLLIN != 0 && pfds[1].revents & bad == 0;
+            if pfds[1].revents & bad != 0 {
+                tap = None;
             }
             self.check_open()?;
         }

@@ -299,6 +299,22 @@ pub fn writable(s: &SockState, set: &Sockets) -> bool {
     }
 }
 
+/// Whether a writer blocked on `s` should wake: like [`writable`], but a
+/// connection must have half its send buffer free (as the kernel's
+/// `sk_stream_wspace` rule), so a bulk sender wakes once per half buffer,
+/// not once per ACK.
+fn wake_writer(s: &SockState, set: &Sockets) -> bool {
+    match &s.role {
+        Role::Conn {
+            h,
+            phase: Phase::Established,
+        } if s.fatal.is_none() && s.error.is_none() && !s.shut_wr => set.tcp(*h).is_none_or(|t| {
+            !t.may_send() || t.send_capacity() - t.send_queue() >= t.send_capacity() / 2
+        }),
+        _ => writable(s, set),
+    }
+}
+
 /// A closed connection still draining (FIN, TIME-WAIT) after its socket was
 /// closed; its port stays reserved until smoltcp lets go.
 struct Orphan {
@@ -597,7 +613,7 @@ fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
             s.fds.ready.clear();
         }
     }
-    if s.want_write && writable(s, set) {
+    if s.want_write && wake_writer(s, set) {
         s.want_write = false;
         s.fds.wake.set();
     }
