@@ -12,7 +12,7 @@
 //! `SMOL_BENCH_SECS` (ping-pong time, default 2).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::mpsc;

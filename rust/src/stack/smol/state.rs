@@ -17,7 +17,7 @@ use std::sync::Arc;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::{Duration as SmolDuration, Instant};
-use smoltcp::wire::IpListenEndpoint;
+use smoltcp::wire::{IpEndpoint, IpListenEndpoint, IpVersion};
 
 use super::device::TapDevice;
 use super::event::EventFd;
@@ -489,6 +489,22 @@ impl State {
             }
         }
         for h in born {
+            // A listener bound to the wildcard hears both families. An IPv4
+            // listener refuses IPv6 connections; an IPv6 one takes IPv4
+            // connections with v4-mapped addresses, as a dual-stack kernel
+            // socket does.
+            let v6_on_v4 = self
+                .sockets
+                .tcp(h)
+                .and_then(|t| t.remote_endpoint())
+                .is_some_and(|e| family == Family::V4 && e.addr.version() == IpVersion::Ipv6);
+            if v6_on_v4 {
+                if let Some(t) = self.sockets.tcp_mut(h) {
+                    t.abort();
+                }
+                self.orphans.push(Orphan { h, port: None });
+                continue;
+            }
             let Ok(fds) = SockFds::new() else {
                 // Out of fds: refuse the connection, as the kernel would.
                 if let Some(t) = self.sockets.tcp_mut(h) {
@@ -499,8 +515,14 @@ impl State {
             };
             let mut c = SockState::new(fds, family, opts);
             if let Some(t) = self.sockets.tcp(h) {
-                c.local = t.local_endpoint().map(SocketAddr::from);
-                c.peer = t.remote_endpoint().map(SocketAddr::from);
+                let as_family = |e: IpEndpoint| match (family, SocketAddr::from(e)) {
+                    (Family::V6, SocketAddr::V4(a)) => {
+                        SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())
+                    }
+                    (_, a) => a,
+                };
+                c.local = t.local_endpoint().map(as_family);
+                c.peer = t.remote_endpoint().map(as_family);
             }
             c.role = Role::Conn {
                 h,
