@@ -632,3 +632,89 @@ fn udp_with_a_kernel_peer() {
     assert_eq!(seen, 100);
     u.close().unwrap();
 }
+
+#[test]
+fn nonblocking_connect_refused_shows_in_so_error() {
+    let (stack, _dev) = setup("l", 11);
+    let s = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    s.set_timeout(Some(Duration::ZERO)).unwrap();
+    let e = s.connect(SocketAddr::new(v4(11, 1), 9)).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EINPROGRESS));
+    let t0 = Instant::now();
+    while !s.readiness().error {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(1));
+    }
+    let r = s.readiness();
+    assert!(r.readable && r.writable);
+    let err = s.get_option(libc::SOL_SOCKET, libc::SO_ERROR, 4).unwrap();
+    assert_eq!(err, libc::ECONNREFUSED.to_ne_bytes());
+    // Consumed: the next read says 0.
+    let err = s.get_option(libc::SOL_SOCKET, libc::SO_ERROR, 4).unwrap();
+    assert_eq!(err, 0i32.to_ne_bytes());
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+#[test]
+fn a_signal_interrupts_a_blocked_recv_with_eintr() {
+    let (stack, _dev) = setup("m", 12);
+    let (l, addr) = smol_listener(&stack, 12, 4);
+    let k = thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let (s, _) = l.accept().unwrap();
+    let _k = k.join().unwrap();
+    // A handler without SA_RESTART, as CPython installs them.
+    // SAFETY: the handler does nothing; sa is fully initialised.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    let s: Arc<Sock> = Arc::new(s);
+    let s2 = Arc::clone(&s);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let blocked = thread::spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
+        tx.send(unsafe { libc::pthread_self() }).unwrap();
+        let mut b = [0u8; 8];
+        s2.recv(&mut b, 0)
+    });
+    let tid = rx.recv().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    // SAFETY: tid is a live thread (it is blocked in recv).
+    unsafe { libc::pthread_kill(tid, libc::SIGUSR1) };
+    let e = blocked.join().unwrap().unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+}
+
+#[test]
+fn jumbo_mtu_with_a_kernel_peer() {
+    let dev = dev_name("n");
+    let mut opts = SmolOptions::new(&dev, vec![cidr("10.99.13.2/24")]);
+    opts.mtu = 9000;
+    let stack = SmolStack::new("jumbo", opts).unwrap();
+    ip(&["addr", "add", "10.99.13.1/24", "dev", &dev]);
+    let l = TcpListener::bind(SocketAddr::new(v4(13, 1), 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        recv_stream(|b| c.read(b))
+    });
+    let s = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    s.connect(addr).unwrap();
+    let sent = send_stream(|b| s.send_all(b, 0), 32 * MB, 21);
+    s.close().unwrap();
+    let got = server.join().unwrap();
+    assert_eq!((got.0, got.1), (sent.0, sent.1));
+    let c = stack.counters();
+    let frames = c
+        .iter()
+        .find(|(k, _)| *k == "packets_sent")
+        .map(|(_, v)| *v);
+    // Jumbo frames: far fewer than 32 MiB / 1460.
+    assert!(
+        frames.unwrap_or(u64::MAX) < (32 * MB / 4000) as u64,
+        "{c:?}"
+    );
+}
