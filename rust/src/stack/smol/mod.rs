@@ -20,9 +20,11 @@
 //!   retransmissions, keepalives and TIME-WAIT expiry run while the
 //!   application is idle; an application turn that moves the next deadline
 //!   earlier wakes it. The driver blocks every signal. Measured with
-//!   `benches/smol_tap.rs` in one run each: inline polling gives about 2x
-//!   the 1-byte ping-pong rate of driver-only polling (and 4x once readers
-//!   watch the TAP), and 1.1-1.8x the bulk rate, so it is the default
+//!   `benches/smol_tap.rs` (both modes in one run, 7 runs on a shared,
+//!   noisy 2-core machine): with readers watching the TAP, inline polling
+//!   had the higher 1-byte ping-pong rate in 5 of 6 runs (median about 26k
+//!   against 14k round trips/s) and the higher bulk send rate in 5 of 7, so
+//!   it is the default
 //!   (`SmolOptions::inline_poll`).
 //! * **Readiness** as in the FillP stack: each socket has a `ready` eventfd,
 //!   readable exactly while the socket is (data, EOF, error, pending
