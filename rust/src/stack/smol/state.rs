@@ -309,7 +309,8 @@ fn wake_writer(s: &SockState, set: &Sockets) -> bool {
             h,
             phase: Phase::Established,
         } if s.fatal.is_none() && s.error.is_none() && !s.shut_wr => set.tcp(*h).is_none_or(|t| {
-            !t.may_send() || t.send_capacity() - t.send_queue() >= t.send_capacity() / 2
+            !t.may_send()
+                || t.send_capacity().saturating_sub(t.send_queue()) >= t.send_capacity() / 2
         }),
         _ => writable(s, set),
     }

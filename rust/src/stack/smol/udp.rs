@@ -93,7 +93,7 @@ impl UdpSocket {
         if let Some(a) = &to {
             self.check_dest(a)?;
         }
-        let max = self.shared.opts.mtu as usize - header_len(self.family);
+        let max = (self.shared.opts.mtu as usize).saturating_sub(header_len(self.family));
         if buf.len() > max {
             return Err(errno(libc::EMSGSIZE));
         }
