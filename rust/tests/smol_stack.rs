@@ -718,3 +718,29 @@ fn jumbo_mtu_with_a_kernel_peer() {
         "{c:?}"
     );
 }
+
+#[test]
+fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
+    let (stack, _dev) = setup("o", 14);
+    let (l, addr) = smol_listener(&stack, 14, 2);
+    // Two fill the queue, two more wait in the pool's held-back handshakes.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                let t0 = Instant::now();
+                let c = TcpStream::connect_timeout(&addr, Duration::from_secs(10));
+                (c.map(|_| ()), t0.elapsed())
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let mut accepted = Vec::new();
+    l.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    for _ in 0..4 {
+        accepted.push(l.accept().unwrap());
+    }
+    for c in clients {
+        let (r, took) = c.join().unwrap();
+        assert!(r.is_ok(), "{r:?} after {took:?}");
+    }
+}

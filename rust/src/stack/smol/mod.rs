@@ -35,8 +35,13 @@
 //!   returns `EINTR`.
 //! * **Listen backlog.** smoltcp has none: one listening socket takes one
 //!   connection. A listener keeps a pool of `backlog` smoltcp sockets
-//!   listening on its port; each one that completes a handshake moves to the
-//!   accept queue and is replaced while the queue has room.
+//!   listening on its port, plus up to 64 more for a burst of SYNs; each
+//!   one that completes a handshake moves to the accept queue and is
+//!   replaced after the turn. Handshakes proceed while the queue has room
+//!   (up to `backlog`); beyond that the pool still takes SYNs but holds
+//!   their SYN-ACKs back (smoltcp's `pause_synack`), so clients retransmit
+//!   and wait, as with a full kernel queue, instead of being refused. Only
+//!   SYNs beyond the pool (one turn's burst larger than it) get an RST.
 //! * **Ports** ([`ports`]): smoltcp has no port table and `connect` needs an
 //!   explicit local port; dmm reserves ports per instance (`EADDRINUSE`) and
 //!   picks ephemeral ones.

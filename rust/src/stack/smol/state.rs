@@ -38,6 +38,10 @@ pub const ACK_DELAY: SmolDuration = SmolDuration::from_millis(10);
 /// Largest listen backlog (Linux' `SOMAXCONN`).
 pub const MAX_BACKLOG: i32 = 4096;
 
+/// Most sockets a listener keeps beyond its backlog for held-back
+/// handshakes (every pool socket costs a little on each poll).
+pub const BURST_EXTRA: usize = 64;
+
 /// Default idle time before keepalive probes (`TCP_KEEPIDLE`), as Linux.
 pub const KEEPIDLE_DEFAULT: u32 = 7200;
 
@@ -433,9 +437,10 @@ impl State {
     }
 
     /// Moves listener `id`'s established connections to its accept queue
-    /// and tops its pool of listening sockets up to the backlog while the
-    /// queue has room (a full queue leaves SYNs unanswered by a listener, so
-    /// smoltcp refuses them, where Linux would drop them).
+    /// and tops its pool of listening sockets up. While the queue is full,
+    /// the pool's sockets take SYNs but hold the SYN-ACK back, so clients
+    /// retransmit and wait as with a full kernel queue (only SYNs beyond the
+    /// pool are refused).
     pub fn refill(&mut self, id: u64) {
         let mut born = Vec::new();
         let opts;
@@ -481,12 +486,36 @@ impl State {
                     }
                 }
             }
-            while pool.len() < *backlog && queue.len() + born.len() < *backlog {
+            // The pool holds `backlog` sockets for the accept queue and as
+            // many again (at most BURST_EXTRA) for handshakes held back while
+            // it is full, as the kernel's SYN queue does.
+            let target = *backlog + (*backlog).min(BURST_EXTRA);
+            while pool.len() < target {
                 let mut t = opts.tcp_socket();
                 if t.listen(*endpoint).is_err() {
                     break;
                 }
                 pool.push(self.sockets.add_tcp(t));
+            }
+            // Handshakes go on (SYN-ACK) while the queue has room; the rest
+            // are held back (no SYN-ACK: the client retransmits and waits)
+            // instead of refused. Listening sockets answer at once while
+            // room is left.
+            let mut room = backlog.saturating_sub(queue.len() + born.len());
+            for &h in pool.iter() {
+                if let Some(t) = self.sockets.tcp_mut(h) {
+                    if t.state() == tcp::State::SynReceived {
+                        t.pause_synack(room == 0);
+                        room = room.saturating_sub(1);
+                    }
+                }
+            }
+            for &h in pool.iter() {
+                if let Some(t) = self.sockets.tcp_mut(h) {
+                    if t.state() == tcp::State::Listen {
+                        t.pause_synack(room == 0);
+                    }
+                }
             }
         }
         for h in born {

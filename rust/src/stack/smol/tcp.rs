@@ -169,7 +169,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn accept(&self) -> io::Result<(Box<dyn StackSocket>, SocketAddr)> {
-        let (id, fds, peer) = self.run(Wait::Read, false, |st, _| {
+        let (id, fds, peer) = self.run(Wait::Read, false, |st, changed| {
             let Some(s) = st.socks.get_mut(&self.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
@@ -183,6 +183,8 @@ impl StackSocket for TcpSocket {
                 return Try::Block;
             };
             st.refill(self.id);
+            // Room in the queue may release a held-back SYN-ACK.
+            *changed = true;
             match st.socks.get(&id) {
                 Some(c) => Try::Done(Ok((
                     id,
