@@ -744,3 +744,43 @@ fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
         assert!(r.is_ok(), "{r:?} after {took:?}");
     }
 }
+
+#[test]
+fn close_with_unread_data_resets_and_shutdown_read_gives_eof() {
+    let (stack, _dev) = setup("p", 15);
+    let (l, addr) = smol_listener(&stack, 15, 4);
+    let k = thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"unread").unwrap();
+        c
+    });
+    let (s, _) = l.accept().unwrap();
+    let mut kc = k.join().unwrap();
+    let t0 = Instant::now();
+    while !s.readiness().readable {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(1));
+    }
+    s.close().unwrap();
+    kc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 8];
+    let e = kc.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+
+    // SHUT_RD: recv returns 0 at once, sending still works.
+    let k = thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let (s, _) = l.accept().unwrap();
+    let mut kc = k.join().unwrap();
+    s.shutdown(Shutdown::Read).unwrap();
+    assert_eq!(s.recv(&mut b, 0).unwrap(), 0);
+    s.send_all(b"ok", 0).unwrap();
+    let mut two = [0u8; 2];
+    kc.read_exact(&mut two).unwrap();
+    assert_eq!(&two, b"ok");
+    // SHUT_WR: the peer sees EOF; send fails with EPIPE.
+    s.shutdown(Shutdown::Write).unwrap();
+    kc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(kc.read(&mut b).unwrap(), 0);
+    let e = s.send(b"x", 0).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EPIPE));
+}
