@@ -784,3 +784,49 @@ fn close_with_unread_data_resets_and_shutdown_read_gives_eof() {
     let e = s.send(b"x", 0).unwrap_err();
     assert_eq!(errno_of(&e), Some(libc::EPIPE));
 }
+
+#[test]
+fn wildcard_listeners_and_the_other_family() {
+    let dev = dev_name("q");
+    let opts = SmolOptions::new(&dev, vec![cidr("10.99.16.2/24"), cidr("fd00:99:16::2/64")]);
+    let stack = SmolStack::new("dual", opts).unwrap();
+    ip(&["addr", "add", "10.99.16.1/24", "dev", &dev]);
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:99:16::1/64",
+        "dev",
+        &dev,
+        "nodad",
+    ]);
+    // An IPv6 listener on "::" takes an IPv4 client with v4-mapped addresses.
+    let l6 = stack.socket(Family::V6, SockKind::Stream).unwrap();
+    l6.bind("[::]:7000".parse().unwrap()).unwrap();
+    l6.listen(4).unwrap();
+    let k = thread::spawn(|| TcpStream::connect("10.99.16.2:7000").unwrap());
+    l6.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (_s, peer) = l6.accept().unwrap();
+    let _k = k.join().unwrap();
+    assert_eq!(peer.ip(), "::ffff:10.99.16.1".parse::<IpAddr>().unwrap());
+    l6.close().unwrap();
+    // An IPv4 listener on 0.0.0.0 refuses an IPv6 client.
+    let l4 = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    l4.bind("0.0.0.0:7001".parse().unwrap()).unwrap();
+    l4.listen(4).unwrap();
+    let r = TcpStream::connect_timeout(
+        &"[fd00:99:16::2]:7001".parse().unwrap(),
+        Duration::from_secs(5),
+    );
+    let e = r.err().expect("refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    // An IPv6 client reaches an IPv6 listener.
+    let l6 = stack.socket(Family::V6, SockKind::Stream).unwrap();
+    l6.bind("[fd00:99:16::2]:7002".parse().unwrap()).unwrap();
+    l6.listen(4).unwrap();
+    let k = thread::spawn(|| TcpStream::connect("[fd00:99:16::2]:7002").unwrap());
+    l6.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (_s, peer) = l6.accept().unwrap();
+    let _k = k.join().unwrap();
+    assert_eq!(peer.ip(), "fd00:99:16::1".parse::<IpAddr>().unwrap());
+}

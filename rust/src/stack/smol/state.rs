@@ -501,19 +501,43 @@ impl State {
             // are held back (no SYN-ACK: the client retransmits and waits)
             // instead of refused. Listening sockets answer at once while
             // room is left.
+            //
+            // An IPv4 listener on the wildcard of an instance that also has
+            // IPv6 addresses must refuse IPv6 clients (smoltcp's wildcard
+            // takes both): its SYN-ACKs always wait for this screening, and
+            // an IPv6 handshake is reset before it ever completes.
+            let screen = family == Family::V4
+                && endpoint.addr.is_none()
+                && self
+                    .iface
+                    .ip_addrs()
+                    .iter()
+                    .any(|c| c.address().version() == IpVersion::Ipv6);
             let mut room = backlog.saturating_sub(queue.len() + born.len());
             for &h in pool.iter() {
-                if let Some(t) = self.sockets.tcp_mut(h) {
-                    if t.state() == tcp::State::SynReceived {
+                let Some(t) = self.sockets.tcp_mut(h) else {
+                    continue;
+                };
+                match t.state() {
+                    tcp::State::SynReceived
+                        if screen
+                            && t.remote_endpoint()
+                                .is_some_and(|e| e.addr.version() == IpVersion::Ipv6) =>
+                    {
+                        // RST now; the next refill listens again.
+                        t.abort();
+                    }
+                    tcp::State::SynReceived => {
                         t.pause_synack(room == 0);
                         room = room.saturating_sub(1);
                     }
+                    _ => {}
                 }
             }
             for &h in pool.iter() {
                 if let Some(t) = self.sockets.tcp_mut(h) {
                     if t.state() == tcp::State::Listen {
-                        t.pause_synack(room == 0);
+                        t.pause_synack(room == 0 || screen);
                     }
                 }
             }
