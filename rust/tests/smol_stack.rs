@@ -818,7 +818,7 @@ fn wildcard_listeners_and_the_other_family() {
         &"[fd00:99:16::2]:7001".parse().unwrap(),
         Duration::from_secs(5),
     );
-    let e = r.err().expect("refused");
+    let e = r.expect_err("refused");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     // An IPv6 client reaches an IPv6 listener.
     let l6 = stack.socket(Family::V6, SockKind::Stream).unwrap();
