@@ -231,9 +231,13 @@ fn thousand_concurrent_connections_to_one_listener() {
         }
         conns
     });
+    // A bounded wait: a client that failed must fail the test, not hang it.
+    l.set_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut accepted = Vec::with_capacity(N);
-    for _ in 0..N {
-        let (s, _) = l.accept().unwrap();
+    for i in 0..N {
+        let (s, _) = l
+            .accept()
+            .unwrap_or_else(|e| panic!("accept {i}: {e}; {:?}", stack.counters()));
         accepted.push(s);
     }
     for s in &accepted {
@@ -429,6 +433,7 @@ fn device_deleted_under_a_live_connection() {
     let k = thread::spawn(move || {
         let mut c = TcpStream::connect_timeout(&addr2, Duration::from_secs(5)).unwrap();
         c.write_all(b"again").unwrap();
+        c
     });
     let (s3, _) = l2.accept().unwrap();
     let mut b = [0u8; 5];
@@ -438,7 +443,18 @@ fn device_deleted_under_a_live_connection() {
         got += s3.recv(&mut b[got..], 0).unwrap();
     }
     assert_eq!(&b, b"again");
-    k.join().unwrap();
+    // Closing the old sockets must not touch the new connection (smoltcp
+    // reuses socket handles), and the old listener cannot listen again.
+    let e = l.listen(4).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::ENETDOWN));
+    l.close().unwrap();
+    drop(s);
+    s3.send_all(b"still here", 0).unwrap();
+    let mut kc = k.join().unwrap();
+    let mut kb = [0u8; 10];
+    kc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    kc.read_exact(&mut kb).unwrap();
+    assert_eq!(&kb, b"still here");
     // Stop: the driver is joined, old sockets fail, the device goes away.
     stack.stop();
     let e = s3.recv(&mut b, 0).unwrap_err();
@@ -561,4 +577,256 @@ fn smol_to_smol_over_a_bridge_v4_and_v6() {
         assert_eq!((got.0, got.1), (sent.0, sent.1));
         assert_eq!(u64::from_le_bytes(echo), sent.0);
     }
+}
+
+#[test]
+fn udp_with_a_kernel_peer() {
+    let (stack, _dev) = setup("k", 10);
+    let k = std::net::UdpSocket::bind(SocketAddr::new(v4(10, 1), 0)).unwrap();
+    k.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let kaddr = k.local_addr().unwrap();
+    let u = stack.socket(Family::V4, SockKind::Dgram).unwrap();
+    assert!(u.readiness().writable);
+    // send without a peer: EDESTADDRREQ; send_to binds implicitly.
+    let e = u.send(b"x", 0).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EDESTADDRREQ));
+    assert_eq!(u.send_to(b"ping", 0, kaddr).unwrap(), 4);
+    let mut b = [0u8; 64];
+    let (n, from) = k.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"ping");
+    assert_eq!(from.ip(), v4(10, 2));
+    assert_eq!(u.local_addr().unwrap().port(), from.port());
+    // Replies, one truncated.
+    k.send_to(b"pong", from).unwrap();
+    k.send_to(b"0123456789", from).unwrap();
+    u.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (n, src) = u.recv_from(&mut b, 0).unwrap();
+    assert_eq!((&b[..n], src), (&b"pong"[..], Some(kaddr)));
+    let mut small = [0u8; 4];
+    assert_eq!(u.recv(&mut small, 0).unwrap(), 4);
+    assert_eq!(&small, b"0123");
+    // Non-blocking: EAGAIN; too large: EMSGSIZE.
+    let e = u.recv(&mut b, libc::MSG_DONTWAIT).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EAGAIN));
+    let e = u.send_to(&vec![0u8; 2000], 0, kaddr).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EMSGSIZE));
+    // Connected: default peer, others dropped.
+    u.connect(kaddr).unwrap();
+    assert_eq!(u.peer_addr().unwrap(), kaddr);
+    let other = std::net::UdpSocket::bind(SocketAddr::new(v4(10, 1), 0)).unwrap();
+    other.send_to(b"noise", from).unwrap();
+    k.send_to(b"real", from).unwrap();
+    let n = u.recv(&mut b, 0).unwrap();
+    assert_eq!(&b[..n], b"real");
+    for i in 0..100u32 {
+        u.send(&i.to_le_bytes(), 0).unwrap();
+    }
+    let mut seen = 0;
+    while let Ok(n) = k.recv(&mut b) {
+        assert_eq!(n, 4);
+        seen += 1;
+        if seen == 100 {
+            break;
+        }
+    }
+    assert_eq!(seen, 100);
+    u.close().unwrap();
+}
+
+#[test]
+fn nonblocking_connect_refused_shows_in_so_error() {
+    let (stack, _dev) = setup("l", 11);
+    let s = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    s.set_timeout(Some(Duration::ZERO)).unwrap();
+    let e = s.connect(SocketAddr::new(v4(11, 1), 9)).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EINPROGRESS));
+    let t0 = Instant::now();
+    while !s.readiness().error {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(1));
+    }
+    let r = s.readiness();
+    assert!(r.readable && r.writable);
+    let err = s.get_option(libc::SOL_SOCKET, libc::SO_ERROR, 4).unwrap();
+    assert_eq!(err, libc::ECONNREFUSED.to_ne_bytes());
+    // Consumed: the next read says 0.
+    let err = s.get_option(libc::SOL_SOCKET, libc::SO_ERROR, 4).unwrap();
+    assert_eq!(err, 0i32.to_ne_bytes());
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+#[test]
+fn a_signal_interrupts_a_blocked_recv_with_eintr() {
+    let (stack, _dev) = setup("m", 12);
+    let (l, addr) = smol_listener(&stack, 12, 4);
+    let k = thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let (s, _) = l.accept().unwrap();
+    let _k = k.join().unwrap();
+    // A handler without SA_RESTART, as CPython installs them.
+    // SAFETY: the handler does nothing; sa is fully initialised.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    let s: Arc<Sock> = Arc::new(s);
+    let s2 = Arc::clone(&s);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let blocked = thread::spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
+        tx.send(unsafe { libc::pthread_self() }).unwrap();
+        let mut b = [0u8; 8];
+        s2.recv(&mut b, 0)
+    });
+    let tid = rx.recv().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    // SAFETY: tid is a live thread (it is blocked in recv).
+    unsafe { libc::pthread_kill(tid, libc::SIGUSR1) };
+    let e = blocked.join().unwrap().unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+}
+
+#[test]
+fn jumbo_mtu_with_a_kernel_peer() {
+    let dev = dev_name("n");
+    let mut opts = SmolOptions::new(&dev, vec![cidr("10.99.13.2/24")]);
+    opts.mtu = 9000;
+    let stack = SmolStack::new("jumbo", opts).unwrap();
+    ip(&["addr", "add", "10.99.13.1/24", "dev", &dev]);
+    let l = TcpListener::bind(SocketAddr::new(v4(13, 1), 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        recv_stream(|b| c.read(b))
+    });
+    let s = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    s.connect(addr).unwrap();
+    let sent = send_stream(|b| s.send_all(b, 0), 32 * MB, 21);
+    s.close().unwrap();
+    let got = server.join().unwrap();
+    assert_eq!((got.0, got.1), (sent.0, sent.1));
+    let c = stack.counters();
+    let frames = c
+        .iter()
+        .find(|(k, _)| *k == "packets_sent")
+        .map(|(_, v)| *v);
+    // Jumbo frames: far fewer than 32 MiB / 1460.
+    assert!(
+        frames.unwrap_or(u64::MAX) < (32 * MB / 4000) as u64,
+        "{c:?}"
+    );
+}
+
+#[test]
+fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
+    let (stack, _dev) = setup("o", 14);
+    let (l, addr) = smol_listener(&stack, 14, 2);
+    // Two fill the queue, two more wait in the pool's held-back handshakes.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                let t0 = Instant::now();
+                let c = TcpStream::connect_timeout(&addr, Duration::from_secs(10));
+                (c.map(|_| ()), t0.elapsed())
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let mut accepted = Vec::new();
+    l.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    for _ in 0..4 {
+        accepted.push(l.accept().unwrap());
+    }
+    for c in clients {
+        let (r, took) = c.join().unwrap();
+        assert!(r.is_ok(), "{r:?} after {took:?}");
+    }
+}
+
+#[test]
+fn close_with_unread_data_resets_and_shutdown_read_gives_eof() {
+    let (stack, _dev) = setup("p", 15);
+    let (l, addr) = smol_listener(&stack, 15, 4);
+    let k = thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"unread").unwrap();
+        c
+    });
+    let (s, _) = l.accept().unwrap();
+    let mut kc = k.join().unwrap();
+    let t0 = Instant::now();
+    while !s.readiness().readable {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(1));
+    }
+    s.close().unwrap();
+    kc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 8];
+    let e = kc.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+
+    // SHUT_RD: recv returns 0 at once, sending still works.
+    let k = thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let (s, _) = l.accept().unwrap();
+    let mut kc = k.join().unwrap();
+    s.shutdown(Shutdown::Read).unwrap();
+    assert_eq!(s.recv(&mut b, 0).unwrap(), 0);
+    s.send_all(b"ok", 0).unwrap();
+    let mut two = [0u8; 2];
+    kc.read_exact(&mut two).unwrap();
+    assert_eq!(&two, b"ok");
+    // SHUT_WR: the peer sees EOF; send fails with EPIPE.
+    s.shutdown(Shutdown::Write).unwrap();
+    kc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(kc.read(&mut b).unwrap(), 0);
+    let e = s.send(b"x", 0).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EPIPE));
+}
+
+#[test]
+fn wildcard_listeners_and_the_other_family() {
+    let dev = dev_name("q");
+    let opts = SmolOptions::new(&dev, vec![cidr("10.99.16.2/24"), cidr("fd00:99:16::2/64")]);
+    let stack = SmolStack::new("dual", opts).unwrap();
+    ip(&["addr", "add", "10.99.16.1/24", "dev", &dev]);
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:99:16::1/64",
+        "dev",
+        &dev,
+        "nodad",
+    ]);
+    // An IPv6 listener on "::" takes an IPv4 client with v4-mapped addresses.
+    let l6 = stack.socket(Family::V6, SockKind::Stream).unwrap();
+    l6.bind("[::]:7000".parse().unwrap()).unwrap();
+    l6.listen(4).unwrap();
+    let k = thread::spawn(|| TcpStream::connect("10.99.16.2:7000").unwrap());
+    l6.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (_s, peer) = l6.accept().unwrap();
+    let _k = k.join().unwrap();
+    assert_eq!(peer.ip(), "::ffff:10.99.16.1".parse::<IpAddr>().unwrap());
+    l6.close().unwrap();
+    // An IPv4 listener on 0.0.0.0 refuses an IPv6 client.
+    let l4 = stack.socket(Family::V4, SockKind::Stream).unwrap();
+    l4.bind("0.0.0.0:7001".parse().unwrap()).unwrap();
+    l4.listen(4).unwrap();
+    let r = TcpStream::connect_timeout(
+        &"[fd00:99:16::2]:7001".parse().unwrap(),
+        Duration::from_secs(5),
+    );
+    let e = r.expect_err("refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    // An IPv6 client reaches an IPv6 listener.
+    let l6 = stack.socket(Family::V6, SockKind::Stream).unwrap();
+    l6.bind("[fd00:99:16::2]:7002".parse().unwrap()).unwrap();
+    l6.listen(4).unwrap();
+    let k = thread::spawn(|| TcpStream::connect("[fd00:99:16::2]:7002").unwrap());
+    l6.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (_s, peer) = l6.accept().unwrap();
+    let _k = k.join().unwrap();
+    assert_eq!(peer.ip(), "fd00:99:16::1".parse::<IpAddr>().unwrap());
 }

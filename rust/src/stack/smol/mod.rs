@@ -11,22 +11,37 @@
 //! * **Who polls.** An application call that changes a connection (data
 //!   queued or read, connect, close, shutdown) runs a turn of
 //!   `Interface::poll` itself, under the lock, before it returns: the
-//!   segment leaves at once with no hop to another thread (ping-pong pays
-//!   one wake-up per direction, not two). The driver thread
+//!   segment leaves at once with no hop to another thread. A reader blocked
+//!   in `recv`/`accept` waits on the TAP fd as well as on its readiness
+//!   eventfd and runs the turn itself when a frame arrives, so a reply
+//!   reaches it without a hop through the driver either. The driver thread
 //!   ([`driver`]) does the rest: it waits in `ppoll` on the TAP fd and a wake
 //!   eventfd with smoltcp's `poll_at` as timeout, so delayed ACKs,
 //!   retransmissions, keepalives and TIME-WAIT expiry run while the
 //!   application is idle; an application turn that moves the next deadline
-//!   earlier wakes it. The driver blocks every signal.
+//!   earlier wakes it. The driver blocks every signal. Measured with
+//!   `benches/smol_tap.rs` (both modes in one run, 7 runs on a shared,
+//!   noisy 2-core machine): with readers watching the TAP, inline polling
+//!   had the higher 1-byte ping-pong rate in 5 of 6 runs (median about 26k
+//!   against 14k round trips/s) and the higher bulk send rate in 5 of 7, so
+//!   it is the default
+//!   (`SmolOptions::inline_poll`).
 //! * **Readiness** as in the FillP stack: each socket has a `ready` eventfd,
 //!   readable exactly while the socket is (data, EOF, error, pending
 //!   accept), and a `wake` eventfd set for writers blocked in `send` or
-//!   `connect`. Blocking calls wait on them with `poll(2)`, so a signal
+//!   `connect`, once half the send buffer is free (as the kernel does), so
+//!   a bulk sender wakes once per half buffer rather than once per ACK.
+//!   Blocking calls wait on them with `poll(2)`/`ppoll(2)`, so a signal
 //!   returns `EINTR`.
 //! * **Listen backlog.** smoltcp has none: one listening socket takes one
 //!   connection. A listener keeps a pool of `backlog` smoltcp sockets
-//!   listening on its port; each one that completes a handshake moves to the
-//!   accept queue and is replaced while the queue has room.
+//!   listening on its port, plus up to 64 more for a burst of SYNs; each
+//!   one that completes a handshake moves to the accept queue and is
+//!   replaced after the turn. Handshakes proceed while the queue has room
+//!   (up to `backlog`); beyond that the pool still takes SYNs but holds
+//!   their SYN-ACKs back (smoltcp's `pause_synack`), so clients retransmit
+//!   and wait, as with a full kernel queue, instead of being refused. Only
+//!   SYNs beyond the pool (one turn's burst larger than it) get an RST.
 //! * **Ports** ([`ports`]): smoltcp has no port table and `connect` needs an
 //!   explicit local port; dmm reserves ports per instance (`EADDRINUSE`) and
 //!   picks ephemeral ones.
@@ -72,9 +87,12 @@ mod device;
 mod driver;
 mod event;
 pub mod ports;
+#[macro_use]
+mod socket;
 mod state;
 pub mod tap;
 mod tcp;
+mod udp;
 
 use std::fmt::Write as _;
 use std::io;
@@ -121,6 +139,10 @@ pub struct SmolOptions {
     pub rx_buffer: usize,
     /// TCP send buffer per connection (bytes).
     pub tx_buffer: usize,
+    /// Whether application threads run a turn of `Interface::poll`
+    /// themselves after queuing data (default), or leave all polling to the
+    /// driver thread. Kept as an option so the benchmark can compare both.
+    pub inline_poll: bool,
 }
 
 impl SmolOptions {
@@ -134,6 +156,7 @@ impl SmolOptions {
             mac: None,
             rx_buffer: DEFAULT_BUFFER,
             tx_buffer: DEFAULT_BUFFER,
+            inline_poll: true,
         }
     }
 
@@ -280,6 +303,12 @@ impl Shared {
     /// wakes the driver if that moved smoltcp's next deadline before the
     /// driver's.
     fn poll_inline(&self, st: &mut State) {
+        if !self.opts.inline_poll {
+            if self.sleeping.load(Ordering::SeqCst) {
+                self.wake.set();
+            }
+            return;
+        }
         st.turn();
         if self.sleeping.load(Ordering::SeqCst) {
             let next = st.poll_at();
@@ -435,8 +464,8 @@ impl Stack for SmolStack {
         StackKind::Smoltcp
     }
 
-    fn supports(&self, family: Family, kind: SockKind) -> bool {
-        let _ = kind;
+    /// Streams and datagrams, in each family the instance has an address of.
+    fn supports(&self, family: Family, _kind: SockKind) -> bool {
         self.shared
             .opts
             .addresses
@@ -459,22 +488,16 @@ impl Stack for SmolStack {
         };
         let mut st = lock(&self.shared.state);
         st.check_up()?;
-        let id = st.insert(SockState::new(Arc::clone(&fds), family, opts));
+        let mut state = SockState::new(Arc::clone(&fds), family, opts);
+        state.dgram = kind == SockKind::Dgram;
+        let id = st.insert(state);
         drop(st);
         self.shared.sockets.fetch_add(1, Ordering::Relaxed);
-        match kind {
-            SockKind::Stream => Ok(Box::new(tcp::TcpSocket::new(
-                Arc::clone(&self.shared),
-                id,
-                fds,
-                family,
-            ))),
-            _ => {
-                let mut st = lock(&self.shared.state);
-                st.socks.remove(&id);
-                Err(errno(libc::EPROTONOSUPPORT))
-            }
-        }
+        let core = socket::SockCore::new(Arc::clone(&self.shared), id, fds, family);
+        Ok(match kind {
+            SockKind::Stream => Box::new(tcp::TcpSocket::new(core)),
+            SockKind::Dgram => Box::new(udp::UdpSocket::new(core)),
+        })
     }
 
     fn counters(&self) -> Counters {

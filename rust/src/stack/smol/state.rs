@@ -17,7 +17,7 @@ use std::sync::Arc;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::{Duration as SmolDuration, Instant};
-use smoltcp::wire::IpListenEndpoint;
+use smoltcp::wire::{IpEndpoint, IpListenEndpoint, IpVersion};
 
 use super::device::TapDevice;
 use super::event::EventFd;
@@ -37,6 +37,10 @@ pub const ACK_DELAY: SmolDuration = SmolDuration::from_millis(10);
 
 /// Largest listen backlog (Linux' `SOMAXCONN`).
 pub const MAX_BACKLOG: i32 = 4096;
+
+/// Most sockets a listener keeps beyond its backlog for held-back
+/// handshakes (every pool socket costs a little on each poll).
+pub const BURST_EXTRA: usize = 64;
 
 /// Default idle time before keepalive probes (`TCP_KEEPIDLE`), as Linux.
 pub const KEEPIDLE_DEFAULT: u32 = 7200;
@@ -233,6 +237,8 @@ pub struct SockState {
     pub port: Option<(Proto, u16)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// A datagram socket (a fresh one is writable).
+    pub dgram: bool,
 }
 
 impl SockState {
@@ -254,6 +260,7 @@ impl SockState {
             port: None,
             bytes_sent: 0,
             bytes_received: 0,
+            dgram: false,
         }
     }
 }
@@ -291,7 +298,25 @@ pub fn writable(s: &SockState, set: &Sockets) -> bool {
             (Some(t), Phase::Established) => s.shut_wr || t.can_send() || !t.may_send(),
         },
         Role::Udp { h } => set.udp(*h).is_none_or(|u| u.can_send()),
+        Role::Fresh => s.dgram,
         _ => false,
+    }
+}
+
+/// Whether a writer blocked on `s` should wake: like [`writable`], but a
+/// connection must have half its send buffer free (as the kernel's
+/// `sk_stream_wspace` rule), so a bulk sender wakes once per half buffer,
+/// not once per ACK.
+fn wake_writer(s: &SockState, set: &Sockets) -> bool {
+    match &s.role {
+        Role::Conn {
+            h,
+            phase: Phase::Established,
+        } if s.fatal.is_none() && s.error.is_none() && !s.shut_wr => set.tcp(*h).is_none_or(|t| {
+            !t.may_send()
+                || t.send_capacity().saturating_sub(t.send_queue()) >= t.send_capacity() / 2
+        }),
+        _ => writable(s, set),
     }
 }
 
@@ -412,9 +437,10 @@ impl State {
     }
 
     /// Moves listener `id`'s established connections to its accept queue
-    /// and tops its pool of listening sockets up to the backlog while the
-    /// queue has room (a full queue leaves SYNs unanswered by a listener, so
-    /// smoltcp refuses them, where Linux would drop them).
+    /// and tops its pool of listening sockets up. While the queue is full,
+    /// the pool's sockets take SYNs but hold the SYN-ACK back, so clients
+    /// retransmit and wait as with a full kernel queue (only SYNs beyond the
+    /// pool are refused).
     pub fn refill(&mut self, id: u64) {
         let mut born = Vec::new();
         let opts;
@@ -460,15 +486,79 @@ impl State {
                     }
                 }
             }
-            while pool.len() < *backlog && queue.len() + born.len() < *backlog {
+            // The pool holds `backlog` sockets for the accept queue and as
+            // many again (at most BURST_EXTRA) for handshakes held back while
+            // it is full, as the kernel's SYN queue does.
+            let target = *backlog + (*backlog).min(BURST_EXTRA);
+            while pool.len() < target {
                 let mut t = opts.tcp_socket();
                 if t.listen(*endpoint).is_err() {
                     break;
                 }
                 pool.push(self.sockets.add_tcp(t));
             }
+            // Handshakes go on (SYN-ACK) while the queue has room; the rest
+            // are held back (no SYN-ACK: the client retransmits and waits)
+            // instead of refused. Listening sockets answer at once while
+            // room is left.
+            //
+            // An IPv4 listener on the wildcard of an instance that also has
+            // IPv6 addresses must refuse IPv6 clients (smoltcp's wildcard
+            // takes both): its SYN-ACKs always wait for this screening, and
+            // an IPv6 handshake is reset before it ever completes.
+            let screen = family == Family::V4
+                && endpoint.addr.is_none()
+                && self
+                    .iface
+                    .ip_addrs()
+                    .iter()
+                    .any(|c| c.address().version() == IpVersion::Ipv6);
+            let mut room = backlog.saturating_sub(queue.len() + born.len());
+            for &h in pool.iter() {
+                let Some(t) = self.sockets.tcp_mut(h) else {
+                    continue;
+                };
+                match t.state() {
+                    tcp::State::SynReceived
+                        if screen
+                            && t.remote_endpoint()
+                                .is_some_and(|e| e.addr.version() == IpVersion::Ipv6) =>
+                    {
+                        // RST now; the next refill listens again.
+                        t.abort();
+                    }
+                    tcp::State::SynReceived => {
+                        t.pause_synack(room == 0);
+                        room = room.saturating_sub(1);
+                    }
+                    _ => {}
+                }
+            }
+            for &h in pool.iter() {
+                if let Some(t) = self.sockets.tcp_mut(h) {
+                    if t.state() == tcp::State::Listen {
+                        t.pause_synack(room == 0 || screen);
+                    }
+                }
+            }
         }
         for h in born {
+            // A listener bound to the wildcard hears both families. An IPv4
+            // listener refuses IPv6 connections; an IPv6 one takes IPv4
+            // connections with v4-mapped addresses, as a dual-stack kernel
+            // socket does.
+            let v6_on_v4 = self
+                .sockets
+                .tcp(h)
+                .and_then(|t| t.remote_endpoint())
+                .is_some_and(|e| family == Family::V4 && e.addr.version() == IpVersion::Ipv6);
+            if v6_on_v4 {
+                if let Some(t) = self.sockets.tcp_mut(h) {
+                    t.abort();
+                }
+                self.orphans.push(Orphan { h, port: None });
+                continue;
+            }
             let Ok(fds) = SockFds::new() else {
                 // Out of fds: refuse the connection, as the kernel would.
                 if let Some(t) = self.sockets.tcp_mut(h) {
@@ -479,8 +569,14 @@ impl State {
             };
             let mut c = SockState::new(fds, family, opts);
             if let Some(t) = self.sockets.tcp(h) {
-                c.local = t.local_endpoint().map(SocketAddr::from);
-                c.peer = t.remote_endpoint().map(SocketAddr::from);
+                let as_family = |e: IpEndpoint| match (family, SocketAddr::from(e)) {
+                    (Family::V6, SocketAddr::V4(a)) => {
+                        SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())
+                    }
+                    (_, a) => a,
+                };
+                c.local = t.local_endpoint().map(as_family);
+                c.peer = t.remote_endpoint().map(as_family);
             }
             c.role = Role::Conn {
                 h,
@@ -531,6 +627,10 @@ impl State {
         }
         for s in self.socks.values_mut() {
             s.fatal = Some(err);
+            // Forget the handles: smoltcp reuses handle numbers, and a
+            // socket made after a restart must never be reached through an
+            // old one. `fatal` answers every call from now on.
+            s.role = Role::Fresh;
             if !s.ready {
                 s.ready = true;
                 s.fds.ready.set();
@@ -589,7 +689,7 @@ fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
             s.fds.ready.clear();
         }
     }
-    if s.want_write && writable(s, set) {
+    if s.want_write && wake_writer(s, set) {
         s.want_write = false;
         s.fds.wake.set();
     }

@@ -4,9 +4,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,44 +15,10 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::ports::Proto;
-use super::state::{
-    readable, writable, Phase, Role, SockFds, SockState, State, MAX_BACKLOG, SYN_TIMEOUT,
-};
-use super::{lock, Shared, MAX_BUFFER, MIN_BUFFER};
-use crate::stack::{errno, timed_out, Counters, Family, Readiness, StackSocket, TimeoutCell};
-use crate::sys;
-
-/// What a blocked operation waits for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wait {
-    /// The `ready` eventfd (level: the socket is readable).
-    Read,
-    /// The `wake` eventfd (set when a waiting writer may go on).
-    Write,
-}
-
-/// The outcome of one attempt of an operation.
-enum Try<T> {
-    Done(io::Result<T>),
-    Block,
-}
-
-/// The unspecified address of a family, port 0.
-pub(super) fn unspecified(family: Family) -> SocketAddr {
-    match family {
-        Family::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        Family::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-    }
-}
-
-/// An `int` option value (`EINVAL` if too short).
-fn int_value(value: &[u8]) -> io::Result<i32> {
-    let b: [u8; 4] = value
-        .get(..4)
-        .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| errno(libc::EINVAL))?;
-    Ok(i32::from_ne_bytes(b))
-}
+use super::socket::{int_option, int_value, unspecified, SockCore, Try, Wait};
+use super::state::{Phase, Role, SockState, State, MAX_BACKLOG, SYN_TIMEOUT};
+use super::{lock, MAX_BUFFER, MIN_BUFFER};
+use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 
 /// The common start of `send` and `recv`: a pending error, then `shut`
 /// (the result for a shut-down direction), then the connection's handle,
@@ -77,99 +43,16 @@ fn established<T>(s: &mut SockState, shut: Option<io::Result<T>>) -> Result<Sock
     }
 }
 
-/// One TCP socket on a smoltcp instance.
-pub struct TcpSocket {
-    shared: Arc<Shared>,
-    id: u64,
-    fds: Arc<SockFds>,
-    family: Family,
-    timeout: TimeoutCell,
-    closed: AtomicBool,
-}
+core_socket!(
+    /// One TCP socket on a smoltcp instance.
+    TcpSocket
+);
 
 impl TcpSocket {
-    pub(super) fn new(shared: Arc<Shared>, id: u64, fds: Arc<SockFds>, family: Family) -> Self {
-        TcpSocket {
-            shared,
-            id,
-            fds,
-            family,
-            timeout: TimeoutCell::new(),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    fn check_open(&self) -> io::Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(errno(libc::EBADF));
-        }
-        Ok(())
-    }
-
-    /// Runs `op` under the lock until it is done, waiting on `wait` between
-    /// attempts as the timeout mode says (`nonblock` forces non-blocking).
-    /// `op` sets its flag when it changed the connection: a turn then runs
-    /// at once in this thread.
-    fn run<T>(
-        &self,
-        wait: Wait,
-        nonblock: bool,
-        mut op: impl FnMut(&mut State, &mut bool) -> Try<T>,
-    ) -> io::Result<T> {
-        self.check_open()?;
-        let timeout = if nonblock {
-            Some(Duration::ZERO)
-        } else {
-            self.timeout.get()
-        };
-        let deadline = sys::deadline(timeout);
-        loop {
-            {
-                let mut st = lock(&self.shared.state);
-                let mut changed = false;
-                let r = op(&mut st, &mut changed);
-                if changed {
-                    self.shared.poll_inline(&mut st);
-                }
-                st.sync(self.id);
-                if let Try::Done(r) = r {
-                    return r;
-                }
-                if wait == Wait::Write {
-                    let st = &mut *st;
-                    if let Some(s) = st.socks.get_mut(&self.id) {
-                        // Writable already (the turn above freed room):
-                        // nobody would set `wake`, so try again now.
-                        if writable(s, &st.sockets) {
-                            continue;
-                        }
-                        s.want_write = true;
-                    }
-                    self.fds.wake.clear();
-                }
-            }
-            if timeout.is_some_and(|t| t.is_zero()) {
-                return Err(errno(libc::EAGAIN));
-            }
-            let fd = match wait {
-                Wait::Read => self.fds.ready.as_raw_fd(),
-                Wait::Write => self.fds.wake.as_raw_fd(),
-            };
-            if sys::poll_until(fd, libc::POLLIN, deadline)? == 0 {
-                return Err(timed_out());
-            }
-            self.check_open()?;
-        }
-    }
-
     /// Reserves a local port for this socket: `addr`'s (0: ephemeral).
     fn bind_locked(&self, st: &mut State, addr: SocketAddr) -> io::Result<()> {
-        st.check_up()?;
+        let s = self.bindable(st, addr)?;
         let ip = addr.ip();
-        if !ip.is_unspecified() && !st.iface.has_ip_addr(IpAddress::from(ip)) {
-            return Err(errno(libc::EADDRNOTAVAIL));
-        }
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
         if !matches!(s.role, Role::Fresh) || s.port.is_some() {
             return Err(errno(libc::EINVAL));
         }
@@ -247,21 +130,8 @@ impl TcpSocket {
     }
 }
 
-impl Drop for TcpSocket {
-    fn drop(&mut self) {
-        let _ = self.close();
-    }
-}
-
 impl StackSocket for TcpSocket {
-    fn bind(&self, addr: SocketAddr) -> io::Result<()> {
-        self.check_open()?;
-        if Family::of(&addr) != self.family {
-            return Err(errno(libc::EAFNOSUPPORT));
-        }
-        let mut st = lock(&self.shared.state);
-        self.bind_locked(&mut st, addr)
-    }
+    socket_common!();
 
     fn listen(&self, backlog: i32) -> io::Result<()> {
         self.check_open()?;
@@ -299,7 +169,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn accept(&self) -> io::Result<(Box<dyn StackSocket>, SocketAddr)> {
-        let (id, fds, peer) = self.run(Wait::Read, false, |st, _| {
+        let (id, fds, peer) = self.run(Wait::Read, false, |st, changed| {
             let Some(s) = st.socks.get_mut(&self.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
@@ -313,6 +183,8 @@ impl StackSocket for TcpSocket {
                 return Try::Block;
             };
             st.refill(self.id);
+            // Room in the queue may release a held-back SYN-ACK.
+            *changed = true;
             match st.socks.get(&id) {
                 Some(c) => Try::Done(Ok((
                     id,
@@ -323,7 +195,12 @@ impl StackSocket for TcpSocket {
             }
         })?;
         self.shared.sockets.fetch_add(1, Ordering::Relaxed);
-        let sock = TcpSocket::new(Arc::clone(&self.shared), id, fds, self.family);
+        let sock = TcpSocket::new(SockCore::new(
+            Arc::clone(&self.shared),
+            id,
+            fds,
+            self.family,
+        ));
         Ok((Box::new(sock), peer))
     }
 
@@ -494,7 +371,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn close(&self) -> io::Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.mark_closed() {
             return Ok(());
         }
         let mut st = lock(&self.shared.state);
@@ -539,21 +416,9 @@ impl StackSocket for TcpSocket {
                 }
             }
         }
-        // Wake any thread blocked on this socket so it sees EBADF.
-        self.fds.ready.set();
-        self.fds.wake.set();
+        self.wake_all();
         self.shared.poll_inline(st);
         Ok(())
-    }
-
-    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.check_open()?;
-        self.timeout.set(timeout);
-        Ok(())
-    }
-
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout.get()
     }
 
     fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
@@ -617,16 +482,7 @@ impl StackSocket for TcpSocket {
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle as i32,
             _ => return Err(errno(libc::ENOPROTOOPT)),
         };
-        let mut out = v.to_ne_bytes().to_vec();
-        out.truncate(len);
-        Ok(out)
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.check_open()?;
-        let st = lock(&self.shared.state);
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
-        Ok(s.local.unwrap_or_else(|| unspecified(self.family)))
+        Ok(int_option(v, len))
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -642,25 +498,6 @@ impl StackSocket for TcpSocket {
                 Some(p),
             ) => Ok(p),
             _ => Err(errno(libc::ENOTCONN)),
-        }
-    }
-
-    fn poll_fd(&self) -> RawFd {
-        self.fds.ready.as_raw_fd()
-    }
-
-    fn readiness(&self) -> Readiness {
-        if self.check_open().is_err() {
-            return Readiness::default();
-        }
-        let st = lock(&self.shared.state);
-        let Some(s) = st.socks.get(&self.id) else {
-            return Readiness::default();
-        };
-        Readiness {
-            readable: readable(s, &st.sockets),
-            writable: writable(s, &st.sockets),
-            error: s.error.is_some() || s.fatal.is_some(),
         }
     }
 
