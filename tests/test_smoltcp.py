@@ -461,3 +461,27 @@ def test_link_down_for_a_while_loses_frames_not_the_connection(lan):
     finally:
         server.kill()
         server.wait()
+
+
+def test_sendall_timeout_covers_the_whole_call(lan):
+    trickle = lan.popen(r"""
+import socket, sys, time
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+while conn.recv(65536):
+    time.sleep(0.02)
+""", lan.address)
+    try:
+        port = int(trickle.stdout.readline())
+        c = dsocket.create_connection((lan.address, port), timeout=10)
+        with c:
+            c.settimeout(0.5)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                c.sendall(b"x" * (64 << 20))  # ~20 s of trickle
+            assert time.monotonic() - started < 10
+    finally:
+        trickle.kill()
+        trickle.wait()

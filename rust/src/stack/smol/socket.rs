@@ -159,6 +159,19 @@ impl SockCore {
         &self,
         wait: Wait,
         nonblock: bool,
+        op: impl FnMut(&mut State, &mut bool) -> Try<T>,
+    ) -> io::Result<T> {
+        self.run_until(wait, nonblock, None, op)
+    }
+
+    /// [`Self::run`], with `until` (when given, and the socket has a
+    /// timeout) as the deadline instead of one timeout from now: `sendall`
+    /// spreads one timeout over all its sends.
+    pub(super) fn run_until<T>(
+        &self,
+        wait: Wait,
+        nonblock: bool,
+        until: Option<std::time::Instant>,
         mut op: impl FnMut(&mut State, &mut bool) -> Try<T>,
     ) -> io::Result<T> {
         self.check_open()?;
@@ -167,7 +180,10 @@ impl SockCore {
         } else {
             self.timeout.get()
         };
-        let deadline = sys::deadline(timeout);
+        let deadline = match (timeout, until) {
+            (Some(t), Some(u)) if !t.is_zero() => Some(u),
+            _ => sys::deadline(timeout),
+        };
         // The TAP fd, while a reader also watches it (see below).
         let mut tap: Option<RawFd> = None;
         let mut tap_ready = false;

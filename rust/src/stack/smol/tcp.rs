@@ -245,8 +245,17 @@ impl StackSocket for TcpSocket {
     }
 
     fn send(&self, buf: &[u8], flags: i32) -> io::Result<usize> {
+        self.send_until(buf, flags, None)
+    }
+
+    fn send_until(
+        &self,
+        buf: &[u8],
+        flags: i32,
+        deadline: Option<std::time::Instant>,
+    ) -> io::Result<usize> {
         let nonblock = flags & libc::MSG_DONTWAIT != 0;
-        self.run(Wait::Write, nonblock, |st, changed| {
+        self.run_until(Wait::Write, nonblock, deadline, |st, changed| {
             let st = &mut *st;
             let Some(s) = st.socks.get_mut(&self.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
