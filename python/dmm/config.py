@@ -375,8 +375,8 @@ class _Validator:
                                  f"expected at most one gateway address per family the instance has an address in, got {raw.get('gateway')!r}")
             seen.add(version)
         mtu = raw.get("mtu", 1500)
-        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 1280 <= mtu <= 65535:
-            raise self.error(line("mtu"), f"{where}.mtu", f"expected an integer from 1280 (IPv6 needs it) to 65535, got {mtu!r}")
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 1280 <= mtu <= 65521:
+            raise self.error(line("mtu"), f"{where}.mtu", f"expected an integer from 1280 (IPv6 needs it) to 65521 (the TAP maximum), got {mtu!r}")
         mac = raw.get("mac", "")
         if not isinstance(mac, str) or (mac and not re.fullmatch(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", mac)):
             raise self.error(line("mac"), f"{where}.mac", f"expected a MAC address like \"02:00:00:00:00:01\", got {mac!r}")

@@ -21,8 +21,9 @@ use crate::sys::{cvt, cvt_size};
 /// Longest interface name the kernel takes (`IFNAMSIZ` minus the NUL).
 const NAME_MAX: usize = libc::IFNAMSIZ - 1;
 
-/// Largest MTU a TAP device accepts (`ETH_MAX_MTU`).
-pub const MTU_MAX: u32 = 65535;
+/// Largest MTU a TAP device accepts (`ETH_MAX_MTU` less the headers the tun
+/// driver reserves: 65535 is refused with EINVAL, 65521 is taken).
+pub const MTU_MAX: u32 = 65521;
 
 /// Smallest MTU that carries IPv4 (68) and IPv6 (1280) packets. IPv6 needs
 /// 1280; we ask for that much so both families always work.
