@@ -6,6 +6,7 @@ what the lab does can be repeated by hand. Errors carry ip's own message.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ __all__ = [
     "LabError",
     "add_netns",
     "delete_netns",
+    "device_drops",
     "exec_argv",
     "ip",
     "kill_netns_pids",
@@ -76,6 +78,17 @@ def mac_address(netns: str, dev: str) -> str:
     if len(fields) < 3:
         raise LabError(f"no MAC address for {dev} in {netns}")
     return fields[2]
+
+
+def device_drops(netns: str, dev: str) -> int:
+    """Frames dropped at ``dev`` in ``netns``: rx + tx drops plus its qdisc's."""
+    link = json.loads(ip("-s", "-j", "link", "show", "dev", dev, netns=netns))[0]["stats64"]
+    total = link["rx"]["dropped"] + link["tx"]["dropped"]
+    argv = ["tc", "-n", netns, "-s", "-j", "qdisc", "show", "dev", dev]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode == 0 and done.stdout.strip():
+        total += sum(q.get("drops", 0) for q in json.loads(done.stdout))
+    return total
 
 
 def kill_netns_pids(netns: str, grace: float = 2.0) -> None:
