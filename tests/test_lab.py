@@ -275,3 +275,21 @@ def test_ipv6_across_the_link():
         rtts = udp_ping(lab, "client", count=50, family=6)
     assert len(rtts) == 50
     assert 10 <= statistics.median(rtts) < 12
+
+
+@needs_root
+def test_server_address_per_link_and_device_drops():
+    with Lab("filesync") as lab:
+        assert [lab.server_address(c) for c in lab.links] == ["10.201.1.1", "10.201.2.1", "10.201.3.1"]
+        assert lab.server_address("internet", 6) == "fd00:201::1:1"
+        with pytest.raises(KeyError):
+            lab.server_address("server")
+        lab.popen("server", [sys.executable, "-c", ECHO_SERVER])
+        time.sleep(0.3)
+        # The internet client reaches the server's address on its link through that link.
+        out = lab.exec("internet", [sys.executable, "-c", UDP_PING, "10.201.1.1", "20", "0.005"],
+                       capture_output=True, text=True, check=True, timeout=60)
+        drops = lab.device_drops()
+    assert 80 <= statistics.median(json.loads(out.stdout)) < 83
+    assert set(drops) == {"internet", "inter-dc", "intra-dc"}
+    assert all(set(d) == {"client", "server"} and min(d.values()) >= 0 for d in drops.values())
