@@ -109,7 +109,11 @@ def receiver(contender: str, host: str, port: int, cap: float, epoch: float) -> 
     srv.listen(4)
     print("ready", flush=True)
     srv.settimeout(60)
-    conn, _ = srv.accept()
+    try:
+        conn, _ = srv.accept()
+    except TimeoutError:
+        print(json.dumps({"error": "no connection within 60 s"}), flush=True)
+        return
     t0 = time.monotonic()
     wall0 = time.time()
     deadline = t0 + cap
@@ -265,7 +269,7 @@ class Runner:
         self.port += 1
         port = self.port
         proc = self.lab.popen("server", self._script("--recv", contender, self.lab.address("server"), port, cap, epoch),
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready, _, _ = select.select([proc.stdout], [], [], 30)
         if not ready or proc.stdout.readline().strip() != "ready":
             proc.kill()
@@ -280,19 +284,21 @@ class Runner:
     def finish(self, contender: str, recv, send, cap: float) -> dict:  # noqa: ANN001
         """Waits for both ends; the receiver's JSON line is the result."""
         try:
-            out, _ = recv.communicate(timeout=cap + 60)
+            out, rerr = recv.communicate(timeout=cap + 90)
         except subprocess.TimeoutExpired:
             recv.kill()
-            out, _ = recv.communicate()
+            out, rerr = recv.communicate()
         try:
             _, err = send.communicate(timeout=5)
         except subprocess.TimeoutExpired:
             send.kill()  # its data has arrived (or the cap passed): nothing left to wait for
             _, err = send.communicate()
         lines = [line for line in (out or "").splitlines() if line.startswith("{")]
-        if not lines:
-            return {"error": f"{contender}: no result from the receiver; sender said: {(err or '').strip()[-500:]}"}
-        result = json.loads(lines[-1])
+        result = json.loads(lines[-1]) if lines else {"error": "no result from the receiver"}
+        if "error" in result:
+            result["error"] += (f"; receiver stderr: {(rerr or '').strip()[-300:]!r}; "
+                                f"sender stderr: {(err or '').strip()[-500:]!r}")
+            return result
         if send.returncode not in (0, -9) and err and err.strip():
             result["sender_error"] = err.strip()[-500:]
         return result
@@ -504,10 +510,12 @@ def plot(cells: list[Cell], contenders: list[str], path: Path) -> str | None:
             ax.plot(xs, ys, marker="o", label=LABELS[con])
         ax.plot(xs, [c.ideal_mbit for c in row], "k--", linewidth=0.8, label="link x (1 - loss)")
         ax.set_xticks(xs, [f"{c.loss_pct:g}" for c in row])
+        # Log scale: the contenders differ by orders of magnitude under loss.
+        ax.set_yscale("log")
         ax.set_title(f"RTT {rtt:g} ms, 100 Mbit/s")
         ax.set_xlabel("loss % (each way)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("goodput, Mbit/s")
+    axes[0][0].set_ylabel("goodput, Mbit/s (log scale)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -549,6 +557,7 @@ def main() -> int:
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {','.join(CONTENDERS)}")
     p.add_argument("--fairness-seconds", type=float, help="length of each fairness run (0: skip; default 30)")
     p.add_argument("--out", type=Path, help="directory for the results (default benches/results)")
+    p.add_argument("--note", default="", help="a remark on the conditions of the run, printed with the results")
     p.add_argument("--recv", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--send", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -596,8 +605,8 @@ def main() -> int:
 
     note = (f"Run {started}, {_hms(time.monotonic() - t0)} in all; dmm {dmm.__version__}, Python "
             f"{platform.python_version()}, kernel {platform.release()}, {os.cpu_count()} CPUs shared with other "
-            f"work (load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end; on this machine two "
-            "other sessions were compiling Rust at the same time). The link emulator's relay threads run under "
+            f"work (load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end{args.note and '; '}"
+            f"{args.note}). The link emulator's relay threads run under "
             "SCHED_FIFO. Link: delay RTT/2 each way, loss on both directions, drop-tail queue of 1 x BDP but at "
             f"least {MIN_QUEUE_FRAMES} frames of {FRAME} B; the rate counts Ethernet frames, so application "
             "goodput tops out near 95% of the link (TCP: 1448 of 1514 B; FillP: 1374 of 1442 B). Transfers go "
