@@ -164,12 +164,11 @@ def sender(contender: str, host: str, port: int, size: int, cap: float) -> None:
     sent = 0
     try:
         while sent < size and time.monotonic() < deadline:
-            n = min(CHUNK, size - sent)
+            # send(), not sendall(): after a timeout it is known what went out.
             try:
-                s.sendall(block[:n])
+                sent += s.send(block[:min(CHUNK, size - sent)])
             except TimeoutError:
-                continue  # sendall may have sent part: only the cap matters now
-            sent += n
+                continue
         s.shutdown(sk.SHUT_WR)
         s.settimeout(max(1.0, deadline - time.monotonic() + 10))
         while s.recv(1024):
@@ -190,7 +189,6 @@ class Cell:
     rtt_ms: float
     loss_pct: float
     results: dict = field(default_factory=dict)
-    linkem: dict = field(default_factory=dict)
 
     @property
     def queue_bytes(self) -> int:
@@ -231,7 +229,8 @@ class Progress:
         self.start = time.monotonic()
         self.tty = sys.stderr.isatty()
 
-    def show(self, text: str) -> None:
+    def show(self, text: str, keep: bool = False) -> None:
+        """Replaces the status line (on a terminal); ``keep`` leaves it in place."""
         elapsed = time.monotonic() - self.start
         left = self.total - self.done
         # Before the first transfer ends, assume each takes half the cap.
@@ -239,7 +238,7 @@ class Progress:
         line = (f"[{self.done}/{self.total} transfers] {text} | elapsed {_hms(elapsed)} | "
                 f"ETA {_hms(per * left)}")
         if self.tty:
-            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.write("\r\033[K" + line + ("\n" if keep else ""))
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
@@ -345,6 +344,8 @@ def run_grid(lab, cells: list[Cell], contenders: list[str], args, progress: Prog
             res["linkem"] = snap
             cell.results[c] = res
             progress.done += 1
+            progress.show(f"cell {i + 1}/{len(cells)} ({cell.label}) | {LABELS[c]}: "
+                          f"{fmt_result(res, args.max_seconds)}", keep=True)
 
 
 def run_fairness(lab, pairs, seconds: float, warmup: float, progress: Progress) -> list[dict]:  # noqa: ANN001
@@ -357,6 +358,7 @@ def run_fairness(lab, pairs, seconds: float, warmup: float, progress: Progress) 
     out = []
     for a, b in pairs:
         progress.show(f"fairness ({cell.label}) | {LABELS[a]} vs {LABELS[b]}")
+        base_drops = sum(lab.device_drops()["client"].values())
         lab.reset_stats()
         epoch = time.time()
         ends = [runner.start_receiver(c, cap, epoch) for c in (a, b)]
@@ -373,8 +375,9 @@ def run_fairness(lab, pairs, seconds: float, warmup: float, progress: Progress) 
                           "error": r.get("error") or r.get("sender_error")})
         x = [f["goodput_mbit"] for f in flows]
         jain = sum(x) ** 2 / (len(x) * sum(v * v for v in x)) if any(x) else 0.0
-        out.append({"pair": [a, b], "flows": flows, "jain": jain, "window_s": len(window),
-                    "linkem": linkem_snapshot(lab)})
+        snap = linkem_snapshot(lab)
+        snap["device_drops"] -= base_drops  # the device counters never reset
+        out.append({"pair": [a, b], "flows": flows, "jain": jain, "window_s": len(window), "linkem": snap})
         progress.done += 1
     return out
 
