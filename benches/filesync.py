@@ -6,7 +6,11 @@ Runs :func:`dmm.usecases.filesync_lab.run` (one server, clients on the
 downloads it back, sha256 checked) and writes
 ``benches/results/filesync.md`` and ``filesync.json``. Needs root.
 
-    python benches/filesync.py [--size 32MB] [--rate-control bbr] [--rounds 1]
+``--tcp-cc default,cubic`` repeats the run with kernel TCP on CUBIC (set per
+route in every namespace: the namespaces inherit the host's default, BBR
+here, and refuse a new default of cubic).
+
+    python benches/filesync.py [--size 32MB] [--rate-control bbr] [--rounds 1] [--tcp-cc default,cubic]
 """
 
 from __future__ import annotations
@@ -32,11 +36,43 @@ def parse_mb(text: str) -> int:
     return int(float(t) * 1e6)
 
 
+def table(rounds: list[dict]) -> list[str]:
+    """The side-by-side table of one congestion control's rounds (medians)."""
+    runs: dict = {}
+    for res in rounds:
+        for run in res["runs"]:
+            runs.setdefault((run.client, run.mode), []).append(run)
+
+    def med(client: str, mode: str, op: str) -> float | None:
+        vals = [getattr(run, op).get("seconds") for run in runs[(client, mode)]]
+        return None if any(v is None for v in vals) else statistics.median(vals)
+
+    lines = ["| client | link | kernel PUT s | kernel GET s | dmm stack | dmm PUT s | dmm GET s | "
+             "PUT speed-up | GET speed-up | sha256 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for client, params in rounds[0]["links"].items():
+        times = {(mode, op): med(client, mode, op) for mode in ("kernel", "dmm") for op in ("put", "get")}
+        row = [client, params.replace(",", ", ")]
+        row += ["failed" if times[k] is None else f"{times[k]:.2f}" for k in (("kernel", "put"), ("kernel", "get"))]
+        row.append(runs[(client, "dmm")][0].put.get("stack") or "?")
+        row += ["failed" if times[k] is None else f"{times[k]:.2f}" for k in (("dmm", "put"), ("dmm", "get"))]
+        for op in ("put", "get"):
+            k, d = times[("kernel", op)], times[("dmm", op)]
+            row.append("-" if k is None or d is None else f"{k / d:.2f}x")
+        ok = all(run.ok for mode in ("kernel", "dmm") for run in runs[(client, mode)])
+        row.append("ok" if ok else "MISMATCH")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_mb, default=32 * 10 ** 6, help="file size, e.g. 32MB (default)")
     ap.add_argument("--rate-control", default="bbr", choices=["bbr", "fillp", "fixed"])
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole run; medians reported")
+    ap.add_argument("--tcp-cc", default="default",
+                    help="kernel TCP congestion controls to run with, comma-separated "
+                         "('default': the system's; e.g. default,cubic)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -44,56 +80,32 @@ def main() -> int:
         return 2
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
-    rounds = []
-    for r in range(args.rounds):
-        def say(text: str, r: int = r) -> None:
-            print(f"[round {r + 1}/{args.rounds}] {text}", file=sys.stderr, flush=True)
+    by_cc: dict[str, list[dict]] = {}
+    for cc in args.tcp_cc.split(","):
+        for r in range(args.rounds):
+            def say(text: str, r: int = r, cc: str = cc) -> None:
+                print(f"[tcp {cc}, round {r + 1}/{args.rounds}] {text}", file=sys.stderr, flush=True)
 
-        with tempfile.TemporaryDirectory(prefix="dmm-filesync-") as tmp:
-            rounds.append(filesync_lab.run(args.size, Path(tmp), rate_control=args.rate_control, progress=say))
-    first = rounds[0]
-    runs = {(run.client, run.mode): [] for run in first["runs"]}
-    for res in rounds:
-        for run in res["runs"]:
-            runs[(run.client, run.mode)].append(run)
-
-    def med(client: str, mode: str, op: str) -> str:
-        vals = [getattr(run, op).get("seconds") for run in runs[(client, mode)]]
-        if any(v is None for v in vals):
-            return "failed"
-        return f"{statistics.median(vals):.2f}"
-
-    def stack(client: str) -> str:
-        run = runs[(client, "dmm")][0]
-        return run.put.get("stack") or "?"
-
-    mb = args.size / 1e6
+            with tempfile.TemporaryDirectory(prefix="dmm-filesync-") as tmp:
+                res = filesync_lab.run(args.size, Path(tmp), rate_control=args.rate_control,
+                                       tcp_cc=None if cc == "default" else cc, progress=say)
+            by_cc.setdefault(cc, []).append(res)
+    first = next(iter(by_cc.values()))[0]
     lines = ["# File-sync routing: kernel TCP for all vs dmm routing per client", "",
              f"Run {started}; dmm under `dmm run`, Python {platform.python_version()}, kernel {platform.release()}, "
              f"{os.cpu_count()} CPUs shared with other work (load average {load0:.2f} at the start). "
-             f"Each client uploads a {mb:g} MB file (PUT) and downloads it back (GET), sha256 checked end to end; "
-             f"clients run one after the other; times from connect to the last byte, median of {args.rounds} "
-             f"round(s). Kernel TCP congestion control in the namespaces: "
-             f"`{first['tcp_congestion_control']}` (the system default). FillP rate control: "
-             f"`{args.rate_control}`.", "",
-             "| client | link | kernel PUT s | kernel GET s | dmm stack | dmm PUT s | dmm GET s | "
-             "PUT speed-up | GET speed-up | sha256 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for client, params in first["links"].items():
-        row = [client, params.replace(",", ", "), med(client, "kernel", "put"), med(client, "kernel", "get"),
-               stack(client), med(client, "dmm", "put"), med(client, "dmm", "get")]
-        for op in ("put", "get"):
-            try:
-                row.append(f"{float(med(client, 'kernel', op)) / float(med(client, 'dmm', op)):.2f}x")
-            except ValueError:
-                row.append("-")
-        ok = all(run.ok for mode in ("kernel", "dmm") for run in runs[(client, mode)])
-        row.append("ok" if ok else "MISMATCH")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Routing decisions under dmm (`dmm route explain`, run in each client's namespace):", ""]
-    for client in first["links"]:
-        lines += [f"- **{client}**:", "", "  ```", *["  " + ln for ln in runs[(client, "dmm")][0].explain.splitlines()],
-                  "  ```"]
+             f"Each client uploads a {args.size / 1e6:g} MB file (PUT) and downloads it back (GET), sha256 checked "
+             f"end to end; clients run one after the other; times from connect to the last byte, median of "
+             f"{args.rounds} round(s). FillP rate control: `{args.rate_control}`. Kernel TCP's congestion control "
+             "applies to every kernel connection, under dmm too: inter-dc and intra-dc are on kernel TCP in both "
+             "columns, so their differences are run-to-run variance, not dmm.", ""]
+    for cc, rounds in by_cc.items():
+        lines += [f"## Kernel TCP congestion control: `{rounds[0]['tcp_congestion_control']}`"
+                  + (" (the system default here)" if cc == "default" else ""), ""] + table(rounds) + [""]
+    runs = {run.client: run for run in first["runs"] if run.mode == "dmm"}
+    lines += ["Routing decisions under dmm (`dmm route explain`, run in each client's namespace):", ""]
+    for client, run in runs.items():
+        lines += [f"- **{client}**:", "", "  ```", *["  " + ln for ln in run.explain.splitlines()], "  ```"]
     lines += ["", "The servers under dmm: " + "; ".join(
         f"listening on {li['listening']} on stack `{li['stack']}`" for li in first["listeners"]["dmm"]) +
         " (the same program started twice with the same config; see dmm.usecases.filesync_lab).", "",
@@ -101,10 +113,11 @@ def main() -> int:
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "filesync.md").write_text(text)
-    data = [dict(res, runs=[asdict(run) for run in res["runs"]]) for res in rounds]
+    data = {cc: [dict(res, runs=[asdict(run) for run in res["runs"]]) for res in rounds]
+            for cc, rounds in by_cc.items()}
     (args.out / "filesync.json").write_text(json.dumps(data, indent=1))
     print(text)
-    return 0 if all(run.ok for res in rounds for run in res["runs"]) else 1
+    return 0 if all(run.ok for rounds in by_cc.values() for res in rounds for run in res["runs"]) else 1
 
 
 if __name__ == "__main__":

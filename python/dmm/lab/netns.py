@@ -23,6 +23,7 @@ __all__ = [
     "kill_netns_pids",
     "list_netns",
     "mac_address",
+    "route_congctl",
     "sysctl",
 ]
 
@@ -89,6 +90,24 @@ def device_drops(netns: str, dev: str) -> int:
     if done.returncode == 0 and done.stdout.strip():
         total += sum(q.get("drops", 0) for q in json.loads(done.stdout))
     return total
+
+
+def route_congctl(netns: str, algo: str) -> None:
+    """Makes kernel TCP in ``netns`` use congestion control ``algo`` on every
+    IPv4 route of the main table (``ip route ... congctl``).
+
+    The per-namespace default (``net.ipv4.tcp_congestion_control``) cannot
+    be set to a restricted algorithm such as cubic here (EPERM); a route
+    attribute can, and wins over the default for connections it carries.
+    """
+    for r in json.loads(ip("-j", "-4", "route", "show", netns=netns)):
+        argv = ["route", "change", r["dst"]]
+        if "gateway" in r:
+            argv += ["via", r["gateway"]]
+        argv += ["dev", r["dev"]]
+        if "prefsrc" in r:
+            argv += ["src", r["prefsrc"]]
+        ip(*argv, "congctl", algo, netns=netns)
 
 
 def kill_netns_pids(netns: str, grace: float = 2.0) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dmm.lab import Lab
+from dmm.lab import netns as nsu
 from dmm.lab.configs import fillp_routes_toml
 
 __all__ = ["ClientRun", "make_file", "run"]
@@ -112,10 +113,11 @@ def _server_records(proc: Any) -> list[dict]:
 
 
 def run(size: int, workdir: Path, modes: tuple[str, ...] = ("kernel", "dmm"), rate_control: str = "bbr",
-        timeout: float = 600, progress: Any = None) -> dict[str, Any]:
+        tcp_cc: str | None = None, timeout: float = 600, progress: Any = None) -> dict[str, Any]:
     """Runs the use case; returns per-mode client runs, listeners and link info.
 
-    ``progress``, if given, is called with a short status string.
+    ``tcp_cc`` sets kernel TCP's congestion control in every node (default:
+    the system's). ``progress``, if given, is called with a short status string.
     """
     say = progress or (lambda text: None)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,9 +129,14 @@ def run(size: int, workdir: Path, modes: tuple[str, ...] = ("kernel", "dmm"), ra
         config.write_text(fillp_routes_toml([fillp_net], rate_control))
         out["config"] = config.read_text()
         out["links"] = links
-        out["tcp_congestion_control"] = lab.exec(
-            "server", ["sysctl", "-n", "net.ipv4.tcp_congestion_control"], capture_output=True, text=True
-        ).stdout.strip()
+        if tcp_cc:
+            for node in lab.nodes:
+                nsu.route_congctl(lab.netns(node), tcp_cc)
+            out["tcp_congestion_control"] = f"{tcp_cc} (per route)"
+        else:
+            out["tcp_congestion_control"] = lab.exec(
+                "server", ["sysctl", "-n", "net.ipv4.tcp_congestion_control"], capture_output=True, text=True
+            ).stdout.strip()
         for mode in modes:
             store = workdir / f"server-{mode}"
             servers = []
