@@ -17,7 +17,7 @@ import time
 import pytest
 
 from dmm.lab import Lab, LabError
-from dmm.lab.netns import list_netns
+from dmm.lab.netns import list_netns, route_congctl
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) for network namespaces and TAP devices"
@@ -275,3 +275,24 @@ def test_ipv6_across_the_link():
         rtts = udp_ping(lab, "client", count=50, family=6)
     assert len(rtts) == 50
     assert 10 <= statistics.median(rtts) < 12
+
+
+@needs_root
+def test_server_address_per_link_device_drops_and_route_congctl():
+    with Lab("filesync") as lab:
+        assert [lab.server_address(c) for c in lab.links] == ["10.201.1.1", "10.201.2.1", "10.201.3.1"]
+        assert lab.server_address("internet", 6) == "fd00:201::1:1"
+        with pytest.raises(KeyError):
+            lab.server_address("server")
+        lab.popen("server", [sys.executable, "-c", ECHO_SERVER])
+        time.sleep(0.3)
+        # The internet client reaches the server's address on its link through that link.
+        out = lab.exec("internet", [sys.executable, "-c", UDP_PING, "10.201.1.1", "20", "0.005"],
+                       capture_output=True, text=True, check=True, timeout=60)
+        drops = lab.device_drops()
+        route_congctl(lab.netns("internet"), "cubic")
+        routes = lab.exec("internet", ["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+    assert 80 <= statistics.median(json.loads(out.stdout)) < 83
+    assert routes.count("congctl cubic") == 2, routes
+    assert set(drops) == {"internet", "inter-dc", "intra-dc"}
+    assert all(set(d) == {"client", "server"} and min(d.values()) >= 0 for d in drops.values())

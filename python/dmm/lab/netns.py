@@ -6,6 +6,7 @@ what the lab does can be repeated by hand. Errors carry ip's own message.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,13 @@ __all__ = [
     "LabError",
     "add_netns",
     "delete_netns",
+    "device_drops",
     "exec_argv",
     "ip",
     "kill_netns_pids",
     "list_netns",
     "mac_address",
+    "route_congctl",
     "sysctl",
 ]
 
@@ -76,6 +79,35 @@ def mac_address(netns: str, dev: str) -> str:
     if len(fields) < 3:
         raise LabError(f"no MAC address for {dev} in {netns}")
     return fields[2]
+
+
+def device_drops(netns: str, dev: str) -> int:
+    """Frames dropped at ``dev`` in ``netns``: rx + tx drops plus its qdisc's."""
+    link = json.loads(ip("-s", "-j", "link", "show", "dev", dev, netns=netns))[0]["stats64"]
+    total = link["rx"]["dropped"] + link["tx"]["dropped"]
+    argv = ["tc", "-n", netns, "-s", "-j", "qdisc", "show", "dev", dev]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode == 0 and done.stdout.strip():
+        total += sum(q.get("drops", 0) for q in json.loads(done.stdout))
+    return total
+
+
+def route_congctl(netns: str, algo: str) -> None:
+    """Makes kernel TCP in ``netns`` use congestion control ``algo`` on every
+    IPv4 route of the main table (``ip route ... congctl``).
+
+    The per-namespace default (``net.ipv4.tcp_congestion_control``) cannot
+    be set to a restricted algorithm such as cubic here (EPERM); a route
+    attribute can, and wins over the default for connections it carries.
+    """
+    for r in json.loads(ip("-j", "-4", "route", "show", netns=netns)):
+        argv = ["route", "change", r["dst"]]
+        if "gateway" in r:
+            argv += ["via", r["gateway"]]
+        argv += ["dev", r["dev"]]
+        if "prefsrc" in r:
+            argv += ["src", r["prefsrc"]]
+        ip(*argv, "congctl", algo, netns=netns)
 
 
 def kill_netns_pids(netns: str, grace: float = 2.0) -> None:

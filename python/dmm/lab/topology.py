@@ -294,6 +294,15 @@ class Lab:
         plan = self._plan(node)
         return plan.client_address if family == 4 else plan.client_address6
 
+    def server_address(self, link: str, family: int = 4) -> str:
+        """The server's own address on ``link`` (``10.201.i.1``): reachable
+        from that link's client only through that link, so a destination
+        prefix tells the clients' traffic apart."""
+        plan = self._plan(link)
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, got {family!r}")
+        return plan.server_address if family == 4 else plan.server_address6
+
     def exec(self, node: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Runs ``argv`` in ``node`` and waits: ``subprocess.run`` arguments apply."""
         return subprocess.run(nsu.exec_argv(self.netns(node), argv), **kwargs)
@@ -326,6 +335,20 @@ class Lab:
         for name, lk in self._links.items():
             s = lk.stats()
             out[name] = {"up": s["ab"], "down": s["ba"]}
+        return out
+
+    def device_drops(self) -> dict[str, dict[str, int]]:
+        """Frames the kernel dropped at each link's devices, before the relay.
+
+        ``{link: {"client": n, "server": n}}``: the device's rx/tx drop
+        counters plus its qdisc's drops. The relay's own counters
+        (:meth:`stats`) cannot see these: a relay too slow to drain a TAP
+        device shows up here, not there. Counters are cumulative.
+        """
+        out = {}
+        for plan in self.topology.links:
+            sides = zip(("client", "server"), (plan.name, SERVER), self.devices(plan.name))
+            out[plan.name] = {side: nsu.device_drops(self.netns(node), dev) for side, node, dev in sides}
         return out
 
     def reset_stats(self) -> None:

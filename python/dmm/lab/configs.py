@@ -1,0 +1,26 @@
+"""dmm configurations for programs run in a lab.
+
+Benchmarks and use cases put some of a lab's prefixes on a FillP instance
+and leave the rest on kernel TCP; :func:`fillp_routes_toml` writes that
+config, so they all use one shape of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["fillp_routes_toml"]
+
+
+def fillp_routes_toml(prefixes: Sequence[str], rate_control: str = "bbr") -> str:
+    """A dmm config: stack ``kernel`` (declared first, so the default route),
+    a FillP stack ``wan`` with ``rate_control``, and one route per prefix to
+    ``wan`` with the kernel as fallback.
+
+    Routes match listeners by their bind address, so a listener bound to an
+    address inside a prefix is on FillP too (one bound to 0.0.0.0 is not).
+    """
+    parts = ['[[stack]]\nname = "kernel"\nkind = "kernel"\n',
+             f'[[stack]]\nname = "wan"\nkind = "fillp"\nrate_control = "{rate_control}"\n']
+    parts += [f'[[route]]\nto = "{p}"\nstacks = ["wan", "kernel"]\n' for p in prefixes]
+    return "\n".join(parts)

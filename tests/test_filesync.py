@@ -1,0 +1,50 @@
+"""Use case 1 end to end: the file-sync program in the lab, kernel TCP for
+every client, then under ``dmm run`` with the internet client routed to FillP.
+
+Checks correctness only (bytes, sha256, the stack each connection used);
+timings belong to ``benches/filesync.py``. Needs root for the lab.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dmm import config as dconfig
+from dmm.lab.configs import fillp_routes_toml
+from dmm.usecases import filesync_lab
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) for network namespaces and TAP devices"
+)
+
+SIZE = 3 * 10 ** 6
+
+
+def test_config_routes_only_the_given_prefix_to_fillp():
+    cfg = dconfig.parse(fillp_routes_toml(["10.201.1.0/24"]), "<filesync>")
+    assert [s.name for s in cfg.stacks] == ["kernel", "wan"]
+    assert cfg.stack("wan").kind == "fillp" and cfg.stack("wan").rate_control == "bbr"
+    assert [(r.to, r.stacks) for r in cfg.routes] == [("10.201.1.0/24", ("wan", "kernel"))]
+    assert not cfg.listen
+
+
+@needs_root
+def test_filesync_kernel_then_dmm(tmp_path):
+    result = filesync_lab.run(SIZE, tmp_path)
+    runs = {(r.client, r.mode): r for r in result["runs"]}
+    assert set(runs) == {(c, m) for c in ("internet", "inter-dc", "intra-dc") for m in ("kernel", "dmm")}
+    for (client, mode), run in runs.items():
+        where = f"{client}/{mode}"
+        assert run.put.get("ok") and run.get.get("ok"), (where, run.put, run.get)
+        assert run.put["bytes"] == run.get["bytes"] == SIZE, where
+        assert run.put["sha256"] == run.get["sha256"] == run.expected_sha256, where
+        # Kernel mode is the plain program: no dmm at either end.
+        want = None if mode == "kernel" else ("wan" if client == filesync_lab.FILLP_CLIENT else "kernel")
+        assert run.put["stack"] == run.get["stack"] == want, where
+        assert run.server_stacks == [want, want], where
+    explained = runs[("internet", "dmm")].explain
+    assert "-> wan" in explained and "route[0]" in explained
+    assert "-> kernel" in runs[("intra-dc", "dmm")].explain
+    assert [li["stack"] for li in result["listeners"]["dmm"]] == ["wan", "kernel"]
