@@ -106,9 +106,9 @@ def main() -> int:
     lines += ["Routing decisions under dmm (`dmm route explain`, run in each client's namespace):", ""]
     for client, run in runs.items():
         lines += [f"- **{client}**:", "", "  ```", *["  " + ln for ln in run.explain.splitlines()], "  ```"]
-    lines += ["", "The servers under dmm: " + "; ".join(
-        f"listening on {li['listening']} on stack `{li['stack']}`" for li in first["listeners"]["dmm"]) +
-        " (the same program started twice with the same config; see dmm.usecases.filesync_lab).", "",
+    lines += ["", "The server under dmm: " + "; ".join(
+        f"one listening socket on {li['listening']}, stacks `{', '.join(li.get('stacks') or [li['stack']])}`"
+        for li in first["listeners"]["dmm"]) + " (see dmm.usecases.filesync_lab).", "",
         "The config every dmm process used:", "", "```toml", first["config"].rstrip(), "```", ""]
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -47,4 +47,5 @@ def test_filesync_kernel_then_dmm(tmp_path):
     explained = runs[("internet", "dmm")].explain
     assert "-> wan" in explained and "route[0]" in explained
     assert "-> kernel" in runs[("intra-dc", "dmm")].explain
-    assert [li["stack"] for li in result["listeners"]["dmm"]] == ["wan", "kernel"]
+    # One listening socket on both stacks.
+    assert [li["stacks"] for li in result["listeners"]["dmm"]] == [["kernel", "wan"]]

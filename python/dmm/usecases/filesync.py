@@ -133,7 +133,9 @@ def serve(bind: str, port: int, directory: Path) -> None:
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((bind, port))
     srv.listen(16)
-    print(json.dumps({"listening": f"{bind}:{port}", "stack": _stack(srv)}), flush=True)
+    # Under dmm a listener may span several stacks (``dmm_stacks``).
+    stacks = list(getattr(srv, "dmm_stacks", ()))
+    print(json.dumps({"listening": f"{bind}:{port}", "stack": _stack(srv), "stacks": stacks}), flush=True)
     while True:
         conn, peer = srv.accept()
         threading.Thread(target=_handle, args=(conn, peer, directory), daemon=True).start()

@@ -11,14 +11,10 @@ unmodified program :mod:`dmm.usecases.filesync`, twice:
   instance, everything else stays on kernel TCP.
 
 Each client talks to the server's address on its own link (``10.201.i.1``),
-so routes by destination prefix tell the clients apart. The server side
-under dmm is the same program started twice with the same config: one
-instance bound to the internet link's address (a listener there is routed
-to FillP and takes the UDP port of that number) and one bound to 0.0.0.0
-(kernel TCP). One listening socket cannot span stack kinds yet (issue 4).
-The FillP instance starts first: until ``listen()`` routes it, its socket is
-a kernel TCP socket bound to the port, which a kernel listener already on
-0.0.0.0 at that port would refuse.
+so routes by destination prefix tell the clients apart. The server under
+dmm is one process with one listening socket on 0.0.0.0 that spans the
+kernel and the FillP instance (``[listen]``): internet clients arrive over
+FillP on the UDP port of the same number, the others over kernel TCP.
 """
 
 from __future__ import annotations
@@ -126,7 +122,7 @@ def run(size: int, workdir: Path, modes: tuple[str, ...] = ("kernel", "dmm"), ra
         links = {name: lab.describe()["links"][name]["params"] for name in lab.links}
         fillp_net = lab.server_address(FILLP_CLIENT).rsplit(".", 1)[0] + ".0/24"
         config = workdir / "dmm.toml"
-        config.write_text(fillp_routes_toml([fillp_net], rate_control))
+        config.write_text(fillp_routes_toml([fillp_net], rate_control, listen_on_both=True))
         out["config"] = config.read_text()
         out["links"] = links
         if tcp_cc:
@@ -139,11 +135,7 @@ def run(size: int, workdir: Path, modes: tuple[str, ...] = ("kernel", "dmm"), ra
             ).stdout.strip()
         for mode in modes:
             store = workdir / f"server-{mode}"
-            servers = []
-            if mode == "dmm":
-                # FillP listener first (see the module docstring).
-                servers.append(_start_server(lab, mode, config, lab.server_address(FILLP_CLIENT), store))
-            servers.append(_start_server(lab, mode, config, "0.0.0.0", store))
+            servers = [_start_server(lab, mode, config, "0.0.0.0", store)]
             out["listeners"][mode] = [info for _, info in servers]
             runs = []
             for client in lab.links:
