@@ -38,7 +38,12 @@
 //!   state**. The client echoes it in CONN_REQ; only a valid, fresh (< 10 s)
 //!   cookie from the same address creates a server connection, which answers
 //!   CONN_ACK (again for every retransmitted CONN_REQ). Any DATA or PACK from
-//!   the server also completes the client's handshake.
+//!   the server also completes the client's handshake. The MAC secret
+//!   rotates every 60 s of the endpoint's clock; a cookie is checked with
+//!   the secret of the period it was minted in, so it stays good across one
+//!   rotation and never across two ([`cookie`] has the scheme, the driver
+//!   feeds it OS randomness through
+//!   [`endpoint::Endpoint::supply_cookie_secret`]).
 //! * **DATA** carries a per-transmission packet number, the byte offset and a
 //!   timestamp. A retransmission resends the same segment under a new packet
 //!   number, so a packet number always names one transmission.
@@ -130,7 +135,6 @@
 //! * More than 2^32 packets per connection (packet numbers do not wrap; at
 //!   100 Mbit/s that is about five days).
 //! * BBR's ProbeRTT phase and app-limited accounting beyond flagging samples.
-//! * Cookie-key rotation (one secret per endpoint).
 //! * `Endpoint::poll_timeout` and `poll_event` scan all connections (O(n)).
 #![warn(missing_docs)]
 
