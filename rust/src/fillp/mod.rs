@@ -118,10 +118,12 @@
 //! Deterministic and fully testable (the same seed gives the same run);
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
-//! per-peer state before a valid cookie; small idle connections (about 2 KB:
-//! `size_of::<Connection>()` 1200 bytes plus ~0.6-0.8 KB heap, measured by
-//! the `idle_connection_memory` test; buffers grow with use and shrink when
-//! drained); goodput near `link x (1 - loss)` on lossy, long paths
+//! per-peer state before a valid cookie; small idle connections (under
+//! 2 KB in the core: `size_of::<Connection>()` 1184 bytes plus ~0.5-0.6 KB
+//! heap, asserted by the `idle_connection_memory` test; buffers grow with
+//! use and both sides give them back once the flow pauses; ~6.5-7 KiB per
+//! end through the stack, kernel memory included,
+//! `benches/results/fillp_idle.md`); goodput near `link x (1 - loss)` on lossy, long paths
 //! (`benches/fillp_sim.rs`).
 //!
 //! # Not supported

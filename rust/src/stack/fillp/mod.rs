@@ -68,6 +68,12 @@
 //!   times on receive): six copies per byte against kernel TCP's two, which
 //!   is most of what a packet still costs (see
 //!   `benches/results/fillp_loopback.md`).
+//! * Many idle connections cheaply in CPU: every driver turn walks all of
+//!   the instance's UDP sockets and the listener's connections (O(n) per
+//!   datagram), so 2000 idle connections (keepalives every 5 s) use ~28% of
+//!   a core and 8000 ~150%, and opening them is quadratic
+//!   (`benches/results/fillp_idle.md`). Memory is small: ~6.5-7 KiB per
+//!   idle connection end, kernel buffers and slab included.
 //! * Spreading one instance over several driver threads: one thread runs
 //!   every endpoint of an instance; run several instances to use more cores.
 //! * A socket closed with no unread data closes gracefully and then
