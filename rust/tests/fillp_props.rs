@@ -142,7 +142,7 @@ proptest! {
             client.pump(&mut p.client, ch);
             server.pump(&mut p.server, sh);
             n += 1;
-            if n % every == 0 {
+            if n.is_multiple_of(every) {
                 let now = p.now;
                 let len = (rng.next_u64() % 120) as usize;
                 let mut junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
@@ -286,7 +286,7 @@ proptest! {
             client.pump(&mut p.client, ch);
             server.pump(&mut p.server, sh);
             n += 1;
-            if n % every == 0 && n < 3000 {
+            if n.is_multiple_of(every) && n < 3000 {
                 let now = p.now;
                 let (caddr, saddr) = (p.client_addr, p.server_addr);
                 if let Some(cid) = p.server.connection(sh).map(|c| c.local_cid()) {

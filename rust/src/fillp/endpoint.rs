@@ -937,7 +937,7 @@ mod tests {
             let s = p.server.connection_mut(sh).unwrap();
             // Read slowly: one small chunk every other step, so the window
             // closes and has to be reopened by window updates.
-            if steps % 2 == 0 {
+            if steps.is_multiple_of(2) {
                 match s.read(&mut b[..2048]) {
                     Ok(0) if !answered => {
                         s.write(b"done").unwrap();
