@@ -303,3 +303,55 @@ proptest! {
         prop_assert!(!matches!(r, Err(dmm::fillp::sim::SimError::Livelock { .. })), "{:?}", r);
     }
 }
+
+fn cookie_fields(client_cid: u32, time_ms: u32) -> dmm::fillp::cookie::CookieFields {
+    dmm::fillp::cookie::CookieFields {
+        remote: "10.0.0.1:4000".parse().expect("address"),
+        client_cid,
+        server_cid: 9,
+        params: dmm::fillp::wire::HsParams {
+            mtu: 1400,
+            window: 1 << 20,
+            mode: RateMode::Bbr,
+        },
+        time_ms,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Cookie rotation, as a rule: a cookie minted at `mint` and returned
+    /// at `mint + wait` is good exactly when it is within its lifetime and
+    /// at most one rotation old; with a bit of its MAC flipped it never is;
+    /// any mint time and MAC are checked without panicking.
+    #[test]
+    fn cookie_rotation_rule(
+        secret in any::<[u8; 32]>(),
+        period in 1u64..200_000,
+        mint in 0u64..(1 << 40),
+        // Mostly near the period and lifetime, sometimes past the 32-bit
+        // mint time's wrap.
+        wait in prop_oneof![4 => 0u64..400_000, 1 => 0u64..(1 << 33)],
+        lifetime in prop_oneof![4 => 0u64..200_000, 1 => 0u64..(1 << 33)],
+        flip in 0usize..128,
+        junk_time in any::<u32>(),
+        junk_mac in any::<[u8; 16]>(),
+    ) {
+        use dmm::fillp::cookie::{CookieCheck, CookieKeys};
+        let mut keys = CookieKeys::new(secret, Some(Duration::from_millis(period)));
+        let mut f = cookie_fields(1, 0);
+        let mac = keys.mint(mint, &mut f);
+        let at = mint + wait;
+        let mut bad = mac;
+        bad[flip / 8] ^= 1 << (flip % 8);
+        let good = wait < (1 << 32) && wait <= lifetime && at / period - mint / period <= 1;
+        let got = keys.check(at, &f, &mac, lifetime);
+        prop_assert_eq!(matches!(got, CookieCheck::Valid { .. }), good, "{:?}", got);
+        let forged = keys.check(at, &f, &bad, lifetime);
+        let forged_ok = matches!(forged, CookieCheck::Valid { .. });
+        prop_assert!(!forged_ok, "{:?}", forged);
+        let junk = cookie_fields(2, junk_time);
+        let _ = keys.check(at, &junk, &junk_mac, lifetime);
+    }
+}

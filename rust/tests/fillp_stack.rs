@@ -415,6 +415,11 @@ fn many_concurrent_connections() {
     }
 }
 
+/// A blocking call ran out of the socket's timeout (as opposed to failing).
+fn is_socket_timeout(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::TimedOut && e.raw_os_error().is_none()
+}
+
 /// Sends until an error, returning it (or panics after `limit`).
 fn send_until_error(c: &dyn StackSocket, limit: Duration) -> io::Error {
     let chunk = vec![1u8; 64 << 10];
@@ -423,7 +428,9 @@ fn send_until_error(c: &dyn StackSocket, limit: Duration) -> io::Error {
     loop {
         match c.send(&chunk, 0) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+            // The socket's own timeout (no errno), not ETIMEDOUT from a
+            // connection that timed out, which is also `TimedOut`.
+            Err(e) if is_socket_timeout(&e) => {}
             Err(e) => return e,
         }
         assert!(t0.elapsed() < limit, "no error after {limit:?}");
@@ -476,6 +483,155 @@ fn peer_stack_dropped_mid_transfer() {
         errno_of(&s.recv(&mut [0u8; 4], 0).unwrap_err()),
         Some(libc::ENETDOWN)
     );
+}
+
+/// A UDP relay between one client and `server` that can be cut: it then
+/// drops everything but keeps its port open, so no ICMP error tells anyone
+/// (a peer host that died, a path that went away).
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn new(server: SocketAddr) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sock = std::net::UdpSocket::bind(lo(0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c2, s2) = (cut.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut client = None;
+            while !s2.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if c2.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let to = if from == server {
+                    client
+                } else {
+                    client = Some(from);
+                    Some(server)
+                };
+                if let Some(to) = to {
+                    let _ = sock.send_to(&buf[..n], to);
+                }
+            }
+        });
+        Relay {
+            addr,
+            cut,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than
+/// `limit`, instead of hanging.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("not done within {limit:?}: {e}"))
+}
+
+/// The documented bound: a connection that hears nothing for
+/// `idle_timeout` closes (keepalives notwithstanding) and its socket
+/// reports `ETIMEDOUT`. Mid-transfer, the path is cut silently (no ICMP);
+/// both survivors, the sender and the reader, must fail within the bound,
+/// and not much before it.
+#[test]
+fn silent_peer_mid_transfer_times_out_within_the_idle_bound() {
+    const IDLE: Duration = Duration::from_secs(2);
+    // Detection is timer-driven: the driver wakes at the core's deadline,
+    // and the test's own calls poll every 200 ms.
+    const SLACK: Duration = Duration::from_millis(1000);
+    within(Duration::from_secs(30), || {
+        let mut opts = FillpOptions::default();
+        opts.connection.keepalive = Duration::from_millis(300);
+        opts.connection.idle_timeout = IDLE;
+        let a = stack_with(opts.clone());
+        let b = stack_with(opts);
+        let (l, addr) = listener(&*b, 8);
+        let relay = Relay::new(addr);
+        let c = a.socket(Family::V4, SockKind::Stream).unwrap();
+        c.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.connect(relay.addr).unwrap();
+        let (s, _) = l.accept().unwrap();
+        // The reader reads until an error, and says when it got it.
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let read2 = read.clone();
+        let reader = thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            s.set_timeout(Some(Duration::from_millis(200))).unwrap();
+            let t0 = Instant::now();
+            let mut got = 0usize;
+            loop {
+                match s.recv(&mut buf, 0) {
+                    Ok(0) => return (Err(None), got),
+                    Ok(n) => {
+                        got += n;
+                        read2.store(got, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) if is_socket_timeout(&e) => {}
+                    Err(e) => return (Ok((Instant::now(), errno_of(&e))), got),
+                }
+                if t0.elapsed() > Duration::from_secs(20) {
+                    return (Err(Some(t0.elapsed())), got);
+                }
+            }
+        });
+        // Mid-transfer: 4 MiB queued, the path goes silent once 256 KiB
+        // have been read.
+        c.send_all(&vec![5u8; 4 << 20], 0).unwrap();
+        let t = Instant::now();
+        while read.load(std::sync::atomic::Ordering::Relaxed) < 256 << 10 {
+            assert!(t.elapsed() < Duration::from_secs(10), "transfer stalled");
+            thread::sleep(Duration::from_millis(1));
+        }
+        relay.cut();
+        let cut_at = Instant::now();
+        let e = send_until_error(&*c, Duration::from_secs(15));
+        let sender_after = cut_at.elapsed();
+        let (res, got) = reader.join().unwrap();
+        let (reader_at, reader_errno) = res.unwrap_or_else(|r| panic!("reader: {r:?}"));
+        let reader_after = reader_at.saturating_duration_since(cut_at);
+        eprintln!(
+            "cut after {got} bytes read; sender failed after {sender_after:?} ({e}), \
+             reader after {reader_after:?}"
+        );
+        assert_eq!(errno_of(&e), Some(libc::ETIMEDOUT), "{e:?}");
+        assert_eq!(reader_errno, Some(libc::ETIMEDOUT));
+        for after in [sender_after, reader_after] {
+            // The last datagram heard came at most a few ms before the cut.
+            assert!(after >= IDLE - Duration::from_millis(200), "{after:?}");
+            assert!(after <= IDLE + SLACK, "{after:?}");
+        }
+    });
 }
 
 #[test]

@@ -496,6 +496,18 @@ impl Connection {
             + 512
     }
 
+    /// Drop the capacity of the receive, in-flight and event queues where
+    /// they are empty (they grow again on demand).
+    fn give_back_idle_memory(&mut self) {
+        self.recv.shrink_if_empty();
+        if self.pipe.is_empty() {
+            self.pipe = VecDeque::new();
+        }
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+    }
+
     /// Counters and estimates.
     pub fn stats(&self) -> ConnectionStats {
         let mut s = self.stats;
@@ -665,6 +677,13 @@ impl Connection {
                 if self.state == State::Established || self.state == State::Draining {
                     // Answer with a PACK: doubles as a window probe reply.
                     self.pack_now = true;
+                    // The peer has been silent for a keepalive interval (or
+                    // probes a zero window, and then our queue is full): the
+                    // flow paused. Needed here as well as in the timer,
+                    // because the side that answers keepalives has its own
+                    // timer reset by each one and may never see an old
+                    // `last_rx` there.
+                    self.give_back_idle_memory();
                     true
                 } else {
                     false
@@ -1069,8 +1088,8 @@ impl Connection {
                 }
                 if now.saturating_duration_since(self.last_rx) >= IDLE_SHRINK {
                     // The flow paused (the keepalive timer brings us here):
-                    // give the drained receive queue's memory back.
-                    self.recv.shrink_if_empty();
+                    // give the drained queues' memory back.
+                    self.give_back_idle_memory();
                 }
                 if self.rto_deadline().is_some_and(|d| now >= d) {
                     self.send.on_rto();

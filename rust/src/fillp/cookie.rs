@@ -7,6 +7,28 @@
 //! per INIT / CONN_REQ, never per data packet. The crate takes no dependency
 //! for it: SHA-256 is implemented here in ~60 lines and tested against the
 //! standard vectors.
+//!
+//! # Key rotation
+//!
+//! [`CookieKeys`] holds the secret of the current *key epoch* (time since
+//! the endpoint started, cut into periods of `period`, 60 s by default) and
+//! the previous epoch's. A cookie names its epoch through its mint time
+//! (which the MAC covers); one minted in the current or the previous epoch
+//! is checked with that epoch's key, anything older is refused unchecked
+//! because its key is gone. So a cookie minted just before a rotation stays
+//! good for its whole lifetime, and none survives two rotations, whatever
+//! the 32-bit mint time says after it wraps (every 49.7 days).
+//!
+//! The next epoch's secret is `HMAC(current secret, label || epoch ||
+//! fresh)`, where `fresh` is 32 bytes the driver hands in from the OS's
+//! random source ([`CookieKeys::supply_secret`]; [`CookieKeys::wants_secret`]
+//! says when one is due). HMAC being one-way, a secret read out of memory
+//! does not give the earlier ones; with fresh bytes it does not give the
+//! later ones either. A driver that supplies none still rotates (a one-way
+//! ratchet), which is what the deterministic tests use. Rotation is lazy:
+//! it happens when a cookie is minted or checked in a new epoch, so an idle
+//! endpoint keeps no timer for it. Two keys and one pending secret are all
+//! the state there is; an INIT never adds to it.
 
 use std::net::SocketAddr;
 
@@ -239,10 +261,143 @@ impl CookieKey {
     }
 }
 
+/// Outcome of [`CookieKeys::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieCheck {
+    /// Minted by us, `age_ms` ago, within the lifetime.
+    Valid {
+        /// Milliseconds since the cookie was minted.
+        age_ms: u32,
+    },
+    /// The MAC does not match (forged, altered, or from another address),
+    /// or the mint time is before the keys existed.
+    Forged,
+    /// Older than the lifetime, or minted two or more key epochs ago (its
+    /// key is gone, so it is not checked further).
+    Stale,
+}
+
+const RATCHET_LABEL: &[u8] = b"dmm fillp cookie epoch";
+
+/// The current and previous cookie keys, rotated every period (see the
+/// module docs). Times are milliseconds since the owner's start, passed in.
+#[derive(Clone)]
+pub struct CookieKeys {
+    period_ms: Option<u64>,
+    epoch: u64,
+    secret: [u8; 32],
+    current: CookieKey,
+    previous: Option<CookieKey>,
+    fresh: Option<[u8; 32]>,
+    rotations: u64,
+}
+
+impl core::fmt::Debug for CookieKeys {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("CookieKeys")
+            .field("period_ms", &self.period_ms)
+            .field("epoch", &self.epoch)
+            .field("rotations", &self.rotations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CookieKeys {
+    /// Keys starting from `secret` (32 random bytes from the OS), rotated
+    /// every `period` (`None`: never; a period under 1 ms counts as 1 ms).
+    pub fn new(secret: [u8; 32], period: Option<std::time::Duration>) -> Self {
+        CookieKeys {
+            period_ms: period.map(|p| u64::try_from(p.as_millis()).unwrap_or(u64::MAX).max(1)),
+            epoch: 0,
+            secret,
+            current: CookieKey::new(&secret),
+            previous: None,
+            fresh: None,
+            rotations: 0,
+        }
+    }
+
+    fn epoch_of(&self, ms: u64) -> u64 {
+        self.period_ms.map_or(0, |p| ms / p)
+    }
+
+    /// Whether rotation is on and no fresh secret is waiting for the next
+    /// rotation: the driver should [`supply_secret`](Self::supply_secret).
+    pub fn wants_secret(&self) -> bool {
+        self.period_ms.is_some() && self.fresh.is_none()
+    }
+
+    /// Random bytes to mix into the next rotation's secret.
+    pub fn supply_secret(&mut self, fresh: [u8; 32]) {
+        self.fresh = Some(fresh);
+    }
+
+    /// Rotations so far.
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
+    /// Move to the epoch of `now_ms` if it is a later one. The previous key
+    /// is kept only if the new epoch directly follows the current one.
+    pub fn advance(&mut self, now_ms: u64) {
+        let e = self.epoch_of(now_ms);
+        if e <= self.epoch {
+            return;
+        }
+        let fresh = self.fresh.take().unwrap_or([0; 32]);
+        let next = HmacSha256::new(&self.secret).mac(&[RATCHET_LABEL, &e.to_be_bytes(), &fresh]);
+        let old = std::mem::replace(&mut self.current, CookieKey::new(&next));
+        self.previous = (e == self.epoch + 1).then_some(old);
+        self.secret = next;
+        self.epoch = e;
+        self.rotations += 1;
+    }
+
+    /// A cookie for `f` minted at `now_ms`: sets `f.time_ms` (the low 32
+    /// bits of `now_ms`) and returns the MAC.
+    pub fn mint(&mut self, now_ms: u64, f: &mut CookieFields) -> [u8; MAC_LEN] {
+        self.advance(now_ms);
+        f.time_ms = now_ms as u32;
+        self.current.mac(f)
+    }
+
+    /// Check a returned cookie at `now_ms` against `lifetime_ms`.
+    pub fn check(
+        &mut self,
+        now_ms: u64,
+        f: &CookieFields,
+        mac: &[u8; MAC_LEN],
+        lifetime_ms: u64,
+    ) -> CookieCheck {
+        self.advance(now_ms);
+        let age = (now_ms as u32).wrapping_sub(f.time_ms);
+        // The full mint time, assuming it is less than 2^32 ms ago.
+        let Some(minted) = now_ms.checked_sub(u64::from(age)) else {
+            return CookieCheck::Forged;
+        };
+        let key = match self.epoch.checked_sub(self.epoch_of(minted)) {
+            Some(0) => &self.current,
+            Some(1) => match &self.previous {
+                Some(k) => k,
+                None => return CookieCheck::Stale,
+            },
+            _ => return CookieCheck::Stale,
+        };
+        if !key.verify(f, mac) {
+            return CookieCheck::Forged;
+        }
+        if u64::from(age) > lifetime_ms {
+            return CookieCheck::Stale;
+        }
+        CookieCheck::Valid { age_ms: age }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fillp::wire::RateMode;
+    use std::time::Duration;
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
@@ -304,17 +459,7 @@ mod tests {
     #[test]
     fn cookie_binds_every_field() {
         let k = CookieKey::new(&[7; 32]);
-        let f = CookieFields {
-            remote: "10.0.0.1:5000".parse().unwrap(),
-            client_cid: 1,
-            server_cid: 2,
-            params: HsParams {
-                mtu: 1400,
-                window: 1 << 20,
-                mode: RateMode::Bbr,
-            },
-            time_ms: 99,
-        };
+        let f = fields(99);
         let m = k.mac(&f);
         assert!(k.verify(&f, &m));
         let mut g = f;
@@ -324,5 +469,109 @@ mod tests {
         g.params.mode = RateMode::Fixed;
         assert!(!k.verify(&g, &m));
         assert!(!CookieKey::new(&[8; 32]).verify(&f, &m));
+    }
+
+    fn fields(time_ms: u32) -> CookieFields {
+        CookieFields {
+            remote: "10.0.0.1:5000".parse().unwrap(),
+            client_cid: 1,
+            server_cid: 2,
+            params: HsParams {
+                mtu: 1400,
+                window: 1 << 20,
+                mode: RateMode::Bbr,
+            },
+            time_ms,
+        }
+    }
+
+    const MIN: u64 = 60_000;
+    const LIFE: u64 = 10_000;
+
+    fn minted(k: &mut CookieKeys, at: u64) -> (CookieFields, [u8; MAC_LEN]) {
+        let mut f = fields(0);
+        let m = k.mint(at, &mut f);
+        (f, m)
+    }
+
+    #[test]
+    fn rotation_keeps_previous_epoch_only() {
+        let mut k = CookieKeys::new([7; 32], Some(Duration::from_millis(MIN)));
+        // Minted 1 ms before the first rotation, checked 2 s after it.
+        let (f, m) = minted(&mut k, MIN - 1);
+        assert_eq!(
+            k.check(MIN + 2_000, &f, &m, LIFE),
+            CookieCheck::Valid { age_ms: 2_001 }
+        );
+        assert_eq!(k.rotations(), 1);
+        // Past its lifetime (still within the previous epoch): stale.
+        assert_eq!(k.check(MIN + LIFE + 10, &f, &m, LIFE), CookieCheck::Stale);
+        // Two rotations later its key is gone: stale even with an
+        // unlimited lifetime.
+        assert_eq!(k.check(2 * MIN + 5, &f, &m, u64::MAX), CookieCheck::Stale);
+        assert_eq!(k.rotations(), 2);
+    }
+
+    #[test]
+    fn rotation_changes_the_key_and_refuses_forgeries() {
+        let mut k = CookieKeys::new([7; 32], Some(Duration::from_millis(MIN)));
+        let (f, m) = minted(&mut k, 5);
+        let mut bad = m;
+        bad[3] ^= 0x40;
+        assert_eq!(k.check(6, &f, &bad, LIFE), CookieCheck::Forged);
+        // A cookie made with the starting secret for a time in the next
+        // epoch: the key there is a new one.
+        let mut g = fields((MIN + 1) as u32);
+        let m0 = CookieKey::new(&[7; 32]).mac(&g);
+        assert_eq!(k.check(MIN + 2, &g, &m0, LIFE), CookieCheck::Forged);
+        // A mint time in the future (wraps to an age > now): never ours.
+        g.time_ms = (MIN + 100) as u32;
+        let m1 = k.clone().mint(MIN + 100, &mut g.clone());
+        assert_eq!(k.check(MIN + 2, &g, &m1, LIFE), CookieCheck::Forged);
+    }
+
+    #[test]
+    fn mint_time_wrap_does_not_revive_a_cookie() {
+        // 2^32 ms later the 32-bit mint time reads as fresh again; the key
+        // of that epoch differs, so the MAC fails.
+        let mut k = CookieKeys::new([7; 32], Some(Duration::from_millis(MIN)));
+        let (f, m) = minted(&mut k, 1_000);
+        assert_eq!(
+            k.check((1 << 32) + 1_500, &f, &m, LIFE),
+            CookieCheck::Forged
+        );
+        // Without rotation the same replay would pass: what rotation buys.
+        let mut k = CookieKeys::new([7; 32], None);
+        let (f, m) = minted(&mut k, 1_000);
+        assert_eq!(
+            k.check((1 << 32) + 1_500, &f, &m, LIFE),
+            CookieCheck::Valid { age_ms: 500 }
+        );
+        assert!(!k.wants_secret());
+    }
+
+    #[test]
+    fn fresh_secret_is_mixed_in_once() {
+        let mk = || CookieKeys::new([7; 32], Some(Duration::from_millis(MIN)));
+        let (mut a, mut b) = (mk(), mk());
+        assert!(a.wants_secret());
+        a.supply_secret([1; 32]);
+        assert!(!a.wants_secret());
+        b.supply_secret([2; 32]);
+        let (f, ma) = minted(&mut a, MIN + 1);
+        let (_, mb) = minted(&mut b, MIN + 1);
+        assert_ne!(ma, mb);
+        // Used up by the rotation: the next one is due.
+        assert!(a.wants_secret());
+        // Jumping several epochs rotates once and keeps no previous key.
+        assert_eq!(a.check(5 * MIN, &f, &ma, u64::MAX), CookieCheck::Stale);
+        assert_eq!(a.rotations(), 2);
+        let (f, m) = minted(&mut a, 5 * MIN + 3);
+        assert_eq!(
+            a.check(6 * MIN, &f, &m, LIFE + MIN),
+            CookieCheck::Valid {
+                age_ms: MIN as u32 - 3
+            }
+        );
     }
 }

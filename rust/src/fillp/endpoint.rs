@@ -4,6 +4,15 @@
 //! An INIT costs the server one MAC computation and one queued COOKIE, and no
 //! per-peer state; only a CONN_REQ carrying a valid, fresh cookie for its own
 //! source address creates a [`Connection`].
+//!
+//! The cookie secret rotates every [`EndpointConfig::cookie_rotation`]
+//! (60 s) of the endpoint's clock, lazily, when a cookie is minted or checked
+//! (see [`super::cookie`]). A cookie minted under the previous secret is
+//! accepted until it expires; older ones count as `stale_cookies`. The
+//! driver keeps the rotation fed with OS randomness: whenever
+//! [`Endpoint::wants_cookie_secret`] is true, it calls
+//! [`Endpoint::supply_cookie_secret`] with 32 fresh random bytes (without
+//! them the secrets still rotate, by a one-way HMAC ratchet).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -11,11 +20,14 @@ use std::ops::Bound::{Excluded, Unbounded};
 use std::time::{Duration, Instant};
 
 use super::connection::{Config, Connection, Event, Transmit};
-use super::cookie::{CookieFields, CookieKey};
+use super::cookie::{CookieCheck, CookieFields, CookieKeys};
 use super::wire::{Body, HsParams, Repr};
 
 /// Cookies older than this are refused.
 pub const COOKIE_LIFETIME: Duration = Duration::from_secs(10);
+
+/// Default period of the cookie-secret rotation.
+pub const COOKIE_ROTATION: Duration = Duration::from_secs(60);
 
 /// Endpoint settings.
 #[derive(Debug, Clone)]
@@ -26,6 +38,10 @@ pub struct EndpointConfig {
     pub server: bool,
     /// Secret for the cookie MAC: fill from the OS's random source.
     pub cookie_secret: [u8; 32],
+    /// Period of the cookie-secret rotation (`None`: never rotate). A cookie
+    /// stays good for [`COOKIE_LIFETIME`] but never past the rotation after
+    /// the one that follows its minting, so keep this above the lifetime.
+    pub cookie_rotation: Option<Duration>,
     /// Refuse new connections beyond this many.
     pub max_connections: usize,
     /// Bound on queued stateless replies (COOKIEs); INITs beyond are dropped.
@@ -38,6 +54,7 @@ impl Default for EndpointConfig {
             connection: Config::default(),
             server: false,
             cookie_secret: [0; 32],
+            cookie_rotation: Some(COOKIE_ROTATION),
             max_connections: 4096,
             max_stateless_queue: 256,
         }
@@ -79,10 +96,13 @@ pub struct EndpointStats {
     pub cookies_sent: u64,
     /// INITs dropped because the stateless queue was full.
     pub stateless_dropped: u64,
-    /// CONN_REQs with a bad MAC.
+    /// CONN_REQs with a bad MAC (or a mint time we cannot have given).
     pub bad_cookies: u64,
-    /// CONN_REQs with an expired cookie.
+    /// CONN_REQs with an expired cookie, or one minted two or more key
+    /// rotations ago.
     pub stale_cookies: u64,
+    /// Cookie-secret rotations so far.
+    pub cookie_rotations: u64,
     /// Connections accepted.
     pub accepted: u64,
     /// Valid CONN_REQs refused because `max_connections` was reached.
@@ -105,11 +125,15 @@ impl Rng {
 #[derive(Debug)]
 pub struct Endpoint {
     config: EndpointConfig,
-    key: CookieKey,
+    /// Only a server mints cookies; a client endpoint carries none.
+    keys: Option<Box<CookieKeys>>,
     epoch: Instant,
     rng: Rng,
     next_handle: u64,
-    conns: BTreeMap<ConnectionHandle, Connection>,
+    /// Boxed: a B-tree node holds 11 values, and an endpoint often has one
+    /// connection (the stack gives every outgoing connection its own), so
+    /// inline ~1.2 KB connections would cost ~13 KB a node.
+    conns: BTreeMap<ConnectionHandle, Box<Connection>>,
     by_cid: HashMap<u32, ConnectionHandle>,
     stateless: VecDeque<(SocketAddr, Vec<u8>)>,
     accept_queue: VecDeque<ConnectionHandle>,
@@ -122,7 +146,12 @@ impl Endpoint {
     /// outside tests).
     pub fn new(config: EndpointConfig, now: Instant, seed: u64) -> Self {
         Endpoint {
-            key: CookieKey::new(&config.cookie_secret),
+            keys: config.server.then(|| {
+                Box::new(CookieKeys::new(
+                    config.cookie_secret,
+                    config.cookie_rotation,
+                ))
+            }),
             config,
             epoch: now,
             rng: Rng(seed | 1),
@@ -149,7 +178,7 @@ impl Endpoint {
         let h = ConnectionHandle(self.next_handle);
         self.next_handle += 1;
         self.by_cid.insert(conn.local_cid(), h);
-        self.conns.insert(h, conn);
+        self.conns.insert(h, Box::new(conn));
         h
     }
 
@@ -213,8 +242,8 @@ impl Endpoint {
         }
     }
 
-    fn now_ms(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.epoch).as_millis() as u32
+    fn now_ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
     fn agreed(&self, offered: HsParams) -> HsParams {
@@ -235,7 +264,7 @@ impl Endpoint {
         ts: u32,
     ) {
         self.stats.inits += 1;
-        if !self.config.server {
+        if self.keys.is_none() {
             return;
         }
         if self.stateless.len() >= self.config.max_stateless_queue {
@@ -245,14 +274,19 @@ impl Endpoint {
         let agreed = self.agreed(params);
         // A CID not in use now; uniqueness is re-checked when the cookie returns.
         let server_cid = self.fresh_cid();
-        let time_ms = self.now_ms(now);
-        let mac = self.key.mac(&CookieFields {
+        let now_ms = self.now_ms(now);
+        let mut fields = CookieFields {
             remote,
             client_cid,
             server_cid,
             params: agreed,
-            time_ms,
-        });
+            time_ms: 0,
+        };
+        let Some(keys) = self.keys.as_deref_mut() else {
+            return;
+        };
+        let mac = keys.mint(now_ms, &mut fields);
+        let time_ms = fields.time_ms;
         let reply = Repr {
             dst_cid: client_cid,
             body: Body::Cookie {
@@ -283,10 +317,11 @@ impl Endpoint {
         cookie_time: u32,
         mac: [u8; super::wire::MAC_LEN],
     ) {
-        if !self.config.server {
+        let now_ms = self.now_ms(now);
+        let Some(keys) = self.keys.as_deref_mut() else {
             self.stats.unknown_cid += 1;
             return;
-        }
+        };
         let fields = CookieFields {
             remote,
             client_cid,
@@ -294,15 +329,18 @@ impl Endpoint {
             params,
             time_ms: cookie_time,
         };
-        if !self.key.verify(&fields, &mac) {
-            self.stats.bad_cookies += 1;
-            return;
-        }
-        let age = self.now_ms(now).wrapping_sub(cookie_time);
-        if u128::from(age) > COOKIE_LIFETIME.as_millis() {
-            self.stats.stale_cookies += 1;
-            return;
-        }
+        let lifetime = u64::try_from(COOKIE_LIFETIME.as_millis()).unwrap_or(u64::MAX);
+        let age = match keys.check(now_ms, &fields, &mac, lifetime) {
+            CookieCheck::Valid { age_ms } => age_ms,
+            CookieCheck::Forged => {
+                self.stats.bad_cookies += 1;
+                return;
+            }
+            CookieCheck::Stale => {
+                self.stats.stale_cookies += 1;
+                return;
+            }
+        };
         if self.conns.len() >= self.config.max_connections {
             self.stats.refused += 1;
             return;
@@ -413,12 +451,12 @@ impl Endpoint {
 
     /// A connection by handle.
     pub fn connection(&self, h: ConnectionHandle) -> Option<&Connection> {
-        self.conns.get(&h)
+        self.conns.get(&h).map(|c| &**c)
     }
 
     /// A connection by handle, mutable (for `write`, `read`, `close`, ...).
     pub fn connection_mut(&mut self, h: ConnectionHandle) -> Option<&mut Connection> {
-        self.conns.get_mut(&h)
+        self.conns.get_mut(&h).map(|c| &mut **c)
     }
 
     /// Connections held (including those lingering after close).
@@ -428,7 +466,24 @@ impl Endpoint {
 
     /// Counters.
     pub fn stats(&self) -> EndpointStats {
-        self.stats
+        EndpointStats {
+            cookie_rotations: self.keys.as_ref().map_or(0, |k| k.rotations()),
+            ..self.stats
+        }
+    }
+
+    /// Whether the cookie rotation wants fresh random bytes for its next
+    /// secret (a server endpoint with rotation on, once after each rotation).
+    pub fn wants_cookie_secret(&self) -> bool {
+        self.keys.as_ref().is_some_and(|k| k.wants_secret())
+    }
+
+    /// Hand in 32 bytes from the OS's random source for the next cookie
+    /// secret. Ignored by a client endpoint.
+    pub fn supply_cookie_secret(&mut self, fresh: [u8; 32]) {
+        if let Some(k) = self.keys.as_deref_mut() {
+            k.supply_secret(fresh);
+        }
     }
 }
 
@@ -493,40 +548,9 @@ mod tests {
         let mut ep = Endpoint::new(server_cfg(), t0, 1);
         let alice: SocketAddr = "10.0.0.1:1".parse().unwrap();
         let mallory: SocketAddr = "10.0.0.66:1".parse().unwrap();
-        ep.handle_datagram(t0, alice, &init(7));
-        let mut buf = Vec::new();
-        ep.poll_transmit(t0, &mut buf).unwrap();
-        let Ok(Repr {
-            body:
-                Body::Cookie {
-                    server_cid,
-                    params,
-                    cookie_time,
-                    mac,
-                    ..
-                },
-            ..
-        }) = Repr::parse_bytes(&buf)
-        else {
-            panic!("no cookie")
-        };
-        let req = |mac: [u8; 16]| {
-            let mut b = Vec::new();
-            Repr {
-                dst_cid: server_cid,
-                body: Body::ConnReq {
-                    client_cid: 7,
-                    params: HsParams {
-                        window: 1 << 20,
-                        ..params
-                    },
-                    cookie_time,
-                    mac,
-                },
-            }
-            .emit(&mut b);
-            b
-        };
+        let m = cookie_at(&mut ep, t0, alice, 7);
+        let req = |mac: [u8; 16]| conn_req(7, &Minted { mac, ..m });
+        let mac = m.mac;
         // Replayed from another address: refused.
         ep.handle_datagram(t0, mallory, &req(mac));
         let mut bad = mac;
@@ -559,6 +583,136 @@ mod tests {
         assert_eq!(ep.stats().malformed, 1);
     }
 
+    /// What a COOKIE carries back to the client.
+    #[derive(Clone, Copy)]
+    struct Minted {
+        server_cid: u32,
+        params: HsParams,
+        cookie_time: u32,
+        mac: [u8; 16],
+    }
+
+    /// Send an INIT for `cid` from `from` at `t` and take the COOKIE.
+    fn cookie_at(ep: &mut Endpoint, t: Instant, from: SocketAddr, cid: u32) -> Minted {
+        ep.handle_datagram(t, from, &init(cid));
+        let mut buf = Vec::new();
+        assert!(ep.poll_transmit(t, &mut buf).is_some());
+        match Repr::parse_bytes(&buf) {
+            Ok(Repr {
+                body:
+                    Body::Cookie {
+                        server_cid,
+                        params,
+                        cookie_time,
+                        mac,
+                        ..
+                    },
+                ..
+            }) => Minted {
+                server_cid,
+                params: HsParams {
+                    window: 1 << 20,
+                    ..params
+                },
+                cookie_time,
+                mac,
+            },
+            other => panic!("no cookie: {other:?}"),
+        }
+    }
+
+    fn conn_req(cid: u32, m: &Minted) -> Vec<u8> {
+        let mut b = Vec::new();
+        Repr {
+            dst_cid: m.server_cid,
+            body: Body::ConnReq {
+                client_cid: cid,
+                params: m.params,
+                cookie_time: m.cookie_time,
+                mac: m.mac,
+            },
+        }
+        .emit(&mut b);
+        b
+    }
+
+    #[test]
+    fn cookie_survives_one_rotation_not_two() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let alice: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        // Default period (60 s): minted 1 ms before the rotation, returned
+        // 2 s after it.
+        let mut ep = Endpoint::new(server_cfg(), t0, 1);
+        let m = cookie_at(&mut ep, t0 + COOKIE_ROTATION - ms(1), alice, 7);
+        ep.handle_datagram(t0 + COOKIE_ROTATION + ms(2_000), alice, &conn_req(7, &m));
+        assert_eq!(ep.connection_count(), 1);
+        assert_eq!(ep.stats().cookie_rotations, 1);
+
+        // A 4 s period, under the 10 s lifetime, so that only the rotation
+        // can refuse a cookie 4.2 s old.
+        let cfg = EndpointConfig {
+            cookie_rotation: Some(ms(4_000)),
+            ..server_cfg()
+        };
+        let mut ep = Endpoint::new(cfg, t0, 1);
+        let a = cookie_at(&mut ep, t0 + ms(3_900), alice, 8);
+        let b = cookie_at(&mut ep, t0 + ms(3_950), alice, 9);
+        // One rotation later: good.
+        ep.handle_datagram(t0 + ms(4_100), alice, &conn_req(8, &a));
+        assert_eq!(ep.stats().accepted, 1);
+        // Two rotations after minting: refused as stale, no connection.
+        ep.handle_datagram(t0 + ms(8_100), alice, &conn_req(9, &b));
+        assert_eq!(ep.stats().stale_cookies, 1);
+        assert_eq!(ep.stats().accepted, 1);
+        assert_eq!(ep.stats().cookie_rotations, 2);
+        // A forged MAC in the current epoch: bad, not stale.
+        let mut f = cookie_at(&mut ep, t0 + ms(8_200), alice, 10);
+        f.mac[15] ^= 1;
+        ep.handle_datagram(t0 + ms(8_300), alice, &conn_req(10, &f));
+        // A forged cookie claiming a mint time in the future: bad.
+        f.cookie_time = 9_000;
+        ep.handle_datagram(t0 + ms(8_300), alice, &conn_req(10, &f));
+        assert_eq!(ep.stats().bad_cookies, 2);
+        assert_eq!(ep.stats().stale_cookies, 1);
+        assert_eq!(ep.connection_count(), 1);
+    }
+
+    #[test]
+    fn init_flood_across_rotations_allocates_nothing() {
+        let t0 = Instant::now();
+        let period = Duration::from_secs(1);
+        let cfg = EndpointConfig {
+            cookie_rotation: Some(period),
+            ..server_cfg()
+        };
+        let mut ep = Endpoint::new(cfg, t0, 1);
+        let mut buf = Vec::new();
+        let mut supplied = 0;
+        for i in 0..5_000u32 {
+            // 1 ms apart: five rotations over the flood.
+            let t = t0 + Duration::from_millis(u64::from(i));
+            let addr = SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 1000));
+            ep.handle_datagram(t, addr, &init(i + 1));
+            if i % 3 == 0 {
+                while ep.poll_transmit(t, &mut buf).is_some() {}
+            }
+            // What the driver does each turn.
+            if ep.wants_cookie_secret() {
+                ep.supply_cookie_secret([i as u8; 32]);
+                supplied += 1;
+            }
+        }
+        assert_eq!(ep.stats().cookie_rotations, 4);
+        assert_eq!(supplied, 5, "one at start, one after each rotation");
+        assert_eq!(ep.connection_count(), 0);
+        assert!(ep.by_cid.is_empty() && ep.accept_queue.is_empty());
+        assert!(ep.stateless.len() <= ep.config.max_stateless_queue);
+        // A client endpoint has no keys and asks for nothing.
+        let client = Endpoint::new(EndpointConfig::default(), t0, 1);
+        assert!(client.keys.is_none() && !client.wants_cookie_secret());
+    }
+
     /// A client and a server endpoint over an ideal 10 ms-RTT link, with
     /// one connection established.
     fn connected_pair(seed: u64) -> (Pair, ConnectionHandle, ConnectionHandle) {
@@ -582,8 +736,9 @@ mod tests {
         });
         let mut b = [0u8; 8192];
         assert_eq!(p.server.connection_mut(sh).unwrap().read(&mut b), Ok(5000));
+        // Past the first keepalive (5 s), which gives idle buffers back.
         let _ = p.run_until(10_000, Duration::from_secs(60), |p| {
-            p.elapsed() > Duration::from_secs(3)
+            p.elapsed() > Duration::from_secs(8)
         });
         for c in [
             p.client.connection(ch).unwrap(),
@@ -596,7 +751,7 @@ mod tests {
                 c.heap_bytes(),
                 total
             );
-            assert!(total <= 64 * 1024, "{total}");
+            assert!(total <= 4 * 1024, "{total}");
         }
     }
 

@@ -38,7 +38,12 @@
 //!   state**. The client echoes it in CONN_REQ; only a valid, fresh (< 10 s)
 //!   cookie from the same address creates a server connection, which answers
 //!   CONN_ACK (again for every retransmitted CONN_REQ). Any DATA or PACK from
-//!   the server also completes the client's handshake.
+//!   the server also completes the client's handshake. The MAC secret
+//!   rotates every 60 s of the endpoint's clock; a cookie is checked with
+//!   the secret of the period it was minted in, so it stays good across one
+//!   rotation and never across two ([`cookie`] has the scheme, the driver
+//!   feeds it OS randomness through
+//!   [`endpoint::Endpoint::supply_cookie_secret`]).
 //! * **DATA** carries a per-transmission packet number, the byte offset and a
 //!   timestamp. A retransmission resends the same segment under a new packet
 //!   number, so a packet number always names one transmission.
@@ -113,10 +118,12 @@
 //! Deterministic and fully testable (the same seed gives the same run);
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
-//! per-peer state before a valid cookie; small idle connections (about 2 KB:
-//! `size_of::<Connection>()` 1200 bytes plus ~0.6-0.8 KB heap, measured by
-//! the `idle_connection_memory` test; buffers grow with use and shrink when
-//! drained); goodput near `link x (1 - loss)` on lossy, long paths
+//! per-peer state before a valid cookie; small idle connections (under
+//! 2 KB in the core: `size_of::<Connection>()` 1184 bytes plus ~0.5-0.6 KB
+//! heap, asserted by the `idle_connection_memory` test; buffers grow with
+//! use and both sides give them back once the flow pauses; ~6.5-7 KiB per
+//! end through the stack, kernel memory included,
+//! `benches/results/fillp_idle.md`); goodput near `link x (1 - loss)` on lossy, long paths
 //! (`benches/fillp_sim.rs`).
 //!
 //! # Not supported
@@ -130,7 +137,6 @@
 //! * More than 2^32 packets per connection (packet numbers do not wrap; at
 //!   100 Mbit/s that is about five days).
 //! * BBR's ProbeRTT phase and app-limited accounting beyond flagging samples.
-//! * Cookie-key rotation (one secret per endpoint).
 //! * `Endpoint::poll_timeout` and `poll_event` scan all connections (O(n)).
 #![warn(missing_docs)]
 

@@ -44,6 +44,10 @@
 //!   `IP_RECVERR` makes an ICMP port-unreachable fail a handshake with
 //!   `ECONNREFUSED` at once and reset an established connection whose peer
 //!   went away.
+//! * **Cookie secrets** come from `getrandom`: the first one when an
+//!   endpoint is made, then 32 fresh bytes after each rotation of a
+//!   listening endpoint's secret (every 60 s, when the core asks through
+//!   `Endpoint::wants_cookie_secret`).
 //! * **Backlog**: completed handshakes move into the listener's queue up to
 //!   `backlog`; the rest wait, established, in the endpoint's own queue (as in
 //!   a kernel accept queue, their connects complete) and move up as `accept`
@@ -64,6 +68,12 @@
 //!   times on receive): six copies per byte against kernel TCP's two, which
 //!   is most of what a packet still costs (see
 //!   `benches/results/fillp_loopback.md`).
+//! * Many idle connections cheaply in CPU: every driver turn walks all of
+//!   the instance's UDP sockets and the listener's connections (O(n) per
+//!   datagram), so 2000 idle connections (keepalives every 5 s) use ~28% of
+//!   a core and 8000 ~150%, and opening them is quadratic
+//!   (`benches/results/fillp_idle.md`). Memory is small: ~6.5-7 KiB per
+//!   idle connection end, kernel buffers and slab included.
 //! * Spreading one instance over several driver threads: one thread runs
 //!   every endpoint of an instance; run several instances to use more cores.
 //! * A socket closed with no unread data closes gracefully and then
@@ -594,6 +604,8 @@ impl Stack for FillpStack {
             e.unknown_cid += x.unknown_cid;
             e.wrong_address += x.wrong_address;
             e.bad_cookies += x.bad_cookies;
+            e.stale_cookies += x.stale_cookies;
+            e.cookie_rotations += x.cookie_rotations;
             e.refused += x.refused;
             conns += slot.ep.connection_count() as u64;
         }
@@ -614,6 +626,8 @@ impl Stack for FillpStack {
             ("unknown_cid", e.unknown_cid),
             ("wrong_address", e.wrong_address),
             ("bad_cookies", e.bad_cookies),
+            ("stale_cookies", e.stale_cookies),
+            ("cookie_rotations", e.cookie_rotations),
             ("refused", e.refused),
         ]
     }
@@ -841,6 +855,12 @@ impl Driver {
             };
             if sl.ep.poll_timeout().is_some_and(|t| t <= now) {
                 sl.ep.handle_timeout(now);
+            }
+            // Once per cookie rotation of a listening endpoint.
+            if sl.ep.wants_cookie_secret() {
+                let mut fresh = [0u8; 32];
+                udp::random_bytes(&mut fresh);
+                sl.ep.supply_cookie_secret(fresh);
             }
             if let Some(l) = st.admit(i, &self.shared.accepted) {
                 self.touched.push(l);

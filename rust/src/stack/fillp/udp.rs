@@ -603,7 +603,7 @@ pub fn block_signals() {
     }
 }
 
-/// 8 random bytes from the kernel (connection-ID seed, cookie secret).
+/// Random bytes from the kernel (connection-ID seed, cookie secrets).
 pub fn random_bytes(out: &mut [u8]) {
     // SAFETY: out is valid for its length. On failure (no entropy syscall)
     // we fall back to the clock below.
