@@ -1184,7 +1184,12 @@ impl FillpSocket {
                 Err(WriteError::Blocked) => Try::Block,
                 Err(WriteError::Finished) => Try::Done(Err(errno(libc::EPIPE))),
                 Err(WriteError::Closed) => {
-                    let r = closed.unwrap_or(CloseReason::Finished);
+                    // The driver may not have passed the Closed event on yet:
+                    // the connection itself knows why it ended (a reset must
+                    // read ECONNRESET, not EPIPE).
+                    let r = closed
+                        .or_else(|| conn.close_reason())
+                        .unwrap_or(CloseReason::Finished);
                     Try::Done(Err(errno(reason_errno(r, true))))
                 }
             }
