@@ -414,14 +414,22 @@ def test_unmodified_http_server_answers_lan_on_smoltcp_and_wan_on_kernel(tmp_pat
         assert lan_fetch.stdout.split() == ["200", "10000"], lan_fetch.stderr
         assert wan_fetch.stdout.split() == ["200", "10000"], wan_fetch.stderr
     finally:
+        server_err = ""
         if server is not None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
+            # SIGINT, as Ctrl-C would; SIGTERM if it is still up (both write --stats).
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                server.send_signal(sig)
+                try:
+                    server_err = server.communicate(timeout=15)[1]
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            else:
                 server.kill()
+                server_err = server.communicate()[1]
         for ns in (srv_ns, lan_ns, wan_ns):
             netns.delete_netns(ns)
+    assert stats.exists(), f"the server wrote no --stats file; its stderr:\n{server_err[-3000:]}"
     counts = json.loads(stats.read_text())
     # Each request was served by the stack its accept rule names.
     assert counts["lan0"]["accepts"] >= 5 and counts["kernel"]["accepts"] >= 3

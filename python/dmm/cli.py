@@ -42,6 +42,8 @@ def cmd_run(args) -> int:
     if not args.module and not args.args:
         raise SystemExit("dmm run: give a script path or -m MODULE")
     patch_all()
+    if args.stats:
+        _exit_on_sigterm()
     try:
         if args.module:
             sys.argv = [args.module] + args.args
@@ -55,6 +57,16 @@ def cmd_run(args) -> int:
         if args.stats:
             _write_stats(args.stats)
     return 0
+
+
+def _exit_on_sigterm() -> None:
+    """Makes SIGTERM unwind like ``sys.exit``, so ``--stats`` is written when
+    a service manager stops the program (unless the program sets its own
+    handler)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _write_stats(path: str) -> None:
