@@ -6,6 +6,7 @@ its own (``peer``) and gives it the gateway address, so kernel TCP in that
 namespace talks to the user-space stack through the TAP, as a LAN host would.
 """
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -59,6 +60,17 @@ class Peer:
         netns.ip("link", "set", "dev", self.device, "netns", self.ns)
         netns.ip("addr", "add", f"{self.address}/24", "dev", self.device, netns=self.ns)
         netns.ip("link", "set", "dev", self.device, "up", netns=self.ns)
+
+    @contextlib.contextmanager
+    def serve(self, code):
+        """Runs ``code`` (a server that prints its port) in the namespace on
+        the peer address; yields the process and the port, kills it after."""
+        proc = self.popen(code, self.address)
+        try:
+            yield proc, int(proc.stdout.readline())
+        finally:
+            proc.kill()
+            proc.wait()
 
     def popen(self, code, *args, **kw):
         return subprocess.Popen(netns.exec_argv(self.ns, [sys.executable, "-c", code, *args]),
@@ -154,9 +166,7 @@ def expected_digest(size):
 
 
 def test_dmm_client_on_smoltcp_to_kernel_server(lan):
-    server = lan.popen(SINK, lan.address)
-    try:
-        port = int(server.stdout.readline())
+    with lan.serve(SINK) as (server, port):
         size = 100 * 2**20
         block = bytes(range(256)) * 4096
         c = dsocket.create_connection((lan.address, port), timeout=60)
@@ -176,9 +186,6 @@ def test_dmm_client_on_smoltcp_to_kernel_server(lan):
         assert digest.decode() == expected_digest(size)
         assert int(server.stdout.readline()) == size
         assert counters.get("bytes_sent", size) >= size
-    finally:
-        server.kill()
-        server.wait()
 
 
 def test_kernel_client_in_namespace_to_dmm_server_on_smoltcp(lan):
@@ -229,17 +236,12 @@ def test_errors_match_kernel_semantics(lan):
             time.sleep(0.01)
         assert err == errno.ECONNREFUSED
     # Non-blocking recv with nothing to read: EAGAIN.
-    server = lan.popen(SINK, lan.address)
-    try:
-        port = int(server.stdout.readline())
+    with lan.serve(SINK) as (server, port):
         c = dsocket.create_connection((lan.address, port), timeout=5)
         with c:
             c.setblocking(False)
             with pytest.raises(BlockingIOError):
                 c.recv(10)
-    finally:
-        server.kill()
-        server.wait()
 
 
 def test_selectors_server_on_smoltcp(lan):
@@ -281,15 +283,13 @@ print(c.recv(100).decode(), flush=True)
 
 
 def test_removing_the_tap_device_fails_live_sockets_and_spares_the_process(lan):
-    server = lan.popen(r"""
+    with lan.serve(r"""
 import socket, sys, time
 srv = socket.create_server((sys.argv[1], 0))
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
 time.sleep(60)
-""", lan.address)
-    try:
-        port = int(server.stdout.readline())
+""") as (server, port):
         c = dsocket.create_connection((lan.address, port), timeout=10)
         with c:
             c.settimeout(None)
@@ -319,9 +319,6 @@ time.sleep(60)
         d.settimeout(5)
         with d, pytest.raises(OSError):
             d.connect((lan.address, port))
-    finally:
-        server.kill()
-        server.wait()
 
 
 HTTP_TOML = """
@@ -437,9 +434,7 @@ def test_unmodified_http_server_answers_lan_on_smoltcp_and_wan_on_kernel(tmp_pat
 
 
 def test_link_down_for_a_while_loses_frames_not_the_connection(lan):
-    server = lan.popen(SINK, lan.address)
-    try:
-        port = int(server.stdout.readline())
+    with lan.serve(SINK) as (server, port):
         size = 64 * 2**20
         block = bytes(range(256)) * 4096
         c = dsocket.create_connection((lan.address, port), timeout=60)
@@ -466,13 +461,10 @@ def test_link_down_for_a_while_loses_frames_not_the_connection(lan):
         assert digest.decode() == expected_digest(size)
         counts = dsocket.stack_counters()["lan0"]
         assert counts["tx_dropped"] > 0 and counts["down"] == 0
-    finally:
-        server.kill()
-        server.wait()
 
 
 def test_sendall_timeout_covers_the_whole_call(lan):
-    trickle = lan.popen(r"""
+    with lan.serve(r"""
 import socket, sys, time
 srv = socket.create_server((sys.argv[1], 0))
 print(srv.getsockname()[1], flush=True)
@@ -480,9 +472,7 @@ conn, _ = srv.accept()
 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
 while conn.recv(65536):
     time.sleep(0.02)
-""", lan.address)
-    try:
-        port = int(trickle.stdout.readline())
+""") as (trickle, port):
         c = dsocket.create_connection((lan.address, port), timeout=10)
         with c:
             c.settimeout(0.5)
@@ -490,6 +480,3 @@ while conn.recv(65536):
             with pytest.raises(TimeoutError):
                 c.sendall(b"x" * (64 << 20))  # ~20 s of trickle
             assert time.monotonic() - started < 10
-    finally:
-        trickle.kill()
-        trickle.wait()

@@ -152,6 +152,11 @@ class Runtime:
         return None
 
     def _first_capable(self, names, request: policy.Request, trace: list[str], source: str) -> Optional[str]:
+        return next(self._capable_iter(names, request, trace, source), None)
+
+    def _capable_iter(self, names, request: policy.Request, trace: list[str], source: str):
+        """The stacks of ``names`` that can carry the socket, lazily; the
+        ones skipped on the way are explained in ``trace``."""
         for name in names:
             inst = self.stacks.get(name)
             if inst is None:
@@ -159,9 +164,9 @@ class Runtime:
                 continue
             why = inst.can_carry(request.family, request.type)
             if why is None:
-                return name
-            trace.append(f"{source}: {name} cannot carry it ({why}); next")
-        return None
+                yield name
+            else:
+                trace.append(f"{source}: {name} cannot carry it ({why}); next")
 
     def _listeners(self, names: tuple[str, ...], trace: list[str]) -> tuple[str, ...]:
         """The stacks a listener spans: at most one kernel instance (the first
@@ -174,15 +179,7 @@ class Runtime:
 
     def _capable(self, names, request: policy.Request, trace: list[str], source: str) -> tuple[str, ...]:
         """Every stack of ``names`` that can carry the socket, in order."""
-        found = []
-        rest = list(names)
-        while rest:
-            name = self._first_capable(rest, request, trace, source)
-            if name is None:
-                break
-            found.append(name)
-            rest = rest[rest.index(name) + 1:]
-        return tuple(found)
+        return tuple(self._capable_iter(names, request, trace, source))
 
 
 _lock = threading.Lock()

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import select as _select
 import sys as _sys
+import time as _time
 import socket as _std
 import _socket
 
@@ -556,8 +558,6 @@ class _ListenGroup:
 
     def open(self, sock, backlog):
         """Makes the members listen, then puts the epoll fd under ``sock``'s number."""
-        import select
-
         family = _raw_family(sock)
         if _StdSocket.getsockname(sock)[1] == 0:
             _StdSocket.bind(sock, ("::" if family == _std.AF_INET6 else "0.0.0.0", 0))
@@ -581,9 +581,9 @@ class _ListenGroup:
                 ksock = _socket.socket(fileno=_os.dup(sock.fileno()))
                 ksock.setblocking(False)
                 self.members.insert(0, (kernel, ksock, None))
-            self.epoll = select.epoll()
+            self.epoll = _select.epoll()
             for _name, ksock, core in self.members:
-                self.epoll.register(ksock.fileno() if ksock is not None else core.poll_fd(), select.EPOLLIN)
+                self.epoll.register(ksock.fileno() if ksock is not None else core.poll_fd(), _select.EPOLLIN)
             _os.dup2(self.epoll.fileno(), sock.fileno(), inheritable=sock.get_inheritable())
         except BaseException:
             self.close()
@@ -643,13 +643,11 @@ class _MultiListenMethods:
             group.open(self, backlog[0] if backlog else 128)
 
     def accept(self):
-        import time
-
         group = self._dmm_core
         if group.epoll is None:
             raise OSError(_errno.EINVAL, "Invalid argument")
         timeout = self.gettimeout()
-        deadline = None if not timeout else time.monotonic() + timeout
+        deadline = None if not timeout else _time.monotonic() + timeout
         while True:
             conn = group.accept_one()
             if conn is not None:
@@ -660,7 +658,7 @@ class _MultiListenMethods:
                 continue
             if timeout == 0.0:
                 raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
-            wait = -1 if deadline is None else deadline - time.monotonic()
+            wait = -1 if deadline is None else deadline - _time.monotonic()
             if deadline is not None and wait <= 0:
                 raise TimeoutError("timed out")
             group.epoll.poll(wait)  # EINTR: handlers run, then it retries (PEP 475)
