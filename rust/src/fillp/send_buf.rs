@@ -89,6 +89,11 @@ impl SendBuf {
         self.capacity.saturating_sub(self.data.len())
     }
 
+    /// Bytes `write` accepts when the buffer is empty.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Bytes written but not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.data.len()
