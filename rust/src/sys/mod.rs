@@ -72,6 +72,36 @@ pub fn poll_until(
     Ok(if n == 0 { 0 } else { pfd.revents })
 }
 
+/// Waits until `fd` is readable or `also` (when given) has an event, or
+/// until `deadline`, with nanosecond precision. Returns `None` on timeout,
+/// else `also`'s events (0 when it has none). `EINTR` goes to the caller,
+/// so it can run signal handlers.
+pub fn wait_readable_or(
+    fd: RawFd,
+    also: Option<RawFd>,
+    deadline: Option<Instant>,
+) -> io::Result<Option<libc::c_short>> {
+    let mut pfds = [fd, also.unwrap_or(-1)].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ts = deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        libc::timespec {
+            tv_sec: left.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
+        }
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: pfds is a valid array of pollfd; tsp is null or points to a
+    // local; a negative fd is ignored by ppoll.
+    let n = cvt(unsafe { libc::ppoll(pfds.as_mut_ptr(), 2, tsp, std::ptr::null()) })?;
+    Ok((n > 0).then_some(pfds[1].revents))
+}
+
 /// A deadline `timeout` from now, or `None` for no limit.
 pub fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout.map(|t| Instant::now() + t)

@@ -52,7 +52,7 @@ pub const GSO_MAX_BYTES: usize = 65_000;
 
 /// Entries per `recvmmsg` with GRO: each holds up to 64 KiB, and a smaller
 /// batch keeps what was received in cache until it is processed.
-pub const GRO_BATCH: usize = 16;
+pub const GRO_BATCH: usize = 4;
 
 /// `UDP_SEGMENT` from `linux/udp.h` (level `SOL_UDP`).
 const UDP_SEGMENT: libc::c_int = 103;
@@ -314,6 +314,11 @@ pub struct SendBatch {
     /// control length.
     entries: Vec<(usize, usize, usize)>,
 }
+
+// SAFETY: the iovecs point into the caller's datagrams only during a
+// `send_batch` call, which rebuilds them first; between calls they are
+// stale and never read, so moving the batch to another thread is sound.
+unsafe impl Send for SendBatch {}
 
 impl Default for SendBatch {
     fn default() -> Self {

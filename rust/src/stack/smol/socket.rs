@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::event::wait as wait_fds;
 use super::state::{readable, writable, SockFds, State};
 use super::{device_fd, lock, Shared};
 use crate::stack::{errno, timed_out, Family, Readiness, TimeoutCell};
@@ -229,26 +228,13 @@ impl SockCore {
                 Wait::Read => self.fds.ready.as_raw_fd(),
                 Wait::Write => self.fds.wake.as_raw_fd(),
             };
-            let mut pfds = [
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: tap.unwrap_or(-1),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            if wait_fds(&mut pfds, left)? == 0 {
+            let Some(revents) = sys::wait_readable_or(fd, tap, deadline)? else {
                 return Err(timed_out());
-            }
+            };
             // An error on the TAP is the driver's to handle; stop watching.
             let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
-            tap_ready = pfds[1].revents & libc::POLLIN != 0 && pfds[1].revents & bad == 0;
-            if pfds[1].revents & bad != 0 {
+            tap_ready = revents & libc::POLLIN != 0 && revents & bad == 0;
+            if revents & bad != 0 {
                 tap = None;
             }
             self.check_open()?;
