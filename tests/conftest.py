@@ -32,6 +32,27 @@ def use_config(text):
     return dmm.runtime.configure(dconfig.parse(textwrap.dedent(text), "<test>"))
 
 
+#: Loopback routed to a FillP instance ``wan``, listeners on it too;
+#: ``{mode}`` is its rate control.
+FILLP_LOOPBACK = """
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "wan"
+kind = "fillp"
+rate_control = "{mode}"
+
+[[route]]
+to = "127.0.0.0/8"
+stacks = ["wan"]
+
+[listen]
+stacks = ["wan"]
+"""
+
+
 TWO_KERNELS = """
 [[stack]]
 name = "kernel"

@@ -14,30 +14,11 @@ import pytest
 
 import dmm.socket as dsocket
 
-from conftest import use_config
-
-FILLP = """
-[[stack]]
-name = "kernel"
-kind = "kernel"
-
-[[stack]]
-name = "wan"
-kind = "fillp"
-rate_control = "{mode}"
-
-[[route]]
-to = "127.0.0.0/8"
-stacks = ["wan"]
-
-[listen]
-stacks = ["wan"]
-"""
-
+from conftest import FILLP_LOOPBACK, use_config
 
 @pytest.fixture(params=["bbr"])
 def fillp(request):
-    return use_config(FILLP.format(mode=request.param))
+    return use_config(FILLP_LOOPBACK.format(mode=request.param))
 
 
 def listener():
@@ -207,7 +188,7 @@ time.sleep(60)
 def test_peer_killed_mid_transfer_gives_an_error_not_a_hang(fillp):
     srv = listener()
     port = srv.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", PEER, FILLP.format(mode="bbr"), str(port)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", PEER, FILLP_LOOPBACK.format(mode="bbr"), str(port)], stdout=subprocess.PIPE, text=True)
     conn, _ = srv.accept()
     assert proc.stdout.readline().strip() == "sent"
     proc.send_signal(signal.SIGKILL)

@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+import dmm.selectors as dselectors
 import dmm.socket as dsocket
 from dmm.lab import netns
 
@@ -280,6 +281,54 @@ print(c.recv(100).decode(), flush=True)
         client.kill()
         sel.close()
         srv.close()
+
+
+# Accepts one connection, waits for a line on stdin, then reads it all.
+SLOW_SINK = r"""
+import socket, sys
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+sys.stdin.readline()
+n = 0
+while data := conn.recv(1 << 20):
+    n += len(data)
+print(n, flush=True)
+"""
+
+
+def test_write_readiness_on_smoltcp_is_exact(lan):
+    proc = lan.popen(SLOW_SINK, lan.address, stdin=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline())
+        c = dsocket.create_connection((lan.address, port), timeout=10)
+        with c, dselectors.DefaultSelector() as sel:
+            assert c.dmm_stack == "lan0"
+            sel.register(c, selectors.EVENT_WRITE)
+            assert sel.select(5), "a fresh connection is writable"
+            c.setblocking(False)
+            sent, block = 0, b"z" * 65536
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # until the peer's window and our buffer are full
+                before = sent
+                while True:
+                    try:
+                        sent += c.send(block)
+                    except BlockingIOError:
+                        break
+                if sent == before:
+                    break
+                time.sleep(0.3)
+            assert sel.select(0.3) == [], "full send buffer polled writable"
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert sel.select(10), "never writable again after the peer read"
+            c.setblocking(True)
+            c.shutdown(dsocket.SHUT_WR)
+            assert int(proc.stdout.readline()) == sent
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_removing_the_tap_device_fails_live_sockets_and_spares_the_process(lan):

@@ -30,6 +30,7 @@ import os as _os
 import select as _select
 import sys as _sys
 import time as _time
+import weakref as _weakref
 import socket as _std
 import _socket
 
@@ -41,7 +42,7 @@ from . import runtime as _runtime
 _StdSocket = _std.socket
 
 __implements__ = ["socket", "create_connection", "create_server", "socketpair", "fromfd"]
-__extensions__ = ["SOL_DMM", "DMM_STACK", "DMM_PROPERTIES", "stack_counters"]
+__extensions__ = ["SOL_DMM", "DMM_STACK", "DMM_PROPERTIES", "stack_counters", "write_poll_fd"]
 __imports__ = [name for name in _std.__all__ if name not in __implements__]
 
 for _name in __imports__:
@@ -202,6 +203,7 @@ class socket(_StdSocket):
         _os.dup2(core.poll_fd(), self.fileno(), inheritable=self.get_inheritable())
         self._dmm_core = core
         self.__class__ = _with_mixin(type(self), _UserSpaceMethods)
+        _user_space[self.fileno()] = self
 
     # -- methods that route ------------------------------------------------------
 
@@ -377,6 +379,8 @@ class _CoreMethods:
         self._dmm_core.settimeout(self.gettimeout())
 
     def _real_close(self, *args):
+        if _user_space.get(self.fileno()) is self:
+            del _user_space[self.fileno()]
         try:
             self._dmm_core.close()
         finally:
@@ -478,6 +482,25 @@ class _UserSpaceMethods(_CoreMethods):
     recvmsg = _not_supported("recvmsg")
     recvmsg_into = _not_supported("recvmsg_into")
     dup = _not_supported("dup")
+
+
+#: Open sockets on user-space stacks by fd number. Their fd (a readiness
+#: eventfd) polls readable exactly when they are readable but is always
+#: writable, so :mod:`dmm.selectors` polls their ``write_poll_fd`` instead.
+_user_space: _weakref.WeakValueDictionary = _weakref.WeakValueDictionary()
+
+
+def write_poll_fd(fd):
+    """For the fd of an open dmm socket on a user-space stack (FillP,
+    smoltcp): an fd that polls readable exactly while that socket is
+    writable. ``None`` for any other fd, whose own ``POLLOUT`` is exact."""
+    sock = _user_space.get(fd)
+    if sock is None:
+        return None
+    try:
+        return sock._dmm_core.write_poll_fd()
+    except (AttributeError, OSError):
+        return None
 
 
 def _adopt_kernel(listener, fd, name):

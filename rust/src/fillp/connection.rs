@@ -111,7 +111,8 @@ pub enum Event {
     Connected,
     /// Bytes (or EOF) can be read.
     Readable,
-    /// Send-buffer space freed after a [`WriteError::Blocked`].
+    /// Half the send buffer is free again after a write that did not fit
+    /// ([`WriteError::Blocked`] or a short count).
     Writable,
     /// The peer finished its stream and every byte has arrived.
     Finished,
@@ -533,8 +534,13 @@ impl Connection {
             return Err(WriteError::Finished);
         }
         let n = self.send.write(data);
-        if n == 0 && !data.is_empty() {
+        // A write that did not fit hears of space through Writable, whether
+        // it took nothing (Blocked) or a part: a non-blocking writer that
+        // got a short count waits for writability just the same.
+        if n < data.len() {
             self.write_blocked = true;
+        }
+        if n == 0 && !data.is_empty() {
             return Err(WriteError::Blocked);
         }
         Ok(n)

@@ -380,6 +380,12 @@ impl CoreSocket {
         self.inner.poll_fd()
     }
 
+    /// The fd that polls readable exactly while this socket is writable,
+    /// or None when `poll_fd` itself polls writable (kernel sockets).
+    fn write_poll_fd(&self) -> Option<i32> {
+        self.inner.write_poll_fd()
+    }
+
     /// `(readable, writable, error)` now.
     fn readiness(&self) -> (bool, bool, bool) {
         let r = self.inner.readiness();

@@ -283,6 +283,14 @@ pub trait StackSocket: Send + Sync {
     /// A kernel fd that polls readable when this socket is readable.
     fn poll_fd(&self) -> RawFd;
 
+    /// For a socket whose [`StackSocket::poll_fd`] is not the socket itself
+    /// (user-space stacks): a kernel fd that polls readable exactly while
+    /// this socket is writable. `None`: `poll_fd` polls writable as the
+    /// socket does (kernel sockets).
+    fn write_poll_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     /// The socket's readiness now, without blocking.
     fn readiness(&self) -> Readiness;
 

@@ -69,11 +69,15 @@
 //!   `backlog`; the rest wait, established, in the endpoint's own queue (as in
 //!   a kernel accept queue, their connects complete) and move up as `accept`
 //!   makes room. Closing a listener resets whatever was never accepted.
-//! * **Readiness**: each socket has two eventfds. `ready` is readable exactly
-//!   while the socket is readable (data, EOF, error, pending accept); it is
-//!   the [`StackSocket::poll_fd`] and what blocking `recv`/`accept` wait on.
-//!   `wake` is signalled on connect completion, send-buffer space and
-//!   errors; blocking `send`/`connect` drain it under the lock, then wait.
+//! * **Readiness**: each socket has two eventfds, kept in line with its
+//!   state under the lock. `ready` is readable exactly while the socket is
+//!   readable (data, EOF, error, pending accept); it is the
+//!   [`StackSocket::poll_fd`] and what blocking `recv`/`accept` wait on.
+//!   `wake` is readable exactly while the socket is writable (connected
+//!   with send-buffer room, or an error to report; once full, writable
+//!   again at half the buffer free); it is the
+//!   [`StackSocket::write_poll_fd`] and what blocking `send`/`connect` wait
+//!   on.
 //!   Waits use `poll(2)`, so a signal returns `EINTR` to the caller; the
 //!   driver thread blocks all signals so that they reach application threads.
 //!
@@ -211,6 +215,8 @@ struct State {
     socks: HashMap<u64, SockState>,
     by_conn: HashMap<(usize, ConnectionHandle), u64>,
     next_id: u64,
+    /// Every connection's send buffer, bytes (for write readiness).
+    send_buffer: usize,
 }
 
 /// One UDP socket and the endpoint multiplexed over it.
@@ -300,6 +306,8 @@ struct SockState {
     shut_wr: bool,
     /// Whether `fds.ready` is signalled now.
     ready: bool,
+    /// Whether `fds.wake` is signalled now.
+    writable: bool,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     /// Stats at close, for counters after the connection is forgotten.
@@ -317,6 +325,7 @@ impl SockState {
             shut_rd: false,
             shut_wr: false,
             ready: false,
+            writable: false,
             peer: None,
             local: None,
             stats: ConnectionStats::default(),
@@ -393,7 +402,7 @@ impl State {
     fn stream(&mut self, id: u64) -> io::Result<StreamView> {
         let s = self.socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))?;
         if let Some(e) = s.error.take() {
-            self.sync_ready(id);
+            self.sync(id);
             return Err(errno(e));
         }
         if let Some(e) = s.fatal {
@@ -416,24 +425,59 @@ impl State {
         }
     }
 
-    /// Brings socket `id`'s `ready` eventfd in line with its state.
-    fn sync_ready(&mut self, id: u64) {
-        let want = self.readable(id);
-        if let Some(s) = self.socks.get_mut(&id) {
-            if want != s.ready {
-                s.ready = want;
-                if want {
-                    udp::signal(s.fds.ready.as_raw_fd());
-                } else {
-                    udp::drain(s.fds.ready.as_raw_fd());
+    /// Whether socket `id` is writable now, given whether it was (`was`):
+    /// room in the send buffer, connect done, or an error to report. Once
+    /// full, a connection counts as writable again only when half its
+    /// buffer is free (the kernel's `sk_stream_wspace` rule), so a bulk
+    /// writer wakes once per half buffer rather than once per PACK.
+    fn writable(&self, id: u64, was: bool) -> bool {
+        let Some(s) = self.socks.get(&id) else {
+            return true;
+        };
+        if s.error.is_some() || s.fatal.is_some() || s.shut_wr || s.closed.is_some() {
+            return true;
+        }
+        match &s.role {
+            Role::Fresh | Role::Bound(..) | Role::Listening { .. } => false,
+            Role::Conn {
+                established: false, ..
+            } => false,
+            Role::Conn { slot, h, .. } => {
+                match self.slot(*slot).and_then(|sl| sl.ep.connection(*h)) {
+                    None => true,
+                    Some(c) if c.is_closed() => true,
+                    Some(c) if was => c.send_space() > 0,
+                    Some(c) => c.send_space() >= (self.send_buffer / 2).max(1),
                 }
             }
         }
     }
 
-    fn wake_sock(&self, id: u64) {
-        if let Some(s) = self.socks.get(&id) {
-            udp::signal(s.fds.wake.as_raw_fd());
+    /// Brings socket `id`'s eventfds in line with its state: `ready` is
+    /// readable exactly while the socket is readable, `wake` while it is
+    /// writable.
+    fn sync(&mut self, id: u64) {
+        let want = self.readable(id);
+        let was = self.socks.get(&id).is_some_and(|s| s.writable);
+        let want_w = self.writable(id, was);
+        let Some(s) = self.socks.get_mut(&id) else {
+            return;
+        };
+        if want != s.ready {
+            s.ready = want;
+            if want {
+                udp::signal(s.fds.ready.as_raw_fd());
+            } else {
+                udp::drain(s.fds.ready.as_raw_fd());
+            }
+        }
+        if want_w != s.writable {
+            s.writable = want_w;
+            if want_w {
+                udp::signal(s.fds.wake.as_raw_fd());
+            } else {
+                udp::drain(s.fds.wake.as_raw_fd());
+            }
         }
     }
 
@@ -569,7 +613,10 @@ impl FillpStack {
     pub fn new(name: impl Into<String>, opts: FillpOptions) -> io::Result<FillpStack> {
         let name = name.into();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                send_buffer: opts.connection.send_buffer,
+                ..State::default()
+            }),
             wake: udp::eventfd()?,
             sleeping: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
@@ -741,7 +788,7 @@ impl Pump {
         self.touched.sort_unstable();
         self.touched.dedup();
         for id in self.touched.drain(..) {
-            st.sync_ready(id);
+            st.sync(id);
         }
     }
 }
@@ -930,10 +977,8 @@ impl Shared {
                     if let Role::Conn { established, .. } = &mut s.role {
                         *established = true;
                     }
-                    udp::signal(s.fds.wake.as_raw_fd());
                 }
-                Event::Writable => udp::signal(s.fds.wake.as_raw_fd()),
-                Event::Readable | Event::Finished => {}
+                Event::Readable | Event::Writable | Event::Finished => {}
                 Event::Closed { reason } => {
                     s.closed = Some(reason);
                     if let Some(c) = sl.ep.connection(h) {
@@ -947,7 +992,6 @@ impl Shared {
                             s.error = Some(reason_errno(reason, false));
                         }
                     }
-                    udp::signal(s.fds.wake.as_raw_fd());
                 }
             }
             pump.touched.push(id);
@@ -1286,8 +1330,7 @@ impl Driver {
                 if let Some(s) = st.socks.get_mut(&id) {
                     s.fatal = Some(libc::ENETDOWN);
                 }
-                st.sync_ready(id);
-                st.wake_sock(id);
+                st.sync(id);
             }
         }
         self.process();
@@ -1402,9 +1445,6 @@ impl FillpSocket {
                 if self.shared.stop.load(Ordering::SeqCst) {
                     return Err(errno(libc::ENETDOWN));
                 }
-                if wait == Wait::Write {
-                    udp::drain(self.fds.wake.as_raw_fd());
-                }
                 if wait == Wait::Read && timeout.is_none_or(|t| !t.is_zero()) {
                     watch = Watch::new(&self.shared, &mut st, self.id);
                 }
@@ -1462,7 +1502,7 @@ impl FillpSocket {
             if buf.is_empty() {
                 return Try::Done(Ok(0));
             }
-            match conn.write(buf) {
+            let r = match conn.write(buf) {
                 Ok(n) => {
                     ctx.kick = true;
                     Try::Done(Ok(n))
@@ -1478,7 +1518,9 @@ impl FillpSocket {
                         .unwrap_or(CloseReason::Finished);
                     Try::Done(Err(errno(reason_errno(r, true))))
                 }
-            }
+            };
+            st.sync(self.id);
+            r
         })
     }
 
@@ -1528,7 +1570,7 @@ impl FillpSocket {
                 Err(ReadError::Reset) => Try::Done(Err(errno(libc::ECONNRESET))),
                 Err(ReadError::Closed) => gone(closed.or(Some(CloseReason::Finished))),
             };
-            st.sync_ready(self.id);
+            st.sync(self.id);
             r
         })
     }
@@ -1722,7 +1764,7 @@ impl StackSocket for FillpSocket {
                 _ => usize::MAX,
             };
             st.admit(slot, &self.shared.accepted);
-            st.sync_ready(self.id);
+            st.sync(self.id);
             match st.socks.get(&id) {
                 Some(c) => Try::Done(Ok((
                     id,
@@ -1803,7 +1845,7 @@ impl StackSocket for FillpSocket {
             s.closed = None;
             s.fatal = None;
             s.stats = ConnectionStats::default();
-            st.sync_ready(self.id);
+            st.sync(self.id);
             self.shared.connects.fetch_add(1, Ordering::Relaxed);
             self.shared.kick();
         }
@@ -1815,7 +1857,7 @@ impl StackSocket for FillpSocket {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
             if let Some(e) = s.error.take().or(s.fatal) {
-                st.sync_ready(self.id);
+                st.sync(self.id);
                 return Try::Done(Err(errno(e)));
             }
             match s.role {
@@ -1882,8 +1924,7 @@ impl StackSocket for FillpSocket {
                 c.shutdown_write();
             }
         }
-        st.sync_ready(self.id);
-        st.wake_sock(self.id);
+        st.sync(self.id);
         self.shared.kick();
         Ok(())
     }
@@ -1963,7 +2004,7 @@ impl StackSocket for FillpSocket {
                     .get_mut(&self.id)
                     .and_then(|s| s.error.take())
                     .unwrap_or(0);
-                st.sync_ready(self.id);
+                st.sync(self.id);
                 e
             }
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
@@ -1998,6 +2039,10 @@ impl StackSocket for FillpSocket {
         }
     }
 
+    fn write_poll_fd(&self) -> Option<RawFd> {
+        Some(self.fds.wake.as_raw_fd())
+    }
+
     fn poll_fd(&self) -> RawFd {
         self.fds.ready.as_raw_fd()
     }
@@ -2014,22 +2059,7 @@ impl StackSocket for FillpSocket {
         };
         let error = s.error.is_some() || s.fatal.is_some();
         let readable = st.readable(self.id);
-        let writable = error
-            || match s.role {
-                Role::Conn {
-                    slot,
-                    h,
-                    established: true,
-                } => {
-                    s.closed.is_some()
-                        || match st.slot(slot).and_then(|sl| sl.ep.connection(h)) {
-                            None => true,
-                            Some(c) => s.shut_wr || c.is_closed() || c.send_space() > 0,
-                        }
-                }
-                Role::Conn { .. } => s.closed.is_some(),
-                _ => false,
-            };
+        let writable = st.writable(self.id, s.writable);
         Readiness {
             readable,
             writable,

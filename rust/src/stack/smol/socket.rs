@@ -106,6 +106,10 @@ macro_rules! socket_common {
             self.ready_fd()
         }
 
+        fn write_poll_fd(&self) -> Option<RawFd> {
+            Some(self.write_fd())
+        }
+
         fn readiness(&self) -> Readiness {
             self.readiness_now()
         }
@@ -202,18 +206,6 @@ impl SockCore {
                 if let Try::Done(r) = r {
                     return r;
                 }
-                if wait == Wait::Write {
-                    let st = &mut *st;
-                    if let Some(s) = st.socks.get_mut(&self.id) {
-                        // Writable already (the turn above freed room):
-                        // nobody would set `wake`, so try again now.
-                        if writable(s, &st.sockets) {
-                            continue;
-                        }
-                        s.want_write = true;
-                    }
-                    self.fds.wake.clear();
-                }
                 // A blocked reader with inline polling also watches the
                 // TAP, so the reply it waits for reaches it without a hop
                 // through the driver thread.
@@ -277,6 +269,11 @@ impl SockCore {
     /// The `ready` eventfd.
     pub(super) fn ready_fd(&self) -> RawFd {
         self.fds.ready.as_raw_fd()
+    }
+
+    /// The fd readable exactly while the socket is writable.
+    pub(super) fn write_fd(&self) -> RawFd {
+        self.fds.wake.as_raw_fd()
     }
 
     /// The exact readiness now.

@@ -130,8 +130,9 @@ impl Sockets {
 }
 
 /// The two eventfds of a socket. `ready` is readable exactly while the
-/// socket is (the `poll_fd`); `wake` is set for a writer blocked in
-/// `send`/`connect` when it may go on.
+/// socket is (the `poll_fd`); `wake` exactly while it is writable (the
+/// `write_poll_fd`, and what blocked `send`/`connect` wait on), with the
+/// half-buffer rule of [`wake_writer`] once it was full.
 pub struct SockFds {
     pub ready: EventFd,
     pub wake: EventFd,
@@ -228,8 +229,8 @@ pub struct SockState {
     pub shut_wr: bool,
     /// Whether `fds.ready` is set now.
     pub ready: bool,
-    /// A writer waits on `fds.wake`.
-    pub want_write: bool,
+    /// Whether `fds.wake` is set now.
+    pub writable: bool,
     pub opts: SockOpts,
     pub local: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
@@ -253,7 +254,7 @@ impl SockState {
             shut_rd: false,
             shut_wr: false,
             ready: false,
-            want_write: false,
+            writable: false,
             opts,
             local: None,
             peer: None,
@@ -635,6 +636,7 @@ impl State {
                 s.ready = true;
                 s.fds.ready.set();
             }
+            s.writable = true;
             s.fds.wake.set();
         }
     }
@@ -649,7 +651,7 @@ impl State {
 }
 
 /// Brings one socket up to date: connect completion or failure, the
-/// `ready` eventfd, a blocked writer.
+/// `ready` and `wake` eventfds.
 fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
     if let Role::Conn { h, phase } = &mut s.role {
         if let Phase::Connecting(since) = *phase {
@@ -689,8 +691,18 @@ fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
             s.fds.ready.clear();
         }
     }
-    if s.want_write && wake_writer(s, set) {
-        s.want_write = false;
-        s.fds.wake.set();
+    // Once unwritable, writable again only by the half-buffer rule.
+    let want = if s.writable {
+        writable(s, set)
+    } else {
+        wake_writer(s, set)
+    };
+    if want != s.writable {
+        s.writable = want;
+        if want {
+            s.fds.wake.set();
+        } else {
+            s.fds.wake.clear();
+        }
     }
 }
