@@ -487,6 +487,8 @@ impl Side {
 }
 
 /// Run a full transfer in both directions until both sides have closed.
+/// Each side writes as soon as it has its connection: the client from
+/// `connect` (its data follows the CONN_REQ), the server from `accept`.
 pub fn transfer(
     pair: &mut Pair,
     client: &mut Side,
@@ -494,10 +496,19 @@ pub fn transfer(
     max_steps: u64,
     limit: Duration,
 ) -> Result<(), SimError> {
-    let (ch, sh) = pair.connect(max_steps)?;
+    let ch = pair
+        .client
+        .connect(pair.now, pair.server_addr)
+        .map_err(|_| SimError::Stalled)?;
+    let mut sh = None;
     pair.run_until(max_steps, limit, |p| {
+        if sh.is_none() {
+            sh = p.server.accept();
+        }
         client.pump(&mut p.client, ch);
-        server.pump(&mut p.server, sh);
+        if let Some(h) = sh {
+            server.pump(&mut p.server, h);
+        }
         client.closed.is_some() && server.closed.is_some()
     })
 }
@@ -609,13 +620,14 @@ mod tests {
         packets: usize,
     ) -> crate::fillp::connection::ConnectionStats {
         use crate::fillp::wire::{Body, Repr};
-        let mut p = Pair::new(
-            21,
-            cfg(),
-            cfg(),
-            LinkConfig::ideal(Duration::from_millis(20)),
-            LinkConfig::ideal(Duration::from_millis(20)),
-        );
+        // A bottleneck spaces the first flight's back-to-back train, so the
+        // packet to lose is still in flight when the next step looks.
+        let link = LinkConfig {
+            rate: Some(2_000_000),
+            queue: 1 << 20,
+            ..LinkConfig::ideal(Duration::from_millis(20))
+        };
+        let mut p = Pair::new(21, cfg(), cfg(), link, link);
         let (ch, sh) = p.connect(1000).unwrap();
         let data = vec![9u8; 1374 * packets];
         let mut c = Side::sending(data.clone());
