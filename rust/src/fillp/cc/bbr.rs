@@ -202,6 +202,15 @@ impl Bbr {
         }
     }
 
+    /// Datagram bytes for `payload` bytes of full-size DATA packets: the
+    /// model counts stream payload (delivery samples), the pacer and the
+    /// in-flight count whole datagrams; without this, pacing at 1.0 x the
+    /// model fills only 98% of a link (at a 1400-byte MTU).
+    fn on_wire(&self, payload: u64) -> u64 {
+        let payload_mtu = self.mtu.saturating_sub(DATA_HEADER_LEN as u64).max(1);
+        (payload as f64 * self.mtu as f64 / payload_mtu as f64) as u64
+    }
+
     fn bdp(&self) -> u64 {
         (self.model_bw() as f64 * self.min_rtt().as_secs_f64()) as u64
     }
@@ -385,7 +394,8 @@ impl RateController for Bbr {
     }
 
     fn pacing_rate(&self) -> u64 {
-        ((self.model_bw() as f64 * self.pacing_gain()) as u64).clamp(self.floor_rate, self.max_rate)
+        let rate = self.on_wire((self.model_bw() as f64 * self.pacing_gain()) as u64);
+        rate.clamp(self.floor_rate, self.max_rate)
     }
 
     fn inflight_cap(&self) -> u64 {
@@ -400,7 +410,7 @@ impl RateController for Bbr {
             State::Startup | State::Drain => STARTUP_CWND_GAIN,
             State::ProbeBw => CWND_GAIN,
         };
-        (self.bdp() as f64 * gain) as u64 + 4 * self.mtu
+        self.on_wire((self.bdp() as f64 * gain) as u64) + 4 * self.mtu
     }
 
     fn mode(&self) -> RateMode {
