@@ -1257,7 +1257,16 @@ impl Connection {
             * (1u32 << self.hs_backoff.min(2)))
         .min(Duration::from_secs(1));
         self.hs_next = now + backoff;
+        let resend = self.hs_backoff > 0;
         self.hs_backoff += 1;
+        if resend && self.early_data_allowed() && self.send.probe_tail() {
+            // The early data went nowhere if the CONN_REQ was lost. A probe
+            // right behind the retransmitted CONN_REQ draws a PACK (and the
+            // NACKs for the rest) from the new server connection, which
+            // completes the handshake even if its CONN_ACK is lost.
+            self.stats.tail_probes += 1;
+            self.probe_pending = true;
+        }
         let repr = match self.hs {
             Hs::Init => Repr {
                 dst_cid: 0,
