@@ -478,6 +478,28 @@ mod tests {
     }
 
     #[test]
+    fn capacity_hint_sets_startup_pacing() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        // A first-round sample that reads low, then a 10 MB/s train.
+        feed(&mut b, t0, 10, 300_000, 0.0);
+        b.on_capacity_hint(t0, 10_000_000);
+        let wire = b.on_wire(10_000_000);
+        assert_eq!(b.state, State::Startup);
+        assert_eq!(b.pacing_rate(), (wire as f64 * HINT_GAIN) as u64);
+        // A hint below what was measured is ignored.
+        let mut c = Bbr::new(&cfg());
+        feed(&mut c, t0, 10, 3_000_000, 0.0);
+        let before = c.pacing_rate();
+        c.on_capacity_hint(t0, 2_000_000);
+        assert_eq!(c.pacing_rate(), before);
+        // Delivery well above the hint proves it low: back to the usual gain.
+        feed(&mut b, t0 + Duration::from_millis(10), 10, 12_000_000, 0.0);
+        assert!(b.hint.is_none());
+        assert!(b.pacing_rate() > b.on_wire(12_000_000) * 2, "{}", b.pacing_rate());
+    }
+
+    #[test]
     fn heavy_loss_backs_off() {
         let t0 = Instant::now();
         let mut b = Bbr::new(&cfg());
