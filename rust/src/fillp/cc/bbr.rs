@@ -496,7 +496,11 @@ mod tests {
         // Delivery well above the hint proves it low: back to the usual gain.
         feed(&mut b, t0 + Duration::from_millis(10), 10, 12_000_000, 0.0);
         assert!(b.hint.is_none());
-        assert!(b.pacing_rate() > b.on_wire(12_000_000) * 2, "{}", b.pacing_rate());
+        assert!(
+            b.pacing_rate() > b.on_wire(12_000_000) * 2,
+            "{}",
+            b.pacing_rate()
+        );
     }
 
     #[test]
