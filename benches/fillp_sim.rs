@@ -297,8 +297,10 @@ hint reads 98.1 Mbit/s of payload (the link is 100 Mbit/s of datagrams), the \
 link is full from 0.8 s (one RTT after the first data, was 1.5 s), startup \
 ends on the delay rise with about a quarter BDP queued, and there are no \
 queue drops at any RTT and loss up to 5% (was ~1400 at 200 ms, 140-370 at \
-10-50 ms). On 5 and 10 Mbit/s links (unit tests) nothing is dropped after \
-startup's first, unmeasured round.
+10-50 ms). On 5 and 10 Mbit/s links (unit tests, 20 and 200 ms, one-BDP \
+queues) 10 Mbit/s drops nothing; 5 Mbit/s drops up to ~30 packets in the \
+first round, which is paced at `initial_rate` before anything is measured, \
+and at most one later (ProbeBW's probing).
 * **Pacing in datagram bytes.** BBR's model counts payload; the pacer counts \
 datagrams, so pacing at 1.0 x the model left 26/1400 of the link unused \
 (steady state 0.963-0.976 at 0% loss, `fixed` 0.981). Now 0.981 in steady \
@@ -310,14 +312,14 @@ without it.
 0.021 of `fixed` at the link rate (0.913 / 0.888), which is the ceiling for \
 any rate control here: 2 RTT of handshake (0.04 of the run), the \
 datagram header (0.019), and at the end of the run ~1-1.5 RTT of data held \
-behind holes still being repaired (1%: ~0.01, 5%: ~0.03-0.05; a retransmission \
+behind holes still being repaired (estimated 1%: ~0.01, 5%: ~0.03-0.05; a retransmission \
 lost again costs another RTT and a half). What is left to `bbr` is the first \
 RTT after the first data, paced at `initial_rate` before anything is \
 measured (~0.018). Reaching 0.9 at 5% needs faster hole repair or a \
 shorter handshake, not a faster startup. Upload at 20% and 200 ms stays \
 below 0.7 (0.683; control 0.630): some seeds stall for seconds on holes \
-that take several rounds to repair (send buffer full, `pending false`), in \
-the control too; not investigated further.
+that take several rounds to repair (the 16 MiB send buffer fills behind the \
+oldest hole), in the control too; not investigated further.
 * Tried and not kept: nothing else this round. Earlier (see git history): \
 growing the startup estimate by the delivered bytes per RTT (+0.01 at 0%, \
 3x the drops, -0.1 at 20%).
