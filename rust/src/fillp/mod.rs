@@ -140,7 +140,7 @@
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
 //! per-peer state before a valid cookie; small idle connections (under
-//! 2 KB in the core: `size_of::<Connection>()` 1184 bytes plus ~0.5-0.6 KB
+//! 2 KB in the core: `size_of::<Connection>()` 1272 bytes plus ~0.5-0.6 KB
 //! heap, asserted by the `idle_connection_memory` test; buffers grow with
 //! use and both sides give them back once the flow pauses; ~6.5-7 KiB per
 //! end through the stack, kernel memory included,
