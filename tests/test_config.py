@@ -154,24 +154,8 @@ def test_unreadable_file(tmp_path):
         config.load(tmp_path / "missing.toml")
 
 
-FIXED_4MBIT = """
-[[stack]]
-name = "kernel"
-kind = "kernel"
-
-[[stack]]
-name = "wan"
-kind = "fillp"
-rate_control = "fixed"
-fixed_rate = "4mbit"
-
-[[route]]
-to = "127.0.0.0/8"
-stacks = ["wan"]
-
-[listen]
-stacks = ["wan"]
-"""
+FIXED_4MBIT = ('[[stack]]\nname = "wan"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = "4mbit"\n'
+               '[[route]]\nto = "127.0.0.0/8"\nstacks = ["wan"]\n[listen]\nstacks = ["wan"]\n')
 
 
 def test_fillp_fixed_rate_reaches_the_core():
@@ -195,10 +179,7 @@ def test_fillp_fixed_rate_reaches_the_core():
         def server():
             conn, _ = srv.accept()
             with conn:
-                n = 0
-                while part := conn.recv(1 << 16):
-                    n += len(part)
-                got["n"] = n
+                got["n"] = sum(len(p) for p in iter(lambda: conn.recv(1 << 16), b""))
 
         t = threading.Thread(target=server)
         t.start()
