@@ -93,8 +93,50 @@ BAD = [
     ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[listen]\nstacks = ["z"]\n', 6, "listen.stacks", "no stack is named 'z'"),
     ('[[stack]]\nname = "k"\nkind = = "kernel"\n', 3, "syntax", "not valid TOML"),
     ('[routes]\nx = 1\n', 1, "routes", "unknown section"),
+    ('[[stack]]\nname = "w"\nkind = "fillp"\nfixed_rate = "100mbit"\n', 4, "stack[0].fixed_rate",
+     'applies only with rate_control = "fixed"'),
+    ('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = "100mb"\n', 5, "stack[0].fixed_rate",
+     '"100mbit"'),
+    ('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = "-3mbit"\n', 5, "stack[0].fixed_rate",
+     "expected a rate"),
+    ('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = 100\n', 5, "stack[0].fixed_rate",
+     "500 kbit/s"),
+    ('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = "200gbit"\n', 5, "stack[0].fixed_rate",
+     "100 gbit/s"),
+    ('[[stack]]\nname = "w"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = true\n', 5, "stack[0].fixed_rate",
+     "expected a rate"),
+    ('[[stack]]\nname = "k"\nkind = "kernel"\nfixed_rate = "1gbit"\n', 4, "stack[0].fixed_rate",
+     "does not apply to a kernel stack"),
     ('', None, "stack", "at least one"),
 ]
+
+
+@pytest.mark.parametrize("value,bits", [
+    ('"100mbit"', 100_000_000),
+    ('"2.5gbit"', 2_500_000_000),
+    ('"800kbit"', 800_000),
+    ('"10 MBIT"', 10_000_000),
+    ("40000000", 40_000_000),
+])
+def test_fillp_fixed_rate(value, bits):
+    cfg = parse(f"""
+        [[stack]]
+        name = "wan"
+        kind = "fillp"
+        rate_control = "fixed"
+        fixed_rate = {value}
+    """)
+    assert cfg.stack("wan").fixed_rate == bits
+
+
+def test_fillp_fixed_rate_defaults_to_the_core():
+    cfg = parse("""
+        [[stack]]
+        name = "wan"
+        kind = "fillp"
+        rate_control = "fixed"
+    """)
+    assert cfg.stack("wan").fixed_rate is None
 
 
 @pytest.mark.parametrize("text,line,fld,words", BAD)
@@ -110,3 +152,51 @@ def test_bad_config_names_file_line_field(text, line, fld, words):
 def test_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         config.load(tmp_path / "missing.toml")
+
+
+FIXED_4MBIT = ('[[stack]]\nname = "wan"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = "4mbit"\n'
+               '[[route]]\nto = "127.0.0.0/8"\nstacks = ["wan"]\n[listen]\nstacks = ["wan"]\n')
+
+
+def test_fillp_fixed_rate_reaches_the_core():
+    # 4 Mbit/s is 500 kB/s: 1.5 MB cannot arrive in under 3 s (2 s allows
+    # for bursts); at the core's default fixed rate (10 Mbit/s) it would take
+    # 1.2 s. A lower bound only: a slow machine cannot break it.
+    import socket as stdsocket
+    import threading
+    import time
+
+    import dmm.socket as dsocket
+
+    dmm.runtime.configure(config.parse(FIXED_4MBIT, "<test>"))
+    try:
+        srv = dsocket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        assert srv.dmm_stack == "wan"
+        size, got = 1_500_000, {}
+
+        def server():
+            conn, _ = srv.accept()
+            with conn:
+                got["n"] = sum(len(p) for p in iter(lambda: conn.recv(1 << 16), b""))
+
+        t = threading.Thread(target=server)
+        t.start()
+        start = time.monotonic()
+        with dsocket.create_connection(("127.0.0.1", srv.getsockname()[1])) as c:
+            c.sendall(b"r" * size)
+            c.shutdown(stdsocket.SHUT_WR)
+            t.join(60)
+        elapsed = time.monotonic() - start
+        srv.close()
+    finally:
+        dmm.runtime.configure(config.parse(config.DEFAULT_TOML, "<default>"))
+    assert got.get("n") == size
+    assert elapsed >= 2.0, elapsed
+
+
+def test_fillp_stack_refuses_a_zero_fixed_rate():
+    from dmm import _core
+    with pytest.raises(ValueError, match="fixed_rate"):
+        _core.FillpStack("z", "fixed", "127.0.0.1", 0)

@@ -29,6 +29,9 @@ Example::
     name = "wan"
     kind = "fillp"           # reliable transport over UDP
     rate_control = "bbr"     # bbr | fillp | fixed
+    # fixed_rate = "100mbit" # rate_control = "fixed" only: the sending rate,
+                             # "<number>kbit|mbit|gbit" (per second, decimal)
+                             # or an integer of bits/s; default 10 Mbit/s
 
     [[route]]
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6
@@ -87,10 +90,16 @@ _KINDS = ("kernel", "smoltcp", "fillp")
 # Fields each kind takes besides name and kind.
 _FIELDS = {
     "kernel": ("protocol", "io"),
-    "fillp": ("rate_control", "address"),
+    "fillp": ("rate_control", "address", "fixed_rate"),
     "smoltcp": ("device", "address", "gateway", "mtu", "mac", "buffer_size"),
 }
 _RATE_CONTROLS = ("bbr", "fillp", "fixed")
+# fixed_rate: "<number><unit>" with a unit of bits per second.
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(kbit|mbit|gbit)\s*$", re.IGNORECASE)
+_RATE_UNITS = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+# Bounds of fixed_rate, bits/s: above the core's floor of 4 packets per
+# 100 ms, below what one connection could be paced at.
+_MIN_RATE, _MAX_RATE = 500_000, 100 * 10**9
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -116,6 +125,9 @@ class StackSpec:
     io: str = "syscall"
     #: FillP: rate control mode (bbr, fillp or fixed).
     rate_control: str = "bbr"
+    #: FillP: the ``fixed`` mode's sending rate in bits/s (None: the core's
+    #: default, 10 Mbit/s).
+    fixed_rate: int | None = None
     #: FillP: the local address its UDP sockets bind to.
     address: str = "0.0.0.0"
     #: smoltcp: the TAP device's name.
@@ -337,7 +349,26 @@ class _Validator:
         except (ValueError, TypeError):
             raise self.error(self._key_line(start, "address"), f"{where}.address",
                              f"expected an IP address to bind to, got {address!r}") from None
-        return StackSpec(name=name, kind=kind, protocol=protocol, io=io, rate_control=rate, address=address, line=start)
+        fixed_rate = None
+        if "fixed_rate" in raw:
+            fixed_rate = self.fixed_rate(raw["fixed_rate"], rate, self._key_line(start, "fixed_rate"), f"{where}.fixed_rate")
+        return StackSpec(name=name, kind=kind, protocol=protocol, io=io, rate_control=rate, fixed_rate=fixed_rate,
+                         address=address, line=start)
+
+    def fixed_rate(self, raw: Any, rate_control: str, line: int | None, fld: str) -> int:
+        """A FillP ``fixed_rate`` in bits/s, from "100mbit" or an integer."""
+        if rate_control != "fixed":
+            raise self.error(line, fld, f"applies only with rate_control = \"fixed\" (this stack has {rate_control!r})")
+        expected = "a rate such as \"100mbit\", \"2.5gbit\" or \"800kbit\", or an integer of bits/s"
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            bits = raw
+        elif isinstance(raw, str) and (m := _RATE.match(raw)):
+            bits = round(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
+        else:
+            raise self.error(line, fld, f"expected {expected}, got {raw!r}")
+        if not _MIN_RATE <= bits <= _MAX_RATE:
+            raise self.error(line, fld, f"expected from 500 kbit/s to 100 gbit/s, got {raw!r}")
+        return bits
 
     def smoltcp(self, raw: dict[str, Any], start: int | None, where: str, name: str) -> StackSpec:
         line = lambda key: self._key_line(start, key) if key in raw else start  # noqa: E731

@@ -167,7 +167,9 @@ class FillpInstance(UserSpaceInstance):
         super().__init__(spec.name)
         self.rate_control = spec.rate_control
         self.address = spec.address
-        self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address)
+        # The core counts bytes/s; the configuration, bits/s.
+        fixed_rate = None if spec.fixed_rate is None else spec.fixed_rate // 8
+        self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address, fixed_rate)
         self._family = _stdsocket.AF_INET6 if ":" in spec.address else _stdsocket.AF_INET
 
     def can_carry(self, family: int, type: int) -> Optional[str]:

@@ -17,6 +17,7 @@ use super::pacer::Pacer;
 use super::recv_buf::RecvBuf;
 use super::rtt::{RttEstimator, MAX_RTO};
 use super::send_buf::{NextSegment, SendBuf};
+use super::train::Train;
 use super::wire::{
     Body, DataRepr, HsParams, NackRepr, PackRepr, PnRange, RateMode, Repr, DATA_HEADER_LEN,
     MAC_LEN, MAX_NACK_RANGES, MIN_MTU,
@@ -260,6 +261,17 @@ const MAX_PN_JUMP: u32 = 1 << 16;
 const IDLE_SHRINK: Duration = Duration::from_secs(1);
 /// Peer loss smoothing weight.
 const LOSS_EWMA: f64 = 0.125;
+/// The first data packets of a connection are acknowledged every
+/// [`QUICK_PACK_EVERY`] instead of every `pack_every` (as TCP's quick-ack
+/// at connection start): the sender measures its first-flight train from
+/// these reports, and one lost PACK should not void the measurement.
+const QUICK_PACKETS: u64 = 64;
+/// See [`QUICK_PACKETS`].
+const QUICK_PACK_EVERY: u32 = 8;
+/// Before the handshake is confirmed, a client sends at most this many
+/// packets (or one round at the pacing rate, if more) of early data: a
+/// server that refuses must not be sent more.
+const EARLY_FLIGHT_PACKETS: u64 = 40;
 
 /// A FillP connection.
 pub struct Connection {
@@ -301,6 +313,7 @@ pub struct Connection {
     tlp_done: bool,
     probe_pending: bool,
     dup_next: Option<u64>,
+    train: Train,
     finish_pending: bool,
     write_blocked: bool,
     last_tx: Instant,
@@ -314,6 +327,7 @@ pub struct Connection {
     missing: BTreeMap<u32, Missing>,
     nack_check: Option<Instant>,
     rx_bytes: u64,
+    rx_data_pkts: u64,
     rx_pkts_since_pack: u32,
     rx_data_since_pack: u32,
     pn_at_last_pack: u32,
@@ -392,6 +406,7 @@ impl Connection {
             tlp_done: false,
             probe_pending: false,
             dup_next: None,
+            train: Train::default(),
             finish_pending: false,
             write_blocked: false,
             last_tx: now,
@@ -403,6 +418,7 @@ impl Connection {
             missing: BTreeMap::new(),
             nack_check: None,
             rx_bytes: 0,
+            rx_data_pkts: 0,
             rx_pkts_since_pack: 0,
             rx_data_since_pack: 0,
             pn_at_last_pack: 0,
@@ -772,7 +788,18 @@ impl Connection {
             self.state = State::Established;
             self.events.push_back(Event::Connected);
             self.last_tx = now;
+            // Early data's loss timers start now: they do not run during the
+            // handshake, where the CONN_REQ's retransmission is the probe.
+            if self.timer_base.is_some() {
+                self.timer_base = Some(now);
+            }
         }
+    }
+
+    /// A client that has the server's cookie: it knows the connection ID,
+    /// MTU, mode and window, and sends data behind its CONN_REQ.
+    fn early_data_allowed(&self) -> bool {
+        self.role == Role::Client && matches!(self.hs, Hs::ConnReq { .. })
     }
 
     fn on_data(&mut self, now: Instant, d: DataRepr<'_>) -> bool {
@@ -800,6 +827,7 @@ impl Connection {
             }
         };
         self.rx_bytes += d.payload.len() as u64;
+        self.rx_data_pkts += 1;
         self.stats.duplicate_bytes += (d.payload.len() - inserted.new_bytes) as u64;
         self.rx_pkts_since_pack += 1;
         self.rx_data_since_pack += 1;
@@ -893,6 +921,7 @@ impl Connection {
         let mut app_limited = false;
         let mut rtt_sample = None;
         let mut resolved = 0u64;
+        let mut train_bytes = 0u64;
         let mut delivered_now = 0u64;
         if fresh {
             progress = true;
@@ -913,6 +942,9 @@ impl Connection {
                 self.pipe.pop_front();
                 self.pipe_bytes -= u64::from(front.bytes);
                 resolved += u64::from(front.bytes);
+                if self.train.contains(front.pn) {
+                    train_bytes += u64::from(front.bytes).saturating_sub(DATA_HEADER_LEN as u64);
+                }
                 if front.pn == p.highest_pn {
                     let ack_elapsed = now.saturating_duration_since(front.delivered_time);
                     let send_elapsed = front.sent.saturating_duration_since(front.first_sent);
@@ -935,6 +967,14 @@ impl Connection {
             }
             self.delivered_time = now;
             self.peer_highest = Some(p.highest_pn);
+            // When the reported packet reached the peer, on our clock less
+            // the return delay (the same for every report of the train).
+            let arrival = now
+                .checked_sub(Duration::from_micros(u64::from(p.ack_delay_us)))
+                .unwrap_or(now);
+            if let Some(rate) = self.train.on_pack(p.highest_pn, arrival, train_bytes) {
+                self.cc.on_capacity_hint(now, rate);
+            }
         }
         let loss = f64::from(p.loss) / 65536.0;
         self.stats.loss = self.stats.loss * (1.0 - LOSS_EWMA) + loss * LOSS_EWMA;
@@ -1048,6 +1088,7 @@ impl Connection {
             State::Handshake => {
                 put(Some(self.hs_next));
                 put(Some(self.hs_start + self.config.handshake_timeout));
+                put(self.pace_at);
                 return t;
             }
             State::Draining => {
@@ -1078,6 +1119,9 @@ impl Connection {
                 if now >= self.hs_start + self.config.handshake_timeout {
                     self.enter_closed(CloseReason::HandshakeTimeout);
                 }
+                if self.pace_at.is_some_and(|p| now >= p) {
+                    self.pace_at = None;
+                }
             }
             State::Draining => {
                 if self.drain_until.is_some_and(|d| now >= d) {
@@ -1106,6 +1150,7 @@ impl Connection {
                     self.probe_pending = true;
                     self.pipe.clear();
                     self.pipe_bytes = 0;
+                    self.train.abandon();
                     self.cc.on_rto(now);
                     self.rto_backoff += 1;
                     self.tlp_done = true;
@@ -1158,7 +1203,13 @@ impl Connection {
         }
         match self.state {
             State::Closed => return None,
-            State::Handshake => return self.handshake_packet(now),
+            State::Handshake => {
+                let hs = self.handshake_packet(now);
+                if hs.is_some() || !self.early_data_allowed() {
+                    return hs;
+                }
+                return self.data_packet(now, buf).map(|()| None);
+            }
             State::Established | State::Draining => {}
         }
         if self.send_conn_ack {
@@ -1179,9 +1230,12 @@ impl Connection {
                 }));
             }
         }
-        if self.pack_deadline().is_some_and(|t| now >= t)
-            || self.rx_data_since_pack >= self.config.pack_every
-        {
+        let pack_every = if self.rx_data_pkts <= QUICK_PACKETS {
+            self.config.pack_every.min(QUICK_PACK_EVERY)
+        } else {
+            self.config.pack_every
+        };
+        if self.pack_deadline().is_some_and(|t| now >= t) || self.rx_data_since_pack >= pack_every {
             let p = self.build_pack(now);
             self.stats.packs_sent += 1;
             return Some(Some(Repr {
@@ -1212,7 +1266,16 @@ impl Connection {
             * (1u32 << self.hs_backoff.min(2)))
         .min(Duration::from_secs(1));
         self.hs_next = now + backoff;
+        let resend = self.hs_backoff > 0;
         self.hs_backoff += 1;
+        if resend && self.early_data_allowed() && self.send.probe_tail() {
+            // The early data went nowhere if the CONN_REQ was lost. A probe
+            // right behind the retransmitted CONN_REQ draws a PACK (and the
+            // NACKs for the rest) from the new server connection, which
+            // completes the handshake even if its CONN_ACK is lost.
+            self.stats.tail_probes += 1;
+            self.probe_pending = true;
+        }
         let repr = match self.hs {
             Hs::Init => Repr {
                 dst_cid: 0,
@@ -1351,7 +1414,14 @@ impl Connection {
         let per_interval =
             (self.cc.pacing_rate() as f64 * self.config.pack_interval.as_secs_f64()) as u64;
         let cadence = per_interval + 2 * u64::from(self.config.pack_every) * mtu;
-        self.cc.inflight_cap().max(cadence)
+        let cap = self.cc.inflight_cap().max(cadence);
+        if self.state == State::Handshake {
+            // Early data: one round at the pacing rate (the srtt is the
+            // COOKIE exchange's), at least a first flight.
+            let round = (self.cc.pacing_rate() as f64 * self.rtt.srtt().as_secs_f64()) as u64;
+            return cap.min(round.max(EARLY_FLIGHT_PACKETS * mtu));
+        }
+        cap
     }
 
     fn data_packet(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<()> {
@@ -1366,9 +1436,17 @@ impl Connection {
         }
         let max_payload = usize::from(self.mtu) - DATA_HEADER_LEN;
         let size = usize::from(self.mtu);
-        if let Some(t) = self.pacer.delay(now, self.cc.pacing_rate(), size, size) {
-            self.pace_at = Some(t);
-            return None;
+        if self.next_pn == 0 {
+            self.train.plan(self.cc.startup_train());
+        }
+        // The first flight's train skips pacing; the pacer still counts it,
+        // so the round's average rate is unchanged.
+        let burst = self.train.may_burst(now);
+        if !burst {
+            if let Some(t) = self.pacer.delay(now, self.cc.pacing_rate(), size, size) {
+                self.pace_at = Some(t);
+                return None;
+            }
         }
         self.pace_at = None;
         // A segment lost again after a retransmission goes out twice: on a
@@ -1403,6 +1481,7 @@ impl Connection {
             }
         }
         self.pacer.on_sent(buf.len());
+        self.train.on_sent(now, burst);
         if seg.retransmit {
             self.stats.retransmissions += 1;
         }

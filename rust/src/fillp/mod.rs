@@ -21,6 +21,7 @@
 //! | [`send_buf`] | unacknowledged data, segments, retransmission queue |
 //! | [`recv_buf`] | reassembly and the receive window |
 //! | [`connection`] | the per-connection state machine |
+//! | `train` | the first flight's packet train and its dispersion estimate (private) |
 //! | [`endpoint`] | demultiplexing by connection ID, the server handshake |
 //! | `sim` | deterministic simulated links and a client/server `Pair` (hidden) |
 //!
@@ -37,8 +38,22 @@
 //!   address, both connection IDs, parameters and the time; it keeps **no
 //!   state**. The client echoes it in CONN_REQ; only a valid, fresh (< 10 s)
 //!   cookie from the same address creates a server connection, which answers
-//!   CONN_ACK (again for every retransmitted CONN_REQ). Any DATA or PACK from
-//!   the server also completes the client's handshake. The MAC secret
+//!   CONN_ACK (again for every retransmitted CONN_REQ) and may send data at
+//!   once. Any DATA or PACK from the server also completes the client's
+//!   handshake.
+//! * **Early data** (third flight). With the COOKIE the client knows the
+//!   server's connection ID, MTU, mode and window, so it sends DATA right
+//!   behind its CONN_REQ instead of waiting a round for CONN_ACK: at most one
+//!   round at its pacing rate (the srtt is the COOKIE exchange's), at least
+//!   40 packets. The server drops DATA for a connection ID it does not have
+//!   (counted, never answered), so DATA that overtakes its CONN_REQ, or
+//!   follows a lost one, is lost like any packet: the server's first PACK
+//!   and NACK name the gap, or, if nothing got through, the client's
+//!   retransmission timers (which run from the end of the handshake, not
+//!   during it: the CONN_REQ retransmission is the probe then) resend it. A
+//!   server that refuses (bad or stale cookie, connection limit) keeps no
+//!   state and sends nothing; the client stops after its first round and
+//!   closes with `HandshakeTimeout`. The MAC secret
 //!   rotates every 60 s of the endpoint's clock; a cookie is checked with
 //!   the secret of the period it was minted in, so it stays good across one
 //!   rotation and never across two ([`cookie`] has the scheme, the driver
@@ -62,6 +77,12 @@
 //!   A segment lost again after a retransmission is sent twice: at 20% loss
 //!   the tail of repeated losses otherwise holds the cumulative ack (and the
 //!   window) back by several RTTs.
+//! * **First-flight train**: a controller may ask for its first packets to
+//!   leave back to back (`bbr`: 33); the spacing at which the peer's PACKs
+//!   report them measures the bottleneck one RTT after the first data
+//!   (`train` module). The first 64 DATA packets a receiver gets are
+//!   acknowledged every 8 instead of every `pack_every` (as TCP's quick-ack)
+//!   so one lost PACK does not void that measurement.
 //! * **Rate control**: see [`cc`]; sending is paced and, for `bbr`, capped in
 //!   flight; flow control follows the receiver's window (a KEEPALIVE every
 //!   RTO probes a zero window and is answered by a PACK).
@@ -119,7 +140,7 @@
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
 //! per-peer state before a valid cookie; small idle connections (under
-//! 2 KB in the core: `size_of::<Connection>()` 1184 bytes plus ~0.5-0.6 KB
+//! 2 KB in the core: `size_of::<Connection>()` 1272 bytes plus ~0.5-0.6 KB
 //! heap, asserted by the `idle_connection_memory` test; buffers grow with
 //! use and both sides give them back once the flow pauses; ~6.5-7 KiB per
 //! end through the stack, kernel memory included,
@@ -133,7 +154,8 @@
 //!   with TCP). Only the handshake is protected (against spoofed sources).
 //! * Path MTU discovery (the MTU is configured and negotiated down), address
 //!   migration (datagrams from another address are dropped), multiple
-//!   streams, unreliable datagrams, ECN, 0-RTT.
+//!   streams, unreliable datagrams, ECN, 0-RTT (data goes with the third
+//!   flight at the earliest: the server keeps no state before the cookie).
 //! * More than 2^32 packets per connection (packet numbers do not wrap; at
 //!   100 Mbit/s that is about five days).
 //! * BBR's ProbeRTT phase and app-limited accounting beyond flagging samples.
@@ -150,6 +172,7 @@ pub mod rtt;
 pub mod send_buf;
 #[doc(hidden)]
 pub mod sim;
+mod train;
 pub mod wire;
 
 pub use connection::{

@@ -487,6 +487,8 @@ impl Side {
 }
 
 /// Run a full transfer in both directions until both sides have closed.
+/// Each side writes as soon as it has its connection: the client from
+/// `connect` (its data follows the CONN_REQ), the server from `accept`.
 pub fn transfer(
     pair: &mut Pair,
     client: &mut Side,
@@ -494,10 +496,19 @@ pub fn transfer(
     max_steps: u64,
     limit: Duration,
 ) -> Result<(), SimError> {
-    let (ch, sh) = pair.connect(max_steps)?;
+    let ch = pair
+        .client
+        .connect(pair.now, pair.server_addr)
+        .map_err(|_| SimError::Stalled)?;
+    let mut sh = None;
     pair.run_until(max_steps, limit, |p| {
+        if sh.is_none() {
+            sh = p.server.accept();
+        }
         client.pump(&mut p.client, ch);
-        server.pump(&mut p.server, sh);
+        if let Some(h) = sh {
+            server.pump(&mut p.server, h);
+        }
         client.closed.is_some() && server.closed.is_some()
     })
 }
@@ -609,13 +620,14 @@ mod tests {
         packets: usize,
     ) -> crate::fillp::connection::ConnectionStats {
         use crate::fillp::wire::{Body, Repr};
-        let mut p = Pair::new(
-            21,
-            cfg(),
-            cfg(),
-            LinkConfig::ideal(Duration::from_millis(20)),
-            LinkConfig::ideal(Duration::from_millis(20)),
-        );
+        // A bottleneck spaces the first flight's back-to-back train, so the
+        // packet to lose is still in flight when the next step looks.
+        let link = LinkConfig {
+            rate: Some(2_000_000),
+            queue: 1 << 20,
+            ..LinkConfig::ideal(Duration::from_millis(20))
+        };
+        let mut p = Pair::new(21, cfg(), cfg(), link, link);
         let (ch, sh) = p.connect(1000).unwrap();
         let data = vec![9u8; 1374 * packets];
         let mut c = Side::sending(data.clone());
@@ -682,6 +694,268 @@ mod tests {
         // The tail and its probe both lost: only the RTO is left.
         let st = lose_packets(&[9, 10]);
         assert_eq!((st.tail_probes, st.rto_count), (1, 1), "{st:?}");
+    }
+
+    /// Type byte of a datagram (offset 1 of the common header).
+    fn is_type(d: &[u8], ty: u8) -> bool {
+        d.get(1) == Some(&ty)
+    }
+    const CONN_REQ: u8 = 3;
+
+    /// A client that writes before the handshake completes: `hook` runs
+    /// every step (to drop or hold packets); returns the pair and both sides
+    /// after a transfer of `len` bytes from the client.
+    fn early_upload(
+        len: usize,
+        server_cfg: EndpointConfig,
+        mut hook: impl FnMut(&mut Pair),
+    ) -> (Pair, Side, Side, Result<(), SimError>) {
+        let link = LinkConfig {
+            rate: Some(2_000_000),
+            queue: 1 << 20,
+            ..LinkConfig::ideal(Duration::from_millis(25))
+        };
+        let mut p = Pair::new(5, cfg(), server_cfg, link, link);
+        let data: Vec<u8> = (0..len as u32).map(|i| (i % 253) as u8).collect();
+        let mut c = Side::sending(data);
+        let mut s = Side::sending(Vec::new());
+        let ch = p.client.connect(p.now, p.server_addr).unwrap();
+        let mut sh = None;
+        let r = p.run_until(200_000, Duration::from_secs(30), |p| {
+            hook(p);
+            sh = sh.or_else(|| p.server.accept());
+            c.pump(&mut p.client, ch);
+            if let Some(h) = sh {
+                s.pump(&mut p.server, h);
+            }
+            c.closed.is_some() && s.closed.is_some()
+        });
+        (p, c, s, r)
+    }
+
+    #[test]
+    fn early_data_reaches_the_server_with_the_conn_req() {
+        let mut first_read = None;
+        let (p, c, s, r) = early_upload(300_000, cfg(), |_| {});
+        r.unwrap();
+        assert_eq!(s.incoming, c.outgoing);
+        assert_eq!(s.closed, Some(CloseReason::Finished));
+        // Replay to find when the server first had data: 1.5 RTT (75 ms)
+        // plus serialization, not 2 RTT.
+        let (_, _, _, r2) = early_upload(300_000, cfg(), |p| {
+            if first_read.is_none()
+                && p.server
+                    .connection(ConnectionHandle(0))
+                    .is_some_and(|x| x.readable_bytes() > 0)
+            {
+                first_read = Some(p.elapsed());
+            }
+        });
+        r2.unwrap();
+        let t = first_read.expect("server read data");
+        assert!(t < Duration::from_millis(90), "{t:?}");
+        assert_eq!(p.server.stats().unknown_cid, 0);
+    }
+
+    #[test]
+    fn conn_req_lost_with_data_behind_it() {
+        let mut lost = false;
+        let (p, c, s, r) = early_upload(300_000, cfg(), |p| {
+            if !lost {
+                lost = p.c2s.drop_where(|d| is_type(d, CONN_REQ)) > 0;
+            }
+        });
+        r.unwrap();
+        assert!(lost);
+        // Every byte exactly once, in order, and a clean close.
+        assert_eq!(s.incoming, c.outgoing);
+        assert_eq!(
+            (c.closed, s.closed),
+            (Some(CloseReason::Finished), Some(CloseReason::Finished))
+        );
+        // The early data reached a server without state and was dropped...
+        assert!(p.server.stats().unknown_cid > 0);
+        assert_eq!(p.server.stats().accepted, 1);
+        // ... and was recovered by a probe behind the retransmitted CONN_REQ
+        // and the server's NACKs, not by the RTO.
+        let st = p.client.connection(ConnectionHandle(0)).unwrap().stats();
+        assert!(st.tail_probes >= 1, "{st:?}");
+        assert_eq!(st.rto_count, 0, "{st:?}");
+    }
+
+    #[test]
+    fn data_overtaking_the_conn_req() {
+        // Hold the CONN_REQ back until data has reached the server.
+        let mut held: Option<Vec<u8>> = None;
+        let mut done = false;
+        let (p, c, s, r) = early_upload(200_000, cfg(), |p| {
+            if done {
+                return;
+            }
+            if held.is_none() {
+                p.c2s.drop_where(|d| {
+                    let hit = is_type(d, CONN_REQ);
+                    if hit {
+                        held = Some(d.to_vec());
+                    }
+                    hit
+                });
+            } else if p.server.stats().unknown_cid >= 3 {
+                let d = held.take().unwrap_or_default();
+                let (now, from) = (p.now, p.client_addr);
+                p.server.handle_datagram(now, from, &d);
+                done = true;
+            }
+        });
+        r.unwrap();
+        assert!(done);
+        assert_eq!(s.incoming, c.outgoing);
+        assert_eq!(
+            (c.closed, s.closed),
+            (Some(CloseReason::Finished), Some(CloseReason::Finished))
+        );
+        assert_eq!(p.server.stats().accepted, 1);
+    }
+
+    #[test]
+    fn refused_conn_req_costs_one_early_flight() {
+        let server = EndpointConfig {
+            max_connections: 0,
+            ..cfg()
+        };
+        use crate::fillp::wire::{Body, Repr};
+        let mut pns = std::collections::HashSet::new();
+        let (p, c, _, r) = early_upload(1_000_000, server, |p| {
+            // Note (and let through) every DATA transmission of the client.
+            p.c2s.drop_where(|d| {
+                if let Ok(Repr {
+                    body: Body::Data(x),
+                    ..
+                }) = Repr::parse_bytes(d)
+                {
+                    pns.insert(x.pn);
+                }
+                false
+            });
+        });
+        let data_sent = pns.len();
+        // The server never has the connection: the run ends at the limit.
+        assert!(r.is_err());
+        assert_eq!(p.server.connection_count(), 0);
+        assert!(p.server.stats().refused > 0);
+        assert_eq!(c.closed, Some(CloseReason::HandshakeTimeout));
+        // One early flight (40 packets at this RTT) plus one probe per
+        // retransmitted CONN_REQ over the 10 s handshake timeout.
+        assert!((40..=60).contains(&data_sent), "{data_sent}");
+    }
+
+    #[test]
+    fn reset_during_the_handshake_stops_early_data() {
+        use crate::fillp::wire::{Body, Repr};
+        let server = EndpointConfig {
+            max_connections: 0,
+            ..cfg()
+        };
+        let mut sent_at_reset = None;
+        let (p, c, _, _) = early_upload(1_000_000, server, |p| {
+            let Some(conn) = p.client.connection(ConnectionHandle(0)) else {
+                return;
+            };
+            if sent_at_reset.is_none() && conn.remote_cid() != 0 {
+                let mut rst = Vec::new();
+                Repr {
+                    dst_cid: conn.local_cid(),
+                    body: Body::Reset,
+                }
+                .emit(&mut rst);
+                let (now, from) = (p.now, p.server_addr);
+                p.client.handle_datagram(now, from, &rst);
+                sent_at_reset = Some(p.c2s.stats.sent);
+            }
+        });
+        assert_eq!(c.closed, Some(CloseReason::PeerReset));
+        // Nothing at all after the RST.
+        assert_eq!(sent_at_reset, Some(p.c2s.stats.sent));
+    }
+
+    /// Bulk download over `link` for `secs`: (bytes read per 100 ms from the
+    /// first INIT, bottleneck queue drops in the first 2 s, in all).
+    fn download(link: LinkConfig, secs: u64) -> (Vec<u64>, u64, u64) {
+        let mut p = Pair::new(3, cfg(), cfg(), link, link);
+        let ch = p.client.connect(p.now, p.server_addr).unwrap();
+        let mut sh = None;
+        let chunk = vec![7u8; 65536];
+        let mut buf = vec![0u8; 65536];
+        let mut per_tick = vec![0u64; (secs * 10) as usize];
+        let end = Duration::from_secs(secs);
+        let mut early_drops = 0;
+        let _ = p.run_until(20_000_000, end, |p| {
+            if p.elapsed() <= Duration::from_secs(2) {
+                early_drops = p.s2c.stats.queue_drops;
+            }
+            sh = sh.or_else(|| p.server.accept());
+            if let Some(s) = sh.and_then(|h| p.server.connection_mut(h)) {
+                while s.write(&chunk).is_ok_and(|n| n > 0) {}
+            }
+            let tick = (p.elapsed().as_millis() / 100) as usize;
+            if let (Some(c), Some(slot)) = (p.client.connection_mut(ch), per_tick.get_mut(tick)) {
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    *slot += n as u64;
+                }
+            }
+            p.elapsed() >= end
+        });
+        (per_tick, early_drops, p.s2c.stats.queue_drops)
+    }
+
+    fn bottleneck(rate: u64, rtt_ms: u64, queue: usize) -> LinkConfig {
+        LinkConfig {
+            rate: Some(rate),
+            queue,
+            ..LinkConfig::ideal(Duration::from_millis(rtt_ms / 2))
+        }
+    }
+
+    #[test]
+    fn startup_fills_a_long_path_in_one_round() {
+        // 100 Mbit/s, 200 ms, a one-BDP queue. The first data reaches the
+        // client at 0.4 s (2 RTT); the train measures the link one RTT
+        // later, so from 0.8 s on the link is full.
+        let rate = 12_500_000;
+        let (ticks, _, drops) = download(bottleneck(rate, 200, 2_500_000), 3);
+        let full = rate / 10 * 9 / 10;
+        assert!(ticks[..4].iter().all(|&b| b == 0), "{ticks:?}");
+        assert!(ticks[8..].iter().all(|&b| b >= full), "{ticks:?}");
+        assert_eq!(drops, 0);
+    }
+
+    #[test]
+    fn startup_does_not_overshoot_a_slow_link() {
+        // 10 Mbit/s (the initial rate) and 5 Mbit/s (half of it), long and
+        // short paths, queues of one BDP but at least 64 KiB: the train
+        // measures the link, so startup paces near it instead of probing
+        // past it. Only startup, whose first round is paced at the initial
+        // rate before anything is measured, may overfill the queue where the
+        // link is slower than that: at 5 Mbit/s and 200 ms by (10 - 5)
+        // Mbit/s x 0.2 s + the train - the queue = ~30 packets. After
+        // startup (2 s) at most a few drops from ProbeBW's probing.
+        for (rate, rtt) in [
+            (1_250_000, 200),
+            (1_250_000, 20),
+            (625_000, 200),
+            (625_000, 20),
+        ] {
+            let bdp = (rate * rtt / 1000) as usize;
+            let (ticks, in_startup, drops) = download(bottleneck(rate, rtt, bdp.max(64 * 1024)), 5);
+            let bound = if rate < 1_250_000 { 40 } else { 0 };
+            assert!(in_startup <= bound, "{rate} B/s, {rtt} ms: {in_startup}");
+            assert!(drops - in_startup <= 3, "{rate} B/s, {rtt} ms: {drops}");
+            let late: u64 = ticks[20..].iter().sum();
+            assert!(late >= rate * 3 * 9 / 10, "{rate} B/s, {rtt} ms: {ticks:?}");
+        }
     }
 
     #[test]

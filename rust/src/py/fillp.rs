@@ -21,10 +21,16 @@ pub struct PyFillpStack {
 #[pymethods]
 impl PyFillpStack {
     /// `rate_control`: "bbr", "fillp" or "fixed"; `bind_address`: the local
-    /// IP of the instance's UDP sockets.
+    /// IP of the instance's UDP sockets; `fixed_rate`: the "fixed" mode's
+    /// rate in bytes/s (`None`: the core's default).
     #[new]
-    #[pyo3(signature = (name, rate_control = "bbr", bind_address = "0.0.0.0"))]
-    fn new(name: &str, rate_control: &str, bind_address: &str) -> PyResult<Self> {
+    #[pyo3(signature = (name, rate_control = "bbr", bind_address = "0.0.0.0", fixed_rate = None))]
+    fn new(
+        name: &str,
+        rate_control: &str,
+        bind_address: &str,
+        fixed_rate: Option<u64>,
+    ) -> PyResult<Self> {
         let mode = parse_rate_mode(rate_control).ok_or_else(|| {
             PyValueError::new_err(format!(
                 "rate_control must be 'bbr', 'fillp' or 'fixed', got {rate_control:?}"
@@ -40,6 +46,14 @@ impl PyFillpStack {
             ..FillpOptions::default()
         };
         opts.connection.mode = mode;
+        if let Some(rate) = fixed_rate {
+            if rate == 0 {
+                return Err(PyValueError::new_err(
+                    "fixed_rate must be positive (bytes/s)",
+                ));
+            }
+            opts.connection.fixed_rate = rate;
+        }
         Ok(PyFillpStack {
             inner: Arc::new(FillpStack::new(name, opts).map_err(to_py)?),
         })

@@ -27,6 +27,18 @@
 //!   stalled a 200 ms path for half of its first round); pacing at the
 //!   initial rate is the limit.
 //!
+//! * **Startup from a measured capacity.** The first flight leaves as a
+//!   back-to-back train of [`TRAIN_PACKETS`]; one RTT later the connection
+//!   reports the rate at which the bottleneck drained it
+//!   ([`RateController::on_capacity_hint`]). Startup then paces at
+//!   [`HINT_GAIN`] x that rate instead of doubling from `initial_rate` for
+//!   several rounds, with the in-flight cap at [`CWND_GAIN`] x its BDP, and
+//!   ends as usual on a delay rise or a bandwidth plateau. Delivery samples
+//!   clearly above the hint prove it low (e.g. competing traffic left when
+//!   the train passed) and restore the usual startup gain; a hint below what
+//!   was already measured is ignored. A hint that reads high is bounded by
+//!   the in-flight cap, and the queue it builds ends startup within a round.
+//!
 //! Not implemented: ProbeRTT (min RTT is a plain 10 s windowed minimum),
 //! app-limited phases beyond ignoring app-limited samples that would lower the
 //! estimate, and BBRv2's inflight_hi/lo bounds.
@@ -34,6 +46,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::super::wire::DATA_HEADER_LEN;
 use super::{AckSample, CcConfig, RateController, RateMode};
 
 /// Startup pacing and window gain (2 / ln 2).
@@ -42,6 +55,15 @@ const STARTUP_GAIN: f64 = 2.885;
 /// some startup drops in the simulator but slowed startup more than the drops
 /// cost at 200 ms RTT.)
 const STARTUP_CWND_GAIN: f64 = 2.885;
+/// Packets of the first-flight train: the default `pack_every` + 1, so the
+/// receiver's count-triggered reports (every 8 packets at the start of a
+/// connection) fall on its first and last packet.
+pub const TRAIN_PACKETS: u32 = 33;
+/// Startup pacing gain over a measured capacity: probes for more (a train
+/// can read low) while building at most a quarter BDP of queue per round.
+pub const HINT_GAIN: f64 = 1.25;
+/// Delivery samples this far above the hint prove it low.
+const HINT_EXCEEDED: f64 = 1.15;
 /// ProbeBW pacing-gain cycle, one phase per min RTT.
 const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 /// ProbeBW pacing gain while a queue stands.
@@ -103,6 +125,8 @@ pub struct Bbr {
     /// in-flight cap never fall below (as in Linux BBR: the first round's
     /// samples, taken while the pipe is still filling, read low).
     startup_bw: u64,
+    /// The first flight's measured capacity, while startup trusts it.
+    hint: Option<u64>,
 }
 
 impl Bbr {
@@ -134,6 +158,7 @@ impl Bbr {
             cycle_start: None,
             in_flight: 0,
             startup_bw: 0,
+            hint: None,
         };
         b.startup_bw = b.btl_bw();
         b
@@ -177,6 +202,15 @@ impl Bbr {
         }
     }
 
+    /// Datagram bytes for `payload` bytes of full-size DATA packets: the
+    /// model counts stream payload (delivery samples), the pacer and the
+    /// in-flight count whole datagrams; without this, pacing at 1.0 x the
+    /// model fills only 98% of a link (at a 1400-byte MTU).
+    fn on_wire(&self, payload: u64) -> u64 {
+        let payload_mtu = self.mtu.saturating_sub(DATA_HEADER_LEN as u64).max(1);
+        (payload as f64 * self.mtu as f64 / payload_mtu as f64) as u64
+    }
+
     fn bdp(&self) -> u64 {
         (self.model_bw() as f64 * self.min_rtt().as_secs_f64()) as u64
     }
@@ -196,6 +230,7 @@ impl Bbr {
 
     fn pacing_gain(&self) -> f64 {
         match self.state {
+            State::Startup if self.hint.is_some() => HINT_GAIN,
             State::Startup => STARTUP_GAIN,
             State::Drain => 1.0 / STARTUP_GAIN,
             // A queue stood through the last round: drain it instead of
@@ -219,7 +254,8 @@ impl Bbr {
         let enough = self.round_resolved >= MIN_ROUND_PACKETS * self.mtu;
         let loss = if enough {
             // Payload vs. datagram bytes: scale out the header share.
-            let payload = self.round_resolved as f64 * (self.mtu as f64 - 26.0) / self.mtu as f64;
+            let payload = self.round_resolved as f64 * (self.mtu as f64 - DATA_HEADER_LEN as f64)
+                / self.mtu as f64;
             (1.0 - self.round_delivered as f64 / payload).clamp(0.0, 1.0)
         } else {
             0.0
@@ -333,6 +369,12 @@ impl RateController for Bbr {
         }
         if self.state == State::Startup {
             self.startup_bw = self.startup_bw.max(self.btl_bw());
+            if self
+                .hint
+                .is_some_and(|h| self.btl_bw() as f64 > h as f64 * HINT_EXCEEDED)
+            {
+                self.hint = None;
+            }
         }
         if self.state == State::ProbeBw {
             let phase = self.min_rtt().max(Duration::from_millis(1));
@@ -348,10 +390,12 @@ impl RateController for Bbr {
         // Keep the model (BBR does), but forget that we ever filled the pipe
         // so the estimate must be re-earned by fresh samples.
         self.scale_bw(0.5);
+        self.hint = None;
     }
 
     fn pacing_rate(&self) -> u64 {
-        ((self.model_bw() as f64 * self.pacing_gain()) as u64).clamp(self.floor_rate, self.max_rate)
+        let rate = self.on_wire((self.model_bw() as f64 * self.pacing_gain()) as u64);
+        rate.clamp(self.floor_rate, self.max_rate)
     }
 
     fn inflight_cap(&self) -> u64 {
@@ -362,14 +406,32 @@ impl RateController for Bbr {
             return u64::MAX / 4;
         }
         let gain = match self.state {
+            State::Startup if self.hint.is_some() => CWND_GAIN,
             State::Startup | State::Drain => STARTUP_CWND_GAIN,
             State::ProbeBw => CWND_GAIN,
         };
-        (self.bdp() as f64 * gain) as u64 + 4 * self.mtu
+        self.on_wire((self.bdp() as f64 * gain) as u64) + 4 * self.mtu
     }
 
     fn mode(&self) -> RateMode {
         RateMode::Bbr
+    }
+
+    fn startup_train(&self) -> u32 {
+        TRAIN_PACKETS
+    }
+
+    fn on_capacity_hint(&mut self, _now: Instant, rate: u64) {
+        let rate = rate.clamp(self.floor_rate, self.max_rate);
+        // Only startup uses it, and only if the samples have not already
+        // shown more (then the train read low).
+        if self.state != State::Startup || self.bw.front().is_some_and(|&(_, b)| b >= rate) {
+            return;
+        }
+        // Replaces startup's floor even if lower: on a slow link the
+        // measurement beats pacing from the configured initial rate.
+        self.startup_bw = rate;
+        self.hint = Some(rate);
     }
 }
 
@@ -413,6 +475,32 @@ mod tests {
         let bw = b.btl_bw();
         assert!((9_500_000..=10_500_000).contains(&bw), "{bw}");
         assert_eq!(b.state, State::ProbeBw);
+    }
+
+    #[test]
+    fn capacity_hint_sets_startup_pacing() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        // A first-round sample that reads low, then a 10 MB/s train.
+        feed(&mut b, t0, 10, 300_000, 0.0);
+        b.on_capacity_hint(t0, 10_000_000);
+        let wire = b.on_wire(10_000_000);
+        assert_eq!(b.state, State::Startup);
+        assert_eq!(b.pacing_rate(), (wire as f64 * HINT_GAIN) as u64);
+        // A hint below what was measured is ignored.
+        let mut c = Bbr::new(&cfg());
+        feed(&mut c, t0, 10, 3_000_000, 0.0);
+        let before = c.pacing_rate();
+        c.on_capacity_hint(t0, 2_000_000);
+        assert_eq!(c.pacing_rate(), before);
+        // Delivery well above the hint proves it low: back to the usual gain.
+        feed(&mut b, t0 + Duration::from_millis(10), 10, 12_000_000, 0.0);
+        assert!(b.hint.is_none());
+        assert!(
+            b.pacing_rate() > b.on_wire(12_000_000) * 2,
+            "{}",
+            b.pacing_rate()
+        );
     }
 
     #[test]

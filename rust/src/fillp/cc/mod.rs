@@ -56,6 +56,15 @@ pub trait RateController: Send + fmt::Debug {
     fn inflight_cap(&self) -> u64;
     /// Which algorithm this is.
     fn mode(&self) -> RateMode;
+    /// Packets the connection should send back to back as its first flight
+    /// (unpaced), so that their dispersion measures the bottleneck; 0 for
+    /// none (the default).
+    fn startup_train(&self) -> u32 {
+        0
+    }
+    /// The first flight's train was measured: the bottleneck drained it at
+    /// `rate` bytes/s of payload (lost packets included). Ignored by default.
+    fn on_capacity_hint(&mut self, _now: Instant, _rate: u64) {}
 }
 
 /// Parameters shared by all controllers.
