@@ -105,7 +105,8 @@
 
 mod udp;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -182,10 +183,6 @@ struct Shared {
     wake: OwnedFd,
     /// Set (under the lock) while the driver is about to sleep or sleeps.
     sleeping: AtomicBool,
-    /// An application call changed a connection since the driver last
-    /// looked: it must run `poll_transmit` before sleeping (new data sets
-    /// no timer in the core).
-    dirty: AtomicBool,
     stop: AtomicBool,
     opts: FillpOptions,
     sockets: AtomicU64,
@@ -217,6 +214,12 @@ struct State {
     next_id: u64,
     /// Every connection's send buffer, bytes (for write readiness).
     send_buffer: usize,
+    /// Slots an application call changed since the driver last ran them.
+    dirty: Vec<usize>,
+    /// Slot deadlines, earliest first; an entry is current while it equals
+    /// its slot's `deadline` (others are skipped when they come up), so
+    /// the driver runs only the slots that are due instead of all of them.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
 }
 
 /// One UDP socket and the endpoint multiplexed over it.
@@ -242,6 +245,8 @@ struct Slot {
     lease: Option<Instant>,
     /// When a datagram last arrived.
     last_rx: Option<Instant>,
+    /// The endpoint's next timer as of its last turn (see `State::timers`).
+    deadline: Option<Instant>,
 }
 
 impl Slot {
@@ -258,6 +263,7 @@ impl Slot {
             watchers: 0,
             lease: None,
             last_rx: None,
+            deadline: None,
         }
     }
 }
@@ -366,6 +372,60 @@ impl State {
 
     fn slot_mut(&mut self, i: usize) -> Option<&mut Slot> {
         self.slots.get_mut(&i)
+    }
+
+    /// Slot `i` must run a turn soon (an application call changed it).
+    fn mark(&mut self, i: usize) {
+        self.dirty.push(i);
+    }
+
+    /// Slot `i` has a timer at `t` (or earlier): make sure a turn runs by
+    /// then.
+    fn schedule(&mut self, i: usize, t: Instant) {
+        if let Some(sl) = self.slots.get_mut(&i) {
+            if sl.deadline.is_none_or(|d| t < d) {
+                sl.deadline = Some(t);
+                self.timers.push(Reverse((t, i)));
+            }
+        }
+    }
+
+    /// Recomputes slot `i`'s deadline after a turn.
+    fn reschedule(&mut self, i: usize) {
+        let Some(sl) = self.slots.get_mut(&i) else {
+            return;
+        };
+        sl.deadline = sl.ep.poll_timeout();
+        if let Some(t) = sl.deadline {
+            self.timers.push(Reverse((t, i)));
+        }
+    }
+
+    /// The earliest current timer, dropping stale entries on the way.
+    fn next_timer(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, i))) = self.timers.peek() {
+            if self.slots.get(&i).is_some_and(|s| s.deadline == Some(t)) {
+                return Some(t);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Pops the slots whose current timer is due at `now` into `out`.
+    fn due(&mut self, now: Instant, out: &mut Vec<usize>) {
+        while let Some(&Reverse((t, i))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(sl) = self.slots.get_mut(&i) {
+                if sl.deadline == Some(t) {
+                    sl.deadline = None;
+                    out.push(i);
+                }
+            }
+        }
     }
 
     fn add_slot(&mut self, slot: Slot) -> usize {
@@ -596,12 +656,13 @@ fn new_endpoint(opts: &FillpOptions, server: bool) -> Endpoint {
 }
 
 impl Shared {
-    /// Makes the driver run a turn: marks the state dirty and wakes the
-    /// driver if it sleeps. Call under the lock after changing a connection
-    /// (the driver reads both flags under the lock before it sleeps, so no
-    /// change is missed and a busy driver costs no eventfd write).
-    fn kick(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
+    /// Makes the driver run slot `slot`'s turn: marks it and wakes the
+    /// driver if it sleeps. Called with the lock held (`st`) after changing
+    /// a connection; the driver checks for marked slots under the lock
+    /// before it sleeps, so no change is missed and a busy driver costs no
+    /// eventfd write.
+    fn kick(&self, st: &mut State, slot: usize) {
+        st.mark(slot);
         if self.sleeping.load(Ordering::SeqCst) {
             udp::signal(self.wake.as_raw_fd());
         }
@@ -619,7 +680,6 @@ impl FillpStack {
             }),
             wake: udp::eventfd()?,
             sleeping: AtomicBool::new(false),
-            dirty: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             opts,
             sockets: AtomicU64::new(0),
@@ -1130,7 +1190,8 @@ impl Shared {
         let mut st = lock(&self.state);
         let more = self.turn(&mut st, &mut pump, i, Instant::now());
         pump.sync_touched(&mut st);
-        let next = st.slot(i).and_then(|sl| sl.ep.poll_timeout());
+        st.reschedule(i);
+        let next = st.slot(i).and_then(|sl| sl.deadline);
         self.finish_inline(st, pump, i, more, next);
     }
 
@@ -1150,6 +1211,9 @@ impl Shared {
         let mut pump = self.take_pump();
         let more = sl.tx.fill(&mut pump.pool, |buf| c.poll_transmit(now, buf));
         let next = c.poll_timeout();
+        if let Some(t) = next {
+            st.schedule(i, t);
+        }
         self.finish_inline(st, pump, i, more, next);
     }
 
@@ -1158,14 +1222,14 @@ impl Shared {
     /// deadline `next` before its own).
     fn finish_inline(
         &self,
-        st: MutexGuard<'_, State>,
+        mut st: MutexGuard<'_, State>,
         mut pump: Pump,
         i: usize,
         more: bool,
         next: Option<Instant>,
     ) {
         if more {
-            self.kick();
+            self.kick(&mut st, i);
         }
         drop(st);
         self.send(&mut pump, i);
@@ -1182,6 +1246,10 @@ struct Driver {
     pump: Pump,
     pfds: Vec<libc::pollfd>,
     pfd_slot: Vec<usize>,
+    /// Slots to run this turn: received on, changed, due, or with more to
+    /// send at once after the last turn (`busy`).
+    todo: Vec<usize>,
+    busy: Vec<usize>,
 }
 
 impl Driver {
@@ -1191,14 +1259,15 @@ impl Driver {
             shared,
             pfds: Vec::new(),
             pfd_slot: Vec::new(),
+            todo: Vec::new(),
+            busy: Vec::new(),
         }
     }
 
     fn run(mut self) {
         udp::block_signals();
-        let mut busy = true;
         while !self.shared.stop.load(Ordering::SeqCst) {
-            let timeout = self.prepare_poll(busy);
+            let timeout = self.prepare_poll();
             // EINTR cannot happen (signals are blocked); other errors mean a
             // bad fd set, which the next turn rebuilds.
             let _ = udp::ppoll(&mut self.pfds, timeout);
@@ -1208,23 +1277,24 @@ impl Driver {
             }
             for k in 1..self.pfds.len() {
                 let revents = self.pfds[k].revents;
+                let i = self.pfd_slot[k];
                 if revents & (libc::POLLIN | libc::POLLERR) != 0 {
                     let err = revents & libc::POLLERR != 0;
-                    self.shared.receive(&mut self.pump, self.pfd_slot[k], err);
+                    self.shared.receive(&mut self.pump, i, err);
+                    self.todo.push(i);
+                } else if revents & libc::POLLOUT != 0 {
+                    self.todo.push(i);
                 }
             }
-            busy = self.process();
-            let slots: Vec<usize> = {
-                let st = lock(&self.shared.state);
-                st.slots
-                    .iter()
-                    .filter(|(_, s)| !s.tx.q.is_empty())
-                    .map(|(i, _)| *i)
-                    .collect()
-            };
-            for i in slots {
+            self.process();
+            // Send for every slot just run (a slot's queue fills only in
+            // a turn, and one left over waits for POLLOUT, which runs it).
+            let mut todo = std::mem::take(&mut self.todo);
+            for &i in &todo {
                 self.shared.send(&mut self.pump, i);
             }
+            todo.clear();
+            self.todo = todo;
         }
         self.shutdown();
     }
@@ -1232,8 +1302,9 @@ impl Driver {
     /// Builds the poll set and the timeout, and marks the driver asleep. A
     /// socket a reader watches (or just watched, see [`WATCH_LEASE`]) is
     /// left to it, except for `POLLOUT`.
-    fn prepare_poll(&mut self, busy: bool) -> Option<Duration> {
-        let st = lock(&self.shared.state);
+    fn prepare_poll(&mut self) -> Option<Duration> {
+        let mut guard = lock(&self.shared.state);
+        let st = &mut *guard;
         self.shared.sleeping.store(true, Ordering::SeqCst);
         self.pfds.clear();
         self.pfd_slot.clear();
@@ -1244,7 +1315,7 @@ impl Driver {
         });
         self.pfd_slot.push(usize::MAX);
         let now = Instant::now();
-        let mut next: Option<Instant> = None;
+        let mut next = st.next_timer();
         let mut until = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         for (&i, slot) in st.slots.iter() {
             let mut events = libc::POLLIN;
@@ -1270,11 +1341,11 @@ impl Driver {
                 });
                 self.pfd_slot.push(i);
             }
-            if let Some(t) = slot.ep.poll_timeout() {
-                until(t);
-            }
         }
-        let timeout = if busy || self.shared.dirty.swap(false, Ordering::SeqCst) {
+        // Changed slots must run before sleeping: new data sets no timer
+        // in the core.
+        let work = !self.busy.is_empty() || !st.dirty.is_empty();
+        let timeout = if work {
             Some(Duration::ZERO)
         } else {
             next.map(|t| t.saturating_duration_since(now))
@@ -1287,30 +1358,46 @@ impl Driver {
         timeout
     }
 
-    /// Every slot's turn, then forgets slots with nothing left. Returns
-    /// whether an endpoint may have more to send at once.
-    fn process(&mut self) -> bool {
+    /// Runs the turns of the slots that need one: received on, changed by
+    /// an application call, due, or busy. Forgets slots with nothing left.
+    fn process(&mut self) {
         let mut guard = lock(&self.shared.state);
         let st = &mut *guard;
         let now = Instant::now();
-        let mut busy = false;
-        let ids: Vec<usize> = st.slots.keys().copied().collect();
-        for i in ids {
-            busy |= self.shared.turn(st, &mut self.pump, i, now);
+        self.todo.append(&mut st.dirty);
+        self.todo.append(&mut self.busy);
+        st.due(now, &mut self.todo);
+        self.todo.sort_unstable();
+        self.todo.dedup();
+        for &i in &self.todo {
+            if self.shared.turn(st, &mut self.pump, i, now) {
+                self.busy.push(i);
+            }
+            st.reschedule(i);
         }
         self.pump.sync_touched(st);
         // Forget slots with no connection left (and, for a listener's, no
         // listener), unless a thread still uses their fd.
-        st.slots.retain(|_, s| {
-            s.listener.is_some()
-                || s.ep.connection_count() > 0
-                || s.rx_busy
-                || s.tx_busy
-                || s.watchers > 0
-        });
-        let State { slots, by_conn, .. } = st;
-        by_conn.retain(|(s, _), _| slots.contains_key(s));
-        busy
+        for &i in &self.todo {
+            let dead = st.slots.get(&i).is_some_and(|s| {
+                s.listener.is_none()
+                    && s.ep.connection_count() == 0
+                    && !s.rx_busy
+                    && !s.tx_busy
+                    && s.watchers == 0
+            });
+            // Its sockets' `by_conn` entries go when they close (slot
+            // numbers are never reused, so none can be misread meanwhile).
+            // Datagrams still queued (a final RST) leave first: one more
+            // turn, right after this one's sends, removes the slot.
+            if dead {
+                if st.slots.get(&i).is_some_and(|s| !s.tx.q.is_empty()) {
+                    self.busy.push(i);
+                } else {
+                    st.slots.remove(&i);
+                }
+            }
+        }
     }
 
     /// The stack is gone: reset every connection (so peers learn at once)
@@ -1332,10 +1419,11 @@ impl Driver {
                 }
                 st.sync(id);
             }
+            let slots: Vec<usize> = st.slots.keys().copied().collect();
+            st.dirty.extend(slots);
         }
         self.process();
-        let slots: Vec<usize> = lock(&self.shared.state).slots.keys().copied().collect();
-        for i in slots {
+        for i in std::mem::take(&mut self.todo) {
             self.shared.send(&mut self.pump, i);
         }
     }
@@ -1429,12 +1517,12 @@ impl FillpSocket {
             {
                 let mut st = lock(&self.shared.state);
                 let mut ctx = SockCtx {
-                    kick: false,
+                    kick: None,
                     flush: None,
                 };
                 let r = op(&mut st, &mut ctx);
-                if ctx.kick {
-                    self.shared.kick();
+                if let Some(i) = ctx.kick {
+                    self.shared.kick(&mut st, i);
                 }
                 if let Try::Done(r) = r {
                     if let Some((i, h)) = ctx.flush {
@@ -1504,7 +1592,7 @@ impl FillpSocket {
             }
             let r = match conn.write(buf) {
                 Ok(n) => {
-                    ctx.kick = true;
+                    ctx.kick = Some(slot);
                     Try::Done(Ok(n))
                 }
                 Err(WriteError::Blocked) => Try::Block,
@@ -1609,8 +1697,8 @@ fn chunked(
 
 /// Per-attempt flags an operation sets.
 struct SockCtx {
-    /// The connection changed: the driver must run.
-    kick: bool,
+    /// A connection of this slot changed: the driver must run it.
+    kick: Option<usize>,
     /// Connection `(slot, handle)` was read from: send what it has to
     /// send now (see [`Shared::flush_inline`]) instead of waking the driver.
     flush: Option<(usize, ConnectionHandle)>,
@@ -1727,7 +1815,7 @@ impl StackSocket for FillpSocket {
                         cap,
                     };
                 }
-                self.shared.kick();
+                self.shared.kick(st, slot);
                 Ok(())
             }
             Role::Listening {
@@ -1847,7 +1935,7 @@ impl StackSocket for FillpSocket {
             s.stats = ConnectionStats::default();
             st.sync(self.id);
             self.shared.connects.fetch_add(1, Ordering::Relaxed);
-            self.shared.kick();
+            self.shared.kick(st, slot);
         }
         if self.timeout().is_some_and(|t| t.is_zero()) {
             return Err(errno(libc::EINPROGRESS));
@@ -1925,7 +2013,7 @@ impl StackSocket for FillpSocket {
             }
         }
         st.sync(self.id);
-        self.shared.kick();
+        self.shared.kick(st, slot);
         Ok(())
     }
 
@@ -1938,7 +2026,7 @@ impl StackSocket for FillpSocket {
         let Some(s) = st.socks.remove(&self.id) else {
             return Ok(());
         };
-        match s.role {
+        let changed = match s.role {
             Role::Conn { slot, h, .. } => {
                 st.by_conn.remove(&(slot, h));
                 if let Some(c) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) {
@@ -1949,6 +2037,7 @@ impl StackSocket for FillpSocket {
                         c.close();
                     }
                 }
+                Some(slot)
             }
             Role::Listening { slot, backlog, .. } => {
                 for id in backlog {
@@ -1963,13 +2052,16 @@ impl StackSocket for FillpSocket {
                     sl.listener = None;
                 }
                 st.admit(slot, &self.shared.accepted);
+                Some(slot)
             }
-            Role::Fresh | Role::Bound(..) => {}
-        }
+            Role::Fresh | Role::Bound(..) => None,
+        };
         // Wake any thread blocked on this socket so it sees EBADF.
         udp::signal(self.fds.ready.as_raw_fd());
         udp::signal(self.fds.wake.as_raw_fd());
-        self.shared.kick();
+        if let Some(slot) = changed {
+            self.shared.kick(st, slot);
+        }
         Ok(())
     }
 
