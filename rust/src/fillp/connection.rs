@@ -113,7 +113,9 @@ pub enum Event {
     /// Bytes (or EOF) can be read.
     Readable,
     /// Half the send buffer is free again after a write that did not fit
-    /// ([`WriteError::Blocked`] or a short count).
+    /// ([`WriteError::Blocked`] or a short count); for a client, also the
+    /// moment it may send data (it has the server's cookie, see
+    /// [`Connection::can_send`]).
     Writable,
     /// The peer finished its stream and every byte has arrived.
     Finished,
@@ -489,6 +491,14 @@ impl Connection {
     pub fn is_established(&self) -> bool {
         self.state == State::Established
     }
+
+    /// Established, or a client holding the server's cookie: what is
+    /// written now is sent at once (behind the CONN_REQ while the handshake
+    /// completes), so a driver may report the connect done.
+    pub fn can_send(&self) -> bool {
+        self.is_established()
+            || (self.state == State::Handshake && matches!(self.hs, Hs::ConnReq { .. }))
+    }
     /// Closed (possibly still lingering to answer retransmissions).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed | State::Draining)
@@ -780,6 +790,9 @@ impl Connection {
         };
         self.hs_next = now;
         self.hs_backoff = 0;
+        // Data written from now on leaves behind the CONN_REQ: a driver
+        // can report the connect done, as TCP does at its SYN-ACK.
+        self.events.push_back(Event::Writable);
         true
     }
 

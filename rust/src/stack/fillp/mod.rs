@@ -1038,7 +1038,15 @@ impl Shared {
                         *established = true;
                     }
                 }
-                Event::Readable | Event::Writable | Event::Finished => {}
+                // A client with the server's cookie may send: its connect
+                // is done, as TCP's is at the SYN-ACK, and what it writes
+                // leaves behind the CONN_REQ, a round trip early.
+                Event::Writable => {
+                    if let Role::Conn { established, .. } = &mut s.role {
+                        *established |= sl.ep.connection(h).is_some_and(|c| c.can_send());
+                    }
+                }
+                Event::Readable | Event::Finished => {}
                 Event::Closed { reason } => {
                     s.closed = Some(reason);
                     if let Some(c) = sl.ep.connection(h) {
