@@ -14,7 +14,8 @@
 //! [`Endpoint::supply_cookie_secret`] with 32 fresh random bytes (without
 //! them the secrets still rotate, by a one-way HMAC ratchet).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::time::{Duration, Instant};
@@ -139,6 +140,21 @@ pub struct Endpoint {
     accept_queue: VecDeque<ConnectionHandle>,
     rr_after: Option<ConnectionHandle>,
     stats: EndpointStats,
+    // With many connections, mostly idle, scanning all of them on every
+    // call made each keepalive cost O(connections). A connection changes
+    // only when it gets a datagram, a timer fires, it transmits or the
+    // application reaches it through `connection_mut`: those "touch" it,
+    // and the calls below look at touched connections only.
+    /// Touched since they last had nothing to send.
+    tx_ready: BTreeSet<ConnectionHandle>,
+    /// Touched since they last had no events (or were checked for reaping).
+    ev_ready: BTreeSet<ConnectionHandle>,
+    /// Touched since their deadline was last computed.
+    retime: HashSet<ConnectionHandle>,
+    /// Each connection's deadline as last computed, and the same in a heap
+    /// (an entry that no longer matches `deadlines` is skipped).
+    deadlines: HashMap<ConnectionHandle, Instant>,
+    timers: BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
 }
 
 impl Endpoint {
@@ -162,7 +178,31 @@ impl Endpoint {
             accept_queue: VecDeque::new(),
             rr_after: None,
             stats: EndpointStats::default(),
+            tx_ready: BTreeSet::new(),
+            ev_ready: BTreeSet::new(),
+            retime: HashSet::new(),
+            deadlines: HashMap::new(),
+            timers: BinaryHeap::new(),
         }
+    }
+
+    /// Connection `h` may have changed: look at it again for transmits,
+    /// events and its deadline.
+    fn touch(&mut self, h: ConnectionHandle) {
+        self.tx_ready.insert(h);
+        self.ev_ready.insert(h);
+        self.retime.insert(h);
+    }
+
+    /// Forgets connection `h` everywhere.
+    fn forget(&mut self, h: ConnectionHandle) {
+        if let Some(c) = self.conns.remove(&h) {
+            self.by_cid.remove(&c.local_cid());
+        }
+        self.tx_ready.remove(&h);
+        self.ev_ready.remove(&h);
+        self.retime.remove(&h);
+        self.deadlines.remove(&h);
     }
 
     fn fresh_cid(&mut self) -> u32 {
@@ -179,6 +219,7 @@ impl Endpoint {
         self.next_handle += 1;
         self.by_cid.insert(conn.local_cid(), h);
         self.conns.insert(h, Box::new(conn));
+        self.touch(h);
         h
     }
 
@@ -216,6 +257,7 @@ impl Endpoint {
                 return;
             }
             conn.handle_repr(now, data.len(), repr);
+            self.touch(h);
             return;
         }
         match repr.body {
@@ -371,63 +413,104 @@ impl Endpoint {
                 size: buf.len(),
             });
         }
-        // Round-robin from the connection after the one served last, without
-        // allocating: each step looks up the next key.
+        // Round-robin over the connections that may send, from the one
+        // after the one served last, without allocating: each step looks
+        // up the next key.
         let mut cursor = self.rr_after;
-        for _ in 0..self.conns.len() {
+        for _ in 0..self.tx_ready.len() {
             let next = match cursor {
                 Some(c) => self
-                    .conns
+                    .tx_ready
                     .range((Excluded(c), Unbounded))
                     .next()
-                    .or_else(|| self.conns.iter().next()),
-                None => self.conns.iter().next(),
+                    .or_else(|| self.tx_ready.first()),
+                None => self.tx_ready.first(),
             };
-            let Some((&h, _)) = next else {
+            let Some(&h) = next else {
                 break;
             };
-            if let Some(t) = self
-                .conns
-                .get_mut(&h)
-                .and_then(|c| c.poll_transmit(now, buf))
-            {
-                self.rr_after = Some(h);
-                return Some(t);
-            }
             cursor = Some(h);
+            let Some(c) = self.conns.get_mut(&h) else {
+                self.tx_ready.remove(&h);
+                continue;
+            };
+            let sent = c.poll_transmit(now, buf);
+            self.retime.insert(h);
+            match sent {
+                Some(t) => {
+                    self.ev_ready.insert(h);
+                    self.rr_after = Some(h);
+                    return Some(t);
+                }
+                None => {
+                    self.tx_ready.remove(&h);
+                }
+            }
         }
         None
     }
 
     /// Earliest timer over all connections (`now` is fine if replies wait).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
         if !self.stateless.is_empty() {
             return Some(self.epoch);
         }
-        self.conns.values().filter_map(|c| c.poll_timeout()).min()
+        for h in std::mem::take(&mut self.retime) {
+            match self.conns.get(&h).and_then(|c| c.poll_timeout()) {
+                Some(t) => {
+                    if self.deadlines.insert(h, t) != Some(t) {
+                        self.timers.push(Reverse((t, h)));
+                    }
+                }
+                None => {
+                    self.deadlines.remove(&h);
+                }
+            }
+        }
+        while let Some(&Reverse((t, h))) = self.timers.peek() {
+            if self.deadlines.get(&h) == Some(&t) {
+                return Some(t);
+            }
+            self.timers.pop();
+        }
+        None
     }
 
     /// Run every connection's expired timers and forget drained ones.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for c in self.conns.values_mut() {
-            if c.poll_timeout().is_some_and(|t| t <= now) {
+        self.poll_timeout(); // brings the heap up to date
+        while let Some(&Reverse((t, h))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if self.deadlines.get(&h) != Some(&t) {
+                continue;
+            }
+            self.deadlines.remove(&h);
+            if let Some(c) = self.conns.get_mut(&h) {
                 c.handle_timeout(now);
+                self.touch(h);
             }
         }
         self.reap();
     }
 
+    /// Forgets the touched connections that are drained with no events
+    /// left.
     fn reap(&mut self) {
         let dead: Vec<ConnectionHandle> = self
-            .conns
+            .ev_ready
             .iter()
-            .filter(|(_, c)| c.is_drained() && !c.has_events())
-            .map(|(h, _)| *h)
+            .filter(|h| {
+                self.conns
+                    .get(h)
+                    .is_none_or(|c| c.is_drained() && !c.has_events())
+            })
+            .copied()
             .collect();
         for h in dead {
-            if let Some(c) = self.conns.remove(&h) {
-                self.by_cid.remove(&c.local_cid());
-            }
+            self.forget(h);
         }
     }
 
@@ -435,12 +518,20 @@ impl Endpoint {
     /// closed, drained and have no events left are forgotten here (and in
     /// `handle_timeout`): a closed connection has no timer to wake it.
     pub fn poll_event(&mut self) -> Option<(ConnectionHandle, Event)> {
-        for (h, c) in self.conns.iter_mut() {
+        while let Some(&h) = self.ev_ready.first() {
+            let Some(c) = self.conns.get_mut(&h) else {
+                self.ev_ready.remove(&h);
+                continue;
+            };
             if let Some(e) = c.poll_event() {
-                return Some((*h, e));
+                return Some((h, e));
+            }
+            if c.is_drained() {
+                self.forget(h);
+            } else {
+                self.ev_ready.remove(&h);
             }
         }
-        self.reap();
         None
     }
 
@@ -455,7 +546,13 @@ impl Endpoint {
     }
 
     /// A connection by handle, mutable (for `write`, `read`, `close`, ...).
+    /// (The connection counts as touched: whatever the caller does to it
+    /// is seen by the next `poll_*`.)
     pub fn connection_mut(&mut self, h: ConnectionHandle) -> Option<&mut Connection> {
+        if !self.conns.contains_key(&h) {
+            return None;
+        }
+        self.touch(h);
         self.conns.get_mut(&h).map(|c| &mut **c)
     }
 
