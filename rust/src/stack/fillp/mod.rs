@@ -5,10 +5,19 @@
 //!
 //! * **One driver thread per instance** owns the UDP sockets and runs the
 //!   polling loop of [`crate::fillp`] (receive, timers, events, transmit).
-//!   It waits in `ppoll` (nanosecond timeouts, for pacing) on the UDP fds and
-//!   an eventfd that application threads write to wake it. Datagrams move in
-//!   `recvmmsg`/`sendmmsg` batches; a full socket buffer
-//!   keeps the rest queued and waits for `POLLOUT` instead of dropping.
+//!   It waits in `ppoll` (nanosecond timeouts, for pacing) on an epoll set
+//!   of the UDP sockets and on an eventfd that application threads write to
+//!   wake it. Datagrams move in `recvmmsg`/`sendmmsg` batches; a full
+//!   socket buffer keeps the rest queued and waits for `POLLOUT` instead of
+//!   dropping.
+//! * **Work in proportion to what happens.** A wake costs O(ready sockets)
+//!   (epoll), and a turn runs only the slots that received, were changed by
+//!   an application call, have a timer due (a heap of slot deadlines) or
+//!   still have more to send; within a slot the endpoint looks only at
+//!   connections that changed ([`crate::fillp::Endpoint`]). Idle
+//!   connections (keepalive every 5 s) cost 1.5% of a core per 1000 pairs
+//!   in one process, against 28% when every wake walked every socket
+//!   (`benches/results/fillp_idle.md`).
 //! * **Segmentation offload** ([`FillpOptions::offload`], on by default):
 //!   consecutive datagrams to one peer leave as one GSO `sendmmsg` entry
 //!   (`UDP_SEGMENT`, up to 64 datagrams / 64 KiB) and arrive as one GRO
@@ -89,12 +98,9 @@
 //!   times on receive): six copies per byte against kernel TCP's two, which
 //!   is most of what a packet still costs (see
 //!   `benches/results/fillp_loopback.md`).
-//! * Many idle connections cheaply in CPU: every driver turn walks all of
-//!   the instance's UDP sockets and the listener's connections (O(n) per
-//!   datagram), so 2000 idle connections (keepalives every 5 s) use ~28% of
-//!   a core and 8000 ~150%, and opening them is quadratic
-//!   (`benches/results/fillp_idle.md`). Memory is small: ~6.5-7 KiB per
-//!   idle connection end, kernel buffers and slab included.
+//! * Fully constant work per wake: the epoll interest of every slot is
+//!   reconciled in user space on each wake (a compare per slot, a syscall
+//!   only on change), so 3900 idle pairs still cost ~10% of a core.
 //! * Spreading one instance over several driver threads: one thread runs
 //!   every endpoint of an instance; run several instances to use more cores.
 //! * A socket closed with no unread data closes gracefully and then
@@ -247,6 +253,9 @@ struct Slot {
     last_rx: Option<Instant>,
     /// The endpoint's next timer as of its last turn (see `State::timers`).
     deadline: Option<Instant>,
+    /// The events the driver's epoll set has for the socket (None: not in
+    /// it yet).
+    interest: Option<u32>,
 }
 
 impl Slot {
@@ -264,6 +273,7 @@ impl Slot {
             lease: None,
             last_rx: None,
             deadline: None,
+            interest: None,
         }
     }
 }
@@ -695,9 +705,10 @@ impl FillpStack {
             pumps: Mutex::new(Vec::new()),
         });
         let s2 = Arc::clone(&shared);
+        let epoll = udp::Epoll::new()?;
         let thread = std::thread::Builder::new()
             .name(format!("fillp-{name}"))
-            .spawn(move || Driver::new(s2).run())?;
+            .spawn(move || Driver::new(s2, epoll).run())?;
         Ok(FillpStack {
             name,
             shared,
@@ -1252,8 +1263,10 @@ impl Shared {
 struct Driver {
     shared: Arc<Shared>,
     pump: Pump,
-    pfds: Vec<libc::pollfd>,
-    pfd_slot: Vec<usize>,
+    /// Every slot's UDP socket, with the slot number as token.
+    epoll: udp::Epoll,
+    events: Vec<libc::epoll_event>,
+    ready: Vec<(u64, u32)>,
     /// Slots to run this turn: received on, changed, due, or with more to
     /// send at once after the last turn (`busy`).
     todo: Vec<usize>,
@@ -1261,12 +1274,13 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(shared: Arc<Shared>) -> Driver {
+    fn new(shared: Arc<Shared>, epoll: udp::Epoll) -> Driver {
         Driver {
             pump: Pump::new(shared.opts.offload),
             shared,
-            pfds: Vec::new(),
-            pfd_slot: Vec::new(),
+            epoll,
+            events: Vec::with_capacity(256),
+            ready: Vec::new(),
             todo: Vec::new(),
             busy: Vec::new(),
         }
@@ -1276,23 +1290,30 @@ impl Driver {
         udp::block_signals();
         while !self.shared.stop.load(Ordering::SeqCst) {
             let timeout = self.prepare_poll();
-            // EINTR cannot happen (signals are blocked); other errors mean a
-            // bad fd set, which the next turn rebuilds.
-            let _ = udp::ppoll(&mut self.pfds, timeout);
+            let mut pfds =
+                [self.shared.wake.as_raw_fd(), self.epoll.as_raw_fd()].map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            // EINTR cannot happen (signals are blocked).
+            let _ = udp::ppoll(&mut pfds, timeout);
             self.shared.sleeping.store(false, Ordering::SeqCst);
-            if self.pfds.first().is_some_and(|p| p.revents != 0) {
+            if pfds[0].revents != 0 {
                 udp::drain(self.shared.wake.as_raw_fd());
             }
-            for k in 1..self.pfds.len() {
-                let revents = self.pfds[k].revents;
-                let i = self.pfd_slot[k];
-                if revents & (libc::POLLIN | libc::POLLERR) != 0 {
-                    let err = revents & libc::POLLERR != 0;
+            self.ready.clear();
+            if pfds[1].revents != 0 {
+                self.epoll.ready(&mut self.events, &mut self.ready);
+            }
+            for k in 0..self.ready.len() {
+                let (token, ev) = self.ready[k];
+                let i = token as usize;
+                let err = ev & libc::EPOLLERR as u32 != 0;
+                if err || ev & libc::EPOLLIN as u32 != 0 {
                     self.shared.receive(&mut self.pump, i, err);
-                    self.todo.push(i);
-                } else if revents & libc::POLLOUT != 0 {
-                    self.todo.push(i);
                 }
+                self.todo.push(i);
             }
             self.process();
             // Send for every slot just run (a slot's queue fills only in
@@ -1307,26 +1328,18 @@ impl Driver {
         self.shutdown();
     }
 
-    /// Builds the poll set and the timeout, and marks the driver asleep. A
-    /// socket a reader watches (or just watched, see [`WATCH_LEASE`]) is
-    /// left to it, except for `POLLOUT`.
+    /// Brings the epoll set in line with the slots, computes the timeout,
+    /// and marks the driver asleep. A socket a reader watches (or just
+    /// watched, see [`WATCH_LEASE`]) is left to it, except for `POLLOUT`.
     fn prepare_poll(&mut self) -> Option<Duration> {
         let mut guard = lock(&self.shared.state);
         let st = &mut *guard;
         self.shared.sleeping.store(true, Ordering::SeqCst);
-        self.pfds.clear();
-        self.pfd_slot.clear();
-        self.pfds.push(libc::pollfd {
-            fd: self.shared.wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        self.pfd_slot.push(usize::MAX);
         let now = Instant::now();
         let mut next = st.next_timer();
         let mut until = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        for (&i, slot) in st.slots.iter() {
-            let mut events = libc::POLLIN;
+        for (&i, slot) in st.slots.iter_mut() {
+            let mut events = libc::EPOLLIN as u32;
             if slot.watchers > 0 {
                 // A busy socket's watcher may leave at any moment, and its
                 // lease then runs out with nobody reading: wake by then.
@@ -1339,15 +1352,19 @@ impl Driver {
                 events = 0;
             }
             if !slot.tx.q.is_empty() {
-                events |= libc::POLLOUT;
+                events |= libc::EPOLLOUT as u32;
             }
-            if events != 0 {
-                self.pfds.push(libc::pollfd {
-                    fd: slot.fd.as_raw_fd(),
-                    events,
-                    revents: 0,
-                });
-                self.pfd_slot.push(i);
+            if slot.interest != Some(events) {
+                let add = slot.interest.is_none();
+                // A failure leaves the interest unrecorded: tried again
+                // next turn.
+                if self
+                    .epoll
+                    .set(slot.fd.as_raw_fd(), events, i as u64, add)
+                    .is_ok()
+                {
+                    slot.interest = Some(events);
+                }
             }
         }
         // Changed slots must run before sleeping: new data sets no timer
