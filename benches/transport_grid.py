@@ -615,7 +615,7 @@ def main() -> int:
             "goodput tops out near 95% of the link (TCP: 1448 of 1514 B; FillP: 1374 of 1442 B). Transfers go "
             "client -> server; both ends are fresh processes; contenders run one after the other within a cell, "
             "the order rotating from cell to cell. FillP rate modes as configured (`rate_control`); `fixed` "
-            "runs at the core's built-in fixed rate, which the config cannot set.")
+            "runs at FillP's default fixed rate (10 Mbit/s): this benchmark does not set `fixed_rate`.")
     meta = {"started": started, "size": args.size, "max_seconds": args.max_seconds, "contenders": contenders,
             "load_start": load0, "load_end": load1, "cpus": os.cpu_count(), "note": note,
             "fairness_cell": {"rate_mbit": FAIR_CELL[0], "rtt_ms": FAIR_CELL[1], "loss_pct": FAIR_CELL[2],
