@@ -45,9 +45,12 @@
 //!   connection's window update itself. Writers still hand off to the
 //!   driver (it transmits while the writer copies), but hear of space only
 //!   once half the send buffer is free. Measured over loopback (one
-//!   connection, instance per end): CPU per Gbit 0.33 -> 0.23 s, context
-//!   switches per 256 MiB ~25k -> ~13k
-//!   (`benches/results/fillp_loopback.md`).
+//!   connection, instance per end, medians of six passes): CPU per Gbit
+//!   0.32 -> 0.27 s, 5.1 -> 5.3 Gbit/s, context switches per 256 MiB ~25k
+//!   -> ~13k (`benches/results/fillp_loopback.md`). A reader watches only
+//!   while its connection has nothing in flight: a sender blocked in `recv`
+//!   for the reply that ran its own ACK clock this way sent its last 16 MiB
+//!   at ~65% of the link over a 100 ms emulated path (cause not found).
 //! * **Lock holds are short**: application `send`/`recv` copy at most
 //!   64 KiB per hold of the state lock, so the driver, which takes it for
 //!   every batch, never waits behind a megabyte copy.
