@@ -1321,12 +1321,9 @@ impl Driver {
             self.process();
             // Send for every slot just run (a slot's queue fills only in
             // a turn, and one left over waits for POLLOUT, which runs it).
-            let mut todo = std::mem::take(&mut self.todo);
-            for &i in &todo {
+            for i in self.todo.drain(..) {
                 self.shared.send(&mut self.pump, i);
             }
-            todo.clear();
-            self.todo = todo;
         }
         self.shutdown();
     }
