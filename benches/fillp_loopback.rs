@@ -1,19 +1,22 @@
 //! One connection over loopback, FillP versus the kernel's TCP in the same
-//! run, interleaved rounds. Prints Gbit/s and CPU seconds per Gbit (the
-//! whole process: application threads, the FillP driver and the kernel work
-//! done on their behalf), median and spread; asserts only that every byte
-//! arrived.
+//! run, interleaved rounds. Two FillP contenders: `fillp`, the default,
+//! sizes its datagrams from the route (65,507 bytes on lo, as TCP sizes its
+//! segments from the MTU), and `fillp-fixed` uses 1400 bytes on every route
+//! (FillP's size on Ethernet-sized paths, and on every path before path
+//! sizing). Prints Gbit/s and CPU seconds per Gbit (the whole process:
+//! application threads, the FillP driver and the kernel work done on their
+//! behalf), median and spread; asserts only that every byte arrived.
 //!
 //! `cargo bench --bench fillp_loopback`. Environment: `FILLP_BENCH_MIB`
 //! (size, default 256), `FILLP_BENCH_ROUNDS` (default 3),
 //! `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`), `FILLP_BENCH_FIXED_MBPS`
-//! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`fillp` or `kernel`:
-//! run one side only, for profiling), `FILLP_BENCH_OFFLOAD=0` (no UDP
-//! GSO/GRO), `FILLP_BENCH_INSTANCES=2` (client and server on two FillP
-//! instances, each with its own driver thread, as in two processes; the
-//! default is one instance whose driver runs both ends), `FILLP_BENCH_MTU`
-//! (FillP's datagram size, default 1400), `FILLP_BENCH_FRESH=1` (new FillP
-//! instances every round).
+//! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`kernel`, `fillp` or
+//! `fillp-fixed`: run one contender only, for profiling),
+//! `FILLP_BENCH_OFFLOAD=0` (no UDP GSO/GRO), `FILLP_BENCH_INSTANCES=2`
+//! (client and server on two FillP instances, each with its own driver
+//! thread, as in two processes; the default is one instance whose driver
+//! runs both ends), `FILLP_BENCH_MTU` (`fillp-fixed`'s datagram size,
+//! default 1400), `FILLP_BENCH_FRESH=1` (new FillP instances every round).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::thread;
@@ -154,10 +157,39 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// A FillP contender: its instances (one, or one per end) and its name.
+struct Fillp {
+    name: &'static str,
+    opts: FillpOptions,
+    server: FillpStack,
+    client: Option<FillpStack>,
+    samples: Vec<Sample>,
+}
+
+impl Fillp {
+    fn new(name: &'static str, opts: FillpOptions, two: bool) -> Fillp {
+        let (server, client) = Fillp::instances(&opts, two);
+        Fillp {
+            name,
+            opts,
+            server,
+            client,
+            samples: Vec::new(),
+        }
+    }
+
+    fn instances(opts: &FillpOptions, two: bool) -> (FillpStack, Option<FillpStack>) {
+        let server = FillpStack::new("fillp", opts.clone()).expect("fillp stack");
+        let client = two.then(|| FillpStack::new("fillp2", opts.clone()).expect("fillp stack"));
+        (server, client)
+    }
+}
+
 fn main() {
     let mib: usize = env("FILLP_BENCH_MIB").unwrap_or(256);
     let rounds: usize = env("FILLP_BENCH_ROUNDS").unwrap_or(3).max(1);
     let only: Option<String> = env("FILLP_BENCH_ONLY");
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let total = mib << 20;
     let kernel = KernelStack::new("kernel", Protocol::Tcp, IoMode::Syscall);
     let mut opts = FillpOptions::default();
@@ -171,45 +203,49 @@ fn main() {
         opts.connection.mode = dmm::fillp::RateMode::Fixed;
         opts.connection.fixed_rate = r * 1_000_000 / 8;
     }
-    if let Some(mtu) = env::<u16>("FILLP_BENCH_MTU") {
-        opts.connection.mtu = mtu;
-    }
     if env::<u8>("FILLP_BENCH_OFFLOAD") == Some(0) {
         opts.offload = false;
     }
+    // The default sizes datagrams from the route (65,507 bytes on lo); the
+    // second contender keeps one size for every route (1400 unless
+    // FILLP_BENCH_MTU says otherwise), as FillP did before.
+    let mut fixed = opts.clone();
+    fixed.path_mtu = false;
+    fixed.connection.mtu = env::<u16>("FILLP_BENCH_MTU").unwrap_or(1400);
     // Both ends on one FillP instance (one driver thread runs both), or, with
     // FILLP_BENCH_INSTANCES=2, one instance each, as two processes would be.
     let two = env::<u8>("FILLP_BENCH_INSTANCES") == Some(2);
-    let make = || {
-        let server = FillpStack::new("fillp", opts.clone()).expect("fillp stack");
-        let client = two.then(|| FillpStack::new("fillp2", opts.clone()).expect("fillp stack"));
-        (server, client)
-    };
+    let mut fillps: Vec<Fillp> = [("fillp", opts), ("fillp-fixed", fixed)]
+        .into_iter()
+        .filter(|(name, _)| wanted(name))
+        .map(|(name, o)| Fillp::new(name, o, two))
+        .collect();
     // FILLP_BENCH_FRESH=1: new instances every round (the connections of
     // earlier rounds otherwise linger, draining, for the idle timeout).
     let fresh = env::<u8>("FILLP_BENCH_FRESH") == Some(1);
-    let (mut fillp, mut fillp2) = make();
-    let (mut ks, mut fs) = (Vec::new(), Vec::new());
+    let mut ks = Vec::new();
     for round in 1..=rounds {
-        if fresh && round > 1 {
-            (fillp, fillp2) = make();
-        }
-        let fillp_client: &dyn Stack = fillp2.as_ref().map_or(&fillp, |s| s);
-        if only.as_deref() != Some("fillp") {
+        if wanted("kernel") {
             let k = run(&kernel, &kernel, total);
             println!(
-                "round {round} kernel tcp: {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
+                "round {round} kernel tcp:  {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
                 k.gbps, k.cpu_per_gbit
             );
             ks.push(k);
         }
-        if only.as_deref() != Some("kernel") {
-            let f = run(&fillp, fillp_client, total);
+        for f in &mut fillps {
+            if fresh && round > 1 {
+                (f.server, f.client) = Fillp::instances(&f.opts, two);
+            }
+            let client: &dyn Stack = f.client.as_ref().map_or(&f.server, |s| s);
+            let x = run(&f.server, client, total);
             println!(
-                "round {round} fillp:      {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
-                f.gbps, f.cpu_per_gbit
+                "round {round} {:<12} {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit",
+                format!("{}:", f.name),
+                x.gbps,
+                x.cpu_per_gbit
             );
-            fs.push(f);
+            f.samples.push(x);
         }
     }
     let line = |name: &str, v: &[Sample]| {
@@ -221,7 +257,7 @@ fn main() {
         let ((glo, ghi), (clo, chi)) = (spread(&g), spread(&c));
         let gm = median(g);
         println!(
-            "{name}: median {gm:.2} Gbit/s (min {glo:.2}, max {ghi:.2}), \
+            "{name:<12}: median {gm:.2} Gbit/s (min {glo:.2}, max {ghi:.2}), \
              {:.3} CPU s/Gbit (min {clo:.3}, max {chi:.3})",
             median(c)
         );
@@ -229,13 +265,20 @@ fn main() {
     };
     println!("{rounds} rounds of {mib} MiB:");
     let k = line("kernel tcp", &ks);
-    let f = line("fillp     ", &fs);
-    if let (Some(k), Some(f)) = (k, f) {
-        let ratios: Vec<f64> = ks.iter().zip(&fs).map(|(k, f)| f.gbps / k.gbps).collect();
-        let (lo, hi) = spread(&ratios);
-        println!(
-            "fillp / kernel: median of medians {:.3}, per round {lo:.3}..{hi:.3}",
-            f / k
-        );
+    for f in &fillps {
+        let m = line(f.name, &f.samples);
+        if let (Some(k), Some(m)) = (k, m) {
+            let ratios: Vec<f64> = ks
+                .iter()
+                .zip(&f.samples)
+                .map(|(k, x)| x.gbps / k.gbps)
+                .collect();
+            let (lo, hi) = spread(&ratios);
+            println!(
+                "{} / kernel: median of medians {:.3}, per round {lo:.3}..{hi:.3}",
+                f.name,
+                m / k
+            );
+        }
     }
 }

@@ -32,9 +32,10 @@ def use_config(text):
     return dmm.runtime.configure(dconfig.parse(textwrap.dedent(text), "<test>"))
 
 
-#: Loopback routed to a FillP instance ``wan``, listeners on it too;
-#: ``{mode}`` is its rate control.
-FILLP_LOOPBACK = """
+#: Destinations in ``{prefix}`` routed to a FillP instance ``wan`` with
+#: rate control ``{mode}`` and any more keys in ``{extra}``; listeners on it
+#: too.
+FILLP_TO = """
 [[stack]]
 name = "kernel"
 kind = "kernel"
@@ -43,14 +44,18 @@ kind = "kernel"
 name = "wan"
 kind = "fillp"
 rate_control = "{mode}"
+{extra}
 
 [[route]]
-to = "127.0.0.0/8"
+to = "{prefix}"
 stacks = ["wan"]
 
 [listen]
 stacks = ["wan"]
 """
+
+#: Loopback routed to ``wan``; ``{mode}`` is its rate control.
+FILLP_LOOPBACK = FILLP_TO.replace("{prefix}", "127.0.0.0/8").replace("{extra}", "")
 
 
 TWO_KERNELS = """

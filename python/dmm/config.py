@@ -32,6 +32,9 @@ Example::
     # fixed_rate = "100mbit" # rate_control = "fixed" only: the sending rate,
                              # "<number>kbit|mbit|gbit" (per second, decimal)
                              # or an integer of bits/s; default 10 Mbit/s
+    datagram_size = "auto"   # UDP payload per datagram: "auto" sizes it from
+                             # the route to each peer (the route MTU less
+                             # headers above 1500, else 1400), or 512-65507
 
     [[route]]
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6
@@ -90,7 +93,7 @@ _KINDS = ("kernel", "smoltcp", "fillp")
 # Fields each kind takes besides name and kind.
 _FIELDS = {
     "kernel": ("protocol", "io"),
-    "fillp": ("rate_control", "address", "fixed_rate"),
+    "fillp": ("rate_control", "address", "fixed_rate", "datagram_size"),
     "smoltcp": ("device", "address", "gateway", "mtu", "mac", "buffer_size"),
 }
 _RATE_CONTROLS = ("bbr", "fillp", "fixed")
@@ -128,6 +131,9 @@ class StackSpec:
     #: FillP: the ``fixed`` mode's sending rate in bits/s (None: the core's
     #: default, 10 Mbit/s).
     fixed_rate: int | None = None
+    #: FillP: UDP payload bytes per datagram (None: "auto", from the route
+    #: to each peer).
+    datagram_size: int | None = None
     #: FillP: the local address its UDP sockets bind to.
     address: str = "0.0.0.0"
     #: smoltcp: the TAP device's name.
@@ -352,8 +358,14 @@ class _Validator:
         fixed_rate = None
         if "fixed_rate" in raw:
             fixed_rate = self.fixed_rate(raw["fixed_rate"], rate, self._key_line(start, "fixed_rate"), f"{where}.fixed_rate")
+        size = raw.get("datagram_size", "auto")
+        if size == "auto":
+            size = None
+        elif not isinstance(size, int) or isinstance(size, bool) or not 512 <= size <= 65507:
+            raise self.error(self._key_line(start, "datagram_size"), f"{where}.datagram_size",
+                             f"expected \"auto\" or bytes of UDP payload from 512 to 65507, got {size!r}")
         return StackSpec(name=name, kind=kind, protocol=protocol, io=io, rate_control=rate, fixed_rate=fixed_rate,
-                         address=address, line=start)
+                         datagram_size=size, address=address, line=start)
 
     def fixed_rate(self, raw: Any, rate_control: str, line: int | None, fld: str) -> int:
         """A FillP ``fixed_rate`` in bits/s, from "100mbit" or an integer."""

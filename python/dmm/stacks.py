@@ -169,7 +169,7 @@ class FillpInstance(UserSpaceInstance):
         self.address = spec.address
         # The core counts bytes/s; the configuration, bits/s.
         fixed_rate = None if spec.fixed_rate is None else spec.fixed_rate // 8
-        self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address, fixed_rate)
+        self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address, fixed_rate, spec.datagram_size)
         self._family = _stdsocket.AF_INET6 if ":" in spec.address else _stdsocket.AF_INET
 
     def can_carry(self, family: int, type: int) -> Optional[str]:

@@ -195,7 +195,16 @@ fn transfer_each_way_on(st: &dyn Stack, len: usize, at: SocketAddr) {
 
 /// The stack-wide counter `name`.
 fn counter(st: &dyn Stack, name: &str) -> u64 {
-    st.counters()
+    find(&st.counters(), name)
+}
+
+/// The socket's counter `name`.
+fn counter_of(s: &dyn StackSocket, name: &str) -> u64 {
+    find(&s.counters(), name)
+}
+
+fn find(counters: &[(&'static str, u64)], name: &str) -> u64 {
+    counters
         .iter()
         .find(|(k, _)| *k == name)
         .map_or(0, |(_, v)| *v)
@@ -226,13 +235,9 @@ fn transfer_without_offload() {
     transfer_each_way(&*st, 4 << 20);
 }
 
-/// A path that refuses GSO turns it off for that socket and resends the
-/// refused datagrams one by one: nothing is lost. The path: loopback with
-/// a 1280-byte MTU in a network namespace of this thread's own, where
-/// 1400-byte segments fail with EMSGSIZE (the datagrams alone are
-/// fragmented and pass).
-#[test]
-fn gso_refused_falls_back_without_loss() {
+/// Runs `f` in a network namespace of a thread's own whose loopback has
+/// MTU 1280.
+fn on_loopback_of_mtu_1280(f: impl FnOnce() + Send + 'static) {
     let t = thread::spawn(|| {
         // SAFETY: unshare affects only this thread (and what it starts).
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -249,12 +254,43 @@ fn gso_refused_falls_back_without_loss() {
             eprintln!("skipped: ip link set lo: {up:?}");
             return;
         }
-        let st = stack();
+        f();
+    });
+    t.join().unwrap();
+}
+
+/// A path that refuses GSO turns it off for that socket and resends the
+/// refused datagrams one by one: nothing is lost. The path: loopback with
+/// a 1280-byte MTU, where 1400-byte segments (a size fixed by
+/// configuration, not taken from the route) fail with EMSGSIZE; the
+/// datagrams alone are fragmented and pass.
+#[test]
+fn gso_refused_falls_back_without_loss() {
+    on_loopback_of_mtu_1280(|| {
+        let st = stack_with(FillpOptions {
+            path_mtu: false,
+            ..FillpOptions::default()
+        });
         transfer_each_way(&*st, 2 << 20);
         assert!(counter(&*st, "gso_disabled") >= 1, "{:?}", st.counters());
         assert_eq!(counter(&*st, "udp_send_errors"), 0);
     });
-    t.join().unwrap();
+}
+
+/// Sized from the route, the same path gets 1252-byte datagrams (1280 less
+/// the IP and UDP headers): no fragments, and GSO stays on.
+#[test]
+fn datagrams_sized_from_a_small_route_fit_it() {
+    on_loopback_of_mtu_1280(|| {
+        let st = stack();
+        let (c, s) = pair(&*st, &*st);
+        c.send_all(&[7u8; 300_000], 0).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(recv_to_eof(&*s).len(), 300_000);
+        assert_eq!(counter_of(&*c, "mtu"), 1252);
+        assert_eq!(counter_of(&*s, "mtu"), 1252);
+        assert_eq!(counter(&*st, "gso_disabled"), 0, "{:?}", st.counters());
+    });
 }
 
 #[test]

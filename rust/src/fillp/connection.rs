@@ -194,6 +194,8 @@ pub struct ConnectionStats {
     pub dropped: u64,
     /// DATA payload bytes received again.
     pub duplicate_bytes: u64,
+    /// Datagram size in use (UDP payload bytes), as negotiated.
+    pub mtu: u16,
     /// Smoothed RTT.
     pub rtt: Duration,
     /// Minimum RTT.
@@ -538,6 +540,7 @@ impl Connection {
     /// Counters and estimates.
     pub fn stats(&self) -> ConnectionStats {
         let mut s = self.stats;
+        s.mtu = self.mtu;
         s.rtt = self.rtt.srtt();
         s.min_rtt = self.rtt.min();
         s.send_rate = self.cc.pacing_rate();

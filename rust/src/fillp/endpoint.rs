@@ -223,17 +223,28 @@ impl Endpoint {
         h
     }
 
-    /// Start a connection to `remote`.
+    /// Start a connection to `remote` with the endpoint's connection settings.
     pub fn connect(
         &mut self,
         now: Instant,
         remote: SocketAddr,
     ) -> Result<ConnectionHandle, ConnectError> {
+        self.connect_with(now, remote, self.config.connection.clone())
+    }
+
+    /// Start a connection to `remote` with its own settings (a driver that
+    /// knows the route, for instance, sets the MTU per peer).
+    pub fn connect_with(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        config: Config,
+    ) -> Result<ConnectionHandle, ConnectError> {
         if self.conns.len() >= self.config.max_connections {
             return Err(ConnectError::TooManyConnections);
         }
         let cid = self.fresh_cid();
-        let conn = Connection::new_client(self.config.connection.clone(), now, remote, cid);
+        let conn = Connection::new_client(config, now, remote, cid);
         Ok(self.insert(conn))
     }
 

@@ -9,7 +9,8 @@ use pyo3::types::PyDict;
 
 use super::error::to_py;
 use super::socket::{counters_dict, socket_on, CoreSocket};
-use crate::stack::fillp::{parse_rate_mode, FillpOptions, FillpStack};
+use crate::fillp::wire::MIN_MTU;
+use crate::stack::fillp::{parse_rate_mode, FillpOptions, FillpStack, UDP_PAYLOAD_MAX};
 use crate::stack::Stack;
 
 /// A FillP (reliable UDP) stack instance with its driver thread.
@@ -22,14 +23,17 @@ pub struct PyFillpStack {
 impl PyFillpStack {
     /// `rate_control`: "bbr", "fillp" or "fixed"; `bind_address`: the local
     /// IP of the instance's UDP sockets; `fixed_rate`: the "fixed" mode's
-    /// rate in bytes/s (`None`: the core's default).
+    /// rate in bytes/s (`None`: the core's default); `mtu`: the datagram
+    /// size (UDP payload bytes) of every connection (`None`: sized from the
+    /// route to each peer).
     #[new]
-    #[pyo3(signature = (name, rate_control = "bbr", bind_address = "0.0.0.0", fixed_rate = None))]
+    #[pyo3(signature = (name, rate_control = "bbr", bind_address = "0.0.0.0", fixed_rate = None, mtu = None))]
     fn new(
         name: &str,
         rate_control: &str,
         bind_address: &str,
         fixed_rate: Option<u64>,
+        mtu: Option<u32>,
     ) -> PyResult<Self> {
         let mode = parse_rate_mode(rate_control).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -53,6 +57,18 @@ impl PyFillpStack {
                 ));
             }
             opts.connection.fixed_rate = rate;
+        }
+        if let Some(mtu) = mtu {
+            let range = u32::from(MIN_MTU)..=UDP_PAYLOAD_MAX as u32;
+            if !range.contains(&mtu) {
+                return Err(PyValueError::new_err(format!(
+                    "mtu must be from {} to {} bytes, got {mtu}",
+                    range.start(),
+                    range.end()
+                )));
+            }
+            opts.connection.mtu = mtu as u16;
+            opts.path_mtu = false;
         }
         Ok(PyFillpStack {
             inner: Arc::new(FillpStack::new(name, opts).map_err(to_py)?),

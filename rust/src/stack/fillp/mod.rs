@@ -114,6 +114,8 @@
 
 mod udp;
 
+pub use udp::UDP_PAYLOAD_MAX;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io;
@@ -146,6 +148,11 @@ pub struct FillpOptions {
     /// GRO on receive (see the module docs). On by default; off sends and
     /// receives one datagram per `sendmmsg`/`recvmmsg` entry.
     pub offload: bool,
+    /// Size each connection's datagrams from the route to its peer, as TCP
+    /// sizes its segments (see [`path_datagram_size`]); `connection.mtu` is
+    /// then only the fallback when the route's MTU cannot be read. On by
+    /// default; off, every connection offers `connection.mtu`.
+    pub path_mtu: bool,
 }
 
 impl Default for FillpOptions {
@@ -154,8 +161,44 @@ impl Default for FillpOptions {
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             connection: Config::default(),
             offload: true,
+            path_mtu: true,
         }
     }
+}
+
+impl FillpOptions {
+    /// The largest datagram a connection of this instance may use: what a
+    /// listener accepts, and what receive buffers must hold.
+    fn max_datagram(&self) -> u16 {
+        if self.path_mtu {
+            udp::UDP_PAYLOAD_MAX as u16
+        } else {
+            self.connection.mtu
+        }
+    }
+}
+
+/// The FillP datagram size (UDP payload) for a route of MTU `route_mtu`
+/// (IP bytes; `v6`: IPv6 headers).
+///
+/// The whole MTU less the IP and UDP headers, like TCP's MSS, where the route
+/// is larger than Ethernet's 1500 (loopback's 64 KiB, jumbo frames): there
+/// per-datagram work, not bandwidth, limits a user-space transport. On
+/// Ethernet-sized routes the default 1400 stays, since tunnels further along
+/// the path often carry less than the first hop. A datagram that still
+/// meets a smaller link is fragmented by the kernel (Linux's default
+/// `IP_PMTUDISC_WANT`) once the ICMP "fragmentation needed" arrives.
+pub fn path_datagram_size(route_mtu: u32, v6: bool, fallback: u16) -> u16 {
+    let headers = if v6 { 40 + 8 } else { 20 + 8 };
+    let payload = route_mtu
+        .saturating_sub(headers)
+        .min(udp::UDP_PAYLOAD_MAX as u32) as u16;
+    let size = if route_mtu <= 1500 {
+        payload.min(fallback)
+    } else {
+        payload
+    };
+    size.max(crate::fillp::wire::MIN_MTU)
 }
 
 /// Parses a rate-control name: `bbr`, `fillp` or `fixed`.
@@ -659,8 +702,14 @@ fn new_endpoint(opts: &FillpOptions, server: bool) -> Endpoint {
     udp::random_bytes(&mut secret);
     let mut seed = [0u8; 8];
     udp::random_bytes(&mut seed);
+    let mut connection = opts.connection.clone();
+    if server {
+        // A listener takes the client's offer up to the largest datagram:
+        // the client sized it from its route to us.
+        connection.mtu = opts.max_datagram();
+    }
     let config = EndpointConfig {
-        connection: opts.connection.clone(),
+        connection,
         server,
         cookie_secret: secret,
         ..EndpointConfig::default()
@@ -848,9 +897,10 @@ struct Pump {
 }
 
 impl Pump {
-    fn new(gro: bool) -> Pump {
+    fn new(opts: &FillpOptions) -> Pump {
+        let large = opts.offload || usize::from(opts.max_datagram()) > udp::DGRAM_MAX;
         Pump {
-            rx: udp::RecvBatch::new(gro),
+            rx: udp::RecvBatch::new(large),
             tx: udp::SendBatch::default(),
             pool: Vec::new(),
             touched: Vec::new(),
@@ -987,6 +1037,12 @@ impl Shared {
         self.icmp_errors
             .fetch_add(errs.len() as u64, Ordering::Relaxed);
         for (addr, code) in errs {
+            if code == libc::EMSGSIZE {
+                // "Fragmentation needed": the kernel has lowered the path
+                // MTU and fragments our later datagrams to fit; the ones
+                // dropped are repaired like any loss. Not a dead peer.
+                continue;
+            }
             let ids: Vec<(ConnectionHandle, u64)> = st
                 .by_conn
                 .iter()
@@ -1192,7 +1248,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-            .unwrap_or_else(|| Pump::new(self.opts.offload))
+            .unwrap_or_else(|| Pump::new(&self.opts))
     }
 
     fn put_pump(&self, pump: Pump) {
@@ -1279,7 +1335,7 @@ struct Driver {
 impl Driver {
     fn new(shared: Arc<Shared>, epoll: udp::Epoll) -> Driver {
         Driver {
-            pump: Pump::new(shared.opts.offload),
+            pump: Pump::new(&shared.opts),
             shared,
             epoll,
             events: Vec::with_capacity(256),
@@ -1943,14 +1999,20 @@ impl StackSocket for FillpSocket {
             };
             let slot = st.client_slot(&self.shared.opts, self.family, bound)?;
             let sl = st.slot_mut(slot).ok_or_else(|| errno(libc::ENETDOWN))?;
+            let route = udp::route_to(addr).ok();
+            let opts = &self.shared.opts;
+            let mut config = opts.connection.clone();
+            if let Some(mtu) = route.and_then(|r| r.mtu).filter(|_| opts.path_mtu) {
+                config.mtu = path_datagram_size(mtu, addr.is_ipv6(), config.mtu);
+            }
             let h = sl
                 .ep
-                .connect(Instant::now(), addr)
+                .connect_with(Instant::now(), addr, config)
                 .map_err(|_| errno(libc::EADDRNOTAVAIL))?;
             let mut local = sl.local;
             if local.ip().is_unspecified() {
-                if let Ok(ip) = udp::source_ip_for(addr) {
-                    local.set_ip(ip);
+                if let Some(r) = route {
+                    local.set_ip(r.source);
                 }
             }
             if let Some(Role::Conn { slot, h, .. }) = st.socks.get(&self.id).map(|s| &s.role) {
@@ -2229,6 +2291,25 @@ impl StackSocket for FillpSocket {
             ("send_rate_bps", stats.send_rate.saturating_mul(8)),
             ("delivery_rate_bps", stats.delivery_rate.saturating_mul(8)),
             ("loss_ppm", (stats.loss * 1e6) as u64),
+            ("mtu", u64::from(stats.mtu)),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_datagram_size;
+
+    #[test]
+    fn datagram_size_follows_large_routes_and_keeps_1400_on_ethernet() {
+        assert_eq!(path_datagram_size(65535, false, 1400), 65507);
+        assert_eq!(path_datagram_size(65535, true, 1400), 65487);
+        assert_eq!(path_datagram_size(9000, false, 1400), 8972);
+        assert_eq!(path_datagram_size(9000, true, 1400), 8952);
+        assert_eq!(path_datagram_size(1500, false, 1400), 1400);
+        assert_eq!(path_datagram_size(1420, false, 1400), 1392); // WireGuard
+        assert_eq!(path_datagram_size(1280, true, 1400), 1232);
+        // Nonsense from the kernel still gives a usable size.
+        assert_eq!(path_datagram_size(0, false, 1400), 128);
     }
 }

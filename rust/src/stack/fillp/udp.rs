@@ -35,8 +35,13 @@ use crate::sys::{self, sockaddr::RawAddr};
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 64;
 
-/// Receive buffer per datagram: above any MTU FillP negotiates.
+/// Receive buffer per datagram without GRO, when no connection may use
+/// datagrams above it (FillP's default size, 1400, fits).
 pub const DGRAM_MAX: usize = 2048;
+
+/// The largest UDP payload over IPv4 (65,535 less the IP and UDP headers):
+/// the most a FillP datagram may carry.
+pub const UDP_PAYLOAD_MAX: usize = 65_507;
 
 /// Receive buffer per entry with GRO on: the largest UDP payload, which a
 /// coalesced run never exceeds.
@@ -151,7 +156,7 @@ pub struct RecvBatch {
     bufs: Vec<u8>,
     /// Entries per call.
     count: usize,
-    /// Bytes per entry: [`DGRAM_MAX`], or [`GRO_BUF`] with GRO.
+    /// Bytes per entry: [`DGRAM_MAX`] or [`GRO_BUF`].
     entry: usize,
     addrs: Vec<RawAddr>,
     lens: Vec<usize>,
@@ -160,11 +165,13 @@ pub struct RecvBatch {
 }
 
 impl RecvBatch {
-    /// Buffers for sockets with (`gro`) or without coalesced receives
-    /// (1 MiB or 128 KiB).
-    pub fn new(gro: bool) -> Self {
-        let entry = if gro { GRO_BUF } else { DGRAM_MAX };
-        let count = if gro { GRO_BATCH } else { BATCH };
+    /// Buffers for sockets that may receive up to 64 KiB per entry
+    /// (`large`: coalesced runs with GRO, or datagrams above [`DGRAM_MAX`]):
+    /// [`GRO_BATCH`] entries of [`GRO_BUF`] (256 KiB); otherwise [`BATCH`]
+    /// entries of [`DGRAM_MAX`] (128 KiB).
+    pub fn new(large: bool) -> Self {
+        let entry = if large { GRO_BUF } else { DGRAM_MAX };
+        let count = if large { GRO_BATCH } else { BATCH };
         RecvBatch {
             bufs: vec![0u8; entry * count],
             count,
@@ -675,16 +682,37 @@ pub fn random_bytes(out: &mut [u8]) {
     }
 }
 
-/// The source IP the kernel routes to `dest` from (what a kernel socket
-/// bound to the unspecified address reports after `connect`).
-pub fn source_ip_for(dest: SocketAddr) -> io::Result<std::net::IpAddr> {
+/// What the kernel's routing table says about the way to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The source IP the kernel sends from (what a kernel socket bound to
+    /// the unspecified address reports after `connect`).
+    pub source: IpAddr,
+    /// The path MTU the kernel knows (the outgoing device's MTU, or less
+    /// once an ICMP "fragmentation needed" lowered it), in IP bytes.
+    pub mtu: Option<u32>,
+}
+
+/// The route to `dest`, read from a probe socket: UDP `connect` sends
+/// nothing, it only picks the route; `IP_MTU` then reads its MTU.
+pub fn route_to(dest: SocketAddr) -> io::Result<Route> {
     let probe = std::net::UdpSocket::bind(match dest {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
     })?;
-    // UDP connect sends nothing; it only picks the route.
     probe.connect(dest)?;
-    Ok(probe.local_addr()?.ip())
+    let (level, name) = match dest {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mtu = sys::getsockopt_int(probe.as_raw_fd(), level, name)
+        .ok()
+        .and_then(|m| u32::try_from(m).ok())
+        .filter(|&m| m > 0);
+    Ok(Route {
+        source: probe.local_addr()?.ip(),
+        mtu,
+    })
 }
 
 #[cfg(test)]
@@ -717,6 +745,14 @@ mod tests {
     /// Runs of every shape (a shorter last datagram, a change of
     /// destination, more than 64 datagrams, more than 64 KiB) arrive as the
     /// datagrams sent, in order, with GRO on the receiver or not.
+    #[test]
+    fn the_route_to_loopback_has_its_mtu_and_source() {
+        let r = route_to(SocketAddr::from(([127, 0, 0, 1], 9))).unwrap();
+        assert_eq!(r.source, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        // lo is 65536, but IP cannot carry more than 65535.
+        assert_eq!(r.mtu, Some(65535));
+    }
+
     #[test]
     fn gso_runs_arrive_as_the_datagrams_sent() {
         for gro in [true, false] {

@@ -1,0 +1,179 @@
+"""FillP datagram sizes: from the route to each peer, or configured.
+
+Real UDP: over loopback (64 KiB MTU), and over veth pairs of several MTUs
+into a namespace where a second process runs the FillP server.
+"""
+
+import hashlib
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import dmm.socket as dsocket
+from dmm import config
+from dmm.lab import netns
+
+from conftest import FILLP_LOOPBACK, FILLP_TO, ROOT, use_config
+
+# A FillP server that echoes the sha256 of what it receives, then reports
+# its connection's datagram size.
+SINK = r"""
+import hashlib, sys
+import dmm.runtime, dmm.socket as s
+from dmm import config
+dmm.runtime.configure(config.parse(sys.argv[1], "<sink>"))
+srv = s.create_server((sys.argv[2], 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+h = hashlib.sha256()
+while True:
+    b = conn.recv(1 << 20)
+    if not b:
+        break
+    h.update(b)
+conn.sendall(h.hexdigest().encode())
+print(conn.dmm_counters()["mtu"], flush=True)
+conn.close()
+"""
+
+_ids = itertools.count()
+
+
+def send_and_check(c, size=4 << 20):
+    """Sends `size` random bytes on `c`, half-closes, checks the sha256 reply."""
+    data = os.urandom(size)
+    c.sendall(data)
+    c.shutdown(dsocket.SHUT_WR)
+    reply = b""
+    while len(reply) < 64:
+        part = c.recv(64)
+        if not part:
+            break
+        reply += part
+    assert reply.decode() == hashlib.sha256(data).hexdigest()
+
+
+def sink_server(argv_prefix, toml, address):
+    """Starts SINK (under `argv_prefix`, e.g. `ip netns exec`); returns it and its port."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    proc = subprocess.Popen([*argv_prefix, sys.executable, "-c", SINK, textwrap.dedent(toml), address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line.strip():
+        proc.kill()
+        raise AssertionError(f"the sink did not start: {proc.communicate()[1][-2000:]}")
+    return proc, int(line)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    return int(out.split()[-1])
+
+
+def test_loopback_connections_use_the_64k_route():
+    use_config(FILLP_LOOPBACK.format(mode="bbr"))
+    srv = dsocket.create_server(("127.0.0.1", 0))
+    got = {}
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            h = hashlib.sha256()
+            while b := conn.recv(1 << 20):
+                h.update(b)
+            conn.sendall(h.hexdigest().encode())
+            got["mtu"] = conn.dmm_counters()["mtu"]
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with srv, dsocket.create_connection(srv.getsockname()) as c:
+        assert c.dmm_stack == "wan"
+        send_and_check(c, 16 << 20)
+        client_mtu = c.dmm_counters()["mtu"]
+    t.join(30)
+    # The route over lo has the largest IP MTU, 65535: 65507 bytes of UDP
+    # payload after the IPv4 and UDP headers.
+    assert client_mtu == 65507 and got["mtu"] == 65507
+
+
+def test_a_configured_size_wins_over_the_route_and_the_smaller_side_wins():
+    # The server (this process) sizes from the route; the client, in another
+    # process, is configured for 1400 bytes: the connection uses 1400.
+    use_config(FILLP_TO.format(mode="bbr", extra="", prefix="127.0.0.0/8"))
+    srv = dsocket.create_server(("127.0.0.1", 0))
+    client = r"""
+import sys, dmm.runtime, dmm.socket as s
+from dmm import config
+dmm.runtime.configure(config.parse(sys.argv[1], "<client>"))
+c = s.create_connection(("127.0.0.1", int(sys.argv[2])))
+c.sendall(b"x" * 300000)
+print(c.dmm_counters()["mtu"], flush=True)
+c.close()
+"""
+    toml = FILLP_TO.format(mode="bbr", extra="datagram_size = 1400", prefix="127.0.0.0/8")
+    proc = subprocess.Popen([sys.executable, "-c", client, toml, str(srv.getsockname()[1])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    with srv, conn:
+        n = 0
+        while b := conn.recv(1 << 16):
+            n += len(b)
+        server_mtu = conn.dmm_counters()["mtu"]
+    assert n == 300000
+    assert finish(proc) == 1400 and server_mtu == 1400
+
+
+@pytest.mark.parametrize("link_mtu, expected", [(9000, 8972), (1500, 1400), (1280, 1252)])
+def test_veth_routes_size_the_datagrams(link_mtu, expected):
+    n = next(_ids)
+    tag = f"dmmd{os.getpid() % 10000}x{n}"
+    ns, host, peer = f"{tag}ns", f"{tag}h", f"{tag}p"
+    subnet = f"10.203.{n}"
+    netns.add_netns(ns)
+    try:
+        netns.ip("link", "add", host, "mtu", str(link_mtu), "type", "veth", "peer", "name", peer, "mtu", str(link_mtu))
+        netns.ip("link", "set", peer, "netns", ns)
+        netns.ip("addr", "add", f"{subnet}.1/24", "dev", host)
+        netns.ip("link", "set", host, "up")
+        netns.ip("addr", "add", f"{subnet}.2/24", "dev", peer, netns=ns)
+        netns.ip("link", "set", peer, "up", netns=ns)
+        toml = FILLP_TO.format(mode="bbr", extra="", prefix=f"{subnet}.0/24")
+        proc, port = sink_server(netns.exec_argv(ns, []), toml, f"{subnet}.2")
+        use_config(toml)
+        with dsocket.create_connection((f"{subnet}.2", port), timeout=30) as c:
+            assert c.dmm_stack == "wan"
+            send_and_check(c)
+            client_mtu = c.dmm_counters()["mtu"]
+        assert client_mtu == expected and finish(proc) == expected
+    finally:
+        netns.delete_netns(ns)
+        try:
+            netns.ip("link", "del", host)
+        except netns.LabError:
+            pass  # went with the namespace's peer
+
+
+@pytest.mark.parametrize("value, message", [
+    ("100", "expected \"auto\" or bytes"),
+    ("65508", "from 512 to 65507"),
+    ("true", "got True"),
+    ('"big"', "got 'big'"),
+])
+def test_bad_datagram_size_is_refused_with_its_line(value, message):
+    text = f'[[stack]]\nname = "w"\nkind = "fillp"\ndatagram_size = {value}\n'
+    with pytest.raises(config.ConfigError, match=message) as info:
+        config.parse(text, "x.toml")
+    assert info.value.line == 4 and info.value.field.endswith("datagram_size")
+
+
+def test_datagram_size_is_a_fillp_key_only():
+    with pytest.raises(config.ConfigError, match="does not apply to a kernel stack"):
+        config.parse('[[stack]]\nname = "k"\nkind = "kernel"\ndatagram_size = 1400\n', "x.toml")
+    spec = config.parse('[[stack]]\nname = "w"\nkind = "fillp"\ndatagram_size = 9000\n', "x.toml").stacks[0]
+    assert spec.datagram_size == 9000
