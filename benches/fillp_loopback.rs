@@ -206,6 +206,12 @@ fn main() {
     if env::<u8>("FILLP_BENCH_OFFLOAD") == Some(0) {
         opts.offload = false;
     }
+    if let Some(kib) = env::<usize>("FILLP_BENCH_SNDBUF_KIB") {
+        opts.connection.send_buffer = kib << 10;
+    }
+    if let Some(kib) = env::<u32>("FILLP_BENCH_WINDOW_KIB") {
+        opts.connection.recv_window = kib << 10;
+    }
     // The default sizes datagrams from the route (65,507 bytes on lo); the
     // second contender keeps one size for every route (1400 unless
     // FILLP_BENCH_MTU says otherwise), as FillP did before.

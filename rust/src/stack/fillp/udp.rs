@@ -55,9 +55,12 @@ pub const GSO_MAX_SEGMENTS: usize = 64;
 /// IPv4 UDP datagram, which is what the kernel builds before cutting.
 pub const GSO_MAX_BYTES: usize = 65_000;
 
-/// Entries per `recvmmsg` with GRO: each holds up to 64 KiB, and a smaller
-/// batch keeps what was received in cache until it is processed.
-pub const GRO_BATCH: usize = 4;
+/// Entries per `recvmmsg` with 64 KiB entries. One: each entry is then
+/// processed, and its payload copied on, while the kernel's copy into it is
+/// still in cache. With 64 KiB datagrams (loopback) back-to-back transfers
+/// ran at 8.3-10.8 Gbit/s against 5.2-8.2 with four entries; with 1400-byte
+/// runs it made no difference.
+pub const GRO_BATCH: usize = 1;
 
 /// `UDP_SEGMENT` from `linux/udp.h` (level `SOL_UDP`).
 const UDP_SEGMENT: libc::c_int = 103;
@@ -167,7 +170,7 @@ pub struct RecvBatch {
 impl RecvBatch {
     /// Buffers for sockets that may receive up to 64 KiB per entry
     /// (`large`: coalesced runs with GRO, or datagrams above [`DGRAM_MAX`]):
-    /// [`GRO_BATCH`] entries of [`GRO_BUF`] (256 KiB); otherwise [`BATCH`]
+    /// [`GRO_BATCH`] entries of [`GRO_BUF`]; otherwise [`BATCH`]
     /// entries of [`DGRAM_MAX`] (128 KiB).
     pub fn new(large: bool) -> Self {
         let entry = if large { GRO_BUF } else { DGRAM_MAX };
