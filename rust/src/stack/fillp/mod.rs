@@ -2282,6 +2282,8 @@ impl StackSocket for FillpSocket {
             ("packets_sent", stats.packets_sent),
             ("packets_received", stats.packets_received),
             ("retransmits", stats.retransmissions),
+            ("duplicate_bytes", stats.duplicate_bytes),
+            ("dropped", stats.dropped),
             ("rto_count", stats.rto_count),
             ("tail_probes", stats.tail_probes),
             ("nacks_sent", stats.nacks_sent),
