@@ -881,7 +881,16 @@ mod tests {
     /// Bulk download over `link` for `secs`: (bytes read per 100 ms from the
     /// first INIT, bottleneck queue drops in the first 2 s, in all).
     fn download(link: LinkConfig, secs: u64) -> (Vec<u64>, u64, u64) {
-        let mut p = Pair::new(3, cfg(), cfg(), link, link);
+        download_with(3, cfg(), link, secs)
+    }
+
+    fn download_with(
+        seed: u64,
+        cfg: EndpointConfig,
+        link: LinkConfig,
+        secs: u64,
+    ) -> (Vec<u64>, u64, u64) {
+        let mut p = Pair::new(seed, cfg.clone(), cfg, link, link);
         let ch = p.client.connect(p.now, p.server_addr).unwrap();
         let mut sh = None;
         let chunk = vec![7u8; 65536];
@@ -917,6 +926,39 @@ mod tests {
             queue,
             ..LinkConfig::ideal(Duration::from_millis(rtt_ms / 2))
         }
+    }
+
+    #[test]
+    fn large_datagrams_fill_a_fast_short_path() {
+        // Loopback-like: 64 KiB datagrams, 10 Gbit/s, 100 µs RTT, 8 MiB
+        // queue. Every seed must be at the link rate within 0.3 s.
+        let mut c = cfg();
+        c.connection.mtu = 65_507;
+        let rate = 1_250_000_000;
+        let link = LinkConfig {
+            rate: Some(rate),
+            queue: 8 << 20,
+            ..LinkConfig::ideal(Duration::from_micros(50))
+        };
+        for seed in 1..=12 {
+            let (ticks, _, _) = download_with(seed, c.clone(), link, 1);
+            let late: u64 = ticks[3..].iter().sum();
+            assert!(late >= rate / 10 * 7 * 8 / 10, "seed {seed}: {ticks:?}");
+        }
+    }
+
+    #[test]
+    fn a_large_mtu_still_fills_a_slow_link() {
+        // 64 KiB datagrams allowed on a 10 Mbit/s, 20 ms path: whole-MTU
+        // packets would leave every 52 ms, longer than a round, and rate
+        // control would learn almost nothing; sized from the rate, packets
+        // stay small there and the link is full after startup.
+        let mut c = cfg();
+        c.connection.mtu = 65_507;
+        let rate = 1_250_000;
+        let (ticks, _, _) = download_with(5, c, bottleneck(rate, 20, 64 * 1024), 4);
+        let late: u64 = ticks[20..].iter().sum();
+        assert!(late >= rate * 2 * 9 / 10, "{ticks:?}");
     }
 
     #[test]
