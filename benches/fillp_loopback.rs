@@ -3,22 +3,25 @@
 //! sizes its datagrams from the route (65,507 bytes on lo, as TCP sizes its
 //! segments from the MTU), and `fillp-fixed` uses 1400 bytes on every route
 //! (FillP's size on Ethernet-sized paths, and on every path before path
-//! sizing). Prints Gbit/s and CPU seconds per Gbit (the whole process:
+//! sizing). A third reference, `raw udp`, is the kernel's UDP path alone
+//! (65,507-byte datagrams, no protocol): the ceiling of any transport over
+//! UDP here. Prints Gbit/s and CPU seconds per Gbit (the whole process:
 //! application threads, the FillP driver and the kernel work done on their
 //! behalf), median and spread; asserts only that every byte arrived.
 //!
 //! `cargo bench --bench fillp_loopback`. Environment: `FILLP_BENCH_MIB`
 //! (size, default 256), `FILLP_BENCH_ROUNDS` (default 3),
 //! `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`), `FILLP_BENCH_FIXED_MBPS`
-//! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`kernel`, `fillp` or
-//! `fillp-fixed`: run one contender only, for profiling),
+//! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`kernel`, `udp`,
+//! `fillp` or `fillp-fixed`: run one contender only, for profiling),
 //! `FILLP_BENCH_OFFLOAD=0` (no UDP GSO/GRO), `FILLP_BENCH_INSTANCES=2`
 //! (client and server on two FillP instances, each with its own driver
 //! thread, as in two processes; the default is one instance whose driver
 //! runs both ends), `FILLP_BENCH_MTU` (`fillp-fixed`'s datagram size,
 //! default 1400), `FILLP_BENCH_FRESH=1` (new FillP instances every round).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -138,6 +141,65 @@ fn run(server: &dyn Stack, client: &dyn Stack, total: usize) -> Sample {
     }
 }
 
+/// The ceiling any transport over UDP meets here: `total` bytes as
+/// 65,507-byte datagrams (FillP's size on loopback) from a writer thread
+/// straight into a reader's 64 KiB buffer, no protocol, no flow control.
+/// Returns the goodput over the reader's first to last datagram and the
+/// share of datagrams lost (the writer can outrun the reader).
+fn raw_udp(total: usize) -> (Sample, f64) {
+    const SIZE: usize = 65_507;
+    let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let big = (8i32 << 20).to_ne_bytes();
+    // SAFETY: plain setsockopt on a socket we own, with a valid int.
+    unsafe {
+        libc::setsockopt(
+            rx.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            big.as_ptr().cast(),
+            4,
+        )
+    };
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    tx.connect(rx.local_addr().expect("addr")).expect("connect");
+    let count = total / SIZE;
+    let cpu0 = cpu_time();
+    let writer = thread::spawn(move || {
+        let mut buf = AlignedBuf::new(SIZE);
+        buf.as_mut().fill(0x5a);
+        let mut sent = 0;
+        while sent < count {
+            if tx.send(buf.as_mut()).is_ok() {
+                sent += 1;
+            }
+        }
+    });
+    let mut buf = AlignedBuf::new(1 << 16);
+    let (mut got, mut first, mut last) = (0usize, None, Instant::now());
+    while let Ok(n) = rx.recv(buf.as_mut()) {
+        last = Instant::now();
+        first.get_or_insert(last);
+        got += n;
+        if got >= count * SIZE {
+            break;
+        }
+    }
+    writer.join().expect("writer");
+    let cpu = (cpu_time() - cpu0).as_secs_f64();
+    let secs = last
+        .duration_since(first.unwrap_or(last))
+        .as_secs_f64()
+        .max(1e-6);
+    let gbit = got as f64 * 8.0 / 1e9;
+    let sample = Sample {
+        gbps: gbit / secs,
+        cpu_per_gbit: cpu / gbit.max(1e-9),
+    };
+    (sample, 1.0 - got as f64 / (count * SIZE) as f64)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -229,7 +291,7 @@ fn main() {
     // FILLP_BENCH_FRESH=1: new instances every round (the connections of
     // earlier rounds otherwise linger, draining, for the idle timeout).
     let fresh = env::<u8>("FILLP_BENCH_FRESH") == Some(1);
-    let mut ks = Vec::new();
+    let (mut ks, mut us) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         if wanted("kernel") {
             let k = run(&kernel, &kernel, total);
@@ -238,6 +300,16 @@ fn main() {
                 k.gbps, k.cpu_per_gbit
             );
             ks.push(k);
+        }
+        if wanted("udp") {
+            let (u, loss) = raw_udp(total);
+            println!(
+                "round {round} raw udp:     {mib} MiB at {:.2} Gbit/s, {:.3} CPU s/Gbit, {:.1}% lost",
+                u.gbps,
+                u.cpu_per_gbit,
+                loss * 100.0
+            );
+            us.push(u);
         }
         for f in &mut fillps {
             if fresh && round > 1 {
@@ -271,8 +343,15 @@ fn main() {
     };
     println!("{rounds} rounds of {mib} MiB:");
     let k = line("kernel tcp", &ks);
+    let u = line("raw udp", &us);
+    if let (Some(k), Some(u)) = (k, u) {
+        println!("raw udp / kernel: median of medians {:.3}", u / k);
+    }
     for f in &fillps {
         let m = line(f.name, &f.samples);
+        if let (Some(u), Some(m)) = (u, m) {
+            println!("{} / raw udp: median of medians {:.3}", f.name, m / u);
+        }
         if let (Some(k), Some(m)) = (k, m) {
             let ratios: Vec<f64> = ks
                 .iter()
