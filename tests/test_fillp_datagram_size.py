@@ -102,6 +102,30 @@ def test_loopback_connections_use_the_64k_route():
     assert client_mtu == 65507 and got["mtu"] == 65507
 
 
+def test_ipv6_loopback_subtracts_the_ipv6_header():
+    use_config(FILLP_TO.format(mode="bbr", extra='address = "::"', prefix="::1/128"))
+    srv = dsocket.create_server(("::1", 0), family=dsocket.AF_INET6)
+    got = {}
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            got["n"] = sum(len(b) for b in iter(lambda: conn.recv(1 << 20), b""))
+            got["mtu"] = conn.dmm_counters()["mtu"]
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with srv, dsocket.create_connection(("::1", srv.getsockname()[1])) as c:
+        assert c.dmm_stack == "wan"
+        c.sendall(os.urandom(1 << 20))
+        c.shutdown(dsocket.SHUT_WR)
+        client_mtu = c.dmm_counters()["mtu"]
+        t.join(30)
+    # lo's IPv6 route MTU is 65536 (IPv6 does not cap it at 65535 as IPv4
+    # does), less 40 bytes of IPv6 and 8 of UDP header.
+    assert got == {"n": 1 << 20, "mtu": 65488} and client_mtu == 65488
+
+
 def test_a_configured_size_wins_over_the_route_and_the_smaller_side_wins():
     # The server (this process) sizes from the route; the client, in another
     # process, is configured for 1400 bytes: the connection uses 1400.
