@@ -8,7 +8,8 @@ to its ``server`` node, both ends in fresh processes:
 * ``fillp-bbr``   -- ``import dmm.socket`` routed to a FillP instance,
   ``rate_control = "bbr"`` (FillP's default mode)
 * ``fillp-fillp`` -- the same with ``rate_control = "fillp"``
-* ``fillp-fixed`` -- the same with ``rate_control = "fixed"``
+* ``fillp-fixed`` -- the same with ``rate_control = "fixed"`` and
+  ``fixed_rate`` set to the cell's link rate (in datagrams)
 
 The grid: RTT {1, 10, 50, 100, 200} ms x loss {0, 0.1, 1, 2, 5, 10, 20} % at
 100 Mbit/s, plus 1 Gbit/s at 1 and 10 ms RTT without loss. One lab is built
@@ -73,6 +74,12 @@ FAIR_CELL = (100, 50, 1.0)  # Mbit/s, RTT ms, loss %
 #: TCP's MSS on these links (1500-byte MTU, timestamps on).
 TCP_MSS = 1448
 FRAME = 1514
+#: Environment variable through which each cell tells the ends of a
+#: ``fillp-fixed`` transfer the rate to send at, bits/s.
+FIXED_RATE_ENV = "DMM_GRID_FIXED_RATE"
+#: FillP's datagram (1400 B) and the Ethernet frame carrying it (+ UDP, IP
+#: and Ethernet headers): ``fixed`` is told the link's capacity in datagrams.
+FILLP_DATAGRAM, FILLP_FRAME = 1400, 1442
 MIN_QUEUE_FRAMES = 64
 PORT_BASE = 20000
 CHUNK = 1 << 18
@@ -90,7 +97,9 @@ def socket_module(contender: str):
     from dmm.lab.configs import fillp_routes_toml
 
     # The whole lab on FillP: connects, and listeners bound inside it.
-    toml = fillp_routes_toml(["10.201.0.0/16"], contender.split("-", 1)[1])
+    mode = contender.split("-", 1)[1]
+    fixed = os.environ.get(FIXED_RATE_ENV) if mode == "fixed" else None
+    toml = fillp_routes_toml(["10.201.0.0/16"], mode, fixed_rate=int(fixed) if fixed else None)
     dmm.runtime.configure(config.parse(toml, f"<{contender}>"))
     return dmm.socket
 
@@ -332,6 +341,9 @@ def run_grid(lab, cells: list[Cell], contenders: list[str], args, progress: Prog
     runner = Runner(lab)
     for i, cell in enumerate(cells):
         lab.set_params("client", cell.params, replace=True)
+        # `fixed` is a sender told the path's capacity, as a user who knows
+        # it would configure it (the ends inherit the environment).
+        os.environ[FIXED_RATE_ENV] = str(int(cell.rate_mbit * 1e6 * FILLP_DATAGRAM / FILLP_FRAME))
         # Rotate the order so that no contender always goes first (or last).
         order = contenders[i % len(contenders):] + contenders[:i % len(contenders)]
         for j, c in enumerate(order):
@@ -615,7 +627,8 @@ def main() -> int:
             "goodput tops out near 95% of the link (TCP: 1448 of 1514 B; FillP: 1374 of 1442 B). Transfers go "
             "client -> server; both ends are fresh processes; contenders run one after the other within a cell, "
             "the order rotating from cell to cell. FillP rate modes as configured (`rate_control`); `fixed` "
-            "runs at FillP's default fixed rate (10 Mbit/s): this benchmark does not set `fixed_rate`.")
+            "is given the link's capacity in datagrams (`fixed_rate` = link x 1400/1442), as a user who knows "
+            "the path's rate would configure it.")
     meta = {"started": started, "size": args.size, "max_seconds": args.max_seconds, "contenders": contenders,
             "load_start": load0, "load_end": load1, "cpus": os.cpu_count(), "note": note,
             "fairness_cell": {"rate_mbit": FAIR_CELL[0], "rtt_ms": FAIR_CELL[1], "loss_pct": FAIR_CELL[2],

@@ -871,9 +871,14 @@ impl Stack for FillpStack {
             RateMode::Fillp => "fillp",
             RateMode::Fixed => "fixed",
         };
+        let size = if self.shared.opts.path_mtu {
+            "datagrams sized from the route".to_string()
+        } else {
+            format!("{}-byte datagrams", c.mtu)
+        };
         format!(
-            "fillp over UDP on {}, rate control {mode}, mtu {}",
-            self.shared.opts.bind_ip, c.mtu
+            "fillp over UDP on {}, rate control {mode}, {size}",
+            self.shared.opts.bind_ip
         )
     }
 }
