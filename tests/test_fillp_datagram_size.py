@@ -1,7 +1,8 @@
 """FillP datagram sizes: from the route to each peer, or configured.
 
-Real UDP: over loopback (64 KiB MTU), and over veth pairs of several MTUs
-into a namespace where a second process runs the FillP server.
+Real UDP: over loopback (64 KiB MTU), over veth pairs of several MTUs
+into a namespace where a second process runs the FillP server, and through
+a router namespace onto a smaller link.
 """
 
 import hashlib
@@ -201,3 +202,54 @@ def test_datagram_size_is_a_fillp_key_only():
         config.parse('[[stack]]\nname = "k"\nkind = "kernel"\ndatagram_size = 1400\n', "x.toml")
     spec = config.parse('[[stack]]\nname = "w"\nkind = "fillp"\ndatagram_size = 9000\n', "x.toml").stacks[0]
     assert spec.datagram_size == 9000
+
+
+def test_a_smaller_link_further_on_is_crossed_by_fragments_not_a_reset():
+    # A jumbo first hop (MTU 9000) to a router, then Ethernet (1500) to the
+    # server. The connection starts with 8972-byte datagrams; the router
+    # drops them and answers "fragmentation needed", which lowers the path
+    # MTU: the kernel fragments later datagrams, the protocol repairs the
+    # dropped ones, and the connection survives the ICMP error.
+    n = next(_ids)
+    tag = f"dmmf{os.getpid() % 10000}x{n}"
+    rtr, srv_ns = f"{tag}r", f"{tag}s"
+    host, r_in, r_out, s_in = f"{tag}h", f"{tag}a", f"{tag}b", f"{tag}c"
+    near, far = f"10.206.{n}", f"10.207.{n}"
+    netns.add_netns(rtr)
+    netns.add_netns(srv_ns)
+    try:
+        netns.ip("link", "add", host, "mtu", "9000", "type", "veth", "peer", "name", r_in, "mtu", "9000")
+        netns.ip("link", "set", r_in, "netns", rtr)
+        netns.ip("addr", "add", f"{near}.1/24", "dev", host)
+        netns.ip("link", "set", host, "up")
+        netns.ip("addr", "add", f"{near}.2/24", "dev", r_in, netns=rtr)
+        netns.ip("link", "set", r_in, "up", netns=rtr)
+        netns.ip("link", "add", r_out, "type", "veth", "peer", "name", s_in, netns=rtr)
+        netns.ip("link", "set", s_in, "netns", srv_ns, netns=rtr)
+        netns.ip("addr", "add", f"{far}.1/24", "dev", r_out, netns=rtr)
+        netns.ip("link", "set", r_out, "up", netns=rtr)
+        netns.ip("addr", "add", f"{far}.2/24", "dev", s_in, netns=srv_ns)
+        netns.ip("link", "set", s_in, "up", netns=srv_ns)
+        netns.ip("route", "add", "default", "via", f"{far}.1", netns=srv_ns)
+        netns.sysctl(rtr, "net.ipv4.ip_forward", "1")
+        netns.ip("route", "add", f"{far}.0/24", "via", f"{near}.2")
+        toml = FILLP_TO.format(mode="bbr", extra="", prefix=f"{far}.0/24")
+        proc, port = sink_server(netns.exec_argv(srv_ns, []), toml, f"{far}.2")
+        use_config(toml)
+        with dsocket.create_connection((f"{far}.2", port), timeout=30) as c:
+            assert c.dmm_stack == "wan"
+            send_and_check(c, 8 << 20)
+            client_mtu = c.dmm_counters()["mtu"]
+        assert client_mtu == 8972 and finish(proc) == 8972
+        assert dsocket.stack_counters()["wan"]["icmp_errors"] >= 1
+    finally:
+        try:
+            netns.ip("route", "del", f"{far}.0/24")
+        except netns.LabError:
+            pass  # gone with the device
+        netns.delete_netns(srv_ns)
+        netns.delete_netns(rtr)
+        try:
+            netns.ip("link", "del", host)
+        except netns.LabError:
+            pass  # went with the router's end
