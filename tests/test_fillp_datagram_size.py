@@ -42,6 +42,29 @@ print(conn.dmm_counters()["mtu"], flush=True)
 conn.close()
 """
 
+# A FillP server that sends back what it receives, then reports its
+# connection's datagram size. The data lives in this process until the peer
+# has acknowledged it, so it waits for that before exiting.
+ECHO = r"""
+import sys, time
+import dmm.runtime, dmm.socket as s
+from dmm import config
+dmm.runtime.configure(config.parse(sys.argv[1], "<echo>"))
+srv = s.create_server((sys.argv[2], 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+data = bytearray()
+while b := conn.recv(1 << 20):
+    data += b
+conn.sendall(data)
+conn.shutdown(s.SHUT_WR)
+deadline = time.monotonic() + 30
+while conn.dmm_counters()["bytes_acked"] < len(data) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(conn.dmm_counters()["mtu"], flush=True)
+conn.close()
+"""
+
 _ids = itertools.count()
 
 
@@ -59,10 +82,11 @@ def send_and_check(c, size=4 << 20):
     assert reply.decode() == hashlib.sha256(data).hexdigest()
 
 
-def sink_server(argv_prefix, toml, address):
-    """Starts SINK (under `argv_prefix`, e.g. `ip netns exec`); returns it and its port."""
+def sink_server(argv_prefix, toml, address, script=SINK):
+    """Starts `script` (SINK by default; under `argv_prefix`, e.g. `ip netns
+    exec`); returns it and its port."""
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
-    proc = subprocess.Popen([*argv_prefix, sys.executable, "-c", SINK, textwrap.dedent(toml), address],
+    proc = subprocess.Popen([*argv_prefix, sys.executable, "-c", script, textwrap.dedent(toml), address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if not line.strip():
@@ -204,12 +228,22 @@ def test_datagram_size_is_a_fillp_key_only():
     assert spec.datagram_size == 9000
 
 
+def frag_creates(ns):
+    """IPv4 fragments the kernel of namespace `ns` has made."""
+    out = subprocess.run(netns.exec_argv(ns, ["cat", "/proc/net/snmp"]), capture_output=True, text=True,
+                         check=True).stdout
+    head, values = [line.split() for line in out.splitlines() if line.startswith("Ip:")][:2]
+    return int(values[head.index("FragCreates")])
+
+
 def test_a_smaller_link_further_on_is_crossed_by_fragments_not_a_reset():
     # A jumbo first hop (MTU 9000) to a router, then Ethernet (1500) to the
-    # server. The connection starts with 8972-byte datagrams; the router
-    # drops them and answers "fragmentation needed", which lowers the path
-    # MTU: the kernel fragments later datagrams, the protocol repairs the
-    # dropped ones, and the connection survives the ICMP error.
+    # server. The client starts with 8972-byte datagrams; the router drops
+    # them and answers "fragmentation needed", which lowers the path MTU:
+    # the kernel fragments later datagrams, the protocol repairs the
+    # dropped ones, and the connection survives the ICMP error. The server
+    # agreed to 8972 but its own route back is Ethernet: it sends 1400-byte
+    # datagrams, so nothing it sends is fragmented.
     n = next(_ids)
     tag = f"dmmf{os.getpid() % 10000}x{n}"
     rtr, srv_ns = f"{tag}r", f"{tag}s"
@@ -234,14 +268,21 @@ def test_a_smaller_link_further_on_is_crossed_by_fragments_not_a_reset():
         netns.sysctl(rtr, "net.ipv4.ip_forward", "1")
         netns.ip("route", "add", f"{far}.0/24", "via", f"{near}.2")
         toml = FILLP_TO.format(mode="bbr", extra="", prefix=f"{far}.0/24")
-        proc, port = sink_server(netns.exec_argv(srv_ns, []), toml, f"{far}.2")
+        proc, port = sink_server(netns.exec_argv(srv_ns, []), toml, f"{far}.2", ECHO)
         use_config(toml)
+        data = os.urandom(8 << 20)
         with dsocket.create_connection((f"{far}.2", port), timeout=30) as c:
             assert c.dmm_stack == "wan"
-            send_and_check(c, 8 << 20)
+            c.sendall(data)
+            c.shutdown(dsocket.SHUT_WR)
+            back = bytearray()
+            while b := c.recv(1 << 20):
+                back += b
             client_mtu = c.dmm_counters()["mtu"]
-        assert client_mtu == 8972 and finish(proc) == 8972
+        assert back == data
+        assert client_mtu == 8972 and finish(proc) == 1400
         assert dsocket.stack_counters()["wan"]["icmp_errors"] >= 1
+        assert frag_creates(srv_ns) == 0
     finally:
         try:
             netns.ip("route", "del", f"{far}.0/24")

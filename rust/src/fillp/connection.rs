@@ -194,7 +194,8 @@ pub struct ConnectionStats {
     pub dropped: u64,
     /// DATA payload bytes received again.
     pub duplicate_bytes: u64,
-    /// Datagram size in use (UDP payload bytes), as negotiated.
+    /// Largest datagram this end sends (UDP payload bytes): the negotiated
+    /// size, or less where its own route carries less.
     pub mtu: u16,
     /// Smoothed RTT.
     pub rtt: Duration,
@@ -296,6 +297,9 @@ pub struct Connection {
     local_close: bool,
     peer_reset: bool,
     mtu: u16,
+    /// Largest datagram we send, when our own route carries less than the
+    /// agreed `mtu` (see [`Connection::limit_datagram`]).
+    datagram_cap: u16,
     mode: RateMode,
 
     // Sending.
@@ -395,6 +399,7 @@ impl Connection {
             local_close: false,
             peer_reset: false,
             mtu: config.mtu,
+            datagram_cap: u16::MAX,
             mode: config.mode,
             send: SendBuf::new(config.send_buffer),
             peer_limit: 0,
@@ -493,6 +498,20 @@ impl Connection {
     pub fn mtu(&self) -> u16 {
         self.mtu
     }
+
+    /// Send datagrams of at most `size` bytes even if more was agreed: the
+    /// agreed size is the client's route MTU, and a server whose own route
+    /// back is smaller would otherwise have every datagram fragmented.
+    /// Retransmissions keep their original size (at most the agreed one).
+    pub fn limit_datagram(&mut self, size: u16) {
+        self.datagram_cap = size.max(MIN_MTU);
+    }
+
+    /// The largest datagram we send: the agreed size, or less after
+    /// [`Connection::limit_datagram`].
+    fn send_mtu(&self) -> u16 {
+        self.mtu.min(self.datagram_cap)
+    }
     /// Handshake complete and not closed.
     pub fn is_established(&self) -> bool {
         self.state == State::Established
@@ -544,7 +563,7 @@ impl Connection {
     /// Counters and estimates.
     pub fn stats(&self) -> ConnectionStats {
         let mut s = self.stats;
-        s.mtu = self.mtu;
+        s.mtu = self.send_mtu();
         s.rtt = self.rtt.srtt();
         s.min_rtt = self.rtt.min();
         s.send_rate = self.cc.pacing_rate();
@@ -1455,8 +1474,9 @@ impl Connection {
     /// seconds (one round in ~30 of the loopback bench). TCP sizes its TSO
     /// bursts from the pacing rate for the same reason.
     fn segment_payload(&self) -> usize {
-        let full = usize::from(self.mtu) - DATA_HEADER_LEN;
-        let base = usize::from(self.mtu.min(BASE_DATAGRAM)) - DATA_HEADER_LEN;
+        let mtu = self.send_mtu();
+        let full = usize::from(mtu) - DATA_HEADER_LEN;
+        let base = usize::from(mtu.min(BASE_DATAGRAM)) - DATA_HEADER_LEN;
         let quarter_ms = (self.cc.pacing_rate() / 4000) as usize;
         quarter_ms.clamp(base, full)
     }

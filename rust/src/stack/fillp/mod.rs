@@ -273,6 +273,10 @@ struct State {
     next_id: u64,
     /// Every connection's send buffer, bytes (for write readiness).
     send_buffer: usize,
+    /// With [`FillpOptions::path_mtu`], the size for routes that report no
+    /// larger MTU: accepted connections send no more than their route back
+    /// to the client carries.
+    route_sized: Option<u16>,
     /// Slots an application call changed since the driver last ran them.
     dirty: Vec<usize>,
     /// Slot deadlines, earliest first; an entry is current while it equals
@@ -610,6 +614,7 @@ impl State {
     /// queue, as in a kernel accept queue: clients' connects complete and
     /// their data is buffered. With no listener left they are reset.
     fn admit(&mut self, slot: usize, accepted: &AtomicU64) -> Option<u64> {
+        let route_sized = self.route_sized;
         let sl = self.slots.get_mut(&slot)?;
         let lid = sl.listener;
         let mut added = false;
@@ -633,6 +638,14 @@ impl State {
             let Some(h) = sl.ep.accept() else {
                 break;
             };
+            if let (Some(fallback), Some(c)) = (route_sized, sl.ep.connection_mut(h)) {
+                // The agreed size is the client's route MTU; ours back to
+                // it may be smaller (a jumbo client behind a router).
+                let peer = c.remote();
+                if let Some(mtu) = udp::route_to(peer).ok().and_then(|r| r.mtu) {
+                    c.limit_datagram(path_datagram_size(mtu, peer.is_ipv6(), fallback));
+                }
+            }
             let Ok(fds) = SockFds::new() else {
                 // Out of fds: refuse this one, as the kernel would.
                 if let Some(c) = sl.ep.connection_mut(h) {
@@ -745,6 +758,7 @@ impl FillpStack {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 send_buffer: opts.connection.send_buffer,
+                route_sized: opts.path_mtu.then_some(opts.connection.mtu),
                 ..State::default()
             }),
             wake: udp::eventfd()?,
