@@ -36,8 +36,10 @@
 //!   and UDP headers (65,507 bytes over loopback, 8972 on a 9000-byte
 //!   route; 1400 on Ethernet-sized routes, less on smaller ones, see
 //!   [`path_datagram_size`]), as TCP derives its MSS; the listener takes
-//!   the client's offer. Over loopback that doubled throughput and halved
-//!   the CPU per byte (`benches/results/fillp_loopback.md`).
+//!   the client's offer, and each accepted connection sends no more than
+//!   the listener's own route back carries. Over loopback that doubled
+//!   throughput and halved the CPU per byte
+//!   (`benches/results/fillp_loopback.md`).
 //! * **Readers receive inline.** A reader blocked in `recv` waits on its
 //!   UDP socket as well as on its readiness eventfd, and when datagrams
 //!   arrive it receives and processes them itself (for every connection of
