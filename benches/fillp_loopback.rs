@@ -149,17 +149,13 @@ fn run(server: &dyn Stack, client: &dyn Stack, total: usize) -> Sample {
 fn raw_udp(total: usize) -> (Sample, f64) {
     const SIZE: usize = 65_507;
     let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    let big = (8i32 << 20).to_ne_bytes();
-    // SAFETY: plain setsockopt on a socket we own, with a valid int.
-    unsafe {
-        libc::setsockopt(
-            rx.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            big.as_ptr().cast(),
-            4,
-        )
-    };
+    // Large enough that the reader, not the socket buffer, is the limit.
+    let _ = dmm::sys::setsockopt(
+        rx.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        &(8i32 << 20).to_ne_bytes(),
+    );
     rx.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
     let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");

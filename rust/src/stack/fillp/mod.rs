@@ -159,8 +159,9 @@ pub struct FillpOptions {
     pub offload: bool,
     /// Size each connection's datagrams from the route to its peer, as TCP
     /// sizes its segments (see [`path_datagram_size`]); `connection.mtu` is
-    /// then only the fallback when the route's MTU cannot be read. On by
-    /// default; off, every connection offers `connection.mtu`.
+    /// then the size on routes of 1500 bytes or less and where the route's
+    /// MTU cannot be read. On by default; off, every connection offers
+    /// `connection.mtu`.
     pub path_mtu: bool,
 }
 
@@ -185,6 +186,13 @@ impl FillpOptions {
             self.connection.mtu
         }
     }
+
+    /// With [`FillpOptions::path_mtu`], the datagram size for `route`, the
+    /// kernel's route to `peer`; `None` when off or the route has no MTU.
+    fn size_for(&self, route: Option<udp::Route>, peer: SocketAddr) -> Option<u16> {
+        let mtu = route?.mtu.filter(|_| self.path_mtu)?;
+        Some(path_datagram_size(mtu, peer.is_ipv6(), self.connection.mtu))
+    }
 }
 
 /// The FillP datagram size (UDP payload) for a route of MTU `route_mtu`
@@ -193,10 +201,11 @@ impl FillpOptions {
 /// The whole MTU less the IP and UDP headers, like TCP's MSS, where the route
 /// is larger than Ethernet's 1500 (loopback's 64 KiB, jumbo frames): there
 /// per-datagram work, not bandwidth, limits a user-space transport. On
-/// Ethernet-sized routes the default 1400 stays, since tunnels further along
-/// the path often carry less than the first hop. A datagram that still
-/// meets a smaller link is fragmented by the kernel (Linux's default
-/// `IP_PMTUDISC_WANT`) once the ICMP "fragmentation needed" arrives.
+/// Ethernet-sized routes `fallback` (the configured size, 1400 by default)
+/// caps it, since tunnels further along the path often carry less than the
+/// first hop. A datagram that still meets a smaller link is fragmented by
+/// the kernel (Linux's default `IP_PMTUDISC_WANT`) once the ICMP
+/// "fragmentation needed" arrives.
 pub fn path_datagram_size(route_mtu: u32, v6: bool, fallback: u16) -> u16 {
     let headers = if v6 { 40 + 8 } else { 20 + 8 };
     let payload = route_mtu
@@ -275,10 +284,6 @@ struct State {
     next_id: u64,
     /// Every connection's send buffer, bytes (for write readiness).
     send_buffer: usize,
-    /// With [`FillpOptions::path_mtu`], the size for routes that report no
-    /// larger MTU: accepted connections send no more than their route back
-    /// to the client carries.
-    route_sized: Option<u16>,
     /// Slots an application call changed since the driver last ran them.
     dirty: Vec<usize>,
     /// Slot deadlines, earliest first; an entry is current while it equals
@@ -592,22 +597,8 @@ impl State {
         let Some(s) = self.socks.get_mut(&id) else {
             return;
         };
-        if want != s.ready {
-            s.ready = want;
-            if want {
-                udp::signal(s.fds.ready.as_raw_fd());
-            } else {
-                udp::drain(s.fds.ready.as_raw_fd());
-            }
-        }
-        if want_w != s.writable {
-            s.writable = want_w;
-            if want_w {
-                udp::signal(s.fds.wake.as_raw_fd());
-            } else {
-                udp::drain(s.fds.wake.as_raw_fd());
-            }
-        }
+        udp::set_level(s.fds.ready.as_raw_fd(), &mut s.ready, want);
+        udp::set_level(s.fds.wake.as_raw_fd(), &mut s.writable, want_w);
     }
 
     /// Moves connections the endpoint completed on listener slot `slot`
@@ -615,8 +606,7 @@ impl State {
     /// if it gained any. The rest wait, established, in the endpoint's own
     /// queue, as in a kernel accept queue: clients' connects complete and
     /// their data is buffered. With no listener left they are reset.
-    fn admit(&mut self, slot: usize, accepted: &AtomicU64) -> Option<u64> {
-        let route_sized = self.route_sized;
+    fn admit(&mut self, slot: usize, shared: &Shared) -> Option<u64> {
         let sl = self.slots.get_mut(&slot)?;
         let lid = sl.listener;
         let mut added = false;
@@ -640,12 +630,12 @@ impl State {
             let Some(h) = sl.ep.accept() else {
                 break;
             };
-            if let (Some(fallback), Some(c)) = (route_sized, sl.ep.connection_mut(h)) {
+            if let Some(c) = sl.ep.connection_mut(h) {
                 // The agreed size is the client's route MTU; ours back to
                 // it may be smaller (a jumbo client behind a router).
                 let peer = c.remote();
-                if let Some(mtu) = udp::route_to(peer).ok().and_then(|r| r.mtu) {
-                    c.limit_datagram(path_datagram_size(mtu, peer.is_ipv6(), fallback));
+                if let Some(size) = shared.opts.size_for(udp::route_to(peer).ok(), peer) {
+                    c.limit_datagram(size);
                 }
             }
             let Ok(fds) = SockFds::new() else {
@@ -682,7 +672,7 @@ impl State {
             {
                 backlog.push_back(id);
             }
-            accepted.fetch_add(1, Ordering::Relaxed);
+            shared.accepted.fetch_add(1, Ordering::Relaxed);
             added = true;
         }
         if added {
@@ -760,7 +750,6 @@ impl FillpStack {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 send_buffer: opts.connection.send_buffer,
-                route_sized: opts.path_mtu.then_some(opts.connection.mtu),
                 ..State::default()
             }),
             wake: udp::eventfd()?,
@@ -1117,7 +1106,7 @@ impl Shared {
             udp::random_bytes(&mut fresh);
             sl.ep.supply_cookie_secret(fresh);
         }
-        if let Some(l) = st.admit(i, &self.accepted) {
+        if let Some(l) = st.admit(i, self) {
             pump.touched.push(l);
         }
         let Some(sl) = st.slots.get_mut(&i) else {
@@ -1982,7 +1971,7 @@ impl StackSocket for FillpSocket {
                 Role::Listening { slot, .. } => slot,
                 _ => usize::MAX,
             };
-            st.admit(slot, &self.shared.accepted);
+            st.admit(slot, &self.shared);
             st.sync(self.id);
             match st.socks.get(&id) {
                 Some(c) => Try::Done(Ok((
@@ -2038,8 +2027,8 @@ impl StackSocket for FillpSocket {
             let route = udp::route_to(addr).ok();
             let opts = &self.shared.opts;
             let mut config = opts.connection.clone();
-            if let Some(mtu) = route.and_then(|r| r.mtu).filter(|_| opts.path_mtu) {
-                config.mtu = path_datagram_size(mtu, addr.is_ipv6(), config.mtu);
+            if let Some(size) = opts.size_for(route, addr) {
+                config.mtu = size;
             }
             let h = sl
                 .ep
@@ -2188,7 +2177,7 @@ impl StackSocket for FillpSocket {
                 if let Some(sl) = st.slot_mut(slot) {
                     sl.listener = None;
                 }
-                st.admit(slot, &self.shared.accepted);
+                st.admit(slot, &self.shared);
                 Some(slot)
             }
             Role::Fresh | Role::Bound(..) => None,

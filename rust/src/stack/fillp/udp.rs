@@ -577,6 +577,19 @@ pub fn signal(fd: RawFd) {
     unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
 }
 
+/// Keeps eventfd `fd` readable exactly while `want`: signals or drains it
+/// when `level`, its last known state, differs.
+pub fn set_level(fd: RawFd, level: &mut bool, want: bool) {
+    if *level != want {
+        *level = want;
+        if want {
+            signal(fd);
+        } else {
+            drain(fd);
+        }
+    }
+}
+
 /// Makes an eventfd unreadable (reads the counter to zero).
 pub fn drain(fd: RawFd) {
     let mut buf = [0u8; 8];
