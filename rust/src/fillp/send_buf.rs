@@ -99,6 +99,12 @@ impl SendBuf {
         self.data.len()
     }
 
+    /// Bytes sent and not yet acknowledged in order: in flight, SACKed or
+    /// waiting to be resent.
+    pub fn sent_span(&self) -> u64 {
+        self.next - self.base
+    }
+
     /// Mark the end of the stream at the current write position.
     pub fn finish(&mut self) {
         if self.fin.is_none() {

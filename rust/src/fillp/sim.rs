@@ -935,16 +935,83 @@ mod tests {
         let mut c = cfg();
         c.connection.mtu = 65_507;
         let rate = 1_250_000_000;
-        let link = LinkConfig {
-            rate: Some(rate),
-            queue: 8 << 20,
-            ..LinkConfig::ideal(Duration::from_micros(50))
-        };
         for seed in 1..=12 {
-            let (ticks, _, _) = download_with(seed, c.clone(), link, 1);
+            let (ticks, _, _) = download_with(seed, c.clone(), fast_short_path(), 1);
             let late: u64 = ticks[3..].iter().sum();
             assert!(late >= rate / 10 * 7 * 8 / 10, "seed {seed}: {ticks:?}");
         }
+    }
+
+    /// Loopback-like: 64 KiB datagrams, 10 Gbit/s, 100 µs RTT, 8 MiB queue.
+    fn fast_short_path() -> LinkConfig {
+        LinkConfig {
+            rate: Some(1_250_000_000),
+            queue: 8 << 20,
+            ..LinkConfig::ideal(Duration::from_micros(50))
+        }
+    }
+
+    #[test]
+    fn a_small_send_buffer_fills_a_fast_short_path() {
+        // PACKs count bytes, not datagrams: counted in 64 KiB datagrams
+        // they came every 2 MiB, and a sender with a 256 KiB buffer waited
+        // for the PACK timer on every refill (0.2 Gbit/s over loopback).
+        let mut c = cfg();
+        c.connection.mtu = 65_507;
+        c.connection.send_buffer = 256 << 10;
+        let rate = 1_250_000_000;
+        let (ticks, _, _) = download_with(4, c, fast_short_path(), 1);
+        let late: u64 = ticks[3..].iter().sum();
+        assert!(late >= rate / 10 * 7 * 7 / 10, "{ticks:?}");
+    }
+
+    #[test]
+    fn a_writer_that_came_up_short_hears_when_half_the_buffer_is_free() {
+        let mut c = cfg();
+        c.connection.mtu = 65_507;
+        let max = c.connection.send_buffer;
+        let link = fast_short_path();
+        let mut p = Pair::new(2, c.clone(), c, link, link);
+        let ch = p.client.connect(p.now, p.server_addr).unwrap();
+        let chunk = vec![1u8; 1 << 20];
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut blocked, mut wakes, mut largest) = (false, 0, 0);
+        let mut sh = None;
+        let _ = p.run_until(2_000_000, Duration::from_millis(100), |p| {
+            while let Some((_, ev)) = p.client.poll_event() {
+                if ev == Event::Writable && blocked {
+                    let c = p.client.connection_mut(ch).unwrap();
+                    // Half the buffer was free when the PACK came; the
+                    // buffer may have grown since, and the socket stays
+                    // writable regardless (see `Connection::is_writable`).
+                    assert!(c.is_writable());
+                    assert!(c.send_space() > 0);
+                    blocked = false;
+                    wakes += 1;
+                }
+            }
+            let c = p.client.connection_mut(ch).unwrap();
+            largest = largest.max(c.send_capacity());
+            // From the handshake on: before it, Writable also means "may
+            // send early data" (see `Event::Writable`).
+            if !blocked && c.is_established() {
+                // A writer does not try while the socket is not writable.
+                assert!(c.is_writable());
+                let n = c.write(&chunk).unwrap_or(0);
+                if n < chunk.len() {
+                    blocked = true;
+                    assert!(!c.is_writable());
+                }
+            }
+            sh = sh.or_else(|| p.server.accept());
+            if let Some(s) = sh.and_then(|h| p.server.connection_mut(h)) {
+                while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+            }
+            false
+        });
+        assert!(wakes >= 20, "{wakes} wakes");
+        // Sized from the path, far below the 16 MiB maximum.
+        assert!(largest <= max / 4, "{largest}");
     }
 
     #[test]

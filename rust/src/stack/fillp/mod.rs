@@ -282,8 +282,6 @@ struct State {
     socks: HashMap<u64, SockState>,
     by_conn: HashMap<(usize, ConnectionHandle), u64>,
     next_id: u64,
-    /// Every connection's send buffer, bytes (for write readiness).
-    send_buffer: usize,
     /// Slots an application call changed since the driver last ran them.
     dirty: Vec<usize>,
     /// Slot deadlines, earliest first; an entry is current while it equals
@@ -559,12 +557,9 @@ impl State {
         }
     }
 
-    /// Whether socket `id` is writable now, given whether it was (`was`):
-    /// room in the send buffer, connect done, or an error to report. Once
-    /// full, a connection counts as writable again only when half its
-    /// buffer is free (the kernel's `sk_stream_wspace` rule), so a bulk
-    /// writer wakes once per half buffer rather than once per PACK.
-    fn writable(&self, id: u64, was: bool) -> bool {
+    /// Whether socket `id` is writable now: room in the send buffer
+    /// ([`Connection::is_writable`]), connect done, or an error to report.
+    fn writable(&self, id: u64) -> bool {
         let Some(s) = self.socks.get(&id) else {
             return true;
         };
@@ -580,8 +575,7 @@ impl State {
                 match self.slot(*slot).and_then(|sl| sl.ep.connection(*h)) {
                     None => true,
                     Some(c) if c.is_closed() => true,
-                    Some(c) if was => c.send_space() > 0,
-                    Some(c) => c.send_space() >= (self.send_buffer / 2).max(1),
+                    Some(c) => c.is_writable(),
                 }
             }
         }
@@ -592,8 +586,7 @@ impl State {
     /// writable.
     fn sync(&mut self, id: u64) {
         let want = self.readable(id);
-        let was = self.socks.get(&id).is_some_and(|s| s.writable);
-        let want_w = self.writable(id, was);
+        let want_w = self.writable(id);
         let Some(s) = self.socks.get_mut(&id) else {
             return;
         };
@@ -748,10 +741,7 @@ impl FillpStack {
     pub fn new(name: impl Into<String>, opts: FillpOptions) -> io::Result<FillpStack> {
         let name = name.into();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                send_buffer: opts.connection.send_buffer,
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
             wake: udp::eventfd()?,
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -1816,7 +1806,6 @@ impl<'a> Watch<'a> {
         let Some(&Role::Conn { slot, h, .. }) = st.socks.get(&id).map(|s| &s.role) else {
             return None;
         };
-        let send_buffer = st.send_buffer;
         let sl = st.slot_mut(slot)?;
         // Not while the connection has data of its own in flight: a sender
         // waiting for the reply (or EOF) would then run its ACK clock from
@@ -1832,11 +1821,7 @@ impl<'a> Watch<'a> {
         // datagrams for the driver 80%. The cause is not pinned down; until
         // it is, readers take over only for connections that are not
         // sending.
-        if sl
-            .ep
-            .connection(h)
-            .is_some_and(|c| c.send_space() < send_buffer)
-        {
+        if sl.ep.connection(h).is_some_and(|c| c.unacked() > 0) {
             return None;
         }
         sl.watchers += 1;
@@ -2277,7 +2262,7 @@ impl StackSocket for FillpSocket {
         };
         let error = s.error.is_some() || s.fatal.is_some();
         let readable = st.readable(self.id);
-        let writable = st.writable(self.id, s.writable);
+        let writable = st.writable(self.id);
         Readiness {
             readable,
             writable,
