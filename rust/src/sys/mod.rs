@@ -3,6 +3,7 @@
 //! Every function returns `io::Result` with the raw errno; nothing here
 //! retries or interprets errors, so callers keep the exact kernel semantics.
 
+pub mod event;
 pub mod sockaddr;
 
 use std::io;

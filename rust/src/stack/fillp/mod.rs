@@ -144,6 +144,7 @@ use crate::fillp::{
     EndpointStats, Event, RateMode, ReadError, Transmit, WriteError,
 };
 use crate::sys;
+use crate::sys::event::{block_all_signals, wait, EventFd};
 
 /// Settings of a FillP instance.
 #[derive(Debug, Clone)]
@@ -250,7 +251,7 @@ pub struct FillpStack {
 struct Shared {
     state: Mutex<State>,
     /// Wakes the driver.
-    wake: OwnedFd,
+    wake: EventFd,
     /// Set (under the lock) while the driver is about to sleep or sleeps.
     sleeping: AtomicBool,
     stop: AtomicBool,
@@ -342,15 +343,15 @@ impl Slot {
 
 /// The two eventfds of a socket (see the module docs).
 struct SockFds {
-    ready: OwnedFd,
-    wake: OwnedFd,
+    ready: EventFd,
+    wake: EventFd,
 }
 
 impl SockFds {
     fn new() -> io::Result<Arc<SockFds>> {
         Ok(Arc::new(SockFds {
-            ready: udp::eventfd()?,
-            wake: udp::eventfd()?,
+            ready: EventFd::new()?,
+            wake: EventFd::new()?,
         }))
     }
 }
@@ -590,8 +591,8 @@ impl State {
         let Some(s) = self.socks.get_mut(&id) else {
             return;
         };
-        udp::set_level(s.fds.ready.as_raw_fd(), &mut s.ready, want);
-        udp::set_level(s.fds.wake.as_raw_fd(), &mut s.writable, want_w);
+        s.fds.ready.set_level(&mut s.ready, want);
+        s.fds.wake.set_level(&mut s.writable, want_w);
     }
 
     /// Moves connections the endpoint completed on listener slot `slot`
@@ -731,7 +732,7 @@ impl Shared {
     fn kick(&self, st: &mut State, slot: usize) {
         st.mark(slot);
         if self.sleeping.load(Ordering::SeqCst) {
-            udp::signal(self.wake.as_raw_fd());
+            self.wake.set();
         }
     }
 }
@@ -742,7 +743,7 @@ impl FillpStack {
         let name = name.into();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
-            wake: udp::eventfd()?,
+            wake: EventFd::new()?,
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             opts,
@@ -779,7 +780,7 @@ impl FillpStack {
 impl Drop for FillpStack {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        udp::signal(self.shared.wake.as_raw_fd());
+        self.shared.wake.set();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -1239,7 +1240,7 @@ impl Shared {
     fn wake_driver_by(&self, t: Instant) {
         let at = self.driver_wake_at.load(Ordering::SeqCst);
         if self.sleeping.load(Ordering::SeqCst) && at > self.stamp(t) {
-            udp::signal(self.wake.as_raw_fd());
+            self.wake.set();
         }
     }
 
@@ -1353,7 +1354,7 @@ impl Driver {
     }
 
     fn run(mut self) {
-        udp::block_signals();
+        block_all_signals();
         while !self.shared.stop.load(Ordering::SeqCst) {
             let timeout = self.prepare_poll();
             let mut pfds =
@@ -1363,10 +1364,10 @@ impl Driver {
                     revents: 0,
                 });
             // EINTR cannot happen (signals are blocked).
-            let _ = udp::ppoll(&mut pfds, timeout);
+            let _ = wait(&mut pfds, timeout);
             self.shared.sleeping.store(false, Ordering::SeqCst);
             if pfds[0].revents != 0 {
-                udp::drain(self.shared.wake.as_raw_fd());
+                self.shared.wake.clear();
             }
             self.ready.clear();
             if pfds[1].revents != 0 {
@@ -2168,8 +2169,8 @@ impl StackSocket for FillpSocket {
             Role::Fresh | Role::Bound(..) => None,
         };
         // Wake any thread blocked on this socket so it sees EBADF.
-        udp::signal(self.fds.ready.as_raw_fd());
-        udp::signal(self.fds.wake.as_raw_fd());
+        self.fds.ready.set();
+        self.fds.wake.set();
         if let Some(slot) = changed {
             self.shared.kick(st, slot);
         }

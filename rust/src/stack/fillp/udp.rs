@@ -562,41 +562,6 @@ pub fn drain_errors(fd: RawFd) -> Vec<(SocketAddr, i32)> {
     out
 }
 
-/// A non-blocking eventfd.
-pub fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd = sys::cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Makes an eventfd readable (adds 1).
-pub fn signal(fd: RawFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a local; a full counter (EAGAIN) is still readable.
-    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
-}
-
-/// Keeps eventfd `fd` readable exactly while `want`: signals or drains it
-/// when `level`, its last known state, differs.
-pub fn set_level(fd: RawFd, level: &mut bool, want: bool) {
-    if *level != want {
-        *level = want;
-        if want {
-            signal(fd);
-        } else {
-            drain(fd);
-        }
-    }
-}
-
-/// Makes an eventfd unreadable (reads the counter to zero).
-pub fn drain(fd: RawFd) {
-    let mut buf = [0u8; 8];
-    // SAFETY: reads 8 bytes into a local; EAGAIN means already empty.
-    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
-}
-
 /// An epoll set of UDP sockets, level-triggered, each registered with a
 /// `u64` token. The driver waits on its fd with `ppoll` (nanosecond
 /// timeouts for pacing; `epoll_wait` counts milliseconds) and then takes
@@ -645,39 +610,6 @@ impl Epoll {
 impl AsRawFd for Epoll {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
-    }
-}
-
-/// `ppoll` with nanosecond precision. `timeout` None blocks. Returns the
-/// number of ready fds; `EINTR` is returned to the caller.
-pub fn ppoll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> io::Result<usize> {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let tsp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: fds is a valid slice of pollfd; tsp is null or points to a local.
-    let n = unsafe {
-        libc::ppoll(
-            fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
-            tsp,
-            std::ptr::null(),
-        )
-    };
-    sys::cvt(n).map(|n| n as usize)
-}
-
-/// Blocks every signal in the calling thread, so signals go to application
-/// threads (whose blocking calls then return `EINTR`), never to the driver.
-pub fn block_signals() {
-    // SAFETY: sigset_t is plain data; the calls only touch locals.
-    unsafe {
-        let mut set: libc::sigset_t = mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

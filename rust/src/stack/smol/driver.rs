@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::event::{block_all_signals, wait};
 use super::{device_fd, lock, Shared};
+use crate::sys::event::{block_all_signals, wait};
 
 /// Runs the driver until the stack stops.
 pub(crate) fn run(shared: Arc<Shared>) {

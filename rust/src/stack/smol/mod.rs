@@ -85,7 +85,6 @@
 
 mod device;
 mod driver;
-mod event;
 pub mod ports;
 #[macro_use]
 mod socket;
@@ -108,8 +107,8 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress};
 pub use smoltcp::wire::IpCidr;
 
 use super::{errno, Counters, Family, SockKind, Stack, StackKind, StackSocket};
+use crate::sys::event::EventFd;
 use device::TapDevice;
-use event::EventFd;
 use state::{SockFds, SockOpts, SockState, State};
 use tap::Tap;
 

@@ -20,9 +20,9 @@ use smoltcp::time::{Duration as SmolDuration, Instant};
 use smoltcp::wire::{IpEndpoint, IpListenEndpoint, IpVersion};
 
 use super::device::TapDevice;
-use super::event::EventFd;
 use super::ports::{Ports, Proto};
 use crate::stack::{errno, Family};
+use crate::sys::event::EventFd;
 
 /// How long a connect may wait for its handshake before `ETIMEDOUT` (as
 /// Linux with `tcp_syn_retries` = 6).

@@ -1,5 +1,6 @@
-//! The waiting primitives of the instance: eventfds (per-socket readiness
-//! and the driver's wake-up) and the driver's `ppoll` with signals blocked.
+//! The waiting primitives the user-space stacks' drivers share: eventfds
+//! (per-socket readiness and a driver's wake-up) and a driver's `ppoll`
+//! with signals blocked.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,6 +36,19 @@ impl EventFd {
         // SAFETY: reads 8 bytes into a local.
         let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
     }
+
+    /// Keeps the fd readable exactly while `want`: sets or clears it when
+    /// `level`, its last known state, differs (no syscall otherwise).
+    pub fn set_level(&self, level: &mut bool, want: bool) {
+        if *level != want {
+            *level = want;
+            if want {
+                self.set();
+            } else {
+                self.clear();
+            }
+        }
+    }
 }
 
 impl AsRawFd for EventFd {
@@ -55,7 +69,9 @@ pub fn block_all_signals() {
 }
 
 /// Waits for `fds` up to `timeout` (`None`: no limit), with nanosecond
-/// precision (smoltcp's timers are in microseconds).
+/// precision (smoltcp's timers are in microseconds, FillP paces in
+/// nanoseconds; `epoll_wait` counts milliseconds). `EINTR` is returned to
+/// the caller.
 pub fn wait(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
