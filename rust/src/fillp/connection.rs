@@ -114,7 +114,8 @@ pub enum Event {
     Connected,
     /// Bytes (or EOF) can be read.
     Readable,
-    /// Half the send buffer is free again after a write that did not fit
+    /// Half the send buffer (less what loss holds back) is free again after
+    /// a write that did not fit
     /// ([`WriteError::Blocked`] or a short count); for a client, also the
     /// moment it may send data (it has the server's cookie, see
     /// [`Connection::can_send`]).
@@ -1062,9 +1063,10 @@ impl Connection {
             self.rto_backoff = 0;
             self.tlp_done = false;
         }
-        // A blocked writer hears of space once half the buffer is free (as
-        // the kernel and smoltcp do), not on every PACK: a bulk sender then
-        // wakes once per half buffer instead of every 32 packets.
+        // A blocked writer hears of space once half the buffer is free (less
+        // what loss holds back, see `send_wake_space`), as the kernel and
+        // smoltcp do, not on every PACK: a bulk sender then wakes once per
+        // half buffer instead of every 32 packets.
         if self.write_blocked && self.send_space() >= self.send_wake_space() {
             self.write_blocked = false;
             self.events.push_back(Event::Writable);
@@ -1627,16 +1629,16 @@ impl Connection {
     /// The send buffer's size now: three times what may be in flight, plus
     /// what loss holds back (sent data neither in flight nor acknowledged
     /// in order: SACKed, or waiting to be resent), at least
-    /// [`MIN_SEND_BUFFER`], at most [`Config::send_buffer`] (as Linux grows
+    /// 256 KiB, at most [`Config::send_buffer`] (as Linux grows
     /// a TCP socket's send buffer with its congestion window). Three, not
     /// Linux's two: a writer is woken at half of it (less the held-back
     /// part), and with two a flight at its cap left no unsent data by the
-    /// time the writer was woken. A short,
-    /// fast path keeps a small buffer the caches hold; over loopback a
-    /// full 16 MiB buffer made every copy in and out of it miss them
-    /// (measured: 7.8 Gbit/s against 9.9 with 256 KiB). Without the held
-    /// back part, at 20% loss and 200 ms the sender ran out of new data
-    /// behind its holes (goodput 0.66 of the link against 0.76).
+    /// time the writer was woken. A short, fast path keeps a small buffer
+    /// the caches hold; over loopback a full 16 MiB buffer made every copy
+    /// in and out of it miss them (measured: 7.8 Gbit/s against 9.9 with
+    /// 256 KiB). Without the held-back part, at 20% loss and 200 ms the
+    /// sender ran out of new data behind its holes (goodput 0.66 of the
+    /// link against 0.76).
     pub fn send_capacity(&self) -> usize {
         let held = self.send_held();
         let want = self.send_flight().saturating_mul(3).saturating_add(held);

@@ -84,12 +84,8 @@ impl SendBuf {
         n
     }
 
-    /// Free space.
-    pub fn space(&self) -> usize {
-        self.capacity.saturating_sub(self.data.len())
-    }
-
-    /// Bytes `write` accepts when the buffer is empty.
+    /// Bytes `write` accepts when the buffer is empty (the most the
+    /// connection's path-sized buffer may grow to).
     pub fn capacity(&self) -> usize {
         self.capacity
     }

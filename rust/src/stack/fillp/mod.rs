@@ -45,7 +45,7 @@
 //!   arrive it receives and processes them itself (for every connection of
 //!   that socket), then sends what is due: the data it waits for reaches it
 //!   with no hop through the driver thread and no lock contention with it.
-//!   While a reader watches a socket, and for [`WATCH_LEASE`] (500 µs)
+//!   While a reader watches a socket, and for `WATCH_LEASE` (500 µs)
 //!   after it leaves, the driver leaves that socket out of its poll set, so
 //!   a bulk reader, back within microseconds, is not raced for every batch;
 //!   the driver is woken if it would sleep past the lease. The price: a
@@ -95,8 +95,9 @@
 //!   readable (data, EOF, error, pending accept); it is the
 //!   [`StackSocket::poll_fd`] and what blocking `recv`/`accept` wait on.
 //!   `wake` is readable exactly while the socket is writable (connected
-//!   with send-buffer room, or an error to report; once full, writable
-//!   again at half the buffer free); it is the
+//!   with send-buffer room, or an error to report; after a short write,
+//!   writable again when the connection says so, at half its path-sized
+//!   buffer free: [`crate::fillp::Connection::is_writable`]); it is the
 //!   [`StackSocket::write_poll_fd`] and what blocking `send`/`connect` wait
 //!   on.
 //!   Waits use `poll(2)`, so a signal returns `EINTR` to the caller; the
