@@ -14,7 +14,8 @@
 //! `FILLP_BENCH_MODE` (`bbr`, `fillp`, `fixed`), `FILLP_BENCH_FIXED_MBPS`
 //! (fixed rate, implies `fixed`), `FILLP_BENCH_ONLY` (`kernel`, `udp`,
 //! `fillp` or `fillp-fixed`: run one contender only, for profiling),
-//! `FILLP_BENCH_OFFLOAD=0` (no UDP GSO/GRO), `FILLP_BENCH_INSTANCES=2`
+//! `FILLP_BENCH_OFFLOAD=0` (no UDP GSO/GRO), `FILLP_BENCH_PACK_EVERY` (the receiver's
+//! acknowledgement cadence, in 1400-byte units), `FILLP_BENCH_INSTANCES=2`
 //! (client and server on two FillP instances, each with its own driver
 //! thread, as in two processes; the default is one instance whose driver
 //! runs both ends), `FILLP_BENCH_MTU` (`fillp-fixed`'s datagram size,
@@ -266,6 +267,9 @@ fn main() {
     }
     if let Some(kib) = env::<usize>("FILLP_BENCH_SNDBUF_KIB") {
         opts.connection.send_buffer = kib << 10;
+    }
+    if let Some(n) = env::<u32>("FILLP_BENCH_PACK_EVERY") {
+        opts.connection.pack_every = n;
     }
     if let Some(kib) = env::<u32>("FILLP_BENCH_WINDOW_KIB") {
         opts.connection.recv_window = kib << 10;

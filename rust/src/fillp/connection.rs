@@ -12,6 +12,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::cc::{self, AckSample, CcConfig, RateController};
 use super::pacer::Pacer;
 use super::recv_buf::RecvBuf;
@@ -81,7 +83,9 @@ impl Default for Config {
     }
 }
 
-/// A datagram to send: `size` bytes at the start of the caller's buffer.
+/// A datagram to send: `size` bytes in all, at the start of the caller's
+/// buffer (followed, from [`Connection::poll_transmit_parts`], by the
+/// payload pieces it pushed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
     /// Where to send it.
@@ -372,6 +376,13 @@ const BASE_DATAGRAM: u16 = 1400;
 
 /// The smallest send buffer [`Connection::send_capacity`] sizes.
 const MIN_SEND_BUFFER: usize = 256 << 10;
+
+/// `part` as a slice of `whole` (no copy), if it lies within it.
+fn subslice(whole: &Bytes, part: &[u8]) -> Option<Bytes> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then(|| whole.slice(start..end))
+}
 
 /// How many Ethernet-sized packets a DATA payload of `len` bytes counts as
 /// towards [`Config::pack_every`]: at least one. With 64 KiB datagrams
@@ -710,12 +721,21 @@ impl Connection {
     /// counted in [`ConnectionStats::dropped`] and otherwise ignored.
     pub fn handle_datagram(&mut self, now: Instant, data: &[u8]) {
         match Repr::parse_bytes(data) {
-            Ok(r) if r.dst_cid == self.local_cid => self.handle_repr(now, data.len(), r),
+            Ok(r) if r.dst_cid == self.local_cid => self.handle_repr(now, data.len(), r, None),
             _ => self.stats.dropped += 1,
         }
     }
 
-    pub(crate) fn handle_repr(&mut self, now: Instant, len: usize, r: Repr<'_>) {
+    /// Processes a parsed datagram of `len` bytes. `shared`, if given, is
+    /// the datagram `r` was parsed from: a DATA payload is then kept as a
+    /// slice of it instead of copied.
+    pub(crate) fn handle_repr(
+        &mut self,
+        now: Instant,
+        len: usize,
+        r: Repr<'_>,
+        shared: Option<&Bytes>,
+    ) {
         if self.state == State::Closed {
             return;
         }
@@ -744,7 +764,7 @@ impl Connection {
                     false
                 }
             }
-            Body::Data(d) => self.on_data(now, d),
+            Body::Data(d) => self.on_data(now, d, shared),
             Body::Pack(p) => self.on_pack(now, &p),
             Body::Nack(n) => self.on_nack(now, &n),
             Body::Keepalive => {
@@ -857,7 +877,7 @@ impl Connection {
         self.role == Role::Client && matches!(self.hs, Hs::ConnReq { .. })
     }
 
-    fn on_data(&mut self, now: Instant, d: DataRepr<'_>) -> bool {
+    fn on_data(&mut self, now: Instant, d: DataRepr<'_>, shared: Option<&Bytes>) -> bool {
         if self.role == Role::Client && self.state == State::Handshake {
             // Data from the server proves our CONN_REQ arrived.
             if self.remote_cid == 0 || matches!(self.hs, Hs::Init) {
@@ -872,7 +892,11 @@ impl Connection {
         if self.rx_any && pn >= self.rx_next_pn && pn - self.rx_next_pn > MAX_PN_JUMP {
             return false;
         }
-        let inserted = match self.recv.insert(d.offset, d.payload, d.fin) {
+        let inserted = match shared.and_then(|b| subslice(b, d.payload)) {
+            Some(p) => self.recv.insert_shared(d.offset, &p, d.fin),
+            None => self.recv.insert(d.offset, d.payload, d.fin),
+        };
+        let inserted = match inserted {
             Ok(i) => i,
             Err(_) => {
                 // The peer changed its final size: nothing sane can follow.
@@ -1235,58 +1259,120 @@ impl Connection {
     /// paced and capped by the in-flight limit and the peer's window), then
     /// KEEPALIVE.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.transmit(now, buf, None)
+    }
+
+    /// [`Connection::poll_transmit`] without copying a DATA payload: `head`
+    /// gets the header and `body` the payload as shared slices of the send
+    /// buffer (see [`super::byte_queue`]), to be sent as `head` followed by
+    /// the pieces, `size` bytes in all. What the caller holds stays valid
+    /// whatever the connection does next.
+    pub fn poll_transmit_parts(
+        &mut self,
+        now: Instant,
+        head: &mut Vec<u8>,
+        body: &mut Vec<Bytes>,
+    ) -> Option<Transmit> {
+        self.transmit(now, head, Some(body))
+    }
+
+    fn transmit(
+        &mut self,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        body: Option<&mut Vec<Bytes>>,
+    ) -> Option<Transmit> {
         buf.clear();
-        let repr = self.next_packet(now, buf)?;
+        let (repr, payload) = self.next_packet(now, buf, body)?;
         if let Some(r) = repr {
             r.emit(buf);
         }
+        let size = buf.len() + payload;
         self.stats.packets_sent += 1;
-        self.stats.bytes_sent += buf.len() as u64;
+        self.stats.bytes_sent += size as u64;
         self.last_tx = now;
         Some(Transmit {
             destination: self.remote,
-            size: buf.len(),
+            size,
         })
     }
 
-    /// Returns `Some(Some(repr))` to emit `repr`, `Some(None)` if the packet
-    /// was already written into `buf`, `None` if there is nothing to send.
-    fn next_packet(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Option<Repr<'static>>> {
+    /// Returns `Some((Some(repr), 0))` to emit `repr`, `Some((None, n))` if
+    /// the packet was already written into `buf` (with `n` payload bytes in
+    /// `body`, if given), `None` if there is nothing to send.
+    fn next_packet(
+        &mut self,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        body: Option<&mut Vec<Bytes>>,
+    ) -> Option<(Option<Repr<'static>>, usize)> {
+        self.next_control(now)
+            .map(|r| (Some(r), 0))
+            .or_else(|| self.next_data(now, buf, body))
+    }
+
+    /// A DATA packet (or a keepalive when there is none): see
+    /// [`Connection::next_packet`].
+    fn next_data(
+        &mut self,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        body: Option<&mut Vec<Bytes>>,
+    ) -> Option<(Option<Repr<'static>>, usize)> {
+        let sendable = match self.state {
+            State::Handshake => self.early_data_allowed(),
+            State::Established => true,
+            _ => false,
+        };
+        if !sendable {
+            return None;
+        }
+        if let Some(n) = self.data_packet(now, buf, body) {
+            return Some((None, n));
+        }
+        if self.state == State::Established && now >= self.last_tx + self.keepalive_interval() {
+            return Some((
+                Some(Repr {
+                    dst_cid: self.remote_cid,
+                    body: Body::Keepalive,
+                }),
+                0,
+            ));
+        }
+        None
+    }
+
+    /// The next packet other than DATA and keepalives, if one is due.
+    fn next_control(&mut self, now: Instant) -> Option<Repr<'static>> {
         let dst = self.remote_cid;
         if self.send_reset {
             self.send_reset = false;
-            return Some(Some(Repr {
+            return Some(Repr {
                 dst_cid: dst,
                 body: Body::Reset,
-            }));
+            });
         }
         match self.state {
             State::Closed => return None,
-            State::Handshake => {
-                let hs = self.handshake_packet(now);
-                if hs.is_some() || !self.early_data_allowed() {
-                    return hs;
-                }
-                return self.data_packet(now, buf).map(|()| None);
-            }
+            State::Handshake => return self.handshake_packet(now),
             State::Established | State::Draining => {}
         }
         if self.send_conn_ack {
             self.send_conn_ack = false;
-            return Some(Some(Repr {
+            return Some(Repr {
                 dst_cid: dst,
                 body: Body::ConnAck {
                     server_cid: self.local_cid,
                 },
-            }));
+            });
         }
         if self.nack_check.is_some_and(|t| now >= t) {
             if let Some(n) = self.build_nack(now) {
                 self.stats.nacks_sent += 1;
-                return Some(Some(Repr {
+                return Some(Repr {
                     dst_cid: dst,
                     body: Body::Nack(n),
-                }));
+                });
             }
         }
         let pack_every = if self.rx_data_pkts <= QUICK_PACKETS {
@@ -1297,26 +1383,15 @@ impl Connection {
         if self.pack_deadline().is_some_and(|t| now >= t) || self.rx_data_since_pack >= pack_every {
             let p = self.build_pack(now);
             self.stats.packs_sent += 1;
-            return Some(Some(Repr {
+            return Some(Repr {
                 dst_cid: dst,
                 body: Body::Pack(p),
-            }));
-        }
-        if self.state == State::Established {
-            if let Some(()) = self.data_packet(now, buf) {
-                return Some(None);
-            }
-            if now >= self.last_tx + self.keepalive_interval() {
-                return Some(Some(Repr {
-                    dst_cid: dst,
-                    body: Body::Keepalive,
-                }));
-            }
+            });
         }
         None
     }
 
-    fn handshake_packet(&mut self, now: Instant) -> Option<Option<Repr<'static>>> {
+    fn handshake_packet(&mut self, now: Instant) -> Option<Repr<'static>> {
         if now < self.hs_next {
             return None;
         }
@@ -1362,7 +1437,7 @@ impl Connection {
                 },
             },
         };
-        Some(Some(repr))
+        Some(repr)
     }
 
     fn build_nack(&mut self, now: Instant) -> Option<NackRepr> {
@@ -1509,7 +1584,15 @@ impl Connection {
         quarter_ms.clamp(base, full)
     }
 
-    fn data_packet(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<()> {
+    /// Writes the next DATA packet's header into `buf` and its payload
+    /// into `body` as shared slices if given, else into `buf` too. Returns
+    /// the bytes put in `body`.
+    fn data_packet(
+        &mut self,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        body: Option<&mut Vec<Bytes>>,
+    ) -> Option<usize> {
         if !self.send.has_pending(self.peer_limit) && self.dup_next.is_none() {
             self.pace_at = None;
             return None;
@@ -1546,7 +1629,8 @@ impl Connection {
         let pn = self.next_pn;
         self.next_pn = self.next_pn.wrapping_add(1);
         self.probe_pending = false;
-        // Header, then the payload copied once from the send buffer.
+        // Header, then the payload: shared slices of the send buffer, or
+        // copied once from it.
         let data = DataRepr {
             pn,
             offset: seg.offset,
@@ -1558,16 +1642,22 @@ impl Connection {
         // today's `max_payload`, never the MTU.
         let len = seg.len.min(usize::from(self.mtu) - DATA_HEADER_LEN);
         data.emit_header(self.remote_cid, len as u16, buf);
-        self.send.copy(seg.offset, len, buf);
-        if buf.len() != DATA_HEADER_LEN + len {
-            // `copy` clamps a stale range (never expected): keep the length
-            // field true to what was copied rather than send a bad packet.
-            let got = (buf.len() - DATA_HEADER_LEN.min(buf.len())) as u16;
+        let (got, in_body) = match body {
+            Some(body) => {
+                let n = self.send.slices(seg.offset, len, body);
+                (n, n)
+            }
+            None => (self.send.copy(seg.offset, len, buf), 0),
+        };
+        if got != len {
+            // The buffer clamps a stale range (never expected): keep the
+            // length field true to what is sent rather than send a bad packet.
             if let Some(f) = buf.get_mut(DATA_HEADER_LEN - 2..DATA_HEADER_LEN) {
-                f.copy_from_slice(&got.to_be_bytes());
+                f.copy_from_slice(&(got as u16).to_be_bytes());
             }
         }
-        self.pacer.on_sent(buf.len());
+        let size = DATA_HEADER_LEN + got;
+        self.pacer.on_sent(size);
         self.train.on_sent(now, burst);
         if seg.retransmit {
             self.stats.retransmissions += 1;
@@ -1583,19 +1673,19 @@ impl Connection {
         let app_limited = !self.send.has_pending(self.peer_limit);
         self.pipe.push_back(SentPkt {
             pn,
-            bytes: buf.len() as u32,
+            bytes: size as u32,
             sent: now,
             delivered: self.delivered,
             delivered_time: self.delivered_time,
             first_sent: self.first_sent,
             app_limited,
         });
-        self.pipe_bytes += buf.len() as u64;
+        self.pipe_bytes += size as u64;
         self.send.on_sent(&seg, pn, now);
         if seg.retransmit && !is_dup && self.send.tx_count(seg.offset) >= 3 {
             self.dup_next = Some(seg.offset);
         }
-        Some(())
+        Some(in_body)
     }
 }
 

@@ -20,6 +20,8 @@ use std::net::SocketAddr;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::connection::{Config, Connection, Event, Transmit};
 use super::cookie::{CookieCheck, CookieFields, CookieKeys};
 use super::wire::{Body, HsParams, Repr};
@@ -251,6 +253,18 @@ impl Endpoint {
     /// Process one datagram from `remote`. Never panics; invalid input only
     /// bumps a counter.
     pub fn handle_datagram(&mut self, now: Instant, remote: SocketAddr, data: &[u8]) {
+        self.handle(now, remote, data, None);
+    }
+
+    /// [`Endpoint::handle_datagram`] for a datagram the caller can share: a
+    /// DATA payload is kept as a slice of `data` until the application has
+    /// read it, instead of copied. Worth it for large datagrams (or GRO
+    /// runs) in their own buffers; a small datagram would pin a large one.
+    pub fn handle_datagram_shared(&mut self, now: Instant, remote: SocketAddr, data: &Bytes) {
+        self.handle(now, remote, data, Some(data));
+    }
+
+    fn handle(&mut self, now: Instant, remote: SocketAddr, data: &[u8], shared: Option<&Bytes>) {
         self.stats.datagrams += 1;
         let repr = match Repr::parse_bytes(data) {
             Ok(r) => r,
@@ -267,7 +281,7 @@ impl Endpoint {
                 self.stats.wrong_address += 1;
                 return;
             }
-            conn.handle_repr(now, data.len(), repr);
+            conn.handle_repr(now, data.len(), repr, shared);
             self.touch(h);
             return;
         }
@@ -416,6 +430,27 @@ impl Endpoint {
     /// Next datagram to send: stateless replies first, then connections in
     /// round-robin order.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.transmit(now, buf, None)
+    }
+
+    /// [`Endpoint::poll_transmit`] with a DATA payload pushed onto `body` as
+    /// shared slices of the send buffer instead of copied into `head`
+    /// ([`Connection::poll_transmit_parts`]).
+    pub fn poll_transmit_parts(
+        &mut self,
+        now: Instant,
+        head: &mut Vec<u8>,
+        body: &mut Vec<Bytes>,
+    ) -> Option<Transmit> {
+        self.transmit(now, head, Some(body))
+    }
+
+    fn transmit(
+        &mut self,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        mut body: Option<&mut Vec<Bytes>>,
+    ) -> Option<Transmit> {
         if let Some((dest, data)) = self.stateless.pop_front() {
             buf.clear();
             buf.extend_from_slice(&data);
@@ -445,7 +480,10 @@ impl Endpoint {
                 self.tx_ready.remove(&h);
                 continue;
             };
-            let sent = c.poll_transmit(now, buf);
+            let sent = match body.as_deref_mut() {
+                Some(b) => c.poll_transmit_parts(now, buf, b),
+                None => c.poll_transmit(now, buf),
+            };
             self.retime.insert(h);
             match sent {
                 Some(t) => {

@@ -18,6 +18,7 @@
 //! | [`cc`] | the [`cc::RateController`] trait, factory, `bbr`, `fillp`, `fixed` |
 //! | [`pacer`] | token-bucket pacing |
 //! | [`rtt`] | RTT estimation and the RTO |
+//! | [`byte_queue`] | stream bytes as shared pieces, sliced into datagrams without a copy |
 //! | [`send_buf`] | unacknowledged data, segments, retransmission queue |
 //! | [`recv_buf`] | reassembly and the receive window |
 //! | [`connection`] | the per-connection state machine |
@@ -162,6 +163,7 @@
 //! * `Endpoint::poll_timeout` and `poll_event` scan all connections (O(n)).
 #![warn(missing_docs)]
 
+pub mod byte_queue;
 pub mod cc;
 pub mod connection;
 pub mod cookie;

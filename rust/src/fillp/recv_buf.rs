@@ -1,8 +1,16 @@
 //! Receiver reassembly: in-order bytes ready for the application, out-of-order
 //! segments held until the gap fills, and the final size once FIN arrives.
+//!
+//! A segment given as [`Bytes`] ([`RecvBuf::insert_shared`]) is kept as a
+//! slice of the received datagram, not copied: the one copy left between the
+//! kernel and the application is the application's read. Held segments join
+//! the ready queue the same way when the gap before them fills.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
+use super::byte_queue::ByteQueue;
 use super::wire::{SackRange, MAX_SACK_RANGES};
 
 /// Why a segment was refused.
@@ -24,11 +32,11 @@ pub struct Inserted {
 /// Reassembly buffer.
 #[derive(Debug)]
 pub struct RecvBuf {
-    /// Offset of `ready[0]`: next byte the application reads.
-    read: u64,
-    ready: VecDeque<u8>,
+    /// In-order bytes not yet read; starts at the next byte the application
+    /// reads and ends at the cumulative ack.
+    ready: ByteQueue,
     /// Non-overlapping segments beyond the in-order frontier.
-    ooo: BTreeMap<u64, Vec<u8>>,
+    ooo: BTreeMap<u64, Bytes>,
     ooo_bytes: usize,
     fin: Option<u64>,
     window: u64,
@@ -38,8 +46,7 @@ impl RecvBuf {
     /// Accept at most `window` bytes beyond the read position.
     pub fn new(window: u64) -> Self {
         RecvBuf {
-            read: 0,
-            ready: VecDeque::new(),
+            ready: ByteQueue::new(0),
             ooo: BTreeMap::new(),
             ooo_bytes: 0,
             fin: None,
@@ -49,12 +56,12 @@ impl RecvBuf {
 
     /// Next byte expected in order (the cumulative ack).
     pub fn cum(&self) -> u64 {
-        self.read + self.ready.len() as u64
+        self.ready.end()
     }
 
     /// The highest offset (exclusive) the sender may send.
     pub fn limit(&self) -> u64 {
-        self.read + self.window
+        self.ready.start() + self.window
     }
 
     /// Window to advertise beyond `cum`.
@@ -74,11 +81,36 @@ impl RecvBuf {
 
     /// The application has read everything up to the FIN.
     pub fn at_eof(&self) -> bool {
-        self.fin == Some(self.read)
+        self.fin == Some(self.ready.start())
     }
 
-    /// Insert a segment.
+    /// Insert a segment, copying what is kept.
     pub fn insert(&mut self, offset: u64, data: &[u8], fin: bool) -> Result<Inserted, RecvError> {
+        self.insert_from(offset, data, None, fin)
+    }
+
+    /// Insert a segment, keeping slices of `data` rather than copies.
+    pub fn insert_shared(
+        &mut self,
+        offset: u64,
+        data: &Bytes,
+        fin: bool,
+    ) -> Result<Inserted, RecvError> {
+        self.insert_from(offset, data, Some(data), fin)
+    }
+
+    /// `data` is the segment; `shared`, if given, holds the same bytes.
+    fn insert_from(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        shared: Option<&Bytes>,
+        fin: bool,
+    ) -> Result<Inserted, RecvError> {
+        let keep = |r: std::ops::Range<usize>| match shared {
+            Some(b) => b.slice(r),
+            None => Bytes::copy_from_slice(&data[r]),
+        };
         let Some(end) = offset.checked_add(data.len() as u64) else {
             // Beyond any window: a forged or corrupt offset, ignored.
             return Ok(Inserted::default());
@@ -116,13 +148,16 @@ impl RecvBuf {
                 .next()
                 .is_none_or(|(&o, _)| o >= stop)
         {
-            let piece = &data[(start - offset) as usize..(stop - offset) as usize];
-            self.ready.extend(piece);
-            out.new_bytes = piece.len();
-            out.advanced = !piece.is_empty();
+            let r = (start - offset) as usize..(stop - offset) as usize;
+            out.new_bytes = r.len();
+            out.advanced = !r.is_empty();
+            match shared {
+                Some(b) => self.ready.push(b.slice(r)),
+                None => self.ready.extend_from_slice(&data[r]),
+            }
             while let Some(seg) = self.ooo.remove(&self.cum()) {
                 self.ooo_bytes -= seg.len();
-                self.ready.extend(&seg);
+                self.ready.push(seg);
             }
             return Ok(out);
         }
@@ -143,16 +178,16 @@ impl RecvBuf {
                 .map(|(&o, _)| o)
                 .unwrap_or(u64::MAX)
                 .min(stop);
-            let piece = &data[(s - offset) as usize..(next - offset) as usize];
+            let piece = keep((s - offset) as usize..(next - offset) as usize);
             out.new_bytes += piece.len();
             self.ooo_bytes += piece.len();
-            self.ooo.insert(s, piece.to_vec());
+            self.ooo.insert(s, piece);
             s = next;
         }
         // Move whatever is now contiguous into the ready queue.
         while let Some(seg) = self.ooo.remove(&self.cum()) {
             self.ooo_bytes -= seg.len();
-            self.ready.extend(&seg);
+            self.ready.push(seg);
             out.advanced = true;
         }
         Ok(out)
@@ -160,14 +195,7 @@ impl RecvBuf {
 
     /// Copy readable bytes into `buf`.
     pub fn read(&mut self, buf: &mut [u8]) -> usize {
-        let n = buf.len().min(self.ready.len());
-        let (a, b) = self.ready.as_slices();
-        let na = n.min(a.len());
-        buf[..na].copy_from_slice(&a[..na]);
-        buf[na..n].copy_from_slice(&b[..n - na]);
-        self.ready.drain(..n);
-        self.read += n as u64;
-        n
+        self.ready.read(buf)
     }
 
     /// Gives back the ready queue's memory if it is empty. Not done on every
@@ -175,15 +203,13 @@ impl RecvBuf {
     /// times a second, and regrowing it each time costs a reallocation
     /// chain per read (the connection calls this once the flow has paused).
     pub fn shrink_if_empty(&mut self) {
-        if self.ready.is_empty() && self.ready.capacity() > 0 {
-            self.ready = VecDeque::new();
-        }
+        self.ready.release();
     }
 
     /// Drop readable bytes (after a local close).
     pub fn discard(&mut self) {
-        self.read += self.ready.len() as u64;
-        self.ready = VecDeque::new();
+        self.ready.advance_to(self.ready.end());
+        self.ready.release();
     }
 
     /// Up to [`MAX_SACK_RANGES`] held ranges, lowest first, relative to `cum`.
@@ -209,7 +235,7 @@ impl RecvBuf {
 
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.ready.capacity() + self.ooo_bytes + self.ooo.len() * 48
+        self.ready.heap_bytes() + self.ooo_bytes + self.ooo.len() * 48
     }
 }
 
@@ -238,6 +264,35 @@ mod tests {
         assert_eq!(r.insert(25, &[], true).unwrap().new_bytes, 0);
         assert!(r.fin_complete() && r.at_eof());
         assert_eq!(r.insert(26, &[1], false), Err(RecvError::FinalSize));
+    }
+
+    /// Shared and copied segments mix: out of order, overlapping, and the
+    /// sources changed after insertion (a shared one cannot be, a copied
+    /// one was copied), the reader gets the stream.
+    #[test]
+    fn shared_and_copied_segments_reassemble_alike() {
+        let stream: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+        let mut r = RecvBuf::new(10_000);
+        let shared = |a: usize, b: usize| Bytes::copy_from_slice(&stream[a..b]);
+        r.insert_shared(1000, &shared(1000, 2000), false).unwrap();
+        let mut copied = stream[500..1500].to_vec();
+        r.insert(500, &copied, false).unwrap();
+        copied.fill(0);
+        r.insert_shared(2500, &shared(2500, 3000), true).unwrap();
+        assert_eq!(r.cum(), 0);
+        r.insert_shared(0, &shared(0, 600), false).unwrap();
+        assert_eq!(r.cum(), 2000);
+        r.insert(1900, &stream[1900..2600], false).unwrap();
+        assert!(r.fin_complete());
+        let mut out = vec![0; 4000];
+        let mut n = 0;
+        while n < 3000 {
+            let k = r.read(&mut out[n..n + 700]);
+            assert!(k > 0);
+            n += k;
+        }
+        assert_eq!(&out[..3000], &stream[..]);
+        assert!(r.at_eof());
     }
 
     #[test]

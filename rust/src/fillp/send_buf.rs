@@ -5,8 +5,12 @@
 //! the same segment under a new packet number, so every packet number maps to
 //! exactly one segment (`pn_map`) and a NACK names precisely one transmission.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::byte_queue::ByteQueue;
 
 /// One transmitted segment awaiting acknowledgement.
 #[derive(Debug, Clone, Copy)]
@@ -41,8 +45,10 @@ pub struct NextSegment {
 /// Unacknowledged data and in-flight bookkeeping.
 #[derive(Debug)]
 pub struct SendBuf {
-    data: VecDeque<u8>,
-    /// Offset of `data[0]`: everything below is cumulatively acknowledged.
+    /// Written and not yet acknowledged in order; its start is `base`.
+    data: ByteQueue,
+    /// Offset of the first byte held: everything below is cumulatively
+    /// acknowledged.
     base: u64,
     /// Next offset never sent.
     next: u64,
@@ -63,7 +69,7 @@ impl SendBuf {
     /// A buffer that accepts up to `capacity` unacknowledged bytes.
     pub fn new(capacity: usize) -> Self {
         SendBuf {
-            data: VecDeque::new(),
+            data: ByteQueue::new(0),
             base: 0,
             next: 0,
             fin: None,
@@ -80,7 +86,7 @@ impl SendBuf {
     /// Append as much of `buf` as fits; returns the count.
     pub fn write(&mut self, buf: &[u8]) -> usize {
         let n = buf.len().min(self.capacity.saturating_sub(self.data.len()));
-        self.data.extend(&buf[..n]);
+        self.data.extend_from_slice(&buf[..n]);
         n
     }
 
@@ -176,18 +182,16 @@ impl SendBuf {
         None
     }
 
-    /// Copy the payload of a segment into `out`.
-    pub fn copy(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
-        // Clamped, so a stale offset can only yield a short copy, never a panic.
-        let start = (offset.saturating_sub(self.base) as usize).min(self.data.len());
-        let (a, b) = self.data.as_slices();
-        let end = (start + len).min(self.data.len());
-        if start < a.len() {
-            out.extend_from_slice(&a[start..end.min(a.len())]);
-        }
-        if end > a.len() {
-            out.extend_from_slice(&b[start.saturating_sub(a.len())..end - a.len()]);
-        }
+    /// Appends a copy of a segment's payload to `out`; returns its length.
+    /// Clamped, so a stale offset can only yield a short copy, never a panic.
+    pub fn copy(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> usize {
+        self.data.copy_to(offset, len, out)
+    }
+
+    /// Pushes a segment's payload onto `out` as shared slices of the buffer
+    /// (no copy); returns its length, clamped as [`SendBuf::copy`]'s.
+    pub fn slices(&mut self, offset: u64, len: usize, out: &mut Vec<Bytes>) -> usize {
+        self.data.slices(offset, len, out)
     }
 
     /// Record the transmission of `seg` as packet `pn`.
@@ -245,12 +249,10 @@ impl SendBuf {
         let mut newly = 0;
         if cum > self.base {
             newly = cum - self.base;
-            self.data.drain(..newly as usize);
+            self.data.advance_to(cum);
             self.base = cum;
-            if self.data.is_empty() {
-                // Give the memory back while idle.
-                self.data.shrink_to(0);
-            }
+            // Give the memory back while idle.
+            self.data.release();
         }
         if fin && self.fin_sent && self.fin == Some(cum) {
             self.fin_acked = true;
@@ -359,7 +361,7 @@ impl SendBuf {
 
     /// Bytes of heap this buffer holds (capacity, approximate for maps).
     pub fn heap_bytes(&self) -> usize {
-        self.data.capacity() + (self.segs.len() + self.lost.len() + self.pn_map.len()) * 48
+        self.data.heap_bytes() + (self.segs.len() + self.lost.len() + self.pn_map.len()) * 48
     }
 }
 

@@ -14,6 +14,8 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::connection::{CloseReason, Event, ReadError, WriteError};
 use super::endpoint::{ConnectionHandle, Endpoint, EndpointConfig};
 
@@ -281,6 +283,12 @@ pub struct Pair {
     /// Steps taken.
     pub steps: u64,
     buf: Vec<u8>,
+    /// Payload pieces of a datagram sent with `poll_transmit_parts`.
+    body: Vec<Bytes>,
+    /// Datagrams sent and delivered so far: every other one goes the
+    /// driver's way (gathered from shared pieces, received as a shared
+    /// buffer) and the rest the copying way, so every test covers both.
+    moved: u64,
 }
 
 impl Pair {
@@ -307,6 +315,40 @@ impl Pair {
             epoch: now,
             steps: 0,
             buf: Vec::with_capacity(2048),
+            body: Vec::new(),
+            moved: 0,
+        }
+    }
+
+    /// The next datagram `ep` sends, as one buffer, built by
+    /// `poll_transmit_parts` or `poll_transmit` in turn.
+    fn transmit(
+        ep: &mut Endpoint,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        body: &mut Vec<Bytes>,
+        moved: &mut u64,
+    ) -> Option<(SocketAddr, Vec<u8>)> {
+        *moved += 1;
+        let t = if moved.is_multiple_of(2) {
+            let t = ep.poll_transmit_parts(now, buf, body)?;
+            for piece in body.drain(..) {
+                buf.extend_from_slice(&piece);
+            }
+            t
+        } else {
+            ep.poll_transmit(now, buf)?
+        };
+        Some((t.destination, buf[..t.size].to_vec()))
+    }
+
+    /// Hands `d` to `ep`, shared or to copy, in turn.
+    fn deliver(ep: &mut Endpoint, now: Instant, from: SocketAddr, d: Vec<u8>, moved: &mut u64) {
+        *moved += 1;
+        if moved.is_multiple_of(2) {
+            ep.handle_datagram_shared(now, from, &Bytes::from(d));
+        } else {
+            ep.handle_datagram(now, from, &d);
         }
     }
 
@@ -318,20 +360,21 @@ impl Pair {
     fn flush(&mut self) {
         let now = self.now;
         // Bounded so a runaway sender shows up as livelock, not a hang.
+        let (buf, body, moved) = (&mut self.buf, &mut self.body, &mut self.moved);
         for _ in 0..10_000 {
-            let Some(t) = self.client.poll_transmit(now, &mut self.buf) else {
+            let Some((to, d)) = Self::transmit(&mut self.client, now, buf, body, moved) else {
                 break;
             };
-            if t.destination == self.server_addr {
-                self.c2s.send(now, self.buf[..t.size].to_vec());
+            if to == self.server_addr {
+                self.c2s.send(now, d);
             }
         }
         for _ in 0..10_000 {
-            let Some(t) = self.server.poll_transmit(now, &mut self.buf) else {
+            let Some((to, d)) = Self::transmit(&mut self.server, now, buf, body, moved) else {
                 break;
             };
-            if t.destination == self.client_addr {
-                self.s2c.send(now, self.buf[..t.size].to_vec());
+            if to == self.client_addr {
+                self.s2c.send(now, d);
             }
         }
     }
@@ -358,10 +401,10 @@ impl Pair {
         self.now = self.now.max(next);
         let now = self.now;
         while let Some(d) = self.c2s.recv(now) {
-            self.server.handle_datagram(now, self.client_addr, &d);
+            Self::deliver(&mut self.server, now, self.client_addr, d, &mut self.moved);
         }
         while let Some(d) = self.s2c.recv(now) {
-            self.client.handle_datagram(now, self.server_addr, &d);
+            Self::deliver(&mut self.client, now, self.server_addr, d, &mut self.moved);
         }
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
             self.client.handle_timeout(now);

@@ -25,10 +25,13 @@
 //! turned off per socket at run time where a device refuses GSO
 //! ([`gso_refused`]: the datagrams are then resent without it, none lost).
 
+use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use bytes::{Bytes, BytesMut};
 
 use crate::sys::{self, sockaddr::RawAddr};
 
@@ -51,9 +54,16 @@ pub const GRO_BUF: usize = 65536;
 /// since).
 pub const GSO_MAX_SEGMENTS: usize = 64;
 
+/// Most iovecs in one message (the kernel's `UIO_MAXIOV`).
+const MAX_IOVS: usize = 1024;
+
 /// Most payload bytes in one GSO send: within the 65,507 bytes of one
 /// IPv4 UDP datagram, which is what the kernel builds before cutting.
 pub const GSO_MAX_BYTES: usize = 65_000;
+
+/// Most buffers [`RecvBatch::share`] tracks for reuse (4 MiB of 64 KiB
+/// entries); past that the oldest is let go (freed when its reader is done).
+const MAX_LENT: usize = 64;
 
 /// Entries per `recvmmsg` with 64 KiB entries: a small batch keeps what was
 /// received in cache until it is processed.
@@ -160,7 +170,15 @@ pub struct RecvBatch {
     /// kernel's copy into them, `_copy_to_iter`, went from 29% of all CPU
     /// to 5.5%). Cause not pinned down: placement, not the entry count,
     /// made the difference.
-    bufs: Vec<Vec<u8>>,
+    ///
+    /// An entry's buffer may be lent out ([`RecvBatch::share`]): the
+    /// connection keeps the payload as a slice of it until the application
+    /// reads it, and the entry gets another buffer.
+    bufs: Vec<BytesMut>,
+    /// Buffers lent out, oldest first, each with our handle: once a
+    /// handle is the only one left (the application read the data), the
+    /// buffer is taken back for an entry instead of allocating a new one.
+    lent: VecDeque<Bytes>,
     /// Entries per call.
     count: usize,
     /// Bytes per entry: [`DGRAM_MAX`] or [`GRO_BUF`].
@@ -180,7 +198,8 @@ impl RecvBatch {
         let entry = if large { GRO_BUF } else { DGRAM_MAX };
         let count = if large { GRO_BATCH } else { BATCH };
         RecvBatch {
-            bufs: (0..count).map(|_| vec![0u8; entry]).collect(),
+            bufs: (0..count).map(|_| BytesMut::with_capacity(entry)).collect(),
+            lent: VecDeque::new(),
             count,
             entry,
             addrs: (0..BATCH).map(|_| RawAddr::empty()).collect(),
@@ -198,8 +217,12 @@ impl RecvBatch {
         let mut iovs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         for (i, chunk) in self.bufs.iter_mut().enumerate() {
-            iovs[i].iov_base = chunk.as_mut_ptr().cast();
-            iovs[i].iov_len = chunk.len();
+            chunk.clear();
+            // The kernel writes into the spare capacity; `set_len` below
+            // covers only what it wrote.
+            let spare = chunk.spare_capacity_mut();
+            iovs[i].iov_base = spare.as_mut_ptr().cast();
+            iovs[i].iov_len = spare.len().min(self.entry);
             self.addrs[i] = RawAddr::empty();
             hdrs[i].msg_hdr.msg_name = self.addrs[i].as_mut_ptr().cast();
             hdrs[i].msg_hdr.msg_namelen = self.addrs[i].len;
@@ -227,7 +250,11 @@ impl RecvBatch {
         }
         let n = n as usize;
         for (i, h) in hdrs[..n].iter().enumerate() {
-            self.lens[i] = h.msg_len as usize;
+            let len = (h.msg_len as usize).min(iovs[i].iov_len);
+            // SAFETY: the kernel initialised the first `len` bytes of the
+            // spare capacity (`msg_len`, bounded by the iovec it was given).
+            unsafe { self.bufs[i].set_len(len) };
+            self.lens[i] = len;
             self.addrs[i].len = h.msg_hdr.msg_namelen;
             self.ctrl_lens[i] = h.msg_hdr.msg_controllen;
         }
@@ -244,7 +271,7 @@ impl RecvBatch {
     /// or a coalesced run cut at the `UDP_GRO` segment size).
     pub fn get(&self, i: usize) -> Option<Received<'_>> {
         let from = self.addrs.get(i)?.to_socket_addr().ok()?;
-        let len = (*self.lens.get(i)?).min(self.entry);
+        let len = *self.lens.get(i)?;
         let data = self.bufs.get(i)?.get(..len)?;
         let (local, seg) = self.cmsgs(i);
         Some(Received {
@@ -253,6 +280,33 @@ impl RecvBatch {
             data,
             seg: seg.filter(|&s| s > 0).unwrap_or(len.max(1)),
         })
+    }
+
+    /// Entry `i` of the last batch as a shared buffer (see [`RecvBatch::get`]
+    /// for its source, local address and datagrams), its place taken by a
+    /// buffer back from the application or a new one.
+    pub fn share(&mut self, i: usize) -> Option<Bytes> {
+        let fresh = self.reclaim();
+        let data = std::mem::replace(self.bufs.get_mut(i)?, fresh).freeze();
+        if self.lent.len() >= MAX_LENT {
+            self.lent.pop_front();
+        }
+        self.lent.push_back(data.clone());
+        Some(data)
+    }
+
+    /// The oldest lent buffer if the application is done with it, else a
+    /// new one.
+    fn reclaim(&mut self) -> BytesMut {
+        if self.lent.front().is_some_and(Bytes::is_unique) {
+            if let Some(Ok(mut m)) = self.lent.pop_front().map(Bytes::try_into_mut) {
+                m.clear();
+                if m.try_reclaim(self.entry) {
+                    return m;
+                }
+            }
+        }
+        BytesMut::with_capacity(self.entry)
     }
 
     /// Entry `i`'s local address and GRO segment size.
@@ -312,6 +366,17 @@ impl<'a> Received<'a> {
     pub fn datagrams(&self) -> std::slice::Chunks<'a, u8> {
         self.data.chunks(self.seg)
     }
+
+    /// Bytes in the entry.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The byte ranges of [`Received::datagrams`] within the entry.
+    pub fn ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let (len, seg) = (self.data.len(), self.seg);
+        (0..len).step_by(seg).map(move |a| a..(a + seg).min(len))
+    }
 }
 
 /// Reusable buffers for [`send_batch`]: one iovec per datagram.
@@ -319,9 +384,33 @@ pub struct SendBatch {
     iovs: Vec<libc::iovec>,
     addrs: Vec<RawAddr>,
     ctrl: Vec<Cmsg>,
-    /// Per entry: first datagram (index into `iovs`), datagram count,
-    /// control length.
-    entries: Vec<(usize, usize, usize)>,
+    /// Per entry: first iovec, iovec count, datagram count, control length.
+    entries: Vec<(usize, usize, usize, usize)>,
+}
+
+/// A datagram to send: a header, then payload pieces shared with a send
+/// buffer. The kernel gathers them (one iovec each), so the payload is
+/// never copied next to its header in user space.
+#[derive(Debug, Default)]
+pub struct Datagram {
+    /// The first bytes (the whole datagram if `body` is empty).
+    pub head: Vec<u8>,
+    /// The bytes after `head`, in order.
+    pub body: Vec<Bytes>,
+}
+
+impl Datagram {
+    /// Length in bytes.
+    pub fn size(&self) -> usize {
+        self.head.len() + self.body.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Empties it, keeping the header's allocation for reuse and letting go
+    /// of the payload pieces.
+    pub fn clear(&mut self) {
+        self.head.clear();
+        self.body.clear();
+    }
 }
 
 // SAFETY: the iovecs point into the caller's datagrams only during a
@@ -356,7 +445,7 @@ impl Default for SendBatch {
 pub fn send_batch(
     b: &mut SendBatch,
     fd: RawFd,
-    pkts: &[(SocketAddr, Vec<u8>)],
+    pkts: &[(SocketAddr, Datagram)],
     gso: bool,
     source: impl Fn(&SocketAddr) -> Option<IpAddr>,
 ) -> io::Result<usize> {
@@ -365,34 +454,42 @@ pub fn send_batch(
     b.entries.clear();
     let mut i = 0;
     while i < pkts.len() && b.entries.len() < BATCH {
-        let (dest, first) = (&pkts[i].0, pkts[i].1.len());
+        let (dest, first) = (&pkts[i].0, pkts[i].1.size());
         let mut n = 1;
+        let mut iovs = 1 + pkts[i].1.body.len();
         if gso && first > 0 {
             let max = GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / first);
             while n < max {
                 let Some((d, p)) = pkts.get(i + n) else { break };
-                if d != dest || p.len() > first || p.is_empty() {
+                let len = p.size();
+                iovs += 1 + p.body.len();
+                if d != dest || len > first || len == 0 || iovs > MAX_IOVS {
                     break;
                 }
                 n += 1;
-                if p.len() < first {
+                if len < first {
                     break; // a shorter datagram ends the run
                 }
             }
         }
         let e = b.entries.len();
         let mut clen = source(dest).map_or(0, |src| pktinfo(&mut b.ctrl[e], src));
-        if n > 1 {
+        if n > 1 || (gso && std::env::var_os("DMM_SEG1").is_some()) {
             clen = segment_cmsg(&mut b.ctrl[e], clen, first as u16);
         }
+        let iov_first = b.iovs.len();
         for (_, p) in &pkts[i..i + n] {
-            b.iovs.push(libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            });
+            let pieces = std::iter::once(&p.head[..]).chain(p.body.iter().map(|b| &b[..]));
+            for piece in pieces.filter(|x| !x.is_empty()) {
+                b.iovs.push(libc::iovec {
+                    iov_base: piece.as_ptr() as *mut libc::c_void,
+                    iov_len: piece.len(),
+                });
+            }
         }
         b.addrs.push(RawAddr::from(dest));
-        b.entries.push((i, n, clen));
+        b.entries
+            .push((iov_first, b.iovs.len() - iov_first, n, clen));
         i += n;
     }
     let m = b.entries.len();
@@ -402,12 +499,12 @@ pub fn send_batch(
     // SAFETY: a zeroed mmsghdr is valid; every pointer set below points into
     // `b` or `pkts`, which outlive the call, and neither moves meanwhile.
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
-    for (k, &(first, n, clen)) in b.entries.iter().enumerate() {
+    for (k, &(first, iovs, _, clen)) in b.entries.iter().enumerate() {
         let h = &mut hdrs[k].msg_hdr;
         h.msg_name = b.addrs[k].as_ptr() as *mut libc::c_void;
         h.msg_namelen = b.addrs[k].len;
         h.msg_iov = b.iovs[first..].as_mut_ptr();
-        h.msg_iovlen = n;
+        h.msg_iovlen = iovs;
         if clen > 0 {
             h.msg_control = b.ctrl[k].as_mut_ptr().cast();
             h.msg_controllen = clen;
@@ -424,7 +521,7 @@ pub fn send_batch(
     }
     Ok(b.entries[..(r as usize).min(m)]
         .iter()
-        .map(|&(_, n, _)| n)
+        .map(|&(_, _, n, _)| n)
         .sum())
 }
 
@@ -670,6 +767,25 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 0))
     }
 
+    /// `data` as a datagram, cut into a header and up to two payload
+    /// pieces when `cut` (so that the kernel has to gather it).
+    fn dgram(data: &[u8], cut: bool) -> Datagram {
+        if !cut || data.len() < 3 {
+            return Datagram {
+                head: data.to_vec(),
+                body: Vec::new(),
+            };
+        }
+        let (a, b) = (data.len() / 3, 2 * data.len() / 3);
+        Datagram {
+            head: data[..a].to_vec(),
+            body: vec![
+                Bytes::copy_from_slice(&data[a..b]),
+                Bytes::copy_from_slice(&data[b..]),
+            ],
+        }
+    }
+
     /// Receives on `fd` until `want` datagrams arrived (or 2 s passed).
     fn recv_n(fd: RawFd, gro: bool, want: usize) -> Vec<Vec<u8>> {
         let mut rx = RecvBatch::new(gro);
@@ -689,6 +805,41 @@ mod tests {
         out
     }
 
+    /// A buffer lent out with `share` serves an entry again once every
+    /// other handle to it is gone, and not before.
+    #[test]
+    fn a_shared_buffer_comes_back_once_read() {
+        let rx = bind(lo(), true).unwrap();
+        let tx = bind(lo(), false).unwrap();
+        let to = local_addr(rx.as_raw_fd()).unwrap();
+        let mut sb = SendBatch::default();
+        let mut batch = RecvBatch::new(true);
+        let mut next = |k: u8| -> Bytes {
+            let d = [(to, dgram(&[k; 40_000], false))];
+            assert_eq!(
+                send_batch(&mut sb, tx.as_raw_fd(), &d, false, |_| None).unwrap(),
+                1
+            );
+            let t0 = std::time::Instant::now();
+            while batch.recv(rx.as_raw_fd()).unwrap() == 0 {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+            }
+            batch.share(0).unwrap()
+        };
+        let first = next(1);
+        let (p1, held) = (first.as_ptr(), first.slice(10..20));
+        drop(first);
+        // Still held by a reader: the entry gets a new buffer.
+        assert_ne!(next(2).as_ptr(), p1);
+        assert_ne!(next(3).as_ptr(), p1);
+        drop(held);
+        // Read: the next entry but one is received into it again.
+        let _ = next(4);
+        let again = next(5);
+        assert_eq!(again.as_ptr(), p1);
+        assert!(again.iter().all(|&b| b == 5) && again.len() == 40_000);
+    }
+
     #[test]
     fn the_route_to_loopback_has_its_mtu_and_source() {
         let r = route_to(SocketAddr::from(([127, 0, 0, 1], 9))).unwrap();
@@ -704,8 +855,13 @@ mod tests {
         let rx = bind(lo(), true).unwrap();
         let tx = bind(lo(), false).unwrap();
         let to = local_addr(rx.as_raw_fd()).unwrap();
-        let pkts: Vec<(SocketAddr, Vec<u8>)> = (0..6u8)
-            .map(|k| (to, vec![k; UDP_PAYLOAD_MAX - usize::from(k)]))
+        let data: Vec<Vec<u8>> = (0..6u8)
+            .map(|k| vec![k; UDP_PAYLOAD_MAX - usize::from(k)])
+            .collect();
+        let pkts: Vec<(SocketAddr, Datagram)> = data
+            .iter()
+            .enumerate()
+            .map(|(k, d)| (to, dgram(d, k % 2 == 1)))
             .collect();
         let mut sb = SendBatch::default();
         let mut sent = 0;
@@ -722,12 +878,13 @@ mod tests {
                 got.extend(batch.get(i).unwrap().datagrams().map(<[u8]>::to_vec));
             }
         }
-        assert_eq!(got, pkts.into_iter().map(|(_, d)| d).collect::<Vec<_>>());
+        assert_eq!(got, data);
     }
 
     /// Runs of every shape (a shorter last datagram, a change of
-    /// destination, more than 64 datagrams, more than 64 KiB) arrive as the
-    /// datagrams sent, in order, with GRO on the receiver or not.
+    /// destination, more than 64 datagrams, more than 64 KiB, datagrams in
+    /// one piece or gathered from three) arrive as the datagrams sent, in
+    /// order, with GRO on the receiver or not.
     #[test]
     fn gso_runs_arrive_as_the_datagrams_sent() {
         for gro in [true, false] {
@@ -735,11 +892,11 @@ mod tests {
             let tx = bind(lo(), false).unwrap();
             let a = local_addr(ra.as_raw_fd()).unwrap();
             let b = local_addr(rb.as_raw_fd()).unwrap();
-            let mut pkts: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+            let mut flat: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
             let mut add = |to: SocketAddr, len: usize, count: usize| {
                 for _ in 0..count {
-                    let k = pkts.len();
-                    pkts.push((to, (0..len).map(|j| (k * 7 + j) as u8).collect()));
+                    let k = flat.len();
+                    flat.push((to, (0..len).map(|j| (k * 7 + j) as u8).collect()));
                 }
             };
             add(a, 1000, 5);
@@ -749,6 +906,11 @@ mod tests {
             add(a, 100, 70);
             add(a, 1400, 50);
             add(b, 1, 1);
+            let pkts: Vec<(SocketAddr, Datagram)> = flat
+                .iter()
+                .enumerate()
+                .map(|(k, (to, d))| (*to, dgram(d, k % 3 == 0)))
+                .collect();
             let gso = gso_supported(tx.as_raw_fd());
             let mut sb = SendBatch::default();
             let mut sent = 0;
@@ -756,7 +918,7 @@ mod tests {
                 sent += send_batch(&mut sb, tx.as_raw_fd(), &pkts[sent..], gso, |_| None).unwrap();
             }
             let want = |to| -> Vec<Vec<u8>> {
-                pkts.iter()
+                flat.iter()
                     .filter(|(d, _)| *d == to)
                     .map(|(_, p)| p.clone())
                     .collect()
@@ -786,7 +948,8 @@ mod tests {
         )
         .unwrap();
         let to = local_addr(rx.as_raw_fd()).unwrap();
-        let pkts: Vec<(SocketAddr, Vec<u8>)> = (0..4).map(|i| (to, vec![i; 500])).collect();
+        let pkts: Vec<(SocketAddr, Datagram)> =
+            (0..4).map(|i| (to, dgram(&[i; 500], false))).collect();
         let mut sb = SendBatch::default();
         let e = send_batch(&mut sb, tx.as_raw_fd(), &pkts, true, |_| None).unwrap_err();
         assert!(gso_refused(&e), "{e:?}");
