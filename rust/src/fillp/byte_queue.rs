@@ -200,6 +200,33 @@ impl ByteQueue {
         n
     }
 
+    /// Moves up to `max` bytes from the front onto `out`, as pieces (no
+    /// copy); returns how many. The caller can then copy them out without
+    /// holding whatever guards the queue.
+    pub fn take_front(&mut self, max: usize, out: &mut Vec<Bytes>) -> usize {
+        let to = self.start.saturating_add(max as u64).min(self.end());
+        if to > self.frozen {
+            self.freeze();
+        }
+        let from = self.start;
+        while self.start < to {
+            let Some((o, p)) = self.pieces.front_mut() else {
+                break;
+            };
+            let k = ((to - self.start) as usize).min(p.len());
+            if k == p.len() {
+                if let Some((_, p)) = self.pieces.pop_front() {
+                    out.push(p);
+                }
+            } else {
+                out.push(p.split_to(k));
+                *o += k as u64;
+            }
+            self.start += k as u64;
+        }
+        (self.start - from) as usize
+    }
+
     /// Drops every byte below stream offset `to` (clamped to what is held).
     pub fn advance_to(&mut self, to: u64) {
         let to = to.min(self.end());
@@ -328,6 +355,7 @@ mod tests {
         Slice(u64, usize),
         Copy(u64, usize),
         Read(usize),
+        Take(usize),
         Advance(u64),
     }
 
@@ -338,6 +366,7 @@ mod tests {
             (0u64..400_000, 0usize..140_000).prop_map(|(o, l)| Op::Slice(o, l)),
             (0u64..400_000, 0usize..140_000).prop_map(|(o, l)| Op::Copy(o, l)),
             (0usize..100_000).prop_map(Op::Read),
+            (0usize..100_000).prop_map(Op::Take),
             (0u64..400_000).prop_map(Op::Advance),
         ]
     }
@@ -377,6 +406,14 @@ mod tests {
                         let k = q.read(&mut buf);
                         prop_assert_eq!(k as u64, (n as u64).min(end - start));
                         prop_assert_eq!(&buf[..k], &pattern(start, k)[..]);
+                        start += k as u64;
+                    }
+                    Op::Take(n) => {
+                        let mut parts = Vec::new();
+                        let k = q.take_front(n, &mut parts);
+                        let flat: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+                        prop_assert_eq!(k as u64, (n as u64).min(end - start));
+                        prop_assert_eq!(flat, pattern(start, k));
                         start += k as u64;
                     }
                     Op::Advance(to) => {

@@ -627,6 +627,22 @@ impl Connection {
 
     /// Read in-order bytes; `Ok(0)` means EOF (the peer's FIN).
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        self.read_with(buf.len(), |r| r.read(buf))
+    }
+
+    /// [`Connection::read`] of up to `max` bytes, moved onto `out` as shared
+    /// pieces of the receive buffers instead of copied: the caller copies
+    /// them out later, without holding whatever guards the connection.
+    pub fn read_shared(&mut self, max: usize, out: &mut Vec<Bytes>) -> Result<usize, ReadError> {
+        self.read_with(max, |r| r.read_shared(max, out))
+    }
+
+    /// A read of up to `max` bytes, taken from the receive buffer by `take`.
+    fn read_with(
+        &mut self,
+        max: usize,
+        take: impl FnOnce(&mut RecvBuf) -> usize,
+    ) -> Result<usize, ReadError> {
         if self.peer_reset {
             return Err(ReadError::Reset);
         }
@@ -640,8 +656,11 @@ impl Connection {
             self.readable_signalled = false;
             return Err(ReadError::Blocked);
         }
+        if max == 0 {
+            return Ok(0);
+        }
         let before = self.recv.advertised();
-        let n = self.recv.read(buf);
+        let n = take(&mut self.recv);
         if self.recv.at_eof() {
             // Reading the last byte may complete the close; timers run it.
             self.finish_pending = true;

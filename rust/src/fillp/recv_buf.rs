@@ -198,6 +198,12 @@ impl RecvBuf {
         self.ready.read(buf)
     }
 
+    /// Moves up to `max` readable bytes onto `out` as shared pieces, for
+    /// the caller to copy out later; returns how many.
+    pub fn read_shared(&mut self, max: usize, out: &mut Vec<Bytes>) -> usize {
+        self.ready.take_front(max, out)
+    }
+
     /// Gives back the ready queue's memory if it is empty. Not done on every
     /// read that empties it: a streaming reader empties it thousands of
     /// times a second, and regrowing it each time costs a reallocation

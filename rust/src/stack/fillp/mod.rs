@@ -1743,7 +1743,11 @@ impl FillpSocket {
 
     /// One piece of a `recv`, under one hold of the lock.
     fn recv_piece(&self, buf: &mut [u8], nonblock: bool) -> io::Result<usize> {
-        self.run(Wait::Read, nonblock, |st, ctx| {
+        // The bytes are taken under the lock as shared pieces and copied
+        // into `buf` after it is released, so the driver does not wait
+        // behind the copy.
+        let mut pieces = Vec::new();
+        let n = self.run(Wait::Read, nonblock, |st, ctx| {
             let v = match st.stream(self.id) {
                 Ok(v) => v,
                 Err(e) => return Try::Done(Err(e)),
@@ -1771,7 +1775,8 @@ impl FillpSocket {
             let Some(conn) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) else {
                 return gone(closed);
             };
-            let r = match conn.read(buf) {
+            pieces.clear();
+            let r = match conn.read_shared(buf.len(), &mut pieces) {
                 Ok(n) => {
                     // Reading opens the window: a PACK may be due, and the
                     // reader sends it rather than wake the driver.
@@ -1789,7 +1794,17 @@ impl FillpSocket {
             };
             st.sync(self.id);
             r
-        })
+        })?;
+        let mut at = 0;
+        for p in &pieces {
+            // `read_shared` took at most `buf.len()` bytes.
+            let Some(dst) = buf.get_mut(at..at + p.len()) else {
+                break;
+            };
+            dst.copy_from_slice(p);
+            at += p.len();
+        }
+        Ok(n.min(at))
     }
 }
 
