@@ -265,6 +265,14 @@ impl ByteQueue {
         }
     }
 
+    /// An emptied [`CHUNK`]-sized allocation, if one is spare: for a writer
+    /// to fill (without holding whatever guards the queue) and [`push`].
+    ///
+    /// [`push`]: ByteQueue::push
+    pub fn take_spare(&mut self) -> Option<BytesMut> {
+        self.spare.pop()
+    }
+
     /// Keeps the allocation of a dropped piece as a spare if that piece was
     /// its last user and it is [`CHUNK`]-sized.
     fn keep(&mut self, piece: Bytes) {

@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::cc::{self, AckSample, CcConfig, RateController};
 use super::pacer::Pacer;
@@ -606,20 +606,44 @@ impl Connection {
 
     /// Queue bytes for sending; returns how many were accepted.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, WriteError> {
+        self.write_with(data.len(), |send, n| send.write(&data[..n]))
+    }
+
+    /// [`Connection::write`] of bytes the caller has already copied into a
+    /// buffer of its own (outside whatever guards the connection): what is
+    /// accepted is kept as a slice of `data`, not copied again.
+    pub fn write_shared(&mut self, data: &Bytes) -> Result<usize, WriteError> {
+        self.write_with(data.len(), |send, n| send.write_shared(&data.slice(..n)))
+    }
+
+    /// An allocation freed by acknowledged data, for the caller to copy its
+    /// next [`Connection::write_shared`] into instead of allocating.
+    pub fn take_spare_buffer(&mut self) -> Option<BytesMut> {
+        self.send.take_spare()
+    }
+
+    /// A write of `len` bytes, of which `put` appends the first `n` (as many
+    /// as fit) to the send buffer.
+    fn write_with(
+        &mut self,
+        len: usize,
+        put: impl FnOnce(&mut SendBuf, usize) -> usize,
+    ) -> Result<usize, WriteError> {
         if self.is_closed() || self.local_close {
             return Err(WriteError::Closed);
         }
         if self.send.is_finished() {
             return Err(WriteError::Finished);
         }
-        let n = self.send.write(&data[..data.len().min(self.send_space())]);
+        let room = len.min(self.send_space());
+        let n = put(&mut self.send, room);
         // A write that did not fit hears of space through Writable, whether
         // it took nothing (Blocked) or a part: a non-blocking writer that
         // got a short count waits for writability just the same.
-        if n < data.len() {
+        if n < len {
             self.write_blocked = true;
         }
-        if n == 0 && !data.is_empty() {
+        if n == 0 && len > 0 {
             return Err(WriteError::Blocked);
         }
         Ok(n)

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::byte_queue::ByteQueue;
 
@@ -88,6 +88,20 @@ impl SendBuf {
         let n = buf.len().min(self.capacity.saturating_sub(self.data.len()));
         self.data.extend_from_slice(&buf[..n]);
         n
+    }
+
+    /// [`SendBuf::write`] of `buf` without a copy: appends as much of it
+    /// as fits as a slice; returns the count.
+    pub fn write_shared(&mut self, buf: &Bytes) -> usize {
+        let n = buf.len().min(self.capacity.saturating_sub(self.data.len()));
+        self.data.push(buf.slice(..n));
+        n
+    }
+
+    /// A spare allocation of acknowledged data, for the next write to fill
+    /// ([`ByteQueue::take_spare`]).
+    pub fn take_spare(&mut self) -> Option<BytesMut> {
+        self.data.take_spare()
     }
 
     /// Bytes `write` accepts when the buffer is empty (the most the

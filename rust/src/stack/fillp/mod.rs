@@ -147,6 +147,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+
 use super::{
     errno, timed_out, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
     TimeoutCell,
@@ -1568,7 +1570,17 @@ pub struct FillpSocket {
     family: Family,
     timeout: TimeoutCell,
     closed: AtomicBool,
+    /// A buffer for the next large `send` to copy into before it takes the
+    /// lock: one the send buffer freed (acknowledged data), so that a bulk
+    /// writer reuses a few warm allocations instead of calling `malloc`.
+    stage: Mutex<Option<BytesMut>>,
 }
+
+/// A `send` piece at least this long is copied before the lock is taken
+/// and kept as it is ([`crate::fillp::Connection::write_shared`]); a
+/// shorter one is copied into the send buffer under the lock, where it
+/// shares an allocation with its neighbours instead of pinning its own.
+const STAGE_MIN: usize = 16 << 10;
 
 /// What a blocked operation waits for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1594,6 +1606,7 @@ impl FillpSocket {
             family,
             timeout: TimeoutCell::new(),
             closed: AtomicBool::new(false),
+            stage: Mutex::new(None),
         }
     }
 
@@ -1689,9 +1702,23 @@ impl FillpSocket {
         Ok(lock(&self.shared.state))
     }
 
-    /// One piece of a `send`, under one hold of the lock.
+    /// One piece of a `send`, under one hold of the lock. A large piece is
+    /// copied first, outside it, so the driver does not wait behind the copy.
     fn send_piece(&self, buf: &[u8], nonblock: bool, until: Option<Instant>) -> io::Result<usize> {
-        self.run_until(Wait::Write, nonblock, until, |st, ctx| {
+        let staged = (buf.len() >= STAGE_MIN).then(|| {
+            let mut stage = self
+                .stage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .filter(|b| b.capacity() >= buf.len())
+                .unwrap_or_else(|| BytesMut::with_capacity(buf.len()));
+            stage.clear();
+            stage.extend_from_slice(buf);
+            stage.freeze()
+        });
+        let mut spare = None;
+        let r = self.run_until(Wait::Write, nonblock, until, |st, ctx| {
             let v = match st.stream(self.id) {
                 Ok(v) => v,
                 Err(e) => return Try::Done(Err(e)),
@@ -1719,7 +1746,14 @@ impl FillpSocket {
             if buf.is_empty() {
                 return Try::Done(Ok(0));
             }
-            let r = match conn.write(buf) {
+            let written = match &staged {
+                Some(b) => conn.write_shared(b),
+                None => conn.write(buf),
+            };
+            if spare.is_none() && staged.is_some() {
+                spare = conn.take_spare_buffer();
+            }
+            let r = match written {
                 Ok(n) => {
                     ctx.kick = Some(slot);
                     Try::Done(Ok(n))
@@ -1738,7 +1772,11 @@ impl FillpSocket {
             };
             st.sync(self.id);
             r
-        })
+        });
+        if spare.is_some() {
+            *self.stage.lock().unwrap_or_else(|p| p.into_inner()) = spare;
+        }
+        r
     }
 
     /// One piece of a `recv`, under one hold of the lock.
