@@ -39,6 +39,12 @@
 //!   was already measured is ignored. A hint that reads high is bounded by
 //!   the in-flight cap, and the queue it builds ends startup within a round.
 //!
+//! * **The bandwidth filter ages in measured rounds.** Rounds are timed (an
+//!   srtt, at least 1 ms) rather than counted in delivered packets, so they
+//!   run on while the application leaves the pipe empty; the max filter's
+//!   ten rounds count only rounds with a sample not limited by the
+//!   application, as BBR's packet-timed rounds would.
+//!
 //! Not implemented: ProbeRTT (min RTT is a plain 10 s windowed minimum),
 //! app-limited phases beyond ignoring app-limited samples that would lower the
 //! estimate, and BBRv2's inflight_hi/lo bounds.
@@ -102,8 +108,13 @@ pub struct Bbr {
     floor_rate: u64,
     max_rate: u64,
     initial_rate: u64,
-    /// Monotonic deque of (round, sample) for the windowed max.
+    /// Monotonic deque of (sampled round, sample) for the windowed max.
     bw: VecDeque<(u64, u64)>,
+    /// Rounds that carried a delivery sample not limited by the
+    /// application: the bandwidth filter's clock (see `end_round`).
+    sampled_rounds: u64,
+    /// The current round has such a sample.
+    round_sampled: bool,
     min_rtt: Option<(Duration, Instant)>,
     round: u64,
     round_start: Option<Instant>,
@@ -140,6 +151,8 @@ impl Bbr {
             max_rate: cfg.max_rate.max(floor_rate),
             initial_rate: cfg.initial_rate.max(floor_rate),
             bw: VecDeque::new(),
+            sampled_rounds: 0,
+            round_sampled: false,
             min_rtt: None,
             round: 0,
             round_start: None,
@@ -219,13 +232,14 @@ impl Bbr {
         while self.bw.back().is_some_and(|&(_, b)| b <= v) {
             self.bw.pop_back();
         }
-        self.bw.push_back((self.round, v));
+        self.bw.push_back((self.sampled_rounds, v));
     }
 
     fn scale_bw(&mut self, f: f64) {
         let v = ((self.btl_bw() as f64) * f) as u64;
         self.bw.clear();
-        self.bw.push_back((self.round, v.max(self.floor_rate)));
+        self.bw
+            .push_back((self.sampled_rounds, v.max(self.floor_rate)));
     }
 
     fn pacing_gain(&self) -> f64 {
@@ -242,12 +256,21 @@ impl Bbr {
 
     fn end_round(&mut self, now: Instant) {
         self.round += 1;
-        while self
-            .bw
-            .front()
-            .is_some_and(|&(r, _)| r + BW_ROUNDS <= self.round)
-        {
-            self.bw.pop_front();
+        // The bandwidth filter ages only in rounds that measured the path.
+        // Rounds here are timed (an srtt, at least 1 ms), and run on while
+        // the pipe is empty: a writer that started 10 ms late on loopback
+        // let ten empty rounds expire a 2 Gbit/s estimate, leaving a
+        // 5 Mbit/s sample, and ProbeBw's 1.25 x cycles took ~600 ms to climb
+        // back (BBR's packet-timed rounds do not advance without data).
+        if std::mem::take(&mut self.round_sampled) {
+            self.sampled_rounds += 1;
+            while self
+                .bw
+                .front()
+                .is_some_and(|&(r, _)| r + BW_ROUNDS <= self.sampled_rounds)
+            {
+                self.bw.pop_front();
+            }
         }
         // Byte-weighted over the round; rounds with too few packets carry
         // over, so a handful of packets cannot fake heavy loss.
@@ -355,6 +378,7 @@ impl RateController for Bbr {
             if !s.app_limited || comp > self.btl_bw() {
                 self.push_bw(comp);
             }
+            self.round_sampled |= !s.app_limited;
         }
         let round_len = s.srtt.max(Duration::from_millis(1));
         match self.round_start {
@@ -450,11 +474,15 @@ mod tests {
     }
 
     fn feed(b: &mut Bbr, t0: Instant, ms: u64, rate: u64, loss: f64) {
+        feed_limited(b, t0, ms, rate, loss, false);
+    }
+
+    fn feed_limited(b: &mut Bbr, t0: Instant, ms: u64, rate: u64, loss: f64, app_limited: bool) {
         for i in 0..ms / 10 {
             b.on_ack(&AckSample {
                 now: t0 + Duration::from_millis(i * 10),
                 delivery_rate: Some(rate),
-                app_limited: false,
+                app_limited,
                 rtt: Some(Duration::from_millis(20)),
                 srtt: Duration::from_millis(20),
                 recv_rate: rate,
@@ -464,6 +492,23 @@ mod tests {
                 in_flight: 0,
             });
         }
+    }
+
+    /// Rounds in which the application kept the pipe short do not age the
+    /// bandwidth estimate; rounds that measure the path do.
+    #[test]
+    fn an_application_limited_spell_keeps_the_estimate() {
+        let t0 = Instant::now();
+        let mut b = Bbr::new(&cfg());
+        feed(&mut b, t0, 1000, 10_000_000, 0.0);
+        let full = b.btl_bw();
+        assert!(full >= 9_000_000, "{full}");
+        let t1 = t0 + Duration::from_millis(1000);
+        feed_limited(&mut b, t1, 2000, 100_000, 0.0, true);
+        assert_eq!(b.btl_bw(), full, "30+ rounds app-limited");
+        let t2 = t1 + Duration::from_millis(2000);
+        feed(&mut b, t2, 1000, 2_000_000, 0.0);
+        assert!(b.btl_bw() < 2_500_000, "{}", b.btl_bw());
     }
 
     #[test]
