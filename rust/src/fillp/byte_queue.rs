@@ -265,7 +265,7 @@ impl ByteQueue {
         }
     }
 
-    /// An emptied [`CHUNK`]-sized allocation, if one is spare: for a writer
+    /// An emptied 64 KiB allocation, if one is spare: for a writer
     /// to fill (without holding whatever guards the queue) and [`push`].
     ///
     /// [`push`]: ByteQueue::push

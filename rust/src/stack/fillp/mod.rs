@@ -71,7 +71,9 @@
 //!   byte was also copied into its datagram and into the reassembly queue,
 //!   both under the lock. Over loopback, one connection, 10 launches each,
 //!   median FillP / kernel TCP went 0.36 -> 0.49 and the slowest launch
-//!   0.17 -> 0.40 (`benches/results/fillp_loopback.md`).
+//!   0.17 -> 0.40; with the pacer's larger bursts for large datagrams
+//!   ([`crate::fillp::pacer`]) 0.39 -> 0.64, 22 Gbit/s
+//!   (`benches/results/fillp_loopback.md`).
 //! * **Lock holds are short**: application `send`/`recv` copy at most
 //!   64 KiB per hold of the state lock, so the driver, which takes it for
 //!   every batch, never waits behind a megabyte copy.

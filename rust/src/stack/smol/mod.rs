@@ -3,7 +3,7 @@
 //!
 //! # Design
 //!
-//! * **Shared state behind one `Mutex`** ([`state::State`]: the smoltcp
+//! * **Shared state behind one `Mutex`** (`state::State`: the smoltcp
 //!   `Interface`, its `SocketSet`, the TAP device, the port table and dmm's
 //!   view of each socket), as in the FillP stack: application `send`/`recv`
 //!   copy straight into and out of smoltcp's socket buffers, and every
@@ -15,7 +15,7 @@
 //!   in `recv`/`accept` waits on the TAP fd as well as on its readiness
 //!   eventfd and runs the turn itself when a frame arrives, so a reply
 //!   reaches it without a hop through the driver either. The driver thread
-//!   ([`driver`]) does the rest: it waits in `ppoll` on the TAP fd and a wake
+//!   (`driver`) does the rest: it waits in `ppoll` on the TAP fd and a wake
 //!   eventfd with smoltcp's `poll_at` as timeout, so delayed ACKs,
 //!   retransmissions, keepalives and TIME-WAIT expiry run while the
 //!   application is idle; an application turn that moves the next deadline
