@@ -74,9 +74,10 @@
 //!   0.17 -> 0.40; with the pacer's larger bursts for large datagrams
 //!   ([`crate::fillp::pacer`]) 0.39 -> 0.64, 22 Gbit/s
 //!   (`benches/results/fillp_loopback.md`).
-//! * **Lock holds are short**: application `send`/`recv` copy at most
-//!   64 KiB per hold of the state lock, so the driver, which takes it for
-//!   every batch, never waits behind a megabyte copy.
+//! * **Lock holds are short**: application `send`/`recv` move at most
+//!   64 KiB per hold of the state lock, and copy it outside the lock (a
+//!   `send` under 16 KiB copies inside), so the driver, which takes the
+//!   lock for every batch, does not wait behind the application's copies.
 //! * **State is shared behind one `Mutex`** (endpoints, sockets, accept
 //!   queues) rather than driven by commands over a channel: application
 //!   `send`/`recv` then copy straight into and out of the connection's
@@ -1049,7 +1050,7 @@ impl Shared {
             if r.len() >= SHARE_MIN {
                 // Large: the connection keeps the payload as a slice of
                 // the receive buffer, and the entry gets another.
-                let ranges: Vec<_> = r.ranges().collect();
+                let ranges = r.ranges();
                 if let Some(whole) = pump.rx.share(k) {
                     for range in ranges {
                         sl.ep.handle_datagram_shared(now, from, &whole.slice(range));
