@@ -1065,9 +1065,10 @@ impl Connection {
                 }
                 self.pipe.pop_front();
                 self.pipe_bytes -= u64::from(front.bytes);
-                resolved += u64::from(front.bytes);
+                let payload = u64::from(front.bytes).saturating_sub(DATA_HEADER_LEN as u64);
+                resolved += payload;
                 if self.train.contains(front.pn) {
-                    train_bytes += u64::from(front.bytes).saturating_sub(DATA_HEADER_LEN as u64);
+                    train_bytes += payload;
                 }
                 if front.pn == p.highest_pn {
                     let ack_elapsed = now.saturating_duration_since(front.delivered_time);
@@ -1117,7 +1118,7 @@ impl Connection {
             srtt: self.rtt.srtt(),
             recv_rate: u64::from(p.rate),
             loss,
-            resolved_bytes: resolved,
+            resolved_payload: resolved,
             delivered_bytes: delivered_now,
             in_flight: self.pipe_bytes,
         });
@@ -1713,6 +1714,8 @@ impl Connection {
             self.first_sent = now;
             self.delivered_time = now;
         }
+        self.send.on_sent(&seg, pn, now);
+        // Judged after this packet left: nothing else waits to go.
         let app_limited = !self.send.has_pending(self.peer_limit);
         self.pipe.push_back(SentPkt {
             pn,
@@ -1724,7 +1727,6 @@ impl Connection {
             app_limited,
         });
         self.pipe_bytes += size as u64;
-        self.send.on_sent(&seg, pn, now);
         if seg.retransmit && !is_dup && self.send.tx_count(seg.offset) >= 3 {
             self.dup_next = Some(seg.offset);
         }
@@ -1817,6 +1819,12 @@ impl Connection {
     /// then waits for the event.)
     pub fn is_writable(&self) -> bool {
         !self.write_blocked
+    }
+
+    /// Whether written data waits to be sent (new, or to be resent) and the
+    /// peer's window lets it go.
+    pub fn has_unsent(&self) -> bool {
+        self.send.has_pending(self.peer_limit)
     }
 
     /// Bytes written and not yet acknowledged.

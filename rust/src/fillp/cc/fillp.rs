@@ -4,7 +4,8 @@
 //! The gain is what lets the rate grow to the path's capacity; with random loss
 //! `p` the reported rate is `(1 - p)` times the sending rate, so growth stops
 //! near `p = 1 - 1/GAIN` (20%). There is no in-flight cap: the receiver's
-//! window is the only limit, as in FillP.
+//! window is the only limit, as in FillP. Reports taken while the
+//! application left the sender idle only ever raise the rate.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -41,6 +42,13 @@ impl Fillp {
 impl RateController for Fillp {
     fn on_ack(&mut self, s: &AckSample) {
         if s.recv_rate == 0 {
+            return;
+        }
+        // A report of what the application sent says nothing about the
+        // path: it may raise the rate but not lower it, or request/response
+        // traffic would be paced at its own trickle (1-byte round trips
+        // over loopback were held to 2,200 a second).
+        if s.app_limited && (s.recv_rate as f64 * GAIN) < self.rate as f64 {
             return;
         }
         if self.reports.len() == WINDOW {

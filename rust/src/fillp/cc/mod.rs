@@ -35,9 +35,11 @@ pub struct AckSample {
     pub recv_rate: u64,
     /// Loss over the peer's last report interval, 0..=1.
     pub loss: f64,
-    /// Bytes (UDP payload) of our packets this PACK showed to have left the
-    /// pipe, delivered or lost: those numbered up to the peer's highest.
-    pub resolved_bytes: u64,
+    /// Stream payload bytes of our packets this PACK showed to have left
+    /// the pipe, delivered or lost: those numbered up to the peer's highest.
+    /// Payload, like `delivered_bytes`, so that their ratio is the loss
+    /// whatever the packets' size (a 1-byte message is 4% of its datagram).
+    pub resolved_payload: u64,
     /// Stream payload bytes the peer reports received since the last PACK.
     pub delivered_bytes: u64,
     /// Bytes believed in flight after processing the PACK.
