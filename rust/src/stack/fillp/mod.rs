@@ -51,15 +51,18 @@
 //!   the driver is woken if it would sleep past the lease. The price: a
 //!   datagram that arrives in a lease with no reader back waits up to
 //!   500 µs for the driver. After a `recv` the reader also sends its
-//!   connection's window update itself. Writers still hand off to the
-//!   driver (it transmits while the writer copies), but hear of space only
-//!   once half the send buffer is free. Measured over loopback (one
+//!   connection's window update itself. A `send` that finds nothing
+//!   waiting to go (a request, a reply) sends it itself too; other writers
+//!   hand off to the driver (it transmits while the writer copies), and
+//!   hear of space only once half the send buffer is free. Measured over loopback (one
 //!   connection, instance per end, medians of six passes): CPU per Gbit
 //!   0.32 -> 0.27 s, 5.1 -> 5.3 Gbit/s, context switches per 256 MiB ~25k
 //!   -> ~13k (`benches/results/fillp_loopback.md`). A reader watches only
-//!   while its connection has nothing in flight: a sender blocked in `recv`
-//!   for the reply that ran its own ACK clock this way sent its last 16 MiB
-//!   at ~65% of the link over a 100 ms emulated path (cause not found).
+//!   while its connection has at most 64 KiB in flight: a sender blocked
+//!   in `recv` for the reply that ran its own ACK clock this way sent its
+//!   last 16 MiB at ~65% of the link over a 100 ms emulated path (cause not
+//!   found). With both, a 1-byte request/response exchange over loopback
+//!   wakes no driver thread.
 //! * **Two copies in user space, as few as the kernel's own TCP makes in
 //!   all.** The application's bytes are copied into the send buffer once;
 //!   a datagram then carries them as shared slices of that buffer
@@ -911,6 +914,10 @@ impl Stack for FillpStack {
 /// reader does not come back.
 const WATCH_LEASE: Duration = Duration::from_micros(500);
 
+/// A reader whose connection has more than this unacknowledged does not
+/// watch (see [`Watch::new`]); a request or reply of up to this size does.
+const WATCH_MAX_UNACKED: usize = 64 << 10;
+
 /// A socket that received within this long counts as busy: the driver
 /// wakes for its watch lease. An idle socket's watcher may block for hours
 /// without costing the driver a turn.
@@ -1324,14 +1331,18 @@ impl Shared {
         self.finish_inline(st, pump, i, more, next);
     }
 
-    /// After a `recv` on connection `h` of slot `i`: what that connection
-    /// has to send now (a window update), sent by the reader. Only this
+    /// After a `recv` on connection `h` of slot `i`, or a `send` that found
+    /// nothing waiting: what that connection has to send now (a window
+    /// update, a request), sent by the calling thread. Only this
     /// connection is asked, so a `recv` costs the same however many
     /// connections share the slot.
     fn flush_inline(&self, mut st: MutexGuard<'_, State>, i: usize, h: ConnectionHandle) {
         let now = Instant::now();
         let Some(sl) = st.slot_mut(i) else { return };
         if sl.tx_busy || !sl.tx.q.is_empty() {
+            // Another thread is sending the slot's queue: the driver runs
+            // the connection after it.
+            self.kick(&mut st, i);
             return;
         }
         let Some(c) = sl.ep.connection_mut(h) else {
@@ -1749,6 +1760,10 @@ impl FillpSocket {
             if buf.is_empty() {
                 return Try::Done(Ok(0));
             }
+            // Nothing waited to go: a request or reply. Its sender sends
+            // it, as a reader sends its window update, rather than hand it
+            // to the driver (a thread wake-up each way per exchange).
+            let idle = staged.is_none() && !conn.has_unsent();
             let written = match &staged {
                 Some(b) => conn.write_shared(b),
                 None => conn.write(buf),
@@ -1758,7 +1773,11 @@ impl FillpSocket {
             }
             let r = match written {
                 Ok(n) => {
-                    ctx.kick = Some(slot);
+                    if idle {
+                        ctx.flush = Some((slot, h));
+                    } else {
+                        ctx.kick = Some(slot);
+                    }
                     Try::Done(Ok(n))
                 }
                 Err(WriteError::Blocked) => Try::Block,
@@ -1884,8 +1903,9 @@ fn chunked(
 struct SockCtx {
     /// A connection of this slot changed: the driver must run it.
     kick: Option<usize>,
-    /// Connection `(slot, handle)` was read from: send what it has to
-    /// send now (see [`Shared::flush_inline`]) instead of waking the driver.
+    /// Connection `(slot, handle)` was read from, or written to while idle:
+    /// send what it has to send now (see [`Shared::flush_inline`]) instead
+    /// of waking the driver.
     flush: Option<(usize, ConnectionHandle)>,
 }
 
@@ -1918,7 +1938,13 @@ impl<'a> Watch<'a> {
         // datagrams for the driver 80%. The cause is not pinned down; until
         // it is, readers take over only for connections that are not
         // sending.
-        if sl.ep.connection(h).is_some_and(|c| c.unacked() > 0) {
+        // A request of a few datagrams is not an ACK clock to run: its
+        // sender waits for the reply like any reader.
+        if sl
+            .ep
+            .connection(h)
+            .is_some_and(|c| c.unacked() > WATCH_MAX_UNACKED)
+        {
             return None;
         }
         sl.watchers += 1;
