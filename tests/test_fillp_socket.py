@@ -228,3 +228,30 @@ def test_explicit_stack_binds_its_own_port_beside_a_tcp_listener(fillp):
             with conn:
                 c.sendall(b"same port")
                 assert conn.recv(20) == b"same port"
+
+
+def test_options_set_before_connect_reach_the_fillp_socket(fillp):
+    """SO_LINGER {1, 0} set before routing: close aborts (the peer reads a
+    reset) and the client's UDP socket is freed at once."""
+    import struct
+
+    srv = listener()
+    port = srv.getsockname()[1]
+    linger = struct.pack("ii", 1, 0)
+    with srv:
+        for _ in range(5):
+            c = dsocket.socket()
+            c.setsockopt(dsocket.SOL_SOCKET, dsocket.SO_LINGER, linger)
+            c.connect(("127.0.0.1", port))
+            assert c.dmm_stack == "wan"
+            assert c.getsockopt(dsocket.SOL_SOCKET, dsocket.SO_LINGER, 8) == linger
+            conn, _ = srv.accept()
+            c.close()
+            with conn:
+                conn.settimeout(5)
+                with pytest.raises(ConnectionResetError):
+                    conn.recv(10)
+        deadline = time.monotonic() + 5
+        while dsocket.stack_counters()["wan"]["udp_sockets"] > 1:  # the listener's
+            assert time.monotonic() < deadline, dsocket.stack_counters()["wan"]
+            time.sleep(0.01)

@@ -200,6 +200,18 @@ class socket(_StdSocket):
         polls readable exactly when the socket is readable."""
         timeout = self.gettimeout()
         core.settimeout(timeout)
+        # Options set before routing (SO_LINGER, TCP_NODELAY...) went to the
+        # kernel socket standing in; the core takes those it has. The rest
+        # stay as silent as the stand-in left them.
+        for level, optname, value, optlen in self._dmm_opts or ():
+            if optlen is not None:
+                continue
+            if isinstance(value, int):
+                value = value.to_bytes(4, _sys.byteorder, signed=True)
+            try:
+                core.setsockopt(level, optname, bytes(value))
+            except OSError:
+                pass
         _os.dup2(core.poll_fd(), self.fileno(), inheritable=self.get_inheritable())
         self._dmm_core = core
         self.__class__ = _with_mixin(type(self), _UserSpaceMethods)

@@ -747,3 +747,43 @@ fn wildcard_listener_replies_from_the_address_written_to() {
     assert_eq!(&buf, b"ping");
     assert_eq!(c.peer_addr().expect("peer").ip().to_string(), "127.0.0.3");
 }
+
+/// `SO_LINGER` {on, 0 s}: close aborts, the peer reads a reset, and the
+/// client's UDP socket and connection are gone at once instead of lingering
+/// for the idle timeout (a client opening and closing connections piled up
+/// thousands, and every driver wake walked them).
+#[test]
+fn zero_linger_close_resets_and_frees_the_socket() {
+    let (client, server) = (stack(), stack());
+    let (l, addr) = listener(&*server, 64);
+    let linger = [1i32.to_ne_bytes(), 0i32.to_ne_bytes()].concat();
+    let mut accepted = Vec::new();
+    for _ in 0..20 {
+        let c = client.socket(Family::V4, SockKind::Stream).unwrap();
+        c.set_option(libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+            .unwrap();
+        assert_eq!(
+            c.get_option(libc::SOL_SOCKET, libc::SO_LINGER, 8).unwrap(),
+            linger
+        );
+        c.connect(addr).unwrap();
+        accepted.push(l.accept().unwrap().0);
+        c.close().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counter(&*client, "udp_sockets") + counter(&*client, "connections") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} UDP sockets, {} connections left",
+            counter(&*client, "udp_sockets"),
+            counter(&*client, "connections")
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    for s in &accepted {
+        s.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 8];
+        let e = s.recv(&mut buf, 0).unwrap_err();
+        assert_eq!(errno_of(&e), Some(libc::ECONNRESET), "{e}");
+    }
+}

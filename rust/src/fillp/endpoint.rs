@@ -484,8 +484,17 @@ impl Endpoint {
                 Some(b) => c.poll_transmit_parts(now, buf, b),
                 None => c.poll_transmit(now, buf),
             };
+            // A closed connection whose last packet (its RST) just left has
+            // nothing more to do and no timer to come back for: forgotten
+            // now, or nothing would ever forget it.
+            let done = c.is_drained() && !c.has_events();
             self.retime.insert(h);
             match sent {
+                Some(_) if done => {
+                    self.forget(h);
+                    self.rr_after = Some(h);
+                    return sent;
+                }
                 Some(t) => {
                     self.ev_ready.insert(h);
                     self.rr_after = Some(h);
@@ -963,6 +972,31 @@ mod tests {
         assert_eq!(reason, Some(CloseReason::IdleTimeout));
         // Keepalives alone kept nothing alive one way: 30 s default.
         assert!(p.elapsed() >= Duration::from_secs(30));
+    }
+
+    /// A driver takes a connection's events before it transmits: a reset
+    /// connection whose `Closed` event went first is forgotten when its RST
+    /// leaves, with no later call to notice it (it has no timer). Before,
+    /// every such connection stayed for good, with its UDP socket.
+    #[test]
+    fn a_reset_connection_goes_with_its_rst() {
+        let (mut p, ch, _sh) = connected_pair(5);
+        while p.client.poll_event().is_some() {}
+        p.client.connection_mut(ch).unwrap().reset();
+        assert!(matches!(
+            p.client.poll_event(),
+            Some((h, Event::Closed { reason: CloseReason::LocalReset })) if h == ch
+        ));
+        assert!(p.client.poll_event().is_none());
+        assert_eq!(p.client.connection_count(), 1, "the RST has not left");
+        let mut buf = Vec::new();
+        let t = p.client.poll_transmit(p.now, &mut buf).expect("the RST");
+        assert_eq!(
+            buf.get(1),
+            Some(&(crate::fillp::wire::PacketType::Reset as u8))
+        );
+        assert!(t.size > 0);
+        assert_eq!(p.client.connection_count(), 0);
     }
 
     #[test]

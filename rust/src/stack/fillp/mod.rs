@@ -135,7 +135,9 @@
 //!   every endpoint of an instance; run several instances to use more cores.
 //! * A socket closed with no unread data closes gracefully and then
 //!   silently discards what the peer still sends (TCP would answer with
-//!   RST); with unread data, close is an abort (RST), as in TCP.
+//!   RST); with unread data or `SO_LINGER` at {on, 0 s}, close is an abort
+//!   (RST), as in TCP. A linger time above zero is kept but `close` does
+//!   not wait for it: the stack finishes sending in the background.
 
 #![warn(missing_docs)]
 
@@ -148,7 +150,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1588,6 +1590,9 @@ pub struct FillpSocket {
     /// lock: one the send buffer freed (acknowledged data), so that a bulk
     /// writer reuses a few warm allocations instead of calling `malloc`.
     stage: Mutex<Option<BytesMut>>,
+    /// `SO_LINGER`: `-1` off, else the linger time in seconds (0: close
+    /// aborts with a RST, as in TCP).
+    linger: AtomicI64,
 }
 
 /// A `send` piece at least this long is copied before the lock is taken
@@ -1621,6 +1626,7 @@ impl FillpSocket {
             timeout: TimeoutCell::new(),
             closed: AtomicBool::new(false),
             stage: Mutex::new(None),
+            linger: AtomicI64::new(-1),
         }
     }
 
@@ -2263,9 +2269,11 @@ impl StackSocket for FillpSocket {
         let changed = match s.role {
             Role::Conn { slot, h, .. } => {
                 st.by_conn.remove(&(slot, h));
+                let abort = self.linger.load(Ordering::Relaxed) == 0;
                 if let Some(c) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) {
-                    // Unread data makes close an abort, as in TCP.
-                    if c.readable_bytes() > 0 {
+                    // Unread data, or a zero linger time, makes close an
+                    // abort, as in TCP.
+                    if abort || c.readable_bytes() > 0 {
                         c.reset();
                     } else {
                         c.close();
@@ -2309,9 +2317,21 @@ impl StackSocket for FillpSocket {
         self.timeout.get()
     }
 
-    fn set_option(&self, level: i32, name: i32, _value: &[u8]) -> io::Result<()> {
+    fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
         self.check_open()?;
         match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_LINGER) => {
+                let field = |at: usize| -> io::Result<i32> {
+                    let b = value.get(at..at + 4).ok_or_else(|| errno(libc::EINVAL))?;
+                    let mut raw = [0u8; 4];
+                    raw.copy_from_slice(b);
+                    Ok(i32::from_ne_bytes(raw))
+                };
+                let (on, secs) = (field(0)?, field(4)?);
+                let v = if on == 0 { -1 } else { i64::from(secs.max(0)) };
+                self.linger.store(v, Ordering::Relaxed);
+                Ok(())
+            }
             // Accepted for compatibility; FillP sizes its own buffers.
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF)
             | (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT | libc::SO_KEEPALIVE)
@@ -2321,6 +2341,15 @@ impl StackSocket for FillpSocket {
     }
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
+        if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
+            self.check_open()?;
+            let v = self.linger.load(Ordering::Relaxed);
+            let (on, secs) = if v < 0 { (0i32, 0i32) } else { (1, v as i32) };
+            let mut out = on.to_ne_bytes().to_vec();
+            out.extend_from_slice(&secs.to_ne_bytes());
+            out.truncate(len);
+            return Ok(out);
+        }
         let mut st = self.lock()?;
         let c = &self.shared.opts.connection;
         let v: i32 = match (level, name) {
