@@ -350,6 +350,9 @@ pub struct Connection {
     pack_now: bool,
     last_pack: Option<Instant>,
     readable_signalled: bool,
+    /// The receive limit (highest offset the peer may send) as of the last
+    /// PACK: what the peer knows of our window.
+    limit_sent: u64,
     finished_signalled: bool,
     last_rx: Instant,
     drain_until: Option<Instant>,
@@ -466,6 +469,7 @@ impl Connection {
             pack_now: false,
             last_pack: None,
             readable_signalled: false,
+            limit_sent: u64::from(config.recv_window),
             finished_signalled: false,
             last_rx: now,
             drain_until: None,
@@ -683,7 +687,6 @@ impl Connection {
         if max == 0 {
             return Ok(0);
         }
-        let before = self.recv.advertised();
         let n = take(&mut self.recv);
         if self.recv.at_eof() {
             // Reading the last byte may complete the close; timers run it.
@@ -693,9 +696,17 @@ impl Connection {
         if self.recv.readable() == 0 {
             self.readable_signalled = false;
         }
-        // Reopen a window that had (nearly) closed without waiting for data.
+        // Tell a sender that may be held by our window that it grew, as
+        // TCP does once the window would double: data that stopped coming
+        // brings no PACK, and the sender would wait for its zero-window
+        // probe (an RTO, 200 ms at least; measured in the demo: a 64 MiB
+        // loopback transfer to a hashing reader took 0.25 s, not 0.06, in
+        // about one run of four). Two datagrams at least: no silly windows.
         let w = u64::from(self.config.recv_window);
-        if u64::from(before) < w / 4 && u64::from(self.recv.advertised()) >= w / 2 {
+        let known = self.limit_sent.saturating_sub(self.recv.cum());
+        let growth = self.recv.limit().saturating_sub(self.limit_sent);
+        let least = 2 * u64::from(self.mtu);
+        if known < w / 2 && growth >= known.max(least) {
             self.pack_now = true;
         }
         Ok(n)
@@ -1558,6 +1569,7 @@ impl Connection {
             _ => 0,
         };
         let (sack, sack_len) = self.recv.sack_ranges();
+        self.limit_sent = self.recv.limit();
         self.pn_at_last_pack = highest;
         self.rx_pkts_since_pack = 0;
         self.rx_data_since_pack = 0;
