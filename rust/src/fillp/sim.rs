@@ -381,14 +381,9 @@ impl Pair {
         }
     }
 
-    /// One step: send what the applications queued, advance the clock to the
-    /// next event (if nothing is due now), deliver what has arrived, run
-    /// expired timers and send the results. Returns `false` when nothing at
-    /// all is scheduled.
-    pub fn step(&mut self) -> bool {
-        self.steps += 1;
-        self.flush();
-        let next = [
+    /// The earliest timer of either endpoint or arrival on either link.
+    pub fn next_event(&mut self) -> Option<Instant> {
+        [
             self.client.poll_timeout(),
             self.server.poll_timeout(),
             self.c2s.next_arrival(),
@@ -396,8 +391,17 @@ impl Pair {
         ]
         .into_iter()
         .flatten()
-        .min();
-        let Some(next) = next else {
+        .min()
+    }
+
+    /// One step: send what the applications queued, advance the clock to the
+    /// next event (if nothing is due now), deliver what has arrived, run
+    /// expired timers and send the results. Returns `false` when nothing at
+    /// all is scheduled.
+    pub fn step(&mut self) -> bool {
+        self.steps += 1;
+        self.flush();
+        let Some(next) = self.next_event() else {
             return false;
         };
         self.now = self.now.max(next);
@@ -1256,16 +1260,7 @@ mod tests {
                 next_read += Duration::from_millis(1);
             }
             p.flush();
-            let next_event = [
-                p.client.poll_timeout(),
-                p.server.poll_timeout(),
-                p.c2s.next_arrival(),
-                p.s2c.next_arrival(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            if next_event.is_none_or(|t| t > next_read) {
+            if p.next_event().is_none_or(|t| t > next_read) {
                 p.now = p.now.max(next_read);
                 continue;
             }
