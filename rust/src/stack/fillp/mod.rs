@@ -996,10 +996,17 @@ impl Pump {
 
     /// Syncs the readiness of every touched socket.
     fn sync_touched(&mut self, st: &mut State) {
+        self.sync_touched_but(st, None);
+    }
+
+    /// [`Pump::sync_touched`], leaving socket `skip` to its caller.
+    fn sync_touched_but(&mut self, st: &mut State, skip: Option<u64>) {
         self.touched.sort_unstable();
         self.touched.dedup();
         for id in self.touched.drain(..) {
-            st.sync(id);
+            if Some(id) != skip {
+                st.sync(id);
+            }
         }
     }
 }
@@ -1372,12 +1379,16 @@ impl Shared {
     /// what arrived, run the slot's timers and events, send what is due.
     /// Wakes the driver if the slot has more to send at once or its next
     /// deadline moved before the driver's.
-    fn pump_inline(&self, i: usize) {
+    fn pump_inline(&self, i: usize, reader: u64) {
         let mut pump = self.take_pump();
         self.receive(&mut pump, i, false);
         let mut st = lock(&self.state);
         let more = self.turn(&mut st, &mut pump, i, Instant::now());
-        pump.sync_touched(&mut st);
+        // The reader's own eventfds are left as they are: it takes the
+        // lock again at once, reads, and brings them in line then. Raising
+        // `ready` here only for that read to lower it cost two system calls
+        // per message.
+        pump.sync_touched_but(&mut st, Some(reader));
         st.reschedule(i);
         let next = st.slot(i).and_then(|sl| sl.deadline);
         self.finish_inline(st, pump, i, more, next);
@@ -1736,9 +1747,13 @@ impl FillpSocket {
         let mut arrived: Option<usize> = None;
         loop {
             drop(watch.take());
-            if let Some(i) = arrived.take() {
-                self.shared.pump_inline(i);
-            }
+            let pumped = match arrived.take() {
+                Some(i) => {
+                    self.shared.pump_inline(i, self.id);
+                    true
+                }
+                None => false,
+            };
             {
                 let mut st = lock(&self.shared.state);
                 let mut ctx = SockCtx {
@@ -1746,6 +1761,10 @@ impl FillpSocket {
                     flush: None,
                 };
                 let r = op(&mut st, &mut ctx);
+                if pumped {
+                    // `pump_inline` left this socket's eventfds to us.
+                    st.sync(self.id);
+                }
                 if let Some(i) = ctx.kick {
                     self.shared.kick(&mut st, i);
                 }
