@@ -490,13 +490,12 @@ impl Endpoint {
             let done = c.is_drained() && !c.has_events();
             self.retime.insert(h);
             match sent {
-                Some(_) if done => {
-                    self.forget(h);
-                    self.rr_after = Some(h);
-                    return sent;
-                }
                 Some(t) => {
-                    self.ev_ready.insert(h);
+                    if done {
+                        self.forget(h);
+                    } else {
+                        self.ev_ready.insert(h);
+                    }
                     self.rr_after = Some(h);
                     return Some(t);
                 }

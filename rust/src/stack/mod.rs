@@ -180,6 +180,23 @@ pub fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
+/// The `int` at byte `at` of a socket option value (`EINVAL` if too short).
+pub(crate) fn int_at(value: &[u8], at: usize) -> io::Result<i32> {
+    let b: [u8; 4] = value
+        .get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| errno(libc::EINVAL))?;
+    Ok(i32::from_ne_bytes(b))
+}
+
+/// `int`s (one, or a struct of them such as `linger`) as `getsockopt`
+/// returns them, in at most `len` bytes.
+pub(crate) fn int_option(ints: &[i32], len: usize) -> Vec<u8> {
+    let mut out: Vec<u8> = ints.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    out.truncate(len);
+    out
+}
+
 /// One stack instance.
 pub trait Stack: Send + Sync {
     /// The instance's name, unique in a process (from the config).

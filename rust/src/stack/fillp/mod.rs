@@ -54,15 +54,15 @@
 //!   connection's window update itself. A `send` that finds nothing
 //!   waiting to go (a request, a reply) sends it itself too; other writers
 //!   hand off to the driver (it transmits while the writer copies), and
-//!   hear of space only once half the send buffer is free. Measured over loopback (one
-//!   connection, instance per end, medians of six passes): CPU per Gbit
-//!   0.32 -> 0.27 s, 5.1 -> 5.3 Gbit/s, context switches per 256 MiB ~25k
-//!   -> ~13k (`benches/results/fillp_loopback.md`). A reader watches only
-//!   while its connection has at most 64 KiB in flight: a sender blocked
-//!   in `recv` for the reply that ran its own ACK clock this way sent its
-//!   last 16 MiB at ~65% of the link over a 100 ms emulated path (cause not
-//!   found). With both, a 1-byte request/response exchange over loopback
-//!   wakes no driver thread.
+//!   hear of space only once half the send buffer is free. Measured over
+//!   loopback (one connection, instance per end, medians of six passes):
+//!   CPU per Gbit 0.32 -> 0.27 s, 5.1 -> 5.3 Gbit/s, context switches per
+//!   256 MiB ~25k -> ~13k (`benches/results/fillp_loopback.md`). A reader
+//!   watches only while its connection has at most 64 KiB in flight: a
+//!   sender blocked in `recv` for the reply that ran its own ACK clock this
+//!   way sent its last 16 MiB at ~65% of the link over a 100 ms emulated
+//!   path (cause not found). With both, a 1-byte request/response exchange
+//!   over loopback wakes no driver thread.
 //! * **Two copies in user space, as few as the kernel's own TCP makes in
 //!   all.** The application's bytes are copied into the send buffer once;
 //!   a datagram then carries them as shared slices of that buffer
@@ -128,8 +128,8 @@
 //!   the send buffer and `recv` out of the received datagrams (and the
 //!   kernel once each way), four copies per byte against kernel TCP's two.
 //!   Small received datagrams are still copied into the reassembly queue.
-//! * Fully constant work for idle connections: the driver reconciles the
-//!   epoll interest only of slots that may change (new, watched, leased,
+//! * Idle connections at no cost: a wake reconciles the epoll interest
+//!   only of slots whose interest may change (new, watched, leased,
 //!   waiting for `POLLOUT`), but every connection keeps a keepalive timer,
 //!   so 3987 idle pairs in one process still cost 3.5% of a core.
 //! * Spreading one instance over several driver threads: one thread runs
@@ -159,8 +159,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::{
-    errno, timed_out, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
-    TimeoutCell,
+    errno, int_at, int_option, timed_out, Counters, Family, Readiness, SockKind, Stack, StackKind,
+    StackSocket, TimeoutCell,
 };
 use crate::fillp::{
     CloseReason, Config, ConnectionHandle, ConnectionStats, Endpoint, EndpointConfig,
@@ -389,17 +389,6 @@ impl Slot {
             events |= libc::EPOLLOUT as u32;
         }
         events
-    }
-
-    /// Whether the interest may change without an application call: the
-    /// slot is watched or leased, waits for or just had `POLLOUT`, or its
-    /// last update failed.
-    fn interest_may_change(&self, now: Instant) -> bool {
-        self.watchers > 0
-            || self.lease.is_some()
-            || self
-                .interest
-                .is_none_or(|e| e & libc::EPOLLOUT as u32 != 0 || e != self.wanted_events(now))
     }
 }
 
@@ -1557,7 +1546,12 @@ impl Driver {
                     slot.interest = Some(events);
                 }
             }
-            if slot.interest_may_change(now) {
+            // Still listed while the interest may change with no call to
+            // list it: watched or leased, waiting for (or just done with)
+            // POLLOUT, or the update above failed.
+            let pollout = events & libc::EPOLLOUT as u32 != 0;
+            if slot.watchers > 0 || slot.lease.is_some() || pollout || slot.interest != Some(events)
+            {
                 slot.poll_listed = true;
                 st.poll_check.push(i);
             }
@@ -2402,13 +2396,7 @@ impl StackSocket for FillpSocket {
         self.check_open()?;
         match (level, name) {
             (libc::SOL_SOCKET, libc::SO_LINGER) => {
-                let field = |at: usize| -> io::Result<i32> {
-                    let b = value.get(at..at + 4).ok_or_else(|| errno(libc::EINVAL))?;
-                    let mut raw = [0u8; 4];
-                    raw.copy_from_slice(b);
-                    Ok(i32::from_ne_bytes(raw))
-                };
-                let (on, secs) = (field(0)?, field(4)?);
+                let (on, secs) = (int_at(value, 0)?, int_at(value, 4)?);
                 let v = if on == 0 { -1 } else { i64::from(secs.max(0)) };
                 self.linger.store(v, Ordering::Relaxed);
                 Ok(())
@@ -2425,11 +2413,8 @@ impl StackSocket for FillpSocket {
         if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
             self.check_open()?;
             let v = self.linger.load(Ordering::Relaxed);
-            let (on, secs) = if v < 0 { (0i32, 0i32) } else { (1, v as i32) };
-            let mut out = on.to_ne_bytes().to_vec();
-            out.extend_from_slice(&secs.to_ne_bytes());
-            out.truncate(len);
-            return Ok(out);
+            let (on, secs) = if v < 0 { (0, 0) } else { (1, v as i32) };
+            return Ok(int_option(&[on, secs], len));
         }
         let mut st = self.lock()?;
         let c = &self.shared.opts.connection;
@@ -2450,9 +2435,7 @@ impl StackSocket for FillpSocket {
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => 1,
             _ => return Err(errno(libc::ENOPROTOOPT)),
         };
-        let mut out = v.to_ne_bytes().to_vec();
-        out.truncate(len);
-        Ok(out)
+        Ok(int_option(&[v], len))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

@@ -38,22 +38,6 @@ pub(super) fn unspecified(family: Family) -> SocketAddr {
     }
 }
 
-/// An `int` option value (`EINVAL` if too short).
-pub(super) fn int_value(value: &[u8]) -> io::Result<i32> {
-    let b: [u8; 4] = value
-        .get(..4)
-        .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| errno(libc::EINVAL))?;
-    Ok(i32::from_ne_bytes(b))
-}
-
-/// An `int` option value as `getsockopt` returns it, in at most `len` bytes.
-pub(super) fn int_option(v: i32, len: usize) -> Vec<u8> {
-    let mut out = v.to_ne_bytes().to_vec();
-    out.truncate(len);
-    out
-}
-
 /// Defines a socket type around a [`SockCore`]: the struct, `new`, deref
 /// to the core, and close on drop.
 macro_rules! core_socket {

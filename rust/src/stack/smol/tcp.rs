@@ -15,10 +15,11 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::ports::Proto;
-use super::socket::{int_option, int_value, unspecified, SockCore, Try, Wait};
+use super::socket::{unspecified, SockCore, Try, Wait};
 use super::state::{Phase, Role, SockState, State, MAX_BACKLOG, SYN_TIMEOUT};
 use super::{lock, MAX_BUFFER, MIN_BUFFER};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
+use crate::stack::{int_at, int_option};
 
 /// The common start of `send` and `recv`: a pending error, then `shut`
 /// (the result for a shut-down direction), then the connection's handle,
@@ -432,7 +433,7 @@ impl StackSocket for TcpSocket {
 
     fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
         self.check_open()?;
-        let v = int_value(value)?;
+        let v = int_at(value, 0)?;
         let mut st = lock(&self.shared.state);
         let st = &mut *st;
         let s = st
@@ -491,7 +492,7 @@ impl StackSocket for TcpSocket {
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle as i32,
             _ => return Err(errno(libc::ENOPROTOOPT)),
         };
-        Ok(int_option(v, len))
+        Ok(int_option(&[v], len))
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {

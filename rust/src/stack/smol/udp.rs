@@ -19,9 +19,10 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::lock;
 use super::ports::Proto;
-use super::socket::{int_option, int_value, unspecified, SockCore, Try, Wait};
+use super::socket::{unspecified, SockCore, Try, Wait};
 use super::state::{Role, State};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
+use crate::stack::{int_at, int_option};
 
 /// Datagrams a socket buffers per direction.
 const PACKETS: usize = 256;
@@ -275,7 +276,7 @@ impl StackSocket for UdpSocket {
 
     fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
         self.check_open()?;
-        int_value(value)?;
+        int_at(value, 0)?;
         match (level, name) {
             // Accepted; datagram buffers are sized at bind from the
             // instance's buffer size.
@@ -299,7 +300,7 @@ impl StackSocket for UdpSocket {
             (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_BROADCAST) => 0,
             _ => return Err(errno(libc::ENOPROTOOPT)),
         };
-        Ok(int_option(v, len))
+        Ok(int_option(&[v], len))
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
