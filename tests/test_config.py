@@ -199,4 +199,4 @@ def test_fillp_fixed_rate_reaches_the_core():
 def test_fillp_stack_refuses_a_zero_fixed_rate():
     from dmm import _core
     with pytest.raises(ValueError, match="fixed_rate"):
-        _core.FillpStack("z", "fixed", "127.0.0.1", 0)
+        _core.parse_stack("fillp", {"rate_control": "fixed", "address": "127.0.0.1", "fixed_rate": 0})

@@ -50,7 +50,7 @@ def uring_rt():
         pytest.skip(f"io_uring is refused in this process ({why}); the fallback test covers that")
     rt = use_config(URING_TOML)
     assert rt.stacks[NAME].io == "uring", rt.stacks[NAME].describe()
-    assert rt.stacks[NAME].core.uring_refused is None
+    assert rt.stacks[NAME].attributes.get("uring_refused") is None
     return rt
 
 
@@ -248,7 +248,7 @@ while True:
 t.join()
 print(json.dumps({
     "io": inst.io,
-    "uring_refused": inst.core.uring_refused,
+    "uring_refused": inst.attributes.get("uring_refused"),
     "uring_available": _core.uring_available(),
     "describe": inst.describe(),
     "stacks": [s.dmm_stack for s in (srv, cli, conn)],

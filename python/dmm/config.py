@@ -71,6 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _core
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -89,20 +91,6 @@ kind = "kernel"
 protocol = "tcp"
 """
 
-_KINDS = ("kernel", "smoltcp", "fillp")
-# Fields each kind takes besides name and kind.
-_FIELDS = {
-    "kernel": ("protocol", "io"),
-    "fillp": ("rate_control", "address", "fixed_rate", "datagram_size"),
-    "smoltcp": ("device", "address", "gateway", "mtu", "mac", "buffer_size"),
-}
-_RATE_CONTROLS = ("bbr", "fillp", "fixed")
-# fixed_rate: "<number><unit>" with a unit of bits per second.
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(kbit|mbit|gbit)\s*$", re.IGNORECASE)
-_RATE_UNITS = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-# Bounds of fixed_rate, bits/s: above the core's floor of 4 packets per
-# 100 ms, below what one connection could be paced at.
-_MIN_RATE, _MAX_RATE = 500_000, 100 * 10**9
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -120,35 +108,27 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StackSpec:
-    """One ``[[stack]]`` entry."""
+    """One ``[[stack]]`` entry, checked by its kind's parser in the core.
+
+    The kind's fields read as attributes (``spec.protocol``, ``spec.mtu``),
+    with the value in force: defaults filled in, ``None`` for an optional
+    field left out, lists as tuples.
+    """
 
     name: str
     kind: str
-    protocol: str = "tcp"
-    io: str = "syscall"
-    #: FillP: rate control mode (bbr, fillp or fixed).
-    rate_control: str = "bbr"
-    #: FillP: the ``fixed`` mode's sending rate in bits/s (None: the core's
-    #: default, 10 Mbit/s).
-    fixed_rate: int | None = None
-    #: FillP: UDP payload bytes per datagram (None: "auto", from the route
-    #: to each peer).
-    datagram_size: int | None = None
-    #: FillP: the local address its UDP sockets bind to.
-    address: str = "0.0.0.0"
-    #: smoltcp: the TAP device's name.
-    device: str = ""
-    #: smoltcp: the instance's addresses with prefix length ("10.77.0.2/24").
-    addresses: tuple[str, ...] = ()
-    #: smoltcp: default gateways, at most one per family.
-    gateways: tuple[str, ...] = ()
-    #: smoltcp: the device MTU.
-    mtu: int = 1500
-    #: smoltcp: the MAC address ("02:..."); derived from the name if empty.
-    mac: str = ""
-    #: smoltcp: receive and send buffer per TCP socket, in bytes.
-    buffer_size: int = 262144
+    #: Every field of the kind with the value in force.
+    options: dict[str, Any] = field(default_factory=dict)
     line: int | None = None
+    #: The checked options as the core holds them (``_core.StackConfig``).
+    core: Any = field(default=None, compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("__"):
+            options = self.__dict__.get("options", {})
+            if name in options:
+                return options[name]
+        raise AttributeError(f"a {self.__dict__.get('kind')} stack has no field {name!r}")
 
 
 @dataclass(frozen=True)
@@ -320,7 +300,8 @@ class _Validator:
         where = f"stack[{i}]"
         if not isinstance(raw, dict):
             raise self.error(start, where, "must be a table")
-        allowed = {"name", "kind"}.union(*_FIELDS.values())
+        kinds = {name: fields for name, _summary, fields in _core.stack_kinds()}
+        allowed = {"name", "kind"}.union(*kinds.values())
         for key in raw:
             if key not in allowed:
                 raise self.error(self._key_line(start, key), f"{where}.{key}", "unknown field (expected one of: " + ", ".join(sorted(allowed)) + ")")
@@ -329,105 +310,16 @@ class _Validator:
             raise self.error(self._key_line(start, "name") if "name" in raw else start, f"{where}.name",
                              f"expected a name of letters, digits, '_', '-', '.' (at most 32, starting with a letter), got {name!r}")
         kind = raw.get("kind")
-        if kind not in _KINDS:
+        if kind not in kinds:
             raise self.error(self._key_line(start, "kind") if "kind" in raw else start, f"{where}.kind",
-                             f"expected one of {', '.join(_KINDS)}, got {kind!r}")
-        for key in raw:
-            if key not in ("name", "kind") and key not in _FIELDS[kind]:
-                raise self.error(self._key_line(start, key), f"{where}.{key}",
-                                 f"does not apply to a {kind} stack (it takes: {', '.join(_FIELDS[kind])})")
-        protocol = raw.get("protocol", "tcp")
-        if protocol not in ("tcp", "mptcp"):
-            raise self.error(self._key_line(start, "protocol"), f"{where}.protocol", f"expected 'tcp' or 'mptcp', got {protocol!r}")
-        io = raw.get("io", "syscall")
-        if io not in ("syscall", "uring"):
-            raise self.error(self._key_line(start, "io"), f"{where}.io", f"expected 'syscall' or 'uring', got {io!r}")
-        rate = raw.get("rate_control", "bbr")
-        if rate not in _RATE_CONTROLS:
-            raise self.error(self._key_line(start, "rate_control"), f"{where}.rate_control",
-                             f"expected one of {', '.join(_RATE_CONTROLS)}, got {rate!r}")
-        if kind == "smoltcp":
-            return self.smoltcp(raw, start, where, name)
-        address = raw.get("address", "0.0.0.0")
+                             f"expected one of {', '.join(kinds)}, got {kind!r}")
+        fields = {k: v for k, v in raw.items() if k not in ("name", "kind")}
         try:
-            if kind == "fillp":
-                ipaddress.ip_address(address)
-        except (ValueError, TypeError):
-            raise self.error(self._key_line(start, "address"), f"{where}.address",
-                             f"expected an IP address to bind to, got {address!r}") from None
-        fixed_rate = None
-        if "fixed_rate" in raw:
-            fixed_rate = self.fixed_rate(raw["fixed_rate"], rate, self._key_line(start, "fixed_rate"), f"{where}.fixed_rate")
-        size = raw.get("datagram_size", "auto")
-        if size == "auto":
-            size = None
-        elif not isinstance(size, int) or isinstance(size, bool) or not 512 <= size <= 65507:
-            raise self.error(self._key_line(start, "datagram_size"), f"{where}.datagram_size",
-                             f"expected \"auto\" or bytes of UDP payload from 512 to 65507, got {size!r}")
-        return StackSpec(name=name, kind=kind, protocol=protocol, io=io, rate_control=rate, fixed_rate=fixed_rate,
-                         datagram_size=size, address=address, line=start)
-
-    def fixed_rate(self, raw: Any, rate_control: str, line: int | None, fld: str) -> int:
-        """A FillP ``fixed_rate`` in bits/s, from "100mbit" or an integer."""
-        if rate_control != "fixed":
-            raise self.error(line, fld, f"applies only with rate_control = \"fixed\" (this stack has {rate_control!r})")
-        expected = "a rate such as \"100mbit\", \"2.5gbit\" or \"800kbit\", or an integer of bits/s"
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            bits = raw
-        elif isinstance(raw, str) and (m := _RATE.match(raw)):
-            bits = round(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
-        else:
-            raise self.error(line, fld, f"expected {expected}, got {raw!r}")
-        if not _MIN_RATE <= bits <= _MAX_RATE:
-            raise self.error(line, fld, f"expected from 500 kbit/s to 100 gbit/s, got {raw!r}")
-        return bits
-
-    def smoltcp(self, raw: dict[str, Any], start: int | None, where: str, name: str) -> StackSpec:
-        line = lambda key: self._key_line(start, key) if key in raw else start  # noqa: E731
-        device = raw.get("device")
-        if isinstance(device, str) and device.startswith("tap:"):
-            device = device[4:]
-        if not isinstance(device, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", device):
-            raise self.error(line("device"), f"{where}.device",
-                             f"expected a TAP device name such as \"tap:dmm0\" (at most 15 characters), got {raw.get('device')!r}")
-        addrs = raw.get("address")
-        addrs = [addrs] if isinstance(addrs, str) else addrs
-        if not isinstance(addrs, list) or not addrs:
-            raise self.error(line("address"), f"{where}.address",
-                             f"expected an address with prefix length such as \"10.77.0.2/24\", or a list of them, got {raw.get('address')!r}")
-        families = set()
-        for a in addrs:
-            try:
-                iface = ipaddress.ip_interface(a)
-            except (ValueError, TypeError):
-                iface = None
-            if iface is None or not isinstance(a, str) or "/" not in a:
-                raise self.error(line("address"), f"{where}.address",
-                                 f"expected an address with prefix length such as \"10.77.0.2/24\", got {a!r}")
-            families.add(iface.version)
-        gws = raw.get("gateway", [])
-        gws = [gws] if isinstance(gws, str) else gws
-        seen = set()
-        for g in gws if isinstance(gws, list) else [gws]:
-            try:
-                version = ipaddress.ip_address(g).version
-            except (ValueError, TypeError):
-                version = None
-            if version is None or version not in families or version in seen:
-                raise self.error(line("gateway"), f"{where}.gateway",
-                                 f"expected at most one gateway address per family the instance has an address in, got {raw.get('gateway')!r}")
-            seen.add(version)
-        mtu = raw.get("mtu", 1500)
-        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 1280 <= mtu <= 65521:
-            raise self.error(line("mtu"), f"{where}.mtu", f"expected an integer from 1280 (IPv6 needs it) to 65521 (the TAP maximum), got {mtu!r}")
-        mac = raw.get("mac", "")
-        if not isinstance(mac, str) or (mac and not re.fullmatch(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", mac)):
-            raise self.error(line("mac"), f"{where}.mac", f"expected a MAC address like \"02:00:00:00:00:01\", got {mac!r}")
-        size = raw.get("buffer_size", 262144)
-        if not isinstance(size, int) or isinstance(size, bool) or not 4096 <= size <= 1 << 30:
-            raise self.error(line("buffer_size"), f"{where}.buffer_size", f"expected bytes from 4096 to 1 GiB, got {size!r}")
-        return StackSpec(name=name, kind="smoltcp", device=device, addresses=tuple(addrs), gateways=tuple(gws),
-                         mtu=mtu, mac=mac, buffer_size=size, line=start)
+            checked = _core.parse_stack(kind, fields)
+        except _core.OptionError as exc:
+            line = self._key_line(start, exc.field) if exc.field in raw else start
+            raise self.error(line, f"{where}.{exc.field}", exc.message) from None
+        return StackSpec(name=name, kind=kind, options=dict(checked.values()), line=start, core=checked)
 
     def stack_list(self, raw: Any, fld: str, line: int | None, names: list[str]) -> tuple[str, ...]:
         if not isinstance(raw, list) or not raw or not all(isinstance(s, str) for s in raw):

@@ -79,9 +79,8 @@ class Runtime:
         # The built-in default: one plain kernel TCP instance with syscalls.
         # Then no socket can ever change protocol or leave the kernel, so
         # sockets need neither an option log nor an attach step.
-        spec = config.stacks[0]
-        self.plain_kernel = self.stacks[spec.name] if (
-            self.only is not None and spec.kind == "kernel" and spec.protocol == "tcp" and spec.io == "syscall") else None
+        first = self.stacks[self.order[0]]
+        self.plain_kernel = first if self.only is not None and first.passthrough else None
 
     def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
         """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""
@@ -151,6 +150,18 @@ class Runtime:
                 return Outcome(names[0], f"route[{tag}]", self.config.routes[tag].describe(), stacks=names)
         return None
 
+    def admits(self, family: int, type: int, address: str, port: int, stack: str) -> bool:
+        """Whether a client at ``address`` that reached a listener on ``port``
+        through ``stack`` may be served there (counts a refusal)."""
+        request = policy.Request(role="accept", family=family, type=type, address=address, port=port, stack=stack)
+        outcome = self.admit(request)
+        if outcome is None or stack in outcome.stacks:
+            return True
+        inst = self.stacks.get(stack)
+        if inst is not None:
+            inst.count_refused()
+        return False
+
     def _first_capable(self, names, request: policy.Request, trace: list[str], source: str) -> Optional[str]:
         return next(self._capable_iter(names, request, trace, source), None)
 
@@ -172,10 +183,10 @@ class Runtime:
         """The stacks a listener spans: at most one kernel instance (the first
         named; a kernel port has one listener, and an MPTCP listener accepts
         plain TCP too), and every user-space one."""
-        kernel = [n for n in names if self.stacks[n].kind == "kernel"]
+        kernel = [n for n in names if self.stacks[n].keeps_fd]
         for extra in kernel[1:]:
             trace.append(f"listen: {extra} skipped, {kernel[0]} is the kernel listener for this port")
-        return tuple(n for n in names if n == kernel[0] or self.stacks[n].kind != "kernel") if kernel else names
+        return tuple(n for n in names if n == kernel[0] or not self.stacks[n].keeps_fd) if kernel else names
 
     def _capable(self, names, request: policy.Request, trace: list[str], source: str) -> tuple[str, ...]:
         """Every stack of ``names`` that can carry the socket, in order."""

@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-import select as _select
-import sys as _sys
-import time as _time
-import weakref as _weakref
 import socket as _std
 import _socket
 
 from . import policy as _policy
 from . import runtime as _runtime
+from ._multilisten import ListenGroup as _ListenGroup
+from ._multilisten import MultiListenMethods as _MultiListenMethods
+from ._userspace import CoreMethods as _CoreMethods
+from ._userspace import UserSpaceMethods as _UserSpaceMethods
+from ._userspace import option_bytes as _option_bytes
+from ._userspace import user_space as _user_space
+from ._userspace import is_ip as _is_ip
+from ._userspace import with_mixin as _with_mixin
+from ._userspace import write_poll_fd
 
 #: The stdlib class, captured before any patching (after ``patch_all()``,
 #: ``socket.socket`` is our own class).
@@ -67,16 +72,6 @@ _NOT_ROUTED = ""  # marks sockets dmm does not route (AF_UNIX, raw, ...)
 # which costs more than the rest of a routing decision.
 _raw_family = _socket.socket.family.__get__
 _raw_type = _socket.socket.type.__get__
-_inet_pton = _socket.inet_pton
-
-
-def _is_ip(host, family):
-    """Whether ``host`` is a numeric address of ``family`` (zone allowed)."""
-    try:
-        _inet_pton(family, host.partition("%")[0] if family == _std.AF_INET6 else host)
-    except (OSError, TypeError, ValueError):
-        return False
-    return True
 
 
 def _parse_properties(value: bytes) -> dict[str, str]:
@@ -148,14 +143,33 @@ class socket(_StdSocket):
             name = outcome.stack
             if len(outcome.stacks) > 1:
                 # Listens on several stacks: the members are made by listen().
-                self._dmm_core = _ListenGroup(rt, outcome.stacks)
+                self._dmm_core = _ListenGroup(rt.stacks, outcome.stacks)
                 self._dmm_stack = name
                 self.__class__ = _with_mixin(type(self), _MultiListenMethods)
                 return address
-        rt.stacks[name].attach(self, role)
+        self._dmm_move_to(name, role)
         self._dmm_stack = name
         self._dmm_opts = None
         return address
+
+    def _dmm_move_to(self, name, role):
+        """Moves this socket onto stack instance ``name``, as it says."""
+        inst = (_runtime._runtime or _runtime.get()).stacks[name]
+        local = None
+        if not inst.keeps_fd:  # a kernel socket keeps its own binding
+            try:
+                local = _StdSocket.getsockname(self)
+            except OSError:
+                pass
+        family, type_ = _raw_family(self), _raw_type(self)
+        handover = inst.handover(family, type_, self.proto, local)
+        if handover.reopen is not None:
+            self._dmm_reopen(handover.reopen)
+        if handover.adopt:
+            self._dmm_use_core(inst.adopt(self.fileno(), family, type_))
+        elif handover.core is not None:
+            self._dmm_use_userspace(handover.core)
+        inst.count(role)
 
     def _dmm_reopen(self, proto):
         """Replaces the kernel socket under this fd number with one of another
@@ -206,10 +220,8 @@ class socket(_StdSocket):
         for level, optname, value, optlen in self._dmm_opts or ():
             if optlen is not None:
                 continue
-            if isinstance(value, int):
-                value = value.to_bytes(4, _sys.byteorder, signed=True)
             try:
-                core.setsockopt(level, optname, bytes(value))
+                core.setsockopt(level, optname, _option_bytes(value))
             except OSError:
                 pass
         _os.dup2(core.poll_fd(), self.fileno(), inheritable=self.get_inheritable())
@@ -281,9 +293,49 @@ class socket(_StdSocket):
     def accept(self):
         while True:
             fd, addr = self._accept()
-            sock = _adopt_kernel(self, fd, self._dmm_stack)
-            if _admitted(self, sock, addr):
+            sock = self._dmm_accepted(fd, None, self._dmm_stack)
+            if self._dmm_admit(sock, addr):
                 return sock, addr
+
+    def _dmm_accepted(self, fd, core, name):
+        """The dmm socket for a connection this listener accepted on stack
+        ``name``: a kernel socket ``fd``, or a user-space ``core`` socket."""
+        # Plain ints for the new socket: the stdlib's enum properties cost
+        # more than the rest of the bookkeeping here.
+        sock = socket(_raw_family(self), _raw_type(self), self.proto, fileno=fd)
+        if self.gettimeout() and _std.getdefaulttimeout() is None:
+            sock.setblocking(True)
+        if not name:
+            return sock
+        sock._dmm_stack = name
+        inst = (_runtime._runtime or _runtime.get()).stacks.get(name)
+        if core is not None:
+            sock._dmm_use_userspace(core)
+        elif inst is not None and inst.adopts:
+            sock._dmm_use_core(inst.adopt(sock.fileno(), _raw_family(sock), _raw_type(sock)))
+        if inst is not None:
+            inst.count("accept")
+        return sock
+
+    def _dmm_admit(self, sock, addr):
+        """Whether the accept policy lets ``sock``'s stack serve the client
+        at ``addr``; a refused connection is reset and closed."""
+        rt = _runtime._runtime
+        if rt is None or not (_policy.accept_hooks or rt.accept_rules) or not sock._dmm_stack:
+            return True
+        try:
+            port = self.getsockname()[1]
+        except OSError:
+            port = 0
+        if rt.admits(_raw_family(sock), _raw_type(sock), addr[0].partition("%")[0], port, sock._dmm_stack):
+            return True
+        try:
+            # Linger 0: the client sees a reset, not an orderly close.
+            sock.setsockopt(_std.SOL_SOCKET, _std.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        sock.close()
+        return False
 
     def dup(self):
         sock = super().dup()
@@ -296,6 +348,10 @@ class socket(_StdSocket):
         if level == SOL_DMM:
             self._dmm_setopt(optname, value)
             return
+        self._dmm_set_option(level, optname, value, optlen)
+
+    def _dmm_set_option(self, level, optname, value, optlen):
+        """A kernel-level option, on whatever carries the socket."""
         if optlen is None:
             super().setsockopt(level, optname, value)
         else:
@@ -313,6 +369,10 @@ class socket(_StdSocket):
             if optname == DMM_PROPERTIES:
                 return ";".join(f"{k}={v}" for k, v in self._dmm_props.items()).encode()
             raise OSError(_errno.ENOPROTOOPT, "Protocol not available")
+        return self._dmm_get_option(level, optname, buflen)
+
+    def _dmm_get_option(self, level, optname, buflen):
+        """A kernel-level option, from whatever carries the socket."""
         if buflen is None:
             return super().getsockopt(level, optname)
         return super().getsockopt(level, optname, buflen)
@@ -361,423 +421,6 @@ class socket(_StdSocket):
             except OSError:
                 return {}
         return {}
-
-
-class _CoreMethods:
-    """Data methods that go through the Rust core socket in ``_dmm_core``
-    (kernel instances with ``io = "uring"``). Mixed in by changing the
-    instance's class, so plain kernel sockets pay nothing for it."""
-
-    __slots__ = ()
-
-    def send(self, data, flags=0):
-        return self._dmm_core.send(data, flags)
-
-    def sendall(self, data, flags=0):
-        return self._dmm_core.sendall(data, flags)
-
-    def recv(self, bufsize, flags=0):
-        return self._dmm_core.recv(bufsize, flags)
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        return self._dmm_core.recv_into(buffer, nbytes, flags)
-
-    def settimeout(self, value):
-        super().settimeout(value)
-        self._dmm_core.settimeout(self.gettimeout())
-
-    def setblocking(self, flag):
-        super().setblocking(flag)
-        self._dmm_core.settimeout(self.gettimeout())
-
-    def _real_close(self, *args):
-        if _user_space.get(self.fileno()) is self:
-            del _user_space[self.fileno()]
-        try:
-            self._dmm_core.close()
-        finally:
-            super()._real_close(*args)
-
-
-def _refusing(name, code, why, doc):
-    """A method ``name`` that raises ``OSError(code)``; ``why`` is formatted
-    with ``name`` and ``stack``."""
-
-    def method(self, *args, **kwargs):
-        raise OSError(code, why.format(name=name, stack=self._dmm_stack))
-
-    method.__name__ = name
-    method.__doc__ = doc
-    return method
-
-
-def _not_supported(name):
-    return _refusing(name, _errno.EOPNOTSUPP, "{name}() is not supported on a {stack} socket",
-                     "Not supported on user-space stacks: raises OSError(EOPNOTSUPP).")
-
-
-class _UserSpaceMethods(_CoreMethods):
-    """Every socket method goes to the Rust core socket of a user-space stack
-    (FillP, smoltcp). The fd is that socket's readiness eventfd."""
-
-    __slots__ = ()
-
-    def connect(self, address):
-        return self._dmm_core.connect(self._dmm_numeric(address))
-
-    def connect_ex(self, address):
-        try:
-            self._dmm_core.connect(self._dmm_numeric(address))
-        except OSError as exc:
-            if exc.errno is None:
-                raise
-            return exc.errno
-        return 0
-
-    def _dmm_numeric(self, address):
-        host, port = address[0], address[1]
-        if not _is_ip(host, _raw_family(self)):
-            address = _std.getaddrinfo(host, port, _raw_family(self), _raw_type(self))[0][4]
-        return address
-
-    def bind(self, address):
-        return self._dmm_core.bind(self._dmm_numeric(address))
-
-    def listen(self, *backlog):
-        return self._dmm_core.listen(backlog[0] if backlog else 128)
-
-    def accept(self):
-        while True:
-            core, addr = self._dmm_core.accept()
-            sock = _adopt_core(self, core, self._dmm_stack)
-            if _admitted(self, sock, addr):
-                return sock, addr
-
-    def sendto(self, data, *args):
-        flags, address = (0, args[0]) if len(args) == 1 else args
-        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
-
-    def recvfrom(self, bufsize, flags=0):
-        return self._dmm_core.recvfrom(bufsize, flags)
-
-    def recvfrom_into(self, buffer, nbytes=0, flags=0):
-        return self._dmm_core.recvfrom_into(buffer, nbytes, flags)
-
-    def sendfile(self, file, offset=0, count=None):
-        return self._sendfile_use_send(file, offset, count)
-
-    def shutdown(self, how):
-        return self._dmm_core.shutdown(how)
-
-    def getsockname(self):
-        return self._dmm_core.getsockname()
-
-    def getpeername(self):
-        return self._dmm_core.getpeername()
-
-    def setsockopt(self, level, optname, value, optlen=None):
-        if level == SOL_DMM:
-            return socket.setsockopt(self, level, optname, value)
-        if isinstance(value, int):
-            value = value.to_bytes(4, _sys.byteorder, signed=True)
-        return self._dmm_core.setsockopt(level, optname, bytes(value))
-
-    def getsockopt(self, level, optname, buflen=None):
-        if level == SOL_DMM:
-            return socket.getsockopt(self, level, optname, buflen)
-        raw = self._dmm_core.getsockopt(level, optname, buflen or 4)
-        if buflen is None:
-            return int.from_bytes(raw[:4], _sys.byteorder, signed=True)
-        return raw
-
-    sendmsg = _not_supported("sendmsg")
-    recvmsg = _not_supported("recvmsg")
-    recvmsg_into = _not_supported("recvmsg_into")
-    dup = _not_supported("dup")
-
-
-#: Open sockets on user-space stacks by fd number. Their fd (a readiness
-#: eventfd) polls readable exactly when they are readable but is always
-#: writable, so :mod:`dmm.selectors` polls their ``write_poll_fd`` instead.
-_user_space: _weakref.WeakValueDictionary = _weakref.WeakValueDictionary()
-
-
-def write_poll_fd(fd):
-    """For the fd of an open dmm socket on a user-space stack (FillP,
-    smoltcp): an fd that polls readable exactly while that socket is
-    writable. ``None`` for any other fd, whose own ``POLLOUT`` is exact."""
-    sock = _user_space.get(fd)
-    if sock is None:
-        return None
-    try:
-        return sock._dmm_core.write_poll_fd()
-    except (AttributeError, OSError):
-        return None
-
-
-def _adopt_kernel(listener, fd, name):
-    """The dmm socket for a kernel connection ``fd`` accepted on stack ``name``."""
-    # Plain ints for the new socket: the stdlib's enum properties cost more
-    # than the rest of the bookkeeping here.
-    sock = socket(_raw_family(listener), _raw_type(listener), listener.proto, fileno=fd)
-    if listener.gettimeout() and _std.getdefaulttimeout() is None:
-        sock.setblocking(True)
-    if name:
-        sock._dmm_stack = name
-        inst = (_runtime._runtime or _runtime.get()).stacks.get(name)
-        if inst is not None:
-            inst.count("accept")
-            if inst.kind == "kernel" and inst.io == "uring":
-                kind = "stream" if _raw_type(listener) == _std.SOCK_STREAM else "dgram"
-                sock._dmm_use_core(inst.core.adopt(sock.fileno(), _raw_family(sock), kind))
-    return sock
-
-
-def _adopt_core(listener, core, name):
-    """The dmm socket for a user-space connection ``core`` accepted on ``name``."""
-    sock = socket(_raw_family(listener), _raw_type(listener), listener.proto)
-    sock._dmm_stack = name
-    if _std.getdefaulttimeout() is None and listener.gettimeout():
-        sock.setblocking(True)
-    sock._dmm_use_userspace(core)
-    inst = _runtime.get().stacks.get(name)
-    if inst is not None:
-        inst.count("accept")
-    return sock
-
-
-def _admitted(listener, sock, addr):
-    """Whether the accept policy lets ``sock``'s stack serve the client at
-    ``addr``; a refused connection is reset and counted."""
-    rt = _runtime._runtime
-    if rt is None or not (_policy.accept_hooks or rt.accept_rules) or not sock._dmm_stack:
-        return True
-    try:
-        port = listener.getsockname()[1]
-    except OSError:
-        port = 0
-    request = _policy.Request(role="accept", family=_raw_family(sock), type=_raw_type(sock),
-                              address=addr[0].partition("%")[0], port=port, stack=sock._dmm_stack)
-    outcome = rt.admit(request)
-    if outcome is None or sock._dmm_stack in outcome.stacks:
-        return True
-    inst = rt.stacks.get(sock._dmm_stack)
-    if inst is not None:
-        inst.count_refused()
-    try:
-        # Linger 0: the client sees a reset, not an orderly close.
-        sock.setsockopt(_std.SOL_SOCKET, _std.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    sock.close()
-    return False
-
-
-class _ListenGroup:
-    """The member listeners of one dmm socket that listens on several stacks.
-
-    The dmm socket's fd becomes an epoll fd watching every member (a kernel
-    listening socket, and the readiness fds of user-space listeners), so it
-    polls readable when any member has a connection waiting, and
-    ``selectors``, ``socketserver`` and asyncio work on it unchanged.
-    """
-
-    __slots__ = ("runtime", "names", "members", "epoll", "next")
-
-    def __init__(self, runtime, names):
-        self.runtime = runtime
-        self.names = tuple(names)
-        self.members = []  # (name, kernel _socket.socket or None, core socket or None)
-        self.epoll = None
-        self.next = 0  # round robin, so one busy stack cannot starve another
-
-    def open(self, sock, backlog):
-        """Makes the members listen, then puts the epoll fd under ``sock``'s number."""
-        family = _raw_family(sock)
-        if _StdSocket.getsockname(sock)[1] == 0:
-            _StdSocket.bind(sock, ("::" if family == _std.AF_INET6 else "0.0.0.0", 0))
-        host, port = _StdSocket.getsockname(sock)[:2]
-        kernel = None
-        try:
-            for name in self.names:
-                inst = self.runtime.stacks[name]
-                if inst.kind == "kernel":
-                    if kernel is not None:
-                        continue  # one kernel listener per port; the first named wins
-                    kernel = name
-                    continue
-                core = inst.listener(family, (host, port), backlog)
-                core.settimeout(0.0)
-                self.members.append((name, None, core))
-            if kernel is not None:
-                # The kernel member is the socket itself, moved to a new fd.
-                self.runtime.stacks[kernel].attach(sock, "listen")
-                _StdSocket.listen(sock, backlog)
-                ksock = _socket.socket(fileno=_os.dup(sock.fileno()))
-                ksock.setblocking(False)
-                self.members.insert(0, (kernel, ksock, None))
-            self.epoll = _select.epoll()
-            for _name, ksock, core in self.members:
-                self.epoll.register(ksock.fileno() if ksock is not None else core.poll_fd(), _select.EPOLLIN)
-            _os.dup2(self.epoll.fileno(), sock.fileno(), inheritable=sock.get_inheritable())
-        except BaseException:
-            self.close()
-            raise
-        for name, _ksock, core in self.members:
-            if core is not None:
-                self.runtime.stacks[name].count("listen")
-
-    def accept_one(self):
-        """The next waiting connection from any member, or ``None``."""
-        n = len(self.members)
-        for i in range(n):
-            name, ksock, core = self.members[(self.next + i) % n]
-            try:
-                if ksock is not None:
-                    fd, addr = ksock._accept()
-                    conn = (name, fd, None, addr)
-                else:
-                    conn_core, addr = core.accept()
-                    conn = (name, None, conn_core, addr)
-            except (BlockingIOError, InterruptedError):
-                continue
-            self.next = (self.next + i + 1) % n
-            return conn
-        return None
-
-    def close(self):
-        for _name, ksock, core in self.members:
-            try:
-                if ksock is not None:
-                    ksock.close()
-                else:
-                    core.close()
-            except OSError:
-                pass
-        self.members = []
-        if self.epoll is not None:
-            self.epoll.close()
-            self.epoll = None
-
-
-def _listening(name):
-    return _refusing(name, _errno.ENOTCONN, "{name}() on a listening socket",
-                     "A listening socket has no peer: raises OSError(ENOTCONN).")
-
-
-class _MultiListenMethods:
-    """A socket listening on several stacks at once (``_dmm_core`` is its
-    :class:`_ListenGroup`). ``accept()`` returns the next connection from any
-    of them, as a dmm socket of the stack it arrived on."""
-
-    __slots__ = ()
-
-    def listen(self, *backlog):
-        group = self._dmm_core
-        if group.epoll is None:
-            group.open(self, backlog[0] if backlog else 128)
-
-    def accept(self):
-        group = self._dmm_core
-        if group.epoll is None:
-            raise OSError(_errno.EINVAL, "Invalid argument")
-        timeout = self.gettimeout()
-        deadline = None if not timeout else _time.monotonic() + timeout
-        while True:
-            conn = group.accept_one()
-            if conn is not None:
-                name, fd, core, addr = conn
-                sock = _adopt_kernel(self, fd, name) if fd is not None else _adopt_core(self, core, name)
-                if _admitted(self, sock, addr):
-                    return sock, addr
-                continue
-            if timeout == 0.0:
-                raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
-            wait = -1 if deadline is None else deadline - _time.monotonic()
-            if deadline is not None and wait <= 0:
-                raise TimeoutError("timed out")
-            group.epoll.poll(wait)  # EINTR: handlers run, then it retries (PEP 475)
-
-    def getsockname(self):
-        name, ksock, core = self._dmm_core.members[0]
-        return ksock.getsockname() if ksock is not None else core.getsockname()
-
-    def setsockopt(self, level, optname, value, optlen=None):
-        if level == SOL_DMM:
-            return socket.setsockopt(self, level, optname, value)
-        for _name, ksock, core in self._dmm_core.members:
-            if ksock is not None:
-                ksock.setsockopt(level, optname, value) if optlen is None else ksock.setsockopt(level, optname, value, optlen)
-            else:
-                raw = value.to_bytes(4, _sys.byteorder, signed=True) if isinstance(value, int) else bytes(value)
-                try:
-                    core.setsockopt(level, optname, raw)
-                except OSError as exc:
-                    if exc.errno != _errno.ENOPROTOOPT:
-                        raise
-
-    def getsockopt(self, level, optname, buflen=None):
-        if level == SOL_DMM:
-            return socket.getsockopt(self, level, optname, buflen)
-        _name, ksock, core = self._dmm_core.members[0]
-        if ksock is not None:
-            return ksock.getsockopt(level, optname) if buflen is None else ksock.getsockopt(level, optname, buflen)
-        raw = core.getsockopt(level, optname, buflen or 4)
-        return int.from_bytes(raw[:4], _sys.byteorder, signed=True) if buflen is None else raw
-
-    def settimeout(self, value):
-        _StdSocket.settimeout(self, value)
-
-    def setblocking(self, flag):
-        _StdSocket.setblocking(self, flag)
-
-    def shutdown(self, how):
-        for _name, ksock, core in self._dmm_core.members:
-            ksock.shutdown(how) if ksock is not None else core.shutdown(how)
-
-    def _real_close(self, *args):
-        try:
-            self._dmm_core.close()
-        finally:
-            _StdSocket._real_close(self, *args)
-
-    @property
-    def dmm_stacks(self):
-        return self._dmm_core.names if not self._dmm_core.members else tuple(m[0] for m in self._dmm_core.members)
-
-    def dmm_counters(self):
-        return {}
-
-    getpeername = _listening("getpeername")
-    connect = _listening("connect")
-    connect_ex = _listening("connect_ex")
-    send = _listening("send")
-    sendall = _listening("sendall")
-    sendto = _listening("sendto")
-    sendmsg = _listening("sendmsg")
-    sendfile = _listening("sendfile")
-    recv = _listening("recv")
-    recv_into = _listening("recv_into")
-    recvfrom = _listening("recvfrom")
-    recvfrom_into = _listening("recvfrom_into")
-    recvmsg = _listening("recvmsg")
-    recvmsg_into = _listening("recvmsg_into")
-    dup = _not_supported("dup")
-
-
-_mixed_classes: dict[tuple[type, type], type] = {}
-
-
-def _with_mixin(cls, mixin):
-    """``cls`` with ``mixin``'s methods first, same layout, cached."""
-    if issubclass(cls, mixin):
-        return cls
-    derived = _mixed_classes.get((cls, mixin))
-    if derived is None:
-        derived = type(cls.__name__, (mixin, cls),
-                       {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        _mixed_classes[(cls, mixin)] = derived
-    return derived
 
 
 # -- module functions ------------------------------------------------------------

@@ -1,52 +1,102 @@
 """Stack instances as the Python facade sees them.
 
-Each instance wraps its Rust core object and knows how to take over a
-``dmm.socket.socket`` once the router has chosen it (:meth:`attach`). The
-kernel kind keeps the socket's own fd; the user-space kinds (FillP, smoltcp)
-hand the socket to a Rust core socket.
+Every kind is opened the same way, from its checked ``[[stack]]`` table:
+``_core.Stack(name, config)``. What differs between kinds is how a socket
+moves onto the instance, and the Rust core says which (``placement``):
+
+* :class:`KernelInstance` (``"kernel"`` placement): the socket keeps its own
+  kernel fd. A stream socket of another protocol is reopened (TCP <-> MPTCP),
+  and an io_uring instance moves data through a core socket over that fd.
+* :class:`UserSpaceInstance` (``"core"`` placement): the socket moves into a
+  core socket of the instance (FillP, smoltcp, memory), and its fd number
+  becomes that socket's readiness eventfd.
+
+:meth:`StackInstance.handover` tells a socket what to become; the socket
+does it (calls run one way: socket -> runtime -> instance -> core).
 """
 
 from __future__ import annotations
 
-import _socket
-import socket as _stdsocket
 import itertools
-from typing import Any, Optional
+import socket as _stdsocket
+from typing import Any, NamedTuple, Optional
 
 from . import _core
 from .config import StackSpec
 
-__all__ = ["IPPROTO_MPTCP", "FillpInstance", "KernelInstance", "SmolInstance", "StackInstance",
-           "UserSpaceInstance", "make_instance"]
+__all__ = ["IPPROTO_MPTCP", "Handover", "KernelInstance", "StackInstance", "UserSpaceInstance", "make_instance"]
 
 #: ``IPPROTO_MPTCP`` (CPython exposes it only from 3.10 on some builds).
 IPPROTO_MPTCP = getattr(_stdsocket, "IPPROTO_MPTCP", 262)
 
 _INET = (_stdsocket.AF_INET, _stdsocket.AF_INET6)
-_raw_type = _socket.socket.type.__get__  # an int, without the enum conversion
+_KIND = {_stdsocket.SOCK_STREAM: "stream", _stdsocket.SOCK_DGRAM: "dgram"}
 _ROLE_KEYS = {"connect": "connects", "listen": "listens", "accept": "accepts", "sendto": "datagram_sockets"}
 
 
+class Handover(NamedTuple):
+    """What a socket must do to move onto an instance, in this order."""
+
+    #: Reopen the kernel socket under the same fd with this protocol number.
+    reopen: Optional[int] = None
+    #: Then move data through ``instance.adopt(fd, ...)``'s core socket.
+    adopt: bool = False
+    #: Or: hand the whole socket to this core socket.
+    core: Any = None
+
+
 class StackInstance:
-    """A stack instance as the facade sees it: what it can carry, how it takes
-    over a socket, and counters kept in Python (sockets by role, refusals)."""
+    """One stack instance: what it can carry, how a socket moves onto it,
+    and counters kept in Python (sockets by role, refusals).
 
-    name: str
-    kind: str
-    core: Any
+    Facts the core fixed at open (``io`` of a kernel instance after any
+    io_uring fallback, ``device`` of a smoltcp one) read as attributes.
+    """
 
-    def __init__(self, name: str):
-        self.name = name
+    #: Sockets keep their kernel fd (at most one such instance listens on a port).
+    keeps_fd = False
+    #: Sockets stay exactly as the stdlib made them: no handover at all.
+    passthrough = False
+    #: Accepted and routed sockets move data through ``adopt()``.
+    adopts = False
+
+    def __init__(self, spec: StackSpec, core: Any):
+        self.name = spec.name
+        self.kind = spec.kind
+        self.core = core
+        self.attributes = dict(core.attributes())
+        self._carries: dict[tuple[int, int], Optional[str]] = {}
         # itertools.count: next() is atomic under the GIL and cheaper than a lock.
         self._counts = {key: itertools.count() for key in ("sockets", "policy_refused", *_ROLE_KEYS.values())}
 
+    def __getattr__(self, name: str) -> Any:
+        attributes = self.__dict__.get("attributes", {})
+        if name in attributes:
+            return attributes[name]
+        raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name')!r} has no attribute {name!r}")
+
     def can_carry(self, family: int, type: int) -> Optional[str]:
         """``None`` if this instance can carry such a socket, else why not."""
+        key = (family, type)
+        why = self._carries.get(key, False)
+        if why is False:
+            if family not in _INET:
+                why = f"address family {family!r} is not IPv4 or IPv6"
+            elif type not in _KIND:
+                why = f"socket type {type!r} is not stream or datagram"
+            else:
+                why = self.core.carries(family, _KIND[type])
+            self._carries[key] = why
+        return why
+
+    def handover(self, family: int, type: int, proto: int, local: Optional[tuple]) -> Handover:
+        """What a socket of ``family``/``type``/``proto``, bound to ``local``
+        (or not bound), must do to move onto this instance."""
         raise NotImplementedError
 
-    def attach(self, sock: Any, role: str) -> None:
-        """Makes ``sock`` a socket of this instance (may replace its fd in place)."""
-        raise NotImplementedError
+    def adopt(self, fd: int, family: int, type: int) -> Any:
+        """A core socket over the kernel socket ``fd`` (the caller keeps it)."""
+        return self.core.adopt(fd, family, _KIND.get(type, "stream"))
 
     def listener(self, family: int, address: tuple, backlog: int) -> Any:
         """User-space kinds: a core socket listening on ``address``'s port,
@@ -73,76 +123,49 @@ class StackInstance:
 
 
 class KernelInstance(StackInstance):
-    """The kernel's TCP/IP (or MPTCP) stack.
+    """An instance whose sockets keep their kernel fd (the kernel's TCP/IP,
+    or MPTCP). Data moves through CPython's own socket methods on that fd, so
+    a kernel socket costs exactly what a stdlib socket costs; with
+    ``io = "uring"`` it moves through the core's io_uring path instead."""
 
-    Data moves through CPython's own socket methods on the same fd, so a
-    kernel socket costs exactly what a stdlib socket costs. With
-    ``io = "uring"``, blocking sends and receives go through the Rust core's
-    io_uring path instead (falling back to syscalls when io_uring is refused).
-    """
+    keeps_fd = True
 
-    kind = "kernel"
+    def __init__(self, spec: StackSpec, core: Any):
+        super().__init__(spec, core)
+        _place, self.stream_protocol, self.adopts = core.placement
+        self.passthrough = self.stream_protocol == _stdsocket.IPPROTO_TCP and not self.adopts
 
-    def __init__(self, spec: StackSpec):
-        super().__init__(spec.name)
-        self.protocol = spec.protocol
-        self.core = _core.KernelStack(spec.name, spec.protocol, spec.io)
-        self.io = self.core.io
-        self._stream_proto = IPPROTO_MPTCP if spec.protocol == "mptcp" else _stdsocket.IPPROTO_TCP
-
-    def can_carry(self, family: int, type: int) -> Optional[str]:
-        if family not in _INET:
-            return f"address family {family!r} is not IPv4 or IPv6"
-        if self.protocol == "mptcp" and type != _stdsocket.SOCK_STREAM:
-            return "MPTCP carries stream sockets only"
-        if type not in (_stdsocket.SOCK_STREAM, _stdsocket.SOCK_DGRAM):
-            return f"socket type {type!r} is not stream or datagram"
-        return None
-
-    def attach(self, sock: Any, role: str) -> None:
-        if _raw_type(sock) == _stdsocket.SOCK_STREAM:
-            want = self._stream_proto
-            if (sock.proto or _stdsocket.IPPROTO_TCP) != want:
-                sock._dmm_reopen(want)
-        if self.io == "uring":
-            kind = "stream" if sock.type == _stdsocket.SOCK_STREAM else "dgram"
-            sock._dmm_use_core(self.core.adopt(sock.fileno(), sock.family, kind))
-        self.count(role)
+    def handover(self, family: int, type: int, proto: int, local: Optional[tuple]) -> Handover:
+        reopen = None
+        if type == _stdsocket.SOCK_STREAM and (proto or _stdsocket.IPPROTO_TCP) != self.stream_protocol:
+            reopen = self.stream_protocol
+        return Handover(reopen=reopen, adopt=self.adopts)
 
 
 class UserSpaceInstance(StackInstance):
-    """A stack that carries sockets entirely in the Rust core (FillP, smoltcp).
-
-    The Python socket's fd becomes the core socket's readiness eventfd. A
-    socket bound before routing keeps its port on the new stack; its address
-    is mapped by :meth:`local_address`.
-    """
-
-    def local_address(self, family: int, host: str) -> str:
-        """The address a core socket binds to when the application bound
-        ``host`` (the wildcard, or one of its own addresses)."""
-        raise NotImplementedError
+    """An instance that carries sockets entirely in the Rust core (FillP,
+    smoltcp, memory). A socket bound before routing keeps its port on the
+    new stack, at the address the core maps the application's to."""
 
     def core_socket(self, family: int, type: int) -> Any:
         """A new core socket for a Python socket of ``family`` and ``type``."""
-        return self.core.socket(family, "stream" if type == _stdsocket.SOCK_STREAM else "dgram")
+        return self.core.socket(family, _KIND.get(type, "stream"))
 
-    def attach(self, sock: Any, role: str) -> None:
-        family = _stdsocket.AF_INET6 if sock.family == _stdsocket.AF_INET6 else _stdsocket.AF_INET
-        core = self.core_socket(family, _raw_type(sock))
-        try:
-            local = sock.getsockname()
-        except OSError:
-            local = None
+    def handover(self, family: int, type: int, proto: int, local: Optional[tuple]) -> Handover:
+        family = _stdsocket.AF_INET6 if family == _stdsocket.AF_INET6 else _stdsocket.AF_INET
+        core = self.core_socket(family, type)
         if local is not None and local[1] != 0:
-            core.bind((self.local_address(family, local[0]), local[1]))
-        sock._dmm_use_userspace(core)
-        self.count(role)
+            try:
+                core.bind((self.core.bind_address(family, local[0]), local[1]))
+            except BaseException:
+                core.close()
+                raise
+        return Handover(core=core)
 
     def listener(self, family: int, address: tuple, backlog: int) -> Any:
         core = self.core_socket(family, _stdsocket.SOCK_STREAM)
         try:
-            core.bind((self.local_address(family, address[0]), address[1]))
+            core.bind((self.core.bind_address(family, address[0]), address[1]))
             core.listen(backlog)
         except BaseException:
             core.close()
@@ -155,75 +178,13 @@ class UserSpaceInstance(StackInstance):
         return counts
 
 
-class FillpInstance(UserSpaceInstance):
-    """A FillP-style reliable transport over UDP (Rust driver thread).
-
-    A listener bound to port P takes UDP port P, the number of its TCP twin.
-    """
-
-    kind = "fillp"
-
-    def __init__(self, spec: StackSpec):
-        super().__init__(spec.name)
-        self.rate_control = spec.rate_control
-        self.address = spec.address
-        # The core counts bytes/s; the configuration, bits/s.
-        fixed_rate = None if spec.fixed_rate is None else spec.fixed_rate // 8
-        self.core = _core.FillpStack(spec.name, spec.rate_control, spec.address, fixed_rate, spec.datagram_size)
-        self._family = _stdsocket.AF_INET6 if ":" in spec.address else _stdsocket.AF_INET
-
-    def can_carry(self, family: int, type: int) -> Optional[str]:
-        if type != _stdsocket.SOCK_STREAM:
-            return "FillP carries stream sockets only"
-        if family != self._family:
-            return f"this instance's UDP sockets are {'IPv6' if self._family == _stdsocket.AF_INET6 else 'IPv4'}"
-        return None
-
-    def local_address(self, family: int, host: str) -> str:
-        return self.address if host in ("0.0.0.0", "::") else host
-
-
-class SmolInstance(UserSpaceInstance):
-    """A user-space TCP/IP stack (smoltcp) over a TAP device, with its own
-    addresses, MAC and MTU, driven by one Rust thread."""
-
-    kind = "smoltcp"
-
-    def __init__(self, spec: StackSpec):
-        super().__init__(spec.name)
-        self.device = spec.device
-        self.addresses = spec.addresses
-        self.core = _core.SmolStack(spec.name, spec.device, list(spec.addresses), list(spec.gateways),
-                                    spec.mtu, spec.mac or None, spec.buffer_size)
-        self._families = {_stdsocket.AF_INET6 if ":" in a else _stdsocket.AF_INET for a in spec.addresses}
-
-    def can_carry(self, family: int, type: int) -> Optional[str]:
-        if type not in (_stdsocket.SOCK_STREAM, _stdsocket.SOCK_DGRAM):
-            return f"socket type {type!r} is not stream or datagram"
-        if family not in self._families:
-            return f"the instance has no {'IPv6' if family == _stdsocket.AF_INET6 else 'IPv4'} address"
-        return None
-
-    def local_address(self, family: int, host: str) -> str:
-        # The host's addresses are not the instance's: anything else than one
-        # of its own means "any of mine".
-        own = {a.split("/")[0] for a in self.addresses}
-        if host in own:
-            return host
-        return "::" if family == _stdsocket.AF_INET6 else "0.0.0.0"
-
-
 def _peek(counter: itertools.count) -> int:
     """The next value of an ``itertools.count`` without advancing it."""
     return counter.__reduce__()[1][0]
 
 
 def make_instance(spec: StackSpec) -> StackInstance:
-    """Builds the instance a ``[[stack]]`` entry describes."""
-    if spec.kind == "kernel":
-        return KernelInstance(spec)
-    if spec.kind == "fillp":
-        return FillpInstance(spec)
-    if spec.kind == "smoltcp":
-        return SmolInstance(spec)
-    raise ValueError(f"stack kind {spec.kind!r} is not available in this version of dmm")
+    """Opens the instance a ``[[stack]]`` entry describes."""
+    core = _core.Stack(spec.name, spec.core)
+    cls = KernelInstance if core.placement[0] == "kernel" else UserSpaceInstance
+    return cls(spec, core)

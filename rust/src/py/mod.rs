@@ -4,12 +4,11 @@
 //! around blocking calls and maps errors (see [`error`]).
 
 mod error;
-mod fillp;
 mod kernel;
 mod linkem;
 mod route;
-mod smol;
 mod socket;
+mod stack;
 
 use pyo3::prelude::*;
 
@@ -19,9 +18,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<route::Router>()?;
     m.add_class::<socket::CoreSocket>()?;
-    m.add_class::<kernel::PyKernelStack>()?;
-    m.add_class::<fillp::PyFillpStack>()?;
-    m.add_class::<smol::PySmolStack>()?;
+    m.add_class::<stack::PyStack>()?;
+    m.add_class::<stack::PyStackConfig>()?;
+    m.add("OptionError", m.py().get_type::<stack::OptionError>())?;
+    m.add_function(wrap_pyfunction!(stack::stack_kinds, m)?)?;
+    m.add_function(wrap_pyfunction!(stack::parse_stack, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::tcp_info, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::uring_available, m)?)?;
     linkem::register(m)?;

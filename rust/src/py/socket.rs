@@ -133,18 +133,6 @@ pub fn family(raw: i32) -> PyResult<crate::stack::Family> {
     }
 }
 
-/// A new socket on `stack`, for the stack classes' `socket()` methods.
-pub fn socket_on(
-    stack: &dyn crate::stack::Stack,
-    family_: i32,
-    kind: &str,
-) -> PyResult<CoreSocket> {
-    let sock = stack
-        .socket(family(family_)?, super::route::parse_kind(kind)?)
-        .map_err(to_py)?;
-    Ok(CoreSocket::new(sock, stack.name().to_string()))
-}
-
 /// Counters as a Python dict.
 pub fn counters_dict<'py>(
     py: Python<'py>,

@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::options::{OptionError, Options, Value};
+use super::registry::{Kind, StackConfig};
 use super::{
-    errno, timed_out, uring, Counters, Family, Readiness, SockKind, Stack, StackKind, StackSocket,
+    errno, timed_out, uring, Counters, Family, Placement, Readiness, SockKind, Stack, StackSocket,
     TimeoutCell,
 };
 use crate::sys::{self, sockaddr::RawAddr};
@@ -113,14 +115,40 @@ impl Stack for KernelStack {
         &self.name
     }
 
-    fn kind(&self) -> StackKind {
-        StackKind::Kernel
+    fn kind(&self) -> &'static str {
+        KIND.name
     }
 
-    fn supports(&self, _family: Family, kind: SockKind) -> bool {
+    fn carries(&self, _family: Family, kind: SockKind) -> Result<(), String> {
         // MPTCP has no datagram form: an MPTCP instance carries streams only,
         // so the router moves on to the next stack for UDP.
-        kind == SockKind::Stream || self.protocol == Protocol::Tcp
+        if kind == SockKind::Dgram && self.protocol == Protocol::Mptcp {
+            return Err("MPTCP carries stream sockets only".into());
+        }
+        Ok(())
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::KernelFd {
+            stream_protocol: self.protocol.stream_proto(),
+            adopt: self.io == IoMode::Uring,
+        }
+    }
+
+    fn adopt(&self, fd: RawFd, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>> {
+        Ok(Box::new(KernelStack::adopt(self, fd, family, kind)))
+    }
+
+    fn attributes(&self) -> Vec<(&'static str, String)> {
+        let io = match self.io {
+            IoMode::Syscall => "syscall",
+            IoMode::Uring => "uring",
+        };
+        let mut out = vec![("io", io.to_string())];
+        if let Some(why) = &self.uring_refused {
+            out.push(("uring_refused", why.clone()));
+        }
+        out
     }
 
     fn socket(&self, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>> {
@@ -149,6 +177,62 @@ impl Stack for KernelStack {
             (IoMode::Syscall, None) => "syscalls".to_string(),
         };
         format!("kernel {proto}, {io}")
+    }
+}
+
+/// The `kernel` kind: `protocol = "tcp" | "mptcp"`, `io = "syscall" | "uring"`.
+pub static KIND: Kind = Kind {
+    name: "kernel",
+    summary: "the kernel's TCP/IP (or Multipath TCP), by syscalls or io_uring",
+    fields: &["protocol", "io"],
+    parse: parse_config,
+};
+
+/// The options of a kernel instance.
+#[derive(Debug)]
+struct KernelConfig {
+    protocol: Protocol,
+    io: IoMode,
+}
+
+fn parse_config(o: &Options) -> Result<Box<dyn StackConfig>, OptionError> {
+    let protocol = match o.choice("protocol", &["tcp", "mptcp"])? {
+        "mptcp" => Protocol::Mptcp,
+        _ => Protocol::Tcp,
+    };
+    let io = match o.choice("io", &["syscall", "uring"])? {
+        "uring" => IoMode::Uring,
+        _ => IoMode::Syscall,
+    };
+    Ok(Box::new(KernelConfig { protocol, io }))
+}
+
+impl StackConfig for KernelConfig {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+
+    fn values(&self) -> Vec<(&'static str, Value)> {
+        let protocol = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Mptcp => "mptcp",
+        };
+        let io = match self.io {
+            IoMode::Syscall => "syscall",
+            IoMode::Uring => "uring",
+        };
+        vec![
+            ("protocol", Value::Str(protocol.into())),
+            ("io", Value::Str(io.into())),
+        ]
+    }
+
+    fn open(&self, name: &str) -> io::Result<std::sync::Arc<dyn Stack>> {
+        Ok(std::sync::Arc::new(KernelStack::new(
+            name,
+            self.protocol,
+            self.io,
+        )))
     }
 }
 

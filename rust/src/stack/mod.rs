@@ -5,13 +5,19 @@
 //! reliable protocol over UDP. Several instances of any kind live side by
 //! side, each with its own name; the routing table picks one per socket.
 //!
-//! Writing a new stack means implementing two traits:
+//! Writing a new stack means implementing two traits and registering a kind:
 //!
 //! * [`Stack`]: the instance. It says what it can carry
-//!   ([`Stack::supports`]), creates sockets ([`Stack::socket`]) and keeps
+//!   ([`Stack::carries`]), how the Python facade places its sockets
+//!   ([`Stack::placement`]), creates sockets ([`Stack::socket`]) and keeps
 //!   instance-wide counters ([`Stack::counters`]).
 //! * [`StackSocket`]: one socket on that instance, with the BSD socket
-//!   operations.
+//!   operations. User-space stacks build theirs on [`userspace`], which
+//!   has the placeholder fds and the blocking loop every such socket needs.
+//! * A [`registry::Kind`]: the name a config file uses, the fields it takes
+//!   and their parser ([`options`]), listed in [`registry::KINDS`].
+//!
+//! `CONTRIBUTING.md` walks through a whole kind, [`memory`].
 //!
 //! # The contract every stack keeps
 //!
@@ -46,6 +52,8 @@
 
 pub mod fillp;
 pub mod kernel;
+pub mod options;
+pub mod registry;
 pub mod smol;
 pub mod uring;
 
@@ -84,24 +92,33 @@ impl Family {
     }
 }
 
-/// What a stack instance is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum StackKind {
-    /// The kernel's TCP/IP stack.
-    Kernel,
-    /// A user-space TCP/IP stack (smoltcp over a TAP device).
-    Smoltcp,
-    /// A FillP-style reliable transport over UDP.
-    Fillp,
+/// How the Python facade places a socket that an instance carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The socket stays the kernel socket on the application's own fd,
+    /// and CPython's own methods move its data.
+    KernelFd {
+        /// The protocol number a stream socket must have on this instance
+        /// (`IPPROTO_TCP`, or `IPPROTO_MPTCP`); the facade reopens a stream
+        /// socket of another protocol under the same fd number.
+        stream_protocol: i32,
+        /// Data goes through a core socket over that fd
+        /// ([`Stack::adopt`]) instead of CPython's methods (io_uring).
+        adopt: bool,
+    },
+    /// The socket moves into a core socket of this instance
+    /// ([`Stack::socket`]); its fd number becomes the core socket's
+    /// [`StackSocket::poll_fd`].
+    Core,
 }
 
-impl StackKind {
-    /// The name used in configuration files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StackKind::Kernel => "kernel",
-            StackKind::Smoltcp => "smoltcp",
-            StackKind::Fillp => "fillp",
+impl Placement {
+    /// Whether sockets stay exactly as the stdlib made them: plain kernel
+    /// TCP with CPython's methods, nothing to replace or adopt.
+    pub fn is_passthrough(self) -> bool {
+        self == Placement::KernelFd {
+            stream_protocol: libc::IPPROTO_TCP,
+            adopt: false,
         }
     }
 }
@@ -202,15 +219,59 @@ pub trait Stack: Send + Sync {
     /// The instance's name, unique in a process (from the config).
     fn name(&self) -> &str;
 
-    /// What kind of stack this is.
-    fn kind(&self) -> StackKind;
+    /// The kind's name, as in [`registry::KINDS`].
+    fn kind(&self) -> &'static str;
 
-    /// Whether this instance can carry a socket of this family and kind.
-    /// The router skips instances that cannot, and tries the next one.
-    fn supports(&self, family: Family, kind: SockKind) -> bool;
+    /// Whether this instance can carry a socket of this family and kind;
+    /// if not, why not (one clause, for `dmm route explain`). The router
+    /// skips instances that cannot, and tries the next one.
+    fn carries(&self, family: Family, kind: SockKind) -> Result<(), String>;
+
+    /// [`Stack::carries`] as a yes or no.
+    fn supports(&self, family: Family, kind: SockKind) -> bool {
+        self.carries(family, kind).is_ok()
+    }
+
+    /// How the facade places the sockets of this instance. The default is
+    /// a user-space stack's: the socket moves into a core socket.
+    fn placement(&self) -> Placement {
+        Placement::Core
+    }
 
     /// Creates an unbound, unconnected socket (blocking, no timeout).
     fn socket(&self, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>>;
+
+    /// A core socket over an existing kernel socket `fd` that the caller
+    /// keeps owning, for [`Placement::KernelFd`] with `adopt`. Other
+    /// instances refuse with `EOPNOTSUPP`.
+    fn adopt(&self, fd: RawFd, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>> {
+        let _ = (fd, family, kind);
+        Err(errno(libc::EOPNOTSUPP))
+    }
+
+    /// The address a core socket binds to when the application bound
+    /// `requested` before the socket was routed here (it bound a kernel
+    /// socket standing in: the wildcard, or one of the host's addresses).
+    fn bind_address(&self, family: Family, requested: std::net::IpAddr) -> std::net::IpAddr {
+        let _ = family;
+        requested
+    }
+
+    /// Facts about the instance as `(name, value)` pairs, fixed once it is
+    /// open (the kernel's I/O mode after any fallback, a device name).
+    fn attributes(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// Brings an instance that went down (its device removed) back up.
+    /// Instances that cannot go down refuse with `EOPNOTSUPP`.
+    fn restart(&self) -> io::Result<()> {
+        Err(errno(libc::EOPNOTSUPP))
+    }
+
+    /// Takes the instance down: its sockets fail with `ENETDOWN` from now on.
+    /// The default does nothing (the kernel's stack cannot be stopped).
+    fn stop(&self) {}
 
     /// Instance-wide counters (sockets opened, connections, bytes, ...).
     fn counters(&self) -> Counters;

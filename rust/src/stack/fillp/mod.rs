@@ -142,8 +142,10 @@
 
 #![warn(missing_docs)]
 
+mod config;
 mod udp;
 
+pub use config::KIND;
 pub use udp::UDP_PAYLOAD_MAX;
 
 use std::cmp::Reverse;
@@ -159,7 +161,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::{
-    errno, int_at, int_option, timed_out, Counters, Family, Readiness, SockKind, Stack, StackKind,
+    errno, int_at, int_option, timed_out, Counters, Family, Readiness, SockKind, Stack,
     StackSocket, TimeoutCell,
 };
 use crate::fillp::{
@@ -855,12 +857,30 @@ impl Stack for FillpStack {
         &self.name
     }
 
-    fn kind(&self) -> StackKind {
-        StackKind::Fillp
+    fn kind(&self) -> &'static str {
+        KIND.name
     }
 
-    fn supports(&self, _family: Family, kind: SockKind) -> bool {
-        kind == SockKind::Stream
+    /// Streams of the family its UDP sockets bind in.
+    fn carries(&self, family: Family, kind: SockKind) -> Result<(), String> {
+        if kind != SockKind::Stream {
+            return Err("FillP carries stream sockets only".into());
+        }
+        let own = Family::of(&SocketAddr::new(self.shared.opts.bind_ip, 0));
+        if family != own {
+            let name = if own == Family::V6 { "IPv6" } else { "IPv4" };
+            return Err(format!("this instance's UDP sockets are {name}"));
+        }
+        Ok(())
+    }
+
+    /// The wildcard becomes the instance's own bind address.
+    fn bind_address(&self, _family: Family, requested: IpAddr) -> IpAddr {
+        if requested.is_unspecified() {
+            self.shared.opts.bind_ip
+        } else {
+            requested
+        }
     }
 
     fn socket(&self, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>> {

@@ -83,6 +83,7 @@
 
 #![warn(missing_docs)]
 
+mod config;
 mod device;
 mod driver;
 pub mod ports;
@@ -104,9 +105,11 @@ use std::thread::JoinHandle;
 use smoltcp::iface::{Config, Interface};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress};
 
+pub use config::KIND;
 pub use smoltcp::wire::IpCidr;
 
-use super::{errno, Counters, Family, SockKind, Stack, StackKind, StackSocket};
+use super::options::OptionError;
+use super::{errno, Counters, Family, SockKind, Stack, StackSocket};
 use crate::sys::event::EventFd;
 use device::TapDevice;
 use state::{SockFds, SockOpts, SockState, State};
@@ -161,20 +164,30 @@ impl SmolOptions {
 
     /// Checks the options; the error says which one is wrong and why.
     pub fn validate(&self) -> io::Result<()> {
-        let bad = |msg: String| Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        self.check()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.message))
+    }
+
+    /// [`SmolOptions::validate`], naming the config field at fault
+    /// (`address`, `gateway`, `mtu`, `mac`, `buffer_size`).
+    pub fn check(&self) -> Result<(), OptionError> {
+        let bad = |field: &str, msg: String| Err(OptionError::new(field, msg));
         if self.addresses.is_empty() {
-            return bad("at least one address is needed".into());
+            return bad("address", "at least one address is needed".into());
         }
         if self.addresses.len() > 4 {
-            return bad(format!(
-                "at most 4 addresses per instance, got {}",
-                self.addresses.len()
-            ));
+            return bad(
+                "address",
+                format!(
+                    "at most 4 addresses per instance, got {}",
+                    self.addresses.len()
+                ),
+            );
         }
         for a in &self.addresses {
             let ip = a.address();
             if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
-                return bad(format!("{a} is not a unicast address"));
+                return bad("address", format!("{a} is not a unicast address"));
             }
         }
         let has = |f: Family| self.addresses.iter().any(|a| family_of(a.address()) == f);
@@ -182,34 +195,40 @@ impl SmolOptions {
         for g in &self.gateways {
             let f = Family::of(&std::net::SocketAddr::new(*g, 0));
             if !has(f) {
-                return bad(format!("gateway {g} has no address of its family"));
+                return bad(
+                    "gateway",
+                    format!("gateway {g} has no address of its family"),
+                );
             }
             if seen.contains(&f) {
-                return bad(format!("two gateways for one family ({g})"));
+                return bad("gateway", format!("two gateways for one family ({g})"));
             }
             if g.is_unspecified() || g.is_multicast() {
-                return bad(format!("gateway {g} is not a unicast address"));
+                return bad("gateway", format!("gateway {g} is not a unicast address"));
             }
             seen.push(f);
         }
         let min = if has(Family::V6) { tap::MTU_MIN } else { 576 };
         if !(min..=tap::MTU_MAX).contains(&self.mtu) {
-            return bad(format!(
-                "mtu must be {min}..={}, got {}",
-                tap::MTU_MAX,
-                self.mtu
-            ));
+            return bad(
+                "mtu",
+                format!("mtu must be {min}..={}, got {}", tap::MTU_MAX, self.mtu),
+            );
         }
         if let Some(m) = self.mac {
             if m[0] & 1 != 0 || m == [0; 6] {
-                return bad(format!("mac {} is not a unicast address", fmt_mac(&m)));
+                return bad(
+                    "mac",
+                    format!("mac {} is not a unicast address", fmt_mac(&m)),
+                );
             }
         }
         for (what, n) in [("rx_buffer", self.rx_buffer), ("tx_buffer", self.tx_buffer)] {
             if !(MIN_BUFFER..=MAX_BUFFER).contains(&n) {
-                return bad(format!(
-                    "{what} must be {MIN_BUFFER}..={MAX_BUFFER} bytes, got {n}"
-                ));
+                return bad(
+                    "buffer_size",
+                    format!("{what} must be {MIN_BUFFER}..={MAX_BUFFER} bytes, got {n}"),
+                );
             }
         }
         Ok(())
@@ -459,17 +478,54 @@ impl Stack for SmolStack {
         &self.shared.name
     }
 
-    fn kind(&self) -> StackKind {
-        StackKind::Smoltcp
+    fn kind(&self) -> &'static str {
+        KIND.name
     }
 
     /// Streams and datagrams, in each family the instance has an address of.
-    fn supports(&self, family: Family, _kind: SockKind) -> bool {
-        self.shared
+    fn carries(&self, family: Family, _kind: SockKind) -> Result<(), String> {
+        let has = self
+            .shared
             .opts
             .addresses
             .iter()
-            .any(|a| family_of(a.address()) == family)
+            .any(|a| family_of(a.address()) == family);
+        if has {
+            return Ok(());
+        }
+        let family = match family {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        };
+        Err(format!("the instance has no {family} address"))
+    }
+
+    /// The host's addresses are not the instance's: anything but one of
+    /// its own means "any of mine".
+    fn bind_address(&self, family: Family, requested: IpAddr) -> IpAddr {
+        let own = self
+            .shared
+            .opts
+            .addresses
+            .iter()
+            .any(|a| a.address() == IpAddress::from(requested));
+        if own {
+            requested
+        } else {
+            socket::unspecified(family).ip()
+        }
+    }
+
+    fn attributes(&self) -> Vec<(&'static str, String)> {
+        vec![("device", self.shared.opts.device.clone())]
+    }
+
+    fn restart(&self) -> io::Result<()> {
+        SmolStack::restart(self)
+    }
+
+    fn stop(&self) {
+        SmolStack::stop(self)
     }
 
     fn socket(&self, family: Family, kind: SockKind) -> io::Result<Box<dyn StackSocket>> {

@@ -1,0 +1,204 @@
+"""Socket methods for sockets whose data lives in a Rust core socket.
+
+:mod:`dmm.socket` mixes these into a socket's class when the router places
+it on a stack (``_with_mixin``), so sockets that stay plain kernel sockets
+pay nothing for them:
+
+* :class:`CoreMethods`: the data methods go through ``_dmm_core``, a core
+  socket over the socket's own kernel fd (kernel instances with
+  ``io = "uring"``);
+* :class:`UserSpaceMethods`: every method goes to the core socket of a
+  user-space stack (FillP, smoltcp, memory); the fd is that socket's
+  readiness eventfd, listed in :data:`user_space` so that selectors find
+  its write-readiness fd.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno as _errno
+import socket as _std
+import sys as _sys
+import weakref as _weakref
+
+__all__ = ["CoreMethods", "UserSpaceMethods", "is_ip", "not_supported", "option_bytes", "refusing", "user_space",
+           "with_mixin", "write_poll_fd"]
+
+# The C getters: plain ints, without the stdlib properties' enum conversion.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+
+#: Open sockets on user-space stacks by fd number. Their fd (a readiness
+#: eventfd) polls readable exactly when they are readable but is always
+#: writable, so :mod:`dmm.selectors` polls their ``write_poll_fd`` instead.
+user_space: _weakref.WeakValueDictionary = _weakref.WeakValueDictionary()
+
+
+def write_poll_fd(fd):
+    """For the fd of an open dmm socket on a user-space stack (FillP,
+    smoltcp): an fd that polls readable exactly while that socket is
+    writable. ``None`` for any other fd, whose own ``POLLOUT`` is exact."""
+    sock = user_space.get(fd)
+    if sock is None:
+        return None
+    try:
+        return sock._dmm_core.write_poll_fd()
+    except (AttributeError, OSError):
+        return None
+
+
+def refusing(name, code, why, doc):
+    """A method ``name`` that raises ``OSError(code)``; ``why`` is formatted
+    with ``name`` and ``stack``."""
+
+    def method(self, *args, **kwargs):
+        raise OSError(code, why.format(name=name, stack=self._dmm_stack))
+
+    method.__name__ = name
+    method.__doc__ = doc
+    return method
+
+
+def not_supported(name):
+    """A method ``name`` that user-space stacks do not have (EOPNOTSUPP)."""
+    return refusing(name, _errno.EOPNOTSUPP, "{name}() is not supported on a {stack} socket",
+                    "Not supported on user-space stacks: raises OSError(EOPNOTSUPP).")
+
+
+def option_bytes(value):
+    """A setsockopt value as the bytes the core takes (an int is a C int)."""
+    return value.to_bytes(4, _sys.byteorder, signed=True) if isinstance(value, int) else bytes(value)
+
+
+class CoreMethods:
+    """Data methods that go through the Rust core socket in ``_dmm_core``
+    (kernel instances with ``io = "uring"``)."""
+
+    __slots__ = ()
+
+    def send(self, data, flags=0):
+        return self._dmm_core.send(data, flags)
+
+    def sendall(self, data, flags=0):
+        return self._dmm_core.sendall(data, flags)
+
+    def recv(self, bufsize, flags=0):
+        return self._dmm_core.recv(bufsize, flags)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return self._dmm_core.recv_into(buffer, nbytes, flags)
+
+    def settimeout(self, value):
+        super().settimeout(value)
+        self._dmm_core.settimeout(self.gettimeout())
+
+    def setblocking(self, flag):
+        super().setblocking(flag)
+        self._dmm_core.settimeout(self.gettimeout())
+
+    def _real_close(self, *args):
+        if user_space.get(self.fileno()) is self:
+            del user_space[self.fileno()]
+        try:
+            self._dmm_core.close()
+        finally:
+            super()._real_close(*args)
+
+
+class UserSpaceMethods(CoreMethods):
+    """Every socket method goes to the Rust core socket of a user-space
+    stack. The fd is that socket's readiness eventfd."""
+
+    __slots__ = ()
+
+    def connect(self, address):
+        return self._dmm_core.connect(self._dmm_numeric(address))
+
+    def connect_ex(self, address):
+        try:
+            self._dmm_core.connect(self._dmm_numeric(address))
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            return exc.errno
+        return 0
+
+    def _dmm_numeric(self, address):
+        host, port = address[0], address[1]
+        family = _raw_family(self)
+        if not is_ip(host, family):
+            address = _std.getaddrinfo(host, port, family, _raw_type(self))[0][4]
+        return address
+
+    def bind(self, address):
+        return self._dmm_core.bind(self._dmm_numeric(address))
+
+    def listen(self, *backlog):
+        return self._dmm_core.listen(backlog[0] if backlog else 128)
+
+    def accept(self):
+        while True:
+            core, addr = self._dmm_core.accept()
+            sock = self._dmm_accepted(None, core, self._dmm_stack)
+            if self._dmm_admit(sock, addr):
+                return sock, addr
+
+    def sendto(self, data, *args):
+        flags, address = (0, args[0]) if len(args) == 1 else args
+        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
+
+    def recvfrom(self, bufsize, flags=0):
+        return self._dmm_core.recvfrom(bufsize, flags)
+
+    def recvfrom_into(self, buffer, nbytes=0, flags=0):
+        return self._dmm_core.recvfrom_into(buffer, nbytes, flags)
+
+    def sendfile(self, file, offset=0, count=None):
+        return self._sendfile_use_send(file, offset, count)
+
+    def shutdown(self, how):
+        return self._dmm_core.shutdown(how)
+
+    def getsockname(self):
+        return self._dmm_core.getsockname()
+
+    def getpeername(self):
+        return self._dmm_core.getpeername()
+
+    def _dmm_set_option(self, level, optname, value, optlen):
+        return self._dmm_core.setsockopt(level, optname, option_bytes(value))
+
+    def _dmm_get_option(self, level, optname, buflen):
+        raw = self._dmm_core.getsockopt(level, optname, buflen or 4)
+        if buflen is None:
+            return int.from_bytes(raw[:4], _sys.byteorder, signed=True)
+        return raw
+
+    sendmsg = not_supported("sendmsg")
+    recvmsg = not_supported("recvmsg")
+    recvmsg_into = not_supported("recvmsg_into")
+    dup = not_supported("dup")
+
+
+def is_ip(host, family):
+    """Whether ``host`` is a numeric address of ``family`` (zone allowed)."""
+    try:
+        _std.inet_pton(family, host.partition("%")[0] if family == _std.AF_INET6 else host)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+_mixed_classes: dict[tuple[type, type], type] = {}
+
+
+def with_mixin(cls, mixin):
+    """``cls`` with ``mixin``'s methods first, same layout, cached."""
+    if issubclass(cls, mixin):
+        return cls
+    derived = _mixed_classes.get((cls, mixin))
+    if derived is None:
+        derived = type(cls.__name__, (mixin, cls),
+                       {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _mixed_classes[(cls, mixin)] = derived
+    return derived
