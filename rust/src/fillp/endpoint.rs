@@ -24,6 +24,7 @@ use bytes::Bytes;
 
 use super::connection::{Config, Connection, Event, Transmit};
 use super::cookie::{CookieCheck, CookieFields, CookieKeys};
+use super::discovery::{self, Discovery, Entry};
 use super::wire::{Body, HsParams, Repr};
 
 /// Cookies older than this are refused.
@@ -108,8 +109,13 @@ pub struct EndpointStats {
     pub cookie_rotations: u64,
     /// Connections accepted.
     pub accepted: u64,
-    /// Valid CONN_REQs refused because `max_connections` was reached.
+    /// Valid CONN_REQs refused because `max_connections` was reached (each
+    /// answered with a RST, so the client's connect fails at once).
     pub refused: u64,
+    /// DISCOVER queries received ([`super::discovery`]).
+    pub discovery_queries: u64,
+    /// OFFERs queued in answer.
+    pub discovery_answers: u64,
 }
 
 /// xorshift64*: deterministic connection IDs from a seed.
@@ -142,6 +148,9 @@ pub struct Endpoint {
     accept_queue: VecDeque<ConnectionHandle>,
     rr_after: Option<ConnectionHandle>,
     stats: EndpointStats,
+    /// What a listening endpoint offers to DISCOVER queries (`None`: it
+    /// does not answer them).
+    offer: Option<Vec<Entry>>,
     // With many connections, mostly idle, scanning all of them on every
     // call made each keepalive cost O(connections). A connection changes
     // only when it gets a datagram, a timer fires, it transmits or the
@@ -180,6 +189,7 @@ impl Endpoint {
             accept_queue: VecDeque::new(),
             rr_after: None,
             stats: EndpointStats::default(),
+            offer: None,
             tx_ready: BTreeSet::new(),
             ev_ready: BTreeSet::new(),
             retime: HashSet::new(),
@@ -264,8 +274,18 @@ impl Endpoint {
         self.handle(now, remote, data, Some(data));
     }
 
+    /// Sets what this (server) endpoint answers to DISCOVER queries: the
+    /// protocols and ports its listener accepts on. `None` stops answering.
+    pub fn set_offer(&mut self, offer: Option<Vec<Entry>>) {
+        self.offer = offer;
+    }
+
     fn handle(&mut self, now: Instant, remote: SocketAddr, data: &[u8], shared: Option<&Bytes>) {
         self.stats.datagrams += 1;
+        if discovery::is_discovery(data) {
+            self.on_discovery(remote, data);
+            return;
+        }
         let repr = match Repr::parse_bytes(data) {
             Ok(r) => r,
             Err(_) => {
@@ -307,6 +327,33 @@ impl Endpoint {
             ),
             _ => self.stats.unknown_cid += 1,
         }
+    }
+
+    /// Answers a DISCOVER statelessly, never with more bytes than it had.
+    fn on_discovery(&mut self, remote: SocketAddr, data: &[u8]) {
+        let nonce = match discovery::parse(data) {
+            Ok(Discovery::Query { nonce }) => nonce,
+            Ok(Discovery::Offer { .. }) => {
+                self.stats.unknown_cid += 1;
+                return;
+            }
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        self.stats.discovery_queries += 1;
+        let Some(offer) = self.offer.as_deref().filter(|_| self.keys.is_some()) else {
+            return;
+        };
+        if self.stateless.len() >= self.config.max_stateless_queue {
+            self.stats.stateless_dropped += 1;
+            return;
+        }
+        let mut buf = Vec::with_capacity(data.len());
+        discovery::emit_offer(&nonce, offer, data.len(), &mut buf);
+        self.stateless.push_back((remote, buf));
+        self.stats.discovery_answers += 1;
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
@@ -409,7 +456,19 @@ impl Endpoint {
             }
         };
         if self.conns.len() >= self.config.max_connections {
+            // The cookie proved the client's address: tell it, as a full
+            // kernel backlog with tcp_abort_on_overflow does, instead of
+            // letting its connect succeed into silence.
             self.stats.refused += 1;
+            if self.stateless.len() < self.config.max_stateless_queue {
+                let reset = Repr {
+                    dst_cid: client_cid,
+                    body: Body::Reset,
+                };
+                let mut buf = Vec::with_capacity(reset.buffer_len());
+                reset.emit(&mut buf);
+                self.stateless.push_back((remote, buf));
+            }
             return;
         }
         let rtt = Duration::from_millis(u64::from(age.max(1)));
@@ -672,6 +731,73 @@ mod tests {
         }
         .emit(&mut b);
         b
+    }
+
+    #[test]
+    fn discovery_is_answered_by_listeners_only_and_never_amplified() {
+        let t0 = Instant::now();
+        let peer: SocketAddr = "10.0.0.9:4000".parse().unwrap();
+        let offer = vec![
+            Entry {
+                protocol: "fillp".into(),
+                port: 9000,
+            },
+            Entry {
+                protocol: "mptcp".into(),
+                port: 9000,
+            },
+        ];
+        let mut query = Vec::new();
+        discovery::emit_query(&[5; discovery::NONCE_LEN], &mut query);
+        let mut buf = Vec::new();
+        // A client endpoint, and a server without an offer, stay silent.
+        for cfg in [EndpointConfig::default(), server_cfg()] {
+            let mut ep = Endpoint::new(cfg, t0, 1);
+            ep.handle_datagram(t0, peer, &query);
+            assert!(ep.poll_transmit(t0, &mut buf).is_none());
+        }
+        let mut ep = Endpoint::new(server_cfg(), t0, 1);
+        ep.set_offer(Some(offer.clone()));
+        ep.handle_datagram(t0, peer, &query);
+        let t = ep.poll_transmit(t0, &mut buf).expect("an offer");
+        assert_eq!(t.destination, peer);
+        assert!(buf.len() <= query.len());
+        assert_eq!(
+            discovery::parse(&buf),
+            Ok(Discovery::Offer {
+                nonce: [5; discovery::NONCE_LEN],
+                entries: offer
+            })
+        );
+        // A short query gets nothing: it is not a query.
+        ep.handle_datagram(t0, peer, &query[..40]);
+        assert!(ep.poll_transmit(t0, &mut buf).is_none());
+        let st = ep.stats();
+        assert_eq!(
+            (st.discovery_queries, st.discovery_answers, st.malformed),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_full_server_resets_a_valid_conn_req() {
+        let t0 = Instant::now();
+        let cfg = EndpointConfig {
+            max_connections: 0,
+            ..server_cfg()
+        };
+        let mut ep = Endpoint::new(cfg, t0, 1);
+        let alice: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let m = cookie_at(&mut ep, t0, alice, 7);
+        ep.handle_datagram(t0, alice, &conn_req(7, &m));
+        assert_eq!((ep.connection_count(), ep.stats().refused), (0, 1));
+        let mut buf = Vec::new();
+        let t = ep.poll_transmit(t0, &mut buf).expect("a RST");
+        assert_eq!(t.destination, alice);
+        assert_eq!(
+            Repr::parse_bytes(&buf).map(|r| (r.dst_cid, matches!(r.body, Body::Reset))),
+            Ok((7, true))
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! | [`connection`] | the per-connection state machine |
 //! | `train` | the first flight's packet train and its dispersion estimate (private) |
 //! | [`endpoint`] | demultiplexing by connection ID, the server handshake |
+//! | [`discovery`] | DISCOVER / OFFER: what a listener accepts on, without amplification |
 //! | `sim` | deterministic simulated links and a client/server `Pair` (hidden) |
 //!
 //! Nothing here opens a socket, reads a clock, spawns a thread or uses
@@ -52,9 +53,11 @@
 //!   and NACK name the gap, or, if nothing got through, the client's
 //!   retransmission timers (which run from the end of the handshake, not
 //!   during it: the CONN_REQ retransmission is the probe then) resend it. A
-//!   server that refuses (bad or stale cookie, connection limit) keeps no
-//!   state and sends nothing; the client stops after its first round and
-//!   closes with `HandshakeTimeout`. The MAC secret
+//!   server that refuses a bad or stale cookie keeps no state and sends
+//!   nothing; the client stops after its first round and closes with
+//!   `HandshakeTimeout`. One at its connection limit answers a valid
+//!   CONN_REQ with RST (the cookie proved the address), so the client's
+//!   connect fails with `PeerReset` at once. The MAC secret
 //!   rotates every 60 s of the endpoint's clock; a cookie is checked with
 //!   the secret of the period it was minted in, so it stays good across one
 //!   rotation and never across two ([`cookie`] has the scheme, the driver
@@ -102,7 +105,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 1 | version (1) |
-//! | 1 | 1 | type: 1 INIT, 2 COOKIE, 3 CONN_REQ, 4 CONN_ACK, 5 DATA, 6 PACK, 7 NACK, 8 KEEPALIVE, 9 RST |
+//! | 1 | 1 | type: 1 INIT, 2 COOKIE, 3 CONN_REQ, 4 CONN_ACK, 5 DATA, 6 PACK, 7 NACK, 8 KEEPALIVE, 9 RST; 10 DISCOVER and 11 OFFER are in [`discovery`] |
 //! | 2 | 2 | flags: DATA bit 0 = FIN; PACK bit 0 = FIN received; others 0 |
 //! | 4 | 4 | destination connection ID (0 only on INIT) |
 //!
@@ -167,6 +170,7 @@ pub mod byte_queue;
 pub mod cc;
 pub mod connection;
 pub mod cookie;
+pub mod discovery;
 pub mod endpoint;
 pub mod pacer;
 pub mod recv_buf;
