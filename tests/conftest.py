@@ -16,9 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
-def fresh_runtime(monkeypatch):
-    """Built-in config, no hooks, nothing patched, before and after each test."""
+def fresh_runtime(monkeypatch, tmp_path_factory):
+    """Built-in config, no hooks, nothing patched, and an L-RD store of its
+    own (child processes inherit it), before and after each test."""
     monkeypatch.delenv("DMM_CONFIG", raising=False)
+    monkeypatch.setenv("DMM_RD_DIR", str(tmp_path_factory.mktemp("lrd")))
     dmm.policy.clear()
     dmm.runtime.configure(dconfig.parse(dconfig.DEFAULT_TOML, "<test default>"))
     yield

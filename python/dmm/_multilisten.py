@@ -20,7 +20,7 @@ import time as _time
 
 from ._userspace import not_supported, option_bytes, refusing
 
-__all__ = ["ListenGroup", "MultiListenMethods"]
+__all__ = ["AdvertisedMethods", "ListenGroup", "MultiListenMethods"]
 
 _raw_family = _socket.socket.family.__get__
 
@@ -210,3 +210,23 @@ class MultiListenMethods:
     recvmsg = _listening("recvmsg")
     recvmsg_into = _listening("recvmsg_into")
     dup = not_supported("dup")
+
+
+class AdvertisedMethods:
+    """A listener registered in L-RD: closing it withdraws the advertisement."""
+
+    __slots__ = ()
+
+    def _real_close(self, *args):
+        from . import runtime
+
+        rt = runtime._runtime
+        try:
+            address = self.getsockname()
+        except OSError:
+            address = None
+        try:
+            super()._real_close(*args)
+        finally:
+            if rt is not None and rt.negotiator is not None and address is not None:
+                rt.negotiator.withdraw(address[0], address[1])

@@ -8,6 +8,7 @@
     dmm stacks                    the configured stack instances
     dmm routes                    the routing rules
     dmm route explain HOST:PORT   which stack a connection would use, and why
+    dmm rd [ls | forget]          this host's L-RD: listeners, what peers speak
     dmm lab up PROFILE | down | exec NODE -- CMD | status | set | serve
                                   namespaces joined by the link emulator
 """
@@ -70,13 +71,19 @@ def _exit_on_sigterm() -> None:
 
 
 def _write_stats(path: str) -> None:
-    """Writes every stack's counters as JSON (``dmm run --stats``)."""
+    """Writes every stack's counters as JSON (``dmm run --stats``), and under
+    ``"negotiation"`` the races, wins, fallbacks and discovery counts."""
     import json
 
+    from . import runtime
     from .socket import stack_counters
 
+    stats: dict = stack_counters()
+    rt = runtime.get()
+    if rt.negotiator is not None and "negotiation" not in stats:
+        stats["negotiation"] = rt.negotiator.counts()
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(stack_counters(), f, indent=1, sort_keys=True)
+        json.dump(stats, f, indent=1, sort_keys=True)
 
 
 def cmd_stacks(args) -> int:
@@ -134,6 +141,58 @@ def cmd_route_explain(args) -> int:
     print(f"  decided by: {outcome.source}: {outcome.reason}")
     for line in outcome.trace:
         print(f"  note: {line}")
+    if role == "connect" and len(outcome.candidates) > 1:
+        delay = rt.negotiator.attempt_delay(addr[0], port)
+        how = "race them" if outcome.race else "try them in turn"
+        print(f"  candidates: {', '.join(outcome.candidates)}: a connect now would {how}, "
+              f"the next after {delay * 1000:.0f} ms or at once on a refusal")
+    elif role == "connect":
+        print(f"  candidates: {outcome.stack} alone: a connect now goes straight to it")
+    return 0
+
+
+def _age(t: float) -> str:
+    import time
+
+    s = time.time() - t
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def cmd_rd(args) -> int:
+    import time
+
+    from .config import RDSpec
+    from .rd import Store, default_dir
+
+    rt = _runtime(args)
+    spec = rt.config.rd or RDSpec()
+    path = (os.path.expanduser(spec.store) if spec.store else str(default_dir()))
+    try:
+        store = Store(os.path.join(path, "lrd.sqlite"))
+    except Exception as exc:  # sqlite3.Error, OSError
+        raise SystemExit(f"dmm rd: the store in {path} cannot be read: {exc}") from None
+    try:
+        if args.rd_command == "forget":
+            store.forget()
+            print(f"L-RD {path}: peer knowledge forgotten")
+            return 0
+        store.prune_dead()
+        print(f"L-RD {path}")
+        listeners = store.listeners()
+        print(f"listeners on this host: {len(listeners)}")
+        for lst in sorted(listeners, key=lambda x: (x.port, x.address)):
+            protos = ", ".join(f"{p}:{n}" for p, n in lst.protocols)
+            print(f"  {lst.address}:{lst.port}  {protos}  stacks {', '.join(lst.stacks)}  pid {lst.pid}, "
+                  f"for {_age(lst.since)}")
+        peers = store.peers()
+        print(f"what peers speak: {len(peers)} facts")
+        now = time.time()
+        for f in sorted(peers, key=lambda x: (x.address, x.port, x.protocol)):
+            rtt = f", connect {f.rtt_ms:.1f} ms" if f.rtt_ms else ""
+            print(f"  {f.address}:{f.port}  {f.protocol:<6} {'yes' if f.speaks else 'no ':<3}  from {f.source}, "
+                  f"{_age(f.learned)} ago, {int(f.expires - now)} s left{rtt}")
+    finally:
+        store.close()
     return 0
 
 
@@ -170,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--stack", help="a per-socket override")
     explain.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="an application property")
     explain.set_defaults(func=cmd_route_explain)
+
+    rd = sub.add_parser("rd", help="this host's resource discovery store (L-RD)")
+    rd.add_argument("rd_command", nargs="?", choices=("ls", "forget"), default="ls",
+                    help="ls: listeners and learned peers (default); forget: drop what peers speak")
+    rd.set_defaults(func=cmd_rd)
 
     demo = sub.add_parser("demo", help="a server and clients on two stack instances, chosen by routes")
     demo.add_argument("--size", type=int, default=64, help="MiB each client sends (default 64)")

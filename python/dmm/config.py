@@ -76,6 +76,7 @@ from . import _core
 __all__ = [
     "Config",
     "ConfigError",
+    "RDSpec",
     "RouteSpec",
     "StackSpec",
     "DEFAULT_TOML",
@@ -143,6 +144,9 @@ class RouteSpec:
     role: str | None = None
     priority: int = 0
     line: int | None = None
+    #: Race the candidates (``race = false``: the next starts only when the
+    #: previous one failed).
+    race: bool = True
 
     def describe(self) -> str:
         """A one-line summary, as ``dmm routes`` prints it."""
@@ -160,6 +164,30 @@ class RouteSpec:
 
 
 @dataclass(frozen=True)
+class RDSpec:
+    """The ``[rd]`` section: resource discovery and racing (all optional)."""
+
+    #: Whether this process uses L-RD at all (default: with more than one stack).
+    enabled: bool = True
+    #: Directory of the host's store (``None``: ``$DMM_RD_DIR``,
+    #: ``$XDG_RUNTIME_DIR/dmm``, ``/run/dmm`` for root, ``/tmp/dmm-<uid>``).
+    store: str | None = None
+    #: Happy Eyeballs connection-attempt delay, seconds (RFC 8305's 250 ms).
+    attempt_delay: float = 0.25
+    #: Lower bound of the delay once the path's RTT is known (RFC 8305: 10 ms).
+    min_attempt_delay: float = 0.01
+    #: How long "the peer speaks it" is remembered, seconds.
+    ttl: float = 600.0
+    #: How long "it does not" (refused, unanswered) is remembered, seconds.
+    negative_ttl: float = 120.0
+    #: Ask a peer's FillP port what it accepts on while a TCP candidate connects.
+    discovery: bool = True
+    #: How long to wait for that answer, seconds.
+    discovery_timeout: float = 2.0
+    line: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated configuration."""
 
@@ -168,6 +196,8 @@ class Config:
     routes: tuple[RouteSpec, ...] = ()
     listen: tuple[str, ...] = ()
     builtin: bool = field(default=False, compare=False)
+    #: The ``[rd]`` section, or ``None`` when the file has none.
+    rd: RDSpec | None = None
 
     def stack(self, name: str) -> StackSpec:
         """The stack named ``name`` (``KeyError`` if there is none)."""
@@ -259,8 +289,9 @@ class _Validator:
 
     def config(self, doc: dict[str, Any]) -> Config:
         for key in doc:
-            if key not in ("stack", "route", "listen"):
-                raise self.error(self._find_top(key), key, "unknown section (expected [[stack]], [[route]] or [listen])")
+            if key not in ("stack", "route", "listen", "rd"):
+                raise self.error(self._find_top(key), key,
+                                 "unknown section (expected [[stack]], [[route]], [listen] or [rd])")
         raw_stacks = doc.get("stack")
         if raw_stacks is None:
             raise self.error(None, "stack", "at least one [[stack]] is required")
@@ -287,7 +318,39 @@ class _Validator:
                 if key != "stacks":
                     raise self.error(self._key_line(line, key), f"listen.{key}", "unknown field (expected: stacks)")
             listen = self.stack_list(raw_listen.get("stacks"), "listen.stacks", self._key_line(line, "stacks"), names)
-        return Config(self.path, stacks, routes, listen)
+        rd = self.rd(doc["rd"]) if "rd" in doc else None
+        return Config(self.path, stacks, routes, listen, rd=rd)
+
+    def rd(self, raw: Any) -> RDSpec:
+        start = self._simple_table_line("rd")
+        if not isinstance(raw, dict):
+            raise self.error(start, "rd", "must be a table: write [rd]")
+        # field: (parser, what is expected)
+        seconds = ("attempt_delay_ms", "min_attempt_delay_ms", "ttl_s", "negative_ttl_s", "discovery_timeout_ms")
+        known = ("enabled", "store", "discovery", *seconds)
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            line = self._key_line(start, key)
+            if key not in known:
+                raise self.error(line, f"rd.{key}", "unknown field (expected one of: " + ", ".join(known) + ")")
+            if key in ("enabled", "discovery"):
+                if not isinstance(value, bool):
+                    raise self.error(line, f"rd.{key}", f"expected true or false, got {value!r}")
+                values[key] = value
+            elif key == "store":
+                if not isinstance(value, str) or not value:
+                    raise self.error(line, "rd.store", f"expected a directory path, got {value!r}")
+                values[key] = value
+            else:
+                unit, scale = ("ms", 1000) if key.endswith("_ms") else ("s", 1)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400 * scale:
+                    raise self.error(line, f"rd.{key}", f"expected a positive number of {'milliseconds' if unit == 'ms' else 'seconds'}, got {value!r}")
+                values[key.rsplit("_", 1)[0]] = value / scale
+        spec = RDSpec(line=start, **values)
+        if spec.min_attempt_delay > spec.attempt_delay:
+            raise self.error(self._key_line(start, "min_attempt_delay_ms"), "rd.min_attempt_delay_ms",
+                             "must not be larger than attempt_delay_ms")
+        return spec
 
     def _find_top(self, key: str) -> int | None:
         for no, line in enumerate(self.lines, 1):
@@ -334,7 +397,7 @@ class _Validator:
         where = f"route[{i}]"
         if not isinstance(raw, dict):
             raise self.error(start, where, "must be a table")
-        allowed = {"to", "stacks", "ports", "type", "role", "priority", "when"}
+        allowed = {"to", "stacks", "ports", "type", "role", "priority", "when", "race"}
         for key in raw:
             if key not in allowed:
                 raise self.error(self._key_line(start, key), f"{where}.{key}", "unknown field (expected one of: " + ", ".join(sorted(allowed)) + ")")
@@ -362,7 +425,11 @@ class _Validator:
             raise self.error(line("when"), f"{where}.when",
                              "path conditions need measured path state, which this version does not collect yet; "
                              "use a Python policy hook (dmm.policy.register) instead")
-        return RouteSpec(index=i, to=str(net), stacks=stacks, ports=ports, type=typ, role=role, priority=priority, line=start)
+        race = raw.get("race", True)
+        if not isinstance(race, bool):
+            raise self.error(line("race"), f"{where}.race", f"expected true or false, got {race!r}")
+        return RouteSpec(index=i, to=str(net), stacks=stacks, ports=ports, type=typ, role=role, priority=priority,
+                         line=start, race=race)
 
     def ports(self, raw: Any, fld: str, line: int | None) -> tuple[int, int]:
         if raw is None:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import _core, policy
-from .config import Config, load
+from .config import Config, RDSpec, load
+from .negotiate import Negotiator
 from .stacks import StackInstance, make_instance
 
 __all__ = ["Outcome", "Runtime", "configure", "get", "reset"]
@@ -50,10 +51,18 @@ class Outcome:
     trace: list[str] = field(default_factory=list)
     #: Every stack a listener listens on (the chosen one first); else ``(stack,)``.
     stacks: tuple[str, ...] = ()
+    #: For a connect: the stacks to try, in order, raced when more than one
+    #: (see :mod:`dmm.negotiate`); else ``(stack,)``.
+    candidates: tuple[str, ...] = ()
+    #: Whether the candidates race (``False``: the next starts only when the
+    #: previous failed; ``race = false`` on the route).
+    race: bool = True
 
     def __post_init__(self) -> None:
         if not self.stacks:
             self.stacks = (self.stack,)
+        if not self.candidates:
+            self.candidates = (self.stack,)
 
 
 class Runtime:
@@ -81,6 +90,9 @@ class Runtime:
         # sockets need neither an option log nor an attach step.
         first = self.stacks[self.order[0]]
         self.plain_kernel = first if self.only is not None and first.passthrough else None
+        # Candidates and racing need more than one stack; L-RD is on then
+        # too, unless [rd] enabled = false.
+        self.negotiator = Negotiator(self.stacks, config.rd or RDSpec()) if len(self.order) > 1 else None
 
     def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
         """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""
@@ -99,8 +111,10 @@ class Runtime:
                 label, decision = answer
                 capable = self._capable(decision.stacks, request, trace, f"hook {label}")
                 if capable:
-                    return Outcome(capable[0], f"hook {label}", decision.reason or "the hook chose it", trace,
-                                   self._listeners(capable, trace) if request.role == "listen" else ())
+                    reason = decision.reason or "the hook chose it"
+                    if request.role == "listen":
+                        return Outcome(capable[0], f"hook {label}", reason, trace, self._listeners(capable, trace))
+                    return self._connect_outcome(capable, request, f"hook {label}", reason, trace, True)
             elif explain:
                 trace.append("hooks: every hook returned None")
 
@@ -121,9 +135,14 @@ class Runtime:
                                                             _KIND.get(request.type, "stream"), request.role) if t != tag]
                 for t in others:
                     trace.append(f"also matched route[{t}] ({self.config.routes[t].describe()}), less specific or lower priority")
+            where = f" (line {route.line})" if route.line else ""
+            if request.role == "connect" and self.negotiator is not None:
+                capable = self._capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
+                if capable:
+                    return self._connect_outcome(capable, request, f"route[{tag}]", f"{route.describe()}{where}",
+                                                 trace, route.race)
             chosen = self._first_capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
             if chosen is not None:
-                where = f" (line {route.line})" if route.line else ""
                 return Outcome(chosen, f"route[{tag}]", f"{route.describe()}{where}", trace)
         elif explain:
             trace.append("no route matched")
@@ -132,6 +151,15 @@ class Runtime:
         if chosen is not None:
             return Outcome(chosen, "default", "no rule matched: the first capable stack declared", trace)
         raise OSError(errno.EPROTONOSUPPORT, "dmm: no configured stack can carry this socket")
+
+    def _connect_outcome(self, capable: tuple[str, ...], request: policy.Request, source: str, reason: str,
+                         trace: list[str], race: bool) -> Outcome:
+        """A connect's outcome: the candidates that may reach the peer, in
+        order, with what L-RD knows applied."""
+        names = capable
+        if self.negotiator is not None and len(capable) > 1:
+            names = self.negotiator.candidates(capable, request, trace)
+        return Outcome(names[0], source, reason, trace, candidates=names, race=race)
 
     def admit(self, request: policy.Request) -> Optional[Outcome]:
         """Which stacks may serve an accepted client (``request.role`` is

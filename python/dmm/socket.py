@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import time as _time
 import socket as _std
 import _socket
 
 from . import policy as _policy
 from . import runtime as _runtime
+from .race import Race as _Race
+from ._multilisten import AdvertisedMethods as _AdvertisedMethods
 from ._multilisten import ListenGroup as _ListenGroup
+from ._racing import RaceTakeover as _RaceTakeover
 from ._multilisten import MultiListenMethods as _MultiListenMethods
 from ._userspace import CoreMethods as _CoreMethods
 from ._userspace import UserSpaceMethods as _UserSpaceMethods
@@ -86,7 +90,7 @@ def _parse_properties(value: bytes) -> dict[str, str]:
     return props
 
 
-class socket(_StdSocket):
+class socket(_RaceTakeover, _StdSocket):
     """A stdlib-compatible socket whose stack is chosen by dmm's router.
 
     Accepts the stdlib's arguments plus ``stack`` (the name of an instance to
@@ -147,6 +151,14 @@ class socket(_StdSocket):
                 self._dmm_stack = name
                 self.__class__ = _with_mixin(type(self), _MultiListenMethods)
                 return address
+            if len(outcome.candidates) > 1 and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
+                bound = _StdSocket.getsockname(self)
+                if bound[1] == 0:
+                    # Several candidates: connect() races them.
+                    self._dmm_core = rt.negotiator.plan(outcome, family, _raw_type(self), address,
+                                                        list(self._dmm_opts or ()), None)
+                    return address
+                # A fixed local port can be bound once: no race, the first candidate.
         self._dmm_move_to(name, role)
         self._dmm_stack = name
         self._dmm_opts = None
@@ -243,6 +255,8 @@ class socket(_StdSocket):
     def connect(self, address):
         if self._dmm_stack is None:
             address = self._dmm_route("connect", address)
+            if isinstance(self._dmm_core, _Race):
+                return self._dmm_race()
             if isinstance(self, _UserSpaceMethods):
                 return _UserSpaceMethods.connect(self, address)
         return super().connect(address)
@@ -251,8 +265,13 @@ class socket(_StdSocket):
         if self._dmm_stack is None:
             try:
                 address = self._dmm_route("connect", address)
+                if isinstance(self._dmm_core, _Race):
+                    self._dmm_race()
+                    return 0
             except _std.gaierror:
                 raise
+            except TimeoutError:
+                return _errno.EAGAIN  # as CPython's connect_ex on a timeout
             except OSError as exc:
                 if exc.errno is None:
                     raise
@@ -269,9 +288,22 @@ class socket(_StdSocket):
                 local = ("::" if self.family == _std.AF_INET6 else "0.0.0.0", 0)
             self._dmm_route("listen", local)
             if isinstance(self, _MultiListenMethods):
-                return _MultiListenMethods.listen(self, *backlog)
-            if isinstance(self, _UserSpaceMethods):
-                return _UserSpaceMethods.listen(self, *backlog)
+                _MultiListenMethods.listen(self, *backlog)
+            elif isinstance(self, _UserSpaceMethods):
+                _UserSpaceMethods.listen(self, *backlog)
+            else:
+                super().listen(*backlog)
+            rt = _runtime._runtime
+            if rt is not None and rt.negotiator is not None and self._dmm_stack:
+                # Tell L-RD, and the FillP members' peers, what this accepts on.
+                if isinstance(self, _MultiListenMethods):
+                    members = [(name, core) for name, _ksock, core in self._dmm_core.members]
+                else:
+                    members = [(self._dmm_stack, self._dmm_core if isinstance(self, _UserSpaceMethods) else None)]
+                address = self.getsockname()
+                rt.negotiator.advertise(address[0], address[1], members)
+                self.__class__ = _with_mixin(type(self), _AdvertisedMethods)
+            return None
         return super().listen(*backlog)
 
     def sendto(self, *args):

@@ -64,6 +64,8 @@ class StackInstance:
         self.name = spec.name
         self.kind = spec.kind
         self.core = core
+        #: The protocol its connections speak on the wire ("tcp", "mptcp", "fillp", ...).
+        self.protocol = core.protocol
         self.attributes = dict(core.attributes())
         self._carries: dict[tuple[int, int], Optional[str]] = {}
         # itertools.count: next() is atomic under the GIL and cheaper than a lock.

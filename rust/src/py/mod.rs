@@ -3,6 +3,7 @@
 //! Nothing here decides anything; it converts arguments, releases the GIL
 //! around blocking calls and maps errors (see [`error`]).
 
+mod discovery;
 mod error;
 mod kernel;
 mod linkem;
@@ -23,6 +24,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OptionError", m.py().get_type::<stack::OptionError>())?;
     m.add_function(wrap_pyfunction!(stack::stack_kinds, m)?)?;
     m.add_function(wrap_pyfunction!(stack::parse_stack, m)?)?;
+    m.add_function(wrap_pyfunction!(discovery::discovery_query, m)?)?;
+    m.add_function(wrap_pyfunction!(discovery::parse_offer, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::tcp_info, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::uring_available, m)?)?;
     linkem::register(m)?;

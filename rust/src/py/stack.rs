@@ -151,6 +151,12 @@ impl PyStack {
         self.inner.kind()
     }
 
+    /// The protocol its connections speak on the wire ("tcp", "fillp", ...).
+    #[getter]
+    fn protocol(&self) -> &'static str {
+        self.inner.protocol()
+    }
+
     /// `("kernel", stream_protocol, adopt)`: the socket keeps its kernel fd
     /// (reopened with `stream_protocol` if a stream of another protocol;
     /// with `adopt`, data goes through `adopt()`'s core socket); or

@@ -119,6 +119,13 @@ impl Stack for KernelStack {
         KIND.name
     }
 
+    fn protocol(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Mptcp => "mptcp",
+        }
+    }
+
     fn carries(&self, _family: Family, kind: SockKind) -> Result<(), String> {
         // MPTCP has no datagram form: an MPTCP instance carries streams only,
         // so the router moves on to the next stack for UDP.

@@ -222,6 +222,12 @@ pub trait Stack: Send + Sync {
     /// The kind's name, as in [`registry::KINDS`].
     fn kind(&self) -> &'static str;
 
+    /// The protocol its connections speak on the wire (`"tcp"`, `"mptcp"`,
+    /// `"fillp"`, ...): what a peer must accept for a connection to work,
+    /// what servers advertise and resource discovery remembers. Instances
+    /// of different kinds may share one (the kernel and smoltcp speak TCP).
+    fn protocol(&self) -> &'static str;
+
     /// Whether this instance can carry a socket of this family and kind;
     /// if not, why not (one clause, for `dmm route explain`). The router
     /// skips instances that cannot, and tries the next one.

@@ -861,6 +861,10 @@ impl Stack for FillpStack {
         KIND.name
     }
 
+    fn protocol(&self) -> &'static str {
+        "fillp"
+    }
+
     /// Streams of the family its UDP sockets bind in.
     fn carries(&self, family: Family, kind: SockKind) -> Result<(), String> {
         if kind != SockKind::Stream {

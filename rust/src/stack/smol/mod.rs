@@ -482,6 +482,10 @@ impl Stack for SmolStack {
         KIND.name
     }
 
+    fn protocol(&self) -> &'static str {
+        "tcp"
+    }
+
     /// Streams and datagrams, in each family the instance has an address of.
     fn carries(&self, family: Family, _kind: SockKind) -> Result<(), String> {
         let has = self

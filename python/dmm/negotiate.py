@@ -1,0 +1,196 @@
+"""Negotiation: from a connect's candidate stacks to the one that carries it.
+
+The routing table or a hook names candidates in preference order. Here they
+become the list a connect tries (:meth:`Negotiator.candidates`):
+
+1. Candidates that reach a peer the same way collapse into the first of
+   them: kernel TCP and kernel MPTCP both connect to any TCP server (MPTCP
+   falls back), so racing them would only cost a second handshake.
+2. What L-RD knows about the destination applies: a candidate whose
+   protocol the peer is known not to speak (refused, unanswered) is dropped,
+   unless that would drop them all (the knowledge may be stale, and a wrong
+   guess must not break the connection); a local listener's advertisement
+   counts as knowledge.
+
+With one candidate left, the socket connects on it as on any stack; with
+more, :meth:`Negotiator.plan` sets up a :class:`dmm.race.Race` and
+:meth:`Negotiator.settle` learns from its outcome and asks the peer's FillP
+port what it speaks when a TCP candidate won without FillP being tried.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import ipaddress
+import time
+from typing import Any, Optional
+
+from .config import RDSpec
+from .race import Race
+from .rd.local import LocalRD, get_local, wire_protocol
+
+__all__ = ["DMM_OFFER", "Negotiator", "SOL_DMM"]
+
+#: dmm's own socket option level (as :data:`dmm.socket.SOL_DMM`).
+SOL_DMM = 0x444D4D
+#: ``setsockopt(SOL_DMM, DMM_OFFER, b"fillp:8080,mptcp:8080")`` on a core
+#: listener: what it answers to DISCOVER (core sockets only; private).
+DMM_OFFER = 3
+
+
+class Negotiator:
+    """Candidate lists, races and what they teach, for one runtime."""
+
+    def __init__(self, stacks: dict[str, Any], spec: RDSpec):
+        self.stacks = stacks
+        self.spec = spec
+        self.rd: Optional[LocalRD] = get_local(spec) if spec.enabled else None
+        self.counters: collections.Counter = collections.Counter()
+
+    def _protocol(self, name: str) -> str:
+        return wire_protocol(self.stacks[name].protocol)
+
+    def facts(self, address: str, port: int) -> dict[str, Any]:
+        """What L-RD knows of ``address:port`` by protocol: learned facts,
+        and the advertisement of a listener of this host it would reach."""
+        if self.rd is None:
+            return {}
+        known = dict(self.rd.facts(address, port))
+        if _is_local(address):
+            lst = self.rd.local_listener(address, port)
+            if lst is not None:
+                offered = {wire_protocol(p) for p, p_port in lst.protocols if p_port == port}
+                for proto in ("tcp", "fillp"):
+                    known.setdefault(proto, _Advertised(proto in offered, lst.pid))
+        return known
+
+    def candidates(self, names: tuple[str, ...], request: Any, trace: list[str]) -> tuple[str, ...]:
+        """The candidates a connect to ``request`` tries, in order."""
+        kept: list[str] = []
+        seen_fd: set[str] = set()
+        for name in names:
+            inst = self.stacks[name]
+            proto = self._protocol(name)
+            if inst.keeps_fd and proto in seen_fd:
+                trace.append(f"negotiate: {name} skipped, it reaches the peer as {kept[0]} does ({proto})")
+                continue
+            if inst.keeps_fd:
+                seen_fd.add(proto)
+            kept.append(name)
+        known = self.facts(request.address, request.port)
+        if known:
+            spoken = [n for n in kept if not (f := known.get(self._protocol(n))) or f.speaks]
+            for n in kept:
+                f = known.get(self._protocol(n))
+                if f is not None:
+                    trace.append(f"L-RD: {request.address}:{request.port} {'speaks' if f.speaks else 'does not speak'} "
+                                 f"{self._protocol(n)} ({_describe(f)})")
+            if spoken and spoken != kept:
+                trace.append(f"negotiate: {', '.join(n for n in kept if n not in spoken)} dropped: not spoken there")
+                kept = spoken
+        return tuple(kept)
+
+    def attempt_delay(self, address: str, port: int) -> float:
+        """RFC 8305's connection-attempt delay, shortened to twice the
+        connect time L-RD saw for this peer (never under the minimum)."""
+        delay = self.spec.attempt_delay
+        if self.rd is not None:
+            rtts = [f.rtt_ms for f in self.rd.facts(address, port).values() if f.speaks and f.rtt_ms]
+            if rtts:
+                delay = min(delay, max(self.spec.min_attempt_delay, 2 * min(rtts) / 1000))
+        return delay
+
+    def plan(self, outcome: Any, family: int, type_: int, address: tuple, options: list,
+             bind: Optional[tuple]) -> Race:
+        """A race of ``outcome``'s candidates to ``address`` (not started)."""
+        self.counters["races_started"] += 1
+        race = Race([(n, self.stacks[n]) for n in outcome.candidates], family, type_, address, options, bind,
+                    self.attempt_delay(address[0], address[1]), sequential=not outcome.race)
+        return race
+
+    def settle(self, race: Race, family: int) -> None:
+        """Learns from a decided race, and asks the peer what it speaks when
+        FillP was a candidate that never got its turn."""
+        host, port = race.address[0].partition("%")[0], race.address[1]
+        winner = race.winner
+        first = race.attempts[0]
+        if winner is not None:
+            self.counters[f"races_won_{winner.name}"] += 1
+            if winner is not first:
+                self.counters["fallbacks"] += 1
+        else:
+            self.counters["races_failed"] += 1
+        if self.rd is None:
+            return
+        for a in race.attempts:
+            if a is winner:
+                rtt = (a.finished - a.started) * 1000
+                self.rd.learn(host, port, a.protocol, True, "race", rtt_ms=rtt)
+            elif a.hard_failure and a.error.errno in (errno.ECONNREFUSED, errno.ECONNRESET):  # nobody there
+                self.rd.learn(host, port, a.protocol, False, "race")
+            elif a.started and winner is not None and a.started < winner.started:
+                # Started first, given the attempt delay and more, beaten
+                # by a later one: blackholed or too lossy to set up.
+                self.rd.learn(host, port, a.protocol, False, "race")
+        untried = [a for a in race.attempts if not a.started and wire_protocol(a.protocol) == "fillp"]
+        if (self.spec.discovery and winner is not None and untried
+                and "fillp" not in self.rd.facts(host, port)):
+            self.rd.discover(family, host, port)
+
+    def advertise(self, host: str, port: int, members: list[tuple[str, Any]]) -> None:
+        """A listener on ``host:port`` over ``members`` (stack name, core
+        socket or ``None`` for the kernel member): its FillP members answer
+        DISCOVER with every protocol it accepts on, and L-RD lists it."""
+        protocols = []
+        for name, _core in members:
+            proto = self.stacks[name].protocol
+            if (proto, port) not in protocols:
+                protocols.append((proto, port))
+        offer = ",".join(f"{p}:{n}" for p, n in protocols).encode()
+        for _name, core in members:
+            if core is not None:
+                try:
+                    core.setsockopt(SOL_DMM, DMM_OFFER, offer)
+                except OSError:
+                    pass  # a kind that answers no discovery
+        if self.rd is not None:
+            self.rd.advertise(host, port, protocols, tuple(name for name, _core in members))
+
+    def withdraw(self, host: str, port: int) -> None:
+        """The listener on ``host:port`` closed."""
+        if self.rd is not None:
+            self.rd.withdraw(host, port)
+
+    def counts(self) -> dict[str, int]:
+        """Races, wins per stack, fallbacks and what L-RD did."""
+        out = dict(self.counters)
+        if self.rd is not None:
+            out.update(self.rd.counters)
+        return out
+
+
+class _Advertised:
+    """A local listener's advertisement, read as a fact."""
+
+    __slots__ = ("speaks", "pid")
+    source = "listener"
+    rtt_ms = None
+
+    def __init__(self, speaks: bool, pid: int):
+        self.speaks = speaks
+        self.pid = pid
+
+
+def _describe(fact: Any) -> str:
+    if isinstance(fact, _Advertised):
+        return f"advertised by local pid {fact.pid}"
+    return f"from {fact.source}, {time.time() - fact.learned:.0f} s ago"
+
+
+def _is_local(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback
