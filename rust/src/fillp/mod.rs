@@ -24,7 +24,7 @@
 //! | [`connection`] | the per-connection state machine |
 //! | `train` | the first flight's packet train and its dispersion estimate (private) |
 //! | [`endpoint`] | demultiplexing by connection ID, the server handshake |
-//! | `sim` | deterministic simulated links and a client/server `Pair` (hidden) |
+//! | `sim` | deterministic simulated links and a client/server `Pair` (hidden; tests and the `sim` feature only) |
 //!
 //! Nothing here opens a socket, reads a clock, spawns a thread or uses
 //! `unsafe`; time is always an [`std::time::Instant`] passed in. The UDP
@@ -172,6 +172,9 @@ pub mod pacer;
 pub mod recv_buf;
 pub mod rtt;
 pub mod send_buf;
+// Test and bench support only: compiled for the crate's own tests and with
+// the `sim` feature (on by default for cargo, off in the wheel).
+#[cfg(any(test, feature = "sim"))]
 #[doc(hidden)]
 pub mod sim;
 mod train;
