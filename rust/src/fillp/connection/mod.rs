@@ -1,0 +1,596 @@
+//! The per-connection state machine.
+//!
+//! Inputs: [`Connection::handle_datagram`], [`Connection::handle_timeout`] and
+//! the application calls ([`Connection::write`], [`Connection::read`],
+//! [`Connection::shutdown_write`], [`Connection::close`], [`Connection::reset`]).
+//! Outputs: [`Connection::poll_transmit`], [`Connection::poll_timeout`],
+//! [`Connection::poll_event`]. Time is always passed in; nothing here reads a
+//! clock or touches a socket.
+//!
+//! # Layout
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the [`Connection`] type, its constructors and accessors, the input and polling API |
+//! | `config.rs` | [`Config`] |
+//! | `stats.rs` | [`ConnectionStats`] and memory accounting |
+//! | `stream.rs` | the application's `write` / `read` / close, send-buffer sizing and writer wake-ups |
+//! | `handshake.rs` | the client's INIT / COOKIE / CONN_REQ exchange and early data |
+//! | `receive.rs` | DATA in, the gap tracking behind NACKs, building PACK and NACK |
+//! | `recovery.rs` | the peer's PACK and NACK: acknowledgements, loss marking, rate samples |
+//! | `timers.rs` | RTO, tail-loss probe, keepalive, idle and drain timers |
+//! | `transmit.rs` | choosing and building the next datagram: control, DATA, pacing |
+
+mod config;
+mod handshake;
+mod receive;
+mod recovery;
+mod stats;
+mod stream;
+mod timers;
+mod transmit;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::cc::{self, CcConfig, RateController};
+use super::pacer::Pacer;
+use super::recv_buf::RecvBuf;
+use super::rtt::RttEstimator;
+use super::send_buf::SendBuf;
+use super::train::Train;
+use super::wire::{Body, HsParams, RateMode, Repr, MIN_MTU};
+
+pub use config::Config;
+use handshake::Hs;
+use receive::Missing;
+pub use stats::ConnectionStats;
+use transmit::SentPkt;
+
+/// A datagram to send: `size` bytes in all, at the start of the caller's
+/// buffer (followed, from [`Connection::poll_transmit_parts`], by the
+/// payload pieces it pushed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: SocketAddr,
+    /// Length in bytes.
+    pub size: usize,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides sent FIN and every byte was acknowledged and read.
+    Finished,
+    /// We called [`Connection::reset`].
+    LocalReset,
+    /// The peer sent RST.
+    PeerReset,
+    /// Nothing heard for the idle timeout.
+    IdleTimeout,
+    /// The handshake did not complete in time.
+    HandshakeTimeout,
+    /// The peer broke the protocol (e.g. changed the final size).
+    ProtocolViolation,
+}
+
+/// Something the application should know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake completed.
+    Connected,
+    /// Bytes (or EOF) can be read.
+    Readable,
+    /// Half the send buffer (less what loss holds back) is free again after
+    /// a write that did not fit
+    /// ([`WriteError::Blocked`] or a short count); for a client, also the
+    /// moment it may send data (it has the server's cookie, see
+    /// [`Connection::can_send`]).
+    Writable,
+    /// The peer finished its stream and every byte has arrived.
+    Finished,
+    /// The connection ended.
+    Closed {
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Errors from [`Connection::write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteError {
+    /// The send buffer is full; wait for [`Event::Writable`].
+    Blocked,
+    /// The write side was shut down.
+    Finished,
+    /// The connection is closed.
+    Closed,
+}
+
+/// Errors from [`Connection::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    /// Nothing to read yet; wait for [`Event::Readable`].
+    Blocked,
+    /// The peer reset the connection.
+    Reset,
+    /// The connection is closed locally.
+    Closed,
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+impl std::error::Error for WriteError {}
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+impl std::error::Error for ReadError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Handshake,
+    Established,
+    /// Both directions finished; linger to answer retransmitted FINs.
+    Draining,
+    Closed,
+}
+
+/// A FillP connection.
+pub struct Connection {
+    role: Role,
+    local_cid: u32,
+    remote_cid: u32,
+    remote: SocketAddr,
+    config: Config,
+    epoch: Instant,
+    state: State,
+    hs: Hs,
+    hs_start: Instant,
+    hs_next: Instant,
+    hs_backoff: u32,
+    close_reason: Option<CloseReason>,
+    send_conn_ack: bool,
+    send_reset: bool,
+    local_close: bool,
+    peer_reset: bool,
+    mtu: u16,
+    /// Largest datagram we send, when our own route carries less than the
+    /// agreed `mtu` (see [`Connection::limit_datagram`]).
+    datagram_cap: u16,
+    mode: RateMode,
+
+    // Sending.
+    send: SendBuf,
+    peer_limit: u64,
+    next_pn: u32,
+    cc: Box<dyn RateController>,
+    pacer: Pacer,
+    pace_at: Option<Instant>,
+    rtt: RttEstimator,
+    pipe: VecDeque<SentPkt>,
+    pipe_bytes: u64,
+    peer_highest: Option<u32>,
+    delivered: u64,
+    delivered_time: Instant,
+    first_sent: Instant,
+    timer_base: Option<Instant>,
+    rto_backoff: u32,
+    tlp_done: bool,
+    probe_pending: bool,
+    dup_next: Option<u64>,
+    train: Train,
+    finish_pending: bool,
+    write_blocked: bool,
+    last_tx: Instant,
+
+    // Receiving.
+    recv: RecvBuf,
+    rx_next_pn: u32,
+    rx_any: bool,
+    rx_highest_ts: u32,
+    rx_highest_at: Instant,
+    missing: BTreeMap<u32, Missing>,
+    nack_check: Option<Instant>,
+    rx_bytes: u64,
+    rx_data_pkts: u64,
+    rx_pkts_since_pack: u32,
+    rx_data_since_pack: u32,
+    pn_at_last_pack: u32,
+    rate_hist: VecDeque<(Instant, u64)>,
+    pack_now: bool,
+    last_pack: Option<Instant>,
+    readable_signalled: bool,
+    /// The receive limit (highest offset the peer may send) as of the last
+    /// PACK: what the peer knows of our window.
+    limit_sent: u64,
+    finished_signalled: bool,
+    last_rx: Instant,
+    drain_until: Option<Instant>,
+
+    events: VecDeque<Event>,
+    stats: ConnectionStats,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("role", &self.role)
+            .field("local_cid", &self.local_cid)
+            .field("remote_cid", &self.remote_cid)
+            .field("remote", &self.remote)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+fn us_since(epoch: Instant, now: Instant) -> u32 {
+    now.saturating_duration_since(epoch).as_micros() as u32
+}
+
+impl Connection {
+    fn new(config: Config, now: Instant, remote: SocketAddr, role: Role, local_cid: u32) -> Self {
+        let mut config = config;
+        config.mtu = config.mtu.max(MIN_MTU);
+        let cc_cfg = CcConfig {
+            mode: config.mode,
+            initial_rate: config.initial_rate,
+            max_rate: config.max_rate,
+            fixed_rate: config.fixed_rate,
+            mtu: config.mtu,
+        };
+        Connection {
+            role,
+            local_cid,
+            remote_cid: 0,
+            remote,
+            epoch: now,
+            state: State::Handshake,
+            hs: Hs::Init,
+            hs_start: now,
+            hs_next: now,
+            hs_backoff: 0,
+            close_reason: None,
+            send_conn_ack: false,
+            send_reset: false,
+            local_close: false,
+            peer_reset: false,
+            mtu: config.mtu,
+            datagram_cap: u16::MAX,
+            mode: config.mode,
+            send: SendBuf::new(config.send_buffer),
+            peer_limit: 0,
+            next_pn: 0,
+            cc: cc::build(&cc_cfg),
+            pacer: Pacer::new(),
+            pace_at: None,
+            rtt: RttEstimator::new(config.initial_rtt),
+            pipe: VecDeque::new(),
+            pipe_bytes: 0,
+            peer_highest: None,
+            delivered: 0,
+            delivered_time: now,
+            first_sent: now,
+            timer_base: None,
+            rto_backoff: 0,
+            tlp_done: false,
+            probe_pending: false,
+            dup_next: None,
+            train: Train::default(),
+            finish_pending: false,
+            write_blocked: false,
+            last_tx: now,
+            recv: RecvBuf::new(u64::from(config.recv_window)),
+            rx_next_pn: 0,
+            rx_any: false,
+            rx_highest_ts: 0,
+            rx_highest_at: now,
+            missing: BTreeMap::new(),
+            nack_check: None,
+            rx_bytes: 0,
+            rx_data_pkts: 0,
+            rx_pkts_since_pack: 0,
+            rx_data_since_pack: 0,
+            pn_at_last_pack: 0,
+            rate_hist: VecDeque::new(),
+            pack_now: false,
+            last_pack: None,
+            readable_signalled: false,
+            limit_sent: u64::from(config.recv_window),
+            finished_signalled: false,
+            last_rx: now,
+            drain_until: None,
+            events: VecDeque::new(),
+            stats: ConnectionStats::default(),
+            config,
+        }
+    }
+
+    /// A client connection that will start the handshake on the first
+    /// [`Connection::poll_transmit`]. `local_cid` must be non-zero and unique
+    /// on the local endpoint.
+    pub fn new_client(config: Config, now: Instant, remote: SocketAddr, local_cid: u32) -> Self {
+        Self::new(config, now, remote, Role::Client, local_cid)
+    }
+
+    /// A server connection after a valid cookie (built by the endpoint).
+    pub(crate) fn new_server(
+        config: Config,
+        now: Instant,
+        remote: SocketAddr,
+        local_cid: u32,
+        remote_cid: u32,
+        params: HsParams,
+        handshake_rtt: Duration,
+    ) -> Self {
+        let mut config = config;
+        config.mode = params.mode;
+        let mut c = Self::new(config, now, remote, Role::Server, local_cid);
+        c.remote_cid = remote_cid;
+        c.mtu = params.mtu;
+        c.peer_limit = u64::from(params.window);
+        c.rtt.update(handshake_rtt);
+        c.state = State::Established;
+        c.send_conn_ack = true;
+        c.events.push_back(Event::Connected);
+        c
+    }
+
+    /// Our connection ID (what the peer puts in `dst_cid`).
+    pub fn local_cid(&self) -> u32 {
+        self.local_cid
+    }
+
+    /// The peer's connection ID (0 until known).
+    pub fn remote_cid(&self) -> u32 {
+        self.remote_cid
+    }
+
+    /// The peer's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// The agreed rate-control mode.
+    pub fn mode(&self) -> RateMode {
+        self.mode
+    }
+
+    /// The agreed maximum datagram size.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// Send datagrams of at most `size` bytes even if more was agreed: the
+    /// agreed size is the client's route MTU, and a server whose own route
+    /// back is smaller would otherwise have every datagram fragmented.
+    /// Retransmissions keep their original size (at most the agreed one).
+    pub fn limit_datagram(&mut self, size: u16) {
+        self.datagram_cap = size.max(MIN_MTU);
+    }
+
+    /// The largest datagram we send: the agreed size, or less after
+    /// [`Connection::limit_datagram`].
+    fn send_mtu(&self) -> u16 {
+        self.mtu.min(self.datagram_cap)
+    }
+
+    /// Handshake complete and not closed.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Established, or a client holding the server's cookie: what is
+    /// written now is sent at once (behind the CONN_REQ while the handshake
+    /// completes), so a driver may report the connect done.
+    pub fn can_send(&self) -> bool {
+        self.is_established()
+            || (self.state == State::Handshake && matches!(self.hs, Hs::ConnReq { .. }))
+    }
+
+    /// Closed (possibly still lingering to answer retransmissions).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed | State::Draining)
+    }
+
+    /// Closed and done lingering: the endpoint may forget it.
+    pub fn is_drained(&self) -> bool {
+        self.state == State::Closed && !self.send_reset
+    }
+
+    /// Why it closed, once closed.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason
+    }
+
+    /// Drop the capacity of the receive, in-flight and event queues where
+    /// they are empty (they grow again on demand).
+    fn give_back_idle_memory(&mut self) {
+        self.recv.shrink_if_empty();
+        if self.pipe.is_empty() {
+            self.pipe = VecDeque::new();
+        }
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+    }
+
+    /// Next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn enter_closed(&mut self, reason: CloseReason) {
+        if self.close_reason.is_none() {
+            self.close_reason = Some(reason);
+            self.events.push_back(Event::Closed { reason });
+        }
+        self.state = State::Closed;
+        self.drain_until = None;
+    }
+
+    fn maybe_finish(&mut self, now: Instant) {
+        self.finish_pending = false;
+        if self.state != State::Established {
+            return;
+        }
+        if self.local_close {
+            self.recv.discard();
+        }
+        if self.send.fin_acked() && self.recv.at_eof() {
+            self.state = State::Draining;
+            // Everything was read: nothing to keep the receive queue for.
+            self.recv.shrink_if_empty();
+            // Linger as long as the peer may still retry (its idle timeout,
+            // restarted by each of its datagrams), so a peer whose FIN-ack
+            // was lost still gets one. Buffers are empty by now.
+            self.drain_until = Some(now + self.config.idle_timeout);
+            self.close_reason = Some(CloseReason::Finished);
+            self.events.push_back(Event::Closed {
+                reason: CloseReason::Finished,
+            });
+        }
+    }
+
+    /// Process one datagram addressed to this connection. Anything invalid is
+    /// counted in [`ConnectionStats::dropped`] and otherwise ignored.
+    pub fn handle_datagram(&mut self, now: Instant, data: &[u8]) {
+        match Repr::parse_bytes(data) {
+            Ok(r) if r.dst_cid == self.local_cid => self.handle_repr(now, data.len(), r, None),
+            _ => self.stats.dropped += 1,
+        }
+    }
+
+    /// Processes a parsed datagram of `len` bytes. `shared`, if given, is
+    /// the datagram `r` was parsed from: a DATA payload is then kept as a
+    /// slice of it instead of copied.
+    pub(crate) fn handle_repr(
+        &mut self,
+        now: Instant,
+        len: usize,
+        r: Repr<'_>,
+        shared: Option<&Bytes>,
+    ) {
+        if self.state == State::Closed {
+            return;
+        }
+        let accepted = match r.body {
+            Body::Cookie {
+                server_cid,
+                params,
+                echo,
+                cookie_time,
+                mac,
+            } => self.on_cookie(now, server_cid, params, echo, cookie_time, mac),
+            Body::ConnAck { server_cid } => {
+                if self.role == Role::Client && server_cid == self.remote_cid {
+                    self.on_established(now);
+                    true
+                } else {
+                    false
+                }
+            }
+            Body::ConnReq { client_cid, .. } => {
+                // A retransmitted CONN_REQ: our CONN_ACK was lost.
+                if self.role == Role::Server && client_cid == self.remote_cid {
+                    self.send_conn_ack = true;
+                    true
+                } else {
+                    false
+                }
+            }
+            Body::Data(d) => self.on_data(now, d, shared),
+            Body::Pack(p) => self.on_pack(now, &p),
+            Body::Nack(n) => self.on_nack(now, &n),
+            Body::Keepalive => {
+                if self.state == State::Established || self.state == State::Draining {
+                    // Answer with a PACK: doubles as a window probe reply.
+                    self.pack_now = true;
+                    // The peer has been silent for a keepalive interval (or
+                    // probes a zero window, and then our queue is full): the
+                    // flow paused. Needed here as well as in the timer,
+                    // because the side that answers keepalives has its own
+                    // timer reset by each one and may never see an old
+                    // `last_rx` there.
+                    self.give_back_idle_memory();
+                    true
+                } else {
+                    false
+                }
+            }
+            Body::Reset => {
+                if self.remote_cid != 0 {
+                    self.peer_reset = true;
+                    self.enter_closed(CloseReason::PeerReset);
+                    true
+                } else {
+                    false
+                }
+            }
+            Body::Init { .. } => false,
+        };
+        if accepted {
+            self.stats.packets_received += 1;
+            self.stats.bytes_received += len as u64;
+            self.last_rx = now;
+            if self.state == State::Draining {
+                self.drain_until = Some(now + self.config.idle_timeout);
+            }
+        } else {
+            self.stats.dropped += 1;
+        }
+    }
+
+    /// Write the next datagram into `buf` (cleared first). Order: handshake,
+    /// CONN_ACK, RST, NACK, PACK, then DATA (retransmissions before new data,
+    /// paced and capped by the in-flight limit and the peer's window), then
+    /// KEEPALIVE.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.transmit(now, buf, None)
+    }
+
+    /// [`Connection::poll_transmit`] without copying a DATA payload: `head`
+    /// gets the header and `body` the payload as shared slices of the send
+    /// buffer (see [`super::byte_queue`]), to be sent as `head` followed by
+    /// the pieces, `size` bytes in all. What the caller holds stays valid
+    /// whatever the connection does next.
+    pub fn poll_transmit_parts(
+        &mut self,
+        now: Instant,
+        head: &mut Vec<u8>,
+        body: &mut Vec<Bytes>,
+    ) -> Option<Transmit> {
+        self.transmit(now, head, Some(body))
+    }
+
+    #[doc(hidden)]
+    /// Debug dump of the rate controller (for the simulator tools).
+    pub fn controller_debug(&self) -> String {
+        format!("{:?}", self.cc)
+    }
+
+    /// Whether events are waiting.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// The peer reset the connection.
+    pub fn peer_reset(&self) -> bool {
+        self.peer_reset
+    }
+}
