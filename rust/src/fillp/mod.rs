@@ -21,7 +21,7 @@
 //! | [`byte_queue`] | stream bytes as shared pieces, sliced into datagrams without a copy |
 //! | [`send_buf`] | unacknowledged data, segments, retransmission queue |
 //! | [`recv_buf`] | reassembly and the receive window |
-//! | [`connection`] | the per-connection state machine |
+//! | [`connection`] | the per-connection state machine, one file per job (handshake, receive, recovery, timers, transmit, ...) |
 //! | `train` | the first flight's packet train and its dispersion estimate (private) |
 //! | [`endpoint`] | demultiplexing by connection ID, the server handshake |
 //! | `sim` | deterministic simulated links and a client/server `Pair` (hidden; tests and the `sim` feature only) |
@@ -141,7 +141,7 @@
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
 //! per-peer state before a valid cookie; small idle connections (under
-//! 2 KB in the core: `size_of::<Connection>()` 1272 bytes plus ~0.5-0.6 KB
+//! 2 KB in the core: `size_of::<Connection>()` 1424 bytes plus ~0.5-0.6 KB
 //! heap, asserted by the `idle_connection_memory` test; buffers grow with
 //! use and both sides give them back once the flow pauses; ~6.5-7 KiB per
 //! end through the stack, kernel memory included,

@@ -30,26 +30,24 @@ mod stream;
 mod timers;
 mod transmit;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::cc::{self, CcConfig, RateController};
-use super::pacer::Pacer;
-use super::recv_buf::RecvBuf;
+use super::cc::{self, CcConfig};
 use super::rtt::RttEstimator;
-use super::send_buf::SendBuf;
-use super::train::Train;
 use super::wire::{Body, HsParams, RateMode, Repr, MIN_MTU};
 
 pub use config::Config;
-use handshake::Hs;
-use receive::Missing;
+use handshake::Handshake;
+use receive::Receiver;
+use recovery::Pipe;
 pub use stats::ConnectionStats;
-use transmit::SentPkt;
+use timers::Timers;
+use transmit::Sender;
 
 /// A datagram to send: `size` bytes in all, at the start of the caller's
 /// buffer (followed, from [`Connection::poll_transmit_parts`], by the
@@ -158,71 +156,32 @@ pub struct Connection {
     remote_cid: u32,
     remote: SocketAddr,
     config: Config,
+    /// When the connection was created: zero of the microsecond timestamps
+    /// we send and echo, and the start of the handshake timeout.
     epoch: Instant,
     state: State,
-    hs: Hs,
-    hs_start: Instant,
-    hs_next: Instant,
-    hs_backoff: u32,
     close_reason: Option<CloseReason>,
-    send_conn_ack: bool,
+    /// An RST is due (our reset, or a protocol violation).
     send_reset: bool,
+    /// The application closed: what still arrives is discarded.
     local_close: bool,
     peer_reset: bool,
+    /// Something may complete the close (our FIN acked, the peer's read):
+    /// the next timer run checks.
+    finish_pending: bool,
     mtu: u16,
     /// Largest datagram we send, when our own route carries less than the
     /// agreed `mtu` (see [`Connection::limit_datagram`]).
     datagram_cap: u16,
     mode: RateMode,
-
-    // Sending.
-    send: SendBuf,
-    peer_limit: u64,
-    next_pn: u32,
-    cc: Box<dyn RateController>,
-    pacer: Pacer,
-    pace_at: Option<Instant>,
+    /// The path's RTT, shared by both directions: the sender's RTO and
+    /// pacing, the receiver's reordering delay.
     rtt: RttEstimator,
-    pipe: VecDeque<SentPkt>,
-    pipe_bytes: u64,
-    peer_highest: Option<u32>,
-    delivered: u64,
-    delivered_time: Instant,
-    first_sent: Instant,
-    timer_base: Option<Instant>,
-    rto_backoff: u32,
-    tlp_done: bool,
-    probe_pending: bool,
-    dup_next: Option<u64>,
-    train: Train,
-    finish_pending: bool,
-    write_blocked: bool,
-    last_tx: Instant,
-
-    // Receiving.
-    recv: RecvBuf,
-    rx_next_pn: u32,
-    rx_any: bool,
-    rx_highest_ts: u32,
-    rx_highest_at: Instant,
-    missing: BTreeMap<u32, Missing>,
-    nack_check: Option<Instant>,
-    rx_bytes: u64,
-    rx_data_pkts: u64,
-    rx_pkts_since_pack: u32,
-    rx_data_since_pack: u32,
-    pn_at_last_pack: u32,
-    rate_hist: VecDeque<(Instant, u64)>,
-    pack_now: bool,
-    last_pack: Option<Instant>,
-    readable_signalled: bool,
-    /// The receive limit (highest offset the peer may send) as of the last
-    /// PACK: what the peer knows of our window.
-    limit_sent: u64,
-    finished_signalled: bool,
-    last_rx: Instant,
-    drain_until: Option<Instant>,
-
+    hs: Handshake,
+    tx: Sender,
+    pipe: Pipe,
+    rx: Receiver,
+    timers: Timers,
     events: VecDeque<Event>,
     stats: ConnectionStats,
 }
@@ -261,60 +220,20 @@ impl Connection {
             remote,
             epoch: now,
             state: State::Handshake,
-            hs: Hs::Init,
-            hs_start: now,
-            hs_next: now,
-            hs_backoff: 0,
             close_reason: None,
-            send_conn_ack: false,
             send_reset: false,
             local_close: false,
             peer_reset: false,
+            finish_pending: false,
             mtu: config.mtu,
             datagram_cap: u16::MAX,
             mode: config.mode,
-            send: SendBuf::new(config.send_buffer),
-            peer_limit: 0,
-            next_pn: 0,
-            cc: cc::build(&cc_cfg),
-            pacer: Pacer::new(),
-            pace_at: None,
             rtt: RttEstimator::new(config.initial_rtt),
-            pipe: VecDeque::new(),
-            pipe_bytes: 0,
-            peer_highest: None,
-            delivered: 0,
-            delivered_time: now,
-            first_sent: now,
-            timer_base: None,
-            rto_backoff: 0,
-            tlp_done: false,
-            probe_pending: false,
-            dup_next: None,
-            train: Train::default(),
-            finish_pending: false,
-            write_blocked: false,
-            last_tx: now,
-            recv: RecvBuf::new(u64::from(config.recv_window)),
-            rx_next_pn: 0,
-            rx_any: false,
-            rx_highest_ts: 0,
-            rx_highest_at: now,
-            missing: BTreeMap::new(),
-            nack_check: None,
-            rx_bytes: 0,
-            rx_data_pkts: 0,
-            rx_pkts_since_pack: 0,
-            rx_data_since_pack: 0,
-            pn_at_last_pack: 0,
-            rate_hist: VecDeque::new(),
-            pack_now: false,
-            last_pack: None,
-            readable_signalled: false,
-            limit_sent: u64::from(config.recv_window),
-            finished_signalled: false,
-            last_rx: now,
-            drain_until: None,
+            hs: Handshake::new(now),
+            tx: Sender::new(config.send_buffer, cc::build(&cc_cfg)),
+            pipe: Pipe::new(now),
+            rx: Receiver::new(config.recv_window, now),
+            timers: Timers::new(now),
             events: VecDeque::new(),
             stats: ConnectionStats::default(),
             config,
@@ -343,10 +262,10 @@ impl Connection {
         let mut c = Self::new(config, now, remote, Role::Server, local_cid);
         c.remote_cid = remote_cid;
         c.mtu = params.mtu;
-        c.peer_limit = u64::from(params.window);
+        c.tx.peer_limit = u64::from(params.window);
         c.rtt.update(handshake_rtt);
         c.state = State::Established;
-        c.send_conn_ack = true;
+        c.hs.send_conn_ack = true;
         c.events.push_back(Event::Connected);
         c
     }
@@ -399,8 +318,7 @@ impl Connection {
     /// written now is sent at once (behind the CONN_REQ while the handshake
     /// completes), so a driver may report the connect done.
     pub fn can_send(&self) -> bool {
-        self.is_established()
-            || (self.state == State::Handshake && matches!(self.hs, Hs::ConnReq { .. }))
+        self.is_established() || (self.state == State::Handshake && self.hs.has_cookie())
     }
 
     /// Closed (possibly still lingering to answer retransmissions).
@@ -421,10 +339,8 @@ impl Connection {
     /// Drop the capacity of the receive, in-flight and event queues where
     /// they are empty (they grow again on demand).
     fn give_back_idle_memory(&mut self) {
-        self.recv.shrink_if_empty();
-        if self.pipe.is_empty() {
-            self.pipe = VecDeque::new();
-        }
+        self.rx.buf.shrink_if_empty();
+        self.pipe.shrink_if_empty();
         if self.events.is_empty() {
             self.events = VecDeque::new();
         }
@@ -441,7 +357,7 @@ impl Connection {
             self.events.push_back(Event::Closed { reason });
         }
         self.state = State::Closed;
-        self.drain_until = None;
+        self.timers.drain_until = None;
     }
 
     fn maybe_finish(&mut self, now: Instant) {
@@ -450,16 +366,16 @@ impl Connection {
             return;
         }
         if self.local_close {
-            self.recv.discard();
+            self.rx.buf.discard();
         }
-        if self.send.fin_acked() && self.recv.at_eof() {
+        if self.tx.buf.fin_acked() && self.rx.buf.at_eof() {
             self.state = State::Draining;
             // Everything was read: nothing to keep the receive queue for.
-            self.recv.shrink_if_empty();
+            self.rx.buf.shrink_if_empty();
             // Linger as long as the peer may still retry (its idle timeout,
             // restarted by each of its datagrams), so a peer whose FIN-ack
             // was lost still gets one. Buffers are empty by now.
-            self.drain_until = Some(now + self.config.idle_timeout);
+            self.timers.drain_until = Some(now + self.config.idle_timeout);
             self.close_reason = Some(CloseReason::Finished);
             self.events.push_back(Event::Closed {
                 reason: CloseReason::Finished,
@@ -497,30 +413,15 @@ impl Connection {
                 cookie_time,
                 mac,
             } => self.on_cookie(now, server_cid, params, echo, cookie_time, mac),
-            Body::ConnAck { server_cid } => {
-                if self.role == Role::Client && server_cid == self.remote_cid {
-                    self.on_established(now);
-                    true
-                } else {
-                    false
-                }
-            }
-            Body::ConnReq { client_cid, .. } => {
-                // A retransmitted CONN_REQ: our CONN_ACK was lost.
-                if self.role == Role::Server && client_cid == self.remote_cid {
-                    self.send_conn_ack = true;
-                    true
-                } else {
-                    false
-                }
-            }
+            Body::ConnAck { server_cid } => self.on_conn_ack(now, server_cid),
+            Body::ConnReq { client_cid, .. } => self.on_conn_req(client_cid),
             Body::Data(d) => self.on_data(now, d, shared),
             Body::Pack(p) => self.on_pack(now, &p),
             Body::Nack(n) => self.on_nack(now, &n),
             Body::Keepalive => {
                 if self.state == State::Established || self.state == State::Draining {
                     // Answer with a PACK: doubles as a window probe reply.
-                    self.pack_now = true;
+                    self.rx.pack_now = true;
                     // The peer has been silent for a keepalive interval (or
                     // probes a zero window, and then our queue is full): the
                     // flow paused. Needed here as well as in the timer,
@@ -547,9 +448,9 @@ impl Connection {
         if accepted {
             self.stats.packets_received += 1;
             self.stats.bytes_received += len as u64;
-            self.last_rx = now;
+            self.timers.last_rx = now;
             if self.state == State::Draining {
-                self.drain_until = Some(now + self.config.idle_timeout);
+                self.timers.drain_until = Some(now + self.config.idle_timeout);
             }
         } else {
             self.stats.dropped += 1;
@@ -581,7 +482,7 @@ impl Connection {
     #[doc(hidden)]
     /// Debug dump of the rate controller (for the simulator tools).
     pub fn controller_debug(&self) -> String {
-        format!("{:?}", self.cc)
+        format!("{:?}", self.tx.cc)
     }
 
     /// Whether events are waiting.

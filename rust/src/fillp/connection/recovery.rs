@@ -1,52 +1,203 @@
 //! What the peer's reports do to the sender: acknowledgements, SACK and
 //! NACK loss marking, delivery-rate samples.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::super::cc::AckSample;
+use super::super::train::Train;
 use super::super::wire::{NackRepr, PackRepr, DATA_HEADER_LEN};
-use super::handshake::Hs;
 use super::transmit::BASE_DATAGRAM;
-use super::{us_since, Connection, Event, Role, State};
+use super::{us_since, Connection, Event, State};
 
 /// Peer loss smoothing weight.
 const LOSS_EWMA: f64 = 0.125;
 
-impl Connection {
-    pub(super) fn on_pack(&mut self, now: Instant, p: &PackRepr) -> bool {
-        if self.role == Role::Client && self.state == State::Handshake {
-            if self.remote_cid == 0 || matches!(self.hs, Hs::Init) {
-                return false;
-            }
-            self.on_established(now);
+/// One transmitted DATA packet still "in the pipe" (above the peer's highest
+/// reported packet number), with what delivery-rate sampling needs.
+#[derive(Debug, Clone, Copy)]
+struct SentPkt {
+    pn: u32,
+    /// Datagram bytes.
+    bytes: u32,
+    sent: Instant,
+    /// The pipe's `delivered`, `delivered_time` and `first_sent` when it
+    /// left: the start of the interval its acknowledgement samples.
+    delivered: u64,
+    delivered_time: Instant,
+    first_sent: Instant,
+    /// Nothing waited to be sent behind it.
+    app_limited: bool,
+}
+
+/// The DATA packets in flight, and delivery-rate sampling over them (as
+/// BBR's: each packet remembers how much had been delivered when it left,
+/// and the report that covers it measures the rate since).
+#[derive(Debug)]
+pub(super) struct Pipe {
+    pkts: VecDeque<SentPkt>,
+    /// Datagram bytes in flight.
+    pub(super) bytes: u64,
+    /// Highest packet number the peer has reported.
+    peer_highest: Option<u32>,
+    /// Payload bytes the peer reports having received.
+    delivered: u64,
+    /// When `delivered` last moved (or the pipe last started from empty).
+    delivered_time: Instant,
+    /// When the newest packet sampled so far was sent.
+    first_sent: Instant,
+}
+
+/// What a fresh report took out of the [`Pipe`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Delivery {
+    /// Payload bytes newly received by the peer (its total, less the last).
+    pub(super) delivered_now: u64,
+    /// Payload bytes of the packets the report resolved (arrived or lost).
+    pub(super) resolved: u64,
+    /// Of those, the first-flight train's.
+    pub(super) train_bytes: u64,
+    /// Delivery rate, bytes/s, if the interval was long enough to measure.
+    pub(super) rate_sample: Option<u64>,
+    /// The sample's packet left with nothing queued behind it.
+    pub(super) app_limited: bool,
+}
+
+impl Pipe {
+    pub(super) fn new(now: Instant) -> Self {
+        Pipe {
+            pkts: VecDeque::new(),
+            bytes: 0,
+            peer_highest: None,
+            delivered: 0,
+            delivered_time: now,
+            first_sent: now,
         }
-        if !matches!(self.state, State::Established | State::Draining) {
+    }
+
+    /// Whether a report up to `highest_pn` is news: for a packet we sent
+    /// (`next_pn` is the next number), above the highest reported.
+    pub(super) fn is_fresh(&self, highest_pn: u32, next_pn: u32) -> bool {
+        next_pn > 0 && highest_pn < next_pn && self.peer_highest.is_none_or(|h| highest_pn > h)
+    }
+
+    /// A DATA packet of `size` datagram bytes left at `now`.
+    pub(super) fn on_sent(&mut self, pn: u32, size: usize, now: Instant, app_limited: bool) {
+        if self.pkts.is_empty() {
+            // Nothing in flight: a delivery interval starts now.
+            self.first_sent = now;
+            self.delivered_time = now;
+        }
+        self.pkts.push_back(SentPkt {
+            pn,
+            bytes: size as u32,
+            sent: now,
+            delivered: self.delivered,
+            delivered_time: self.delivered_time,
+            first_sent: self.first_sent,
+            app_limited,
+        });
+        self.bytes += size as u64;
+    }
+
+    /// A fresh report ([`Pipe::is_fresh`]): the peer has `rx_bytes` in all
+    /// and packets up to `highest_pn` are resolved. `train` tells which of
+    /// them were the first flight's.
+    pub(super) fn on_report(
+        &mut self,
+        now: Instant,
+        highest_pn: u32,
+        rx_bytes: u64,
+        train: &Train,
+    ) -> Delivery {
+        let mut d = Delivery {
+            delivered_now: rx_bytes.saturating_sub(self.delivered),
+            ..Delivery::default()
+        };
+        self.delivered = self.delivered.max(rx_bytes);
+        while let Some(front) = self.pkts.front().copied() {
+            if front.pn > highest_pn {
+                break;
+            }
+            self.pkts.pop_front();
+            self.bytes -= u64::from(front.bytes);
+            let payload = u64::from(front.bytes).saturating_sub(DATA_HEADER_LEN as u64);
+            d.resolved += payload;
+            if train.contains(front.pn) {
+                d.train_bytes += payload;
+            }
+            if front.pn == highest_pn {
+                let ack_elapsed = now.saturating_duration_since(front.delivered_time);
+                let send_elapsed = front.sent.saturating_duration_since(front.first_sent);
+                let interval = ack_elapsed.max(send_elapsed);
+                let bytes = self.delivered.saturating_sub(front.delivered);
+                // At least 1 ms, or 100 µs when the sample spans 16
+                // Ethernet-sized packets: PACKs come every `pack_every`
+                // such packets, so on a sub-millisecond path a 1 ms
+                // floor leaves no samples above pack_every x 1400 bytes
+                // per ms (0.36 Gbit/s) and the estimate can never grow
+                // past that.
+                let long_enough = interval >= Duration::from_millis(1)
+                    || (interval >= Duration::from_micros(100)
+                        && bytes >= 16 * u64::from(BASE_DATAGRAM));
+                if long_enough && bytes > 0 {
+                    d.rate_sample = Some((bytes as f64 / interval.as_secs_f64()) as u64);
+                }
+                d.app_limited = front.app_limited;
+                self.first_sent = front.sent;
+            }
+        }
+        self.delivered_time = now;
+        self.peer_highest = Some(highest_pn);
+        d
+    }
+
+    /// Forgets what is in flight (an RTO: all of it is presumed lost).
+    pub(super) fn clear(&mut self) {
+        self.pkts.clear();
+        self.bytes = 0;
+    }
+
+    /// Gives back the queue's memory if it is empty.
+    pub(super) fn shrink_if_empty(&mut self) {
+        if self.pkts.is_empty() {
+            self.pkts = VecDeque::new();
+        }
+    }
+
+    /// Heap held, bytes.
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.pkts.capacity() * std::mem::size_of::<SentPkt>()
+    }
+}
+
+impl Connection {
+    /// PACK: cumulative and selective acknowledgements, the peer's window,
+    /// an RTT and delivery-rate sample for the controller, holes under
+    /// SACKed data marked lost, and a wake-up for a blocked writer.
+    pub(super) fn on_pack(&mut self, now: Instant, p: &PackRepr) -> bool {
+        if !self.accept_stream_packet(now) {
             return false;
         }
         self.stats.packs_received += 1;
-        let sent_any = self.next_pn > 0;
-        let fresh = sent_any
-            && p.highest_pn < self.next_pn
-            && self.peer_highest.is_none_or(|h| p.highest_pn > h);
+        let fresh = self.pipe.is_fresh(p.highest_pn, self.tx.next_pn);
         // Flow control: the limit only ever grows.
-        self.peer_limit = self
+        self.tx.peer_limit = self
+            .tx
             .peer_limit
             .max(p.cum_ack.saturating_add(u64::from(p.window)));
-        let newly = self.send.on_cum_ack(p.cum_ack, p.fin_received);
+        let newly = self.tx.buf.on_cum_ack(p.cum_ack, p.fin_received);
         self.stats.bytes_acked += newly;
         for s in p.sacks() {
             // Saturating: a forged cum_ack near 2^64 must not wrap.
             let start = p.cum_ack.saturating_add(u64::from(s.start));
-            self.send
+            self.tx
+                .buf
                 .on_sack(start, start.saturating_add(u64::from(s.len)));
         }
         let mut progress = newly > 0;
-        let mut rate_sample = None;
-        let mut app_limited = false;
         let mut rtt_sample = None;
-        let mut resolved = 0u64;
-        let mut train_bytes = 0u64;
-        let mut delivered_now = 0u64;
+        let mut delivery = Delivery::default();
         if fresh {
             progress = true;
             let sample = us_since(self.epoch, now)
@@ -57,92 +208,60 @@ impl Connection {
                 self.rtt.update(d);
                 rtt_sample = Some(d);
             }
-            delivered_now = p.rx_bytes.saturating_sub(self.delivered);
-            self.delivered = self.delivered.max(p.rx_bytes);
-            while let Some(front) = self.pipe.front().copied() {
-                if front.pn > p.highest_pn {
-                    break;
-                }
-                self.pipe.pop_front();
-                self.pipe_bytes -= u64::from(front.bytes);
-                let payload = u64::from(front.bytes).saturating_sub(DATA_HEADER_LEN as u64);
-                resolved += payload;
-                if self.train.contains(front.pn) {
-                    train_bytes += payload;
-                }
-                if front.pn == p.highest_pn {
-                    let ack_elapsed = now.saturating_duration_since(front.delivered_time);
-                    let send_elapsed = front.sent.saturating_duration_since(front.first_sent);
-                    let interval = ack_elapsed.max(send_elapsed);
-                    let bytes = self.delivered.saturating_sub(front.delivered);
-                    // At least 1 ms, or 100 µs when the sample spans 16
-                    // Ethernet-sized packets: PACKs come every `pack_every`
-                    // such packets, so on a sub-millisecond path a 1 ms
-                    // floor leaves no samples above pack_every x 1400 bytes
-                    // per ms (0.36 Gbit/s) and the estimate can never grow
-                    // past that.
-                    let long_enough = interval >= Duration::from_millis(1)
-                        || (interval >= Duration::from_micros(100)
-                            && bytes >= 16 * u64::from(BASE_DATAGRAM));
-                    if long_enough && bytes > 0 {
-                        rate_sample = Some((bytes as f64 / interval.as_secs_f64()) as u64);
-                    }
-                    app_limited = front.app_limited;
-                    self.first_sent = front.sent;
-                }
-            }
-            self.delivered_time = now;
-            self.peer_highest = Some(p.highest_pn);
+            delivery = self
+                .pipe
+                .on_report(now, p.highest_pn, p.rx_bytes, &self.tx.train);
             // When the reported packet reached the peer, on our clock less
             // the return delay (the same for every report of the train).
             let arrival = now
                 .checked_sub(Duration::from_micros(u64::from(p.ack_delay_us)))
                 .unwrap_or(now);
-            if let Some(rate) = self.train.on_pack(p.highest_pn, arrival, train_bytes) {
-                self.cc.on_capacity_hint(now, rate);
+            if let Some(rate) = self
+                .tx
+                .train
+                .on_pack(p.highest_pn, arrival, delivery.train_bytes)
+            {
+                self.tx.cc.on_capacity_hint(now, rate);
             }
         }
         let loss = f64::from(p.loss) / 65536.0;
         self.stats.loss = self.stats.loss * (1.0 - LOSS_EWMA) + loss * LOSS_EWMA;
-        if let Some(r) = rate_sample {
+        if let Some(r) = delivery.rate_sample {
             self.stats.delivery_rate = r;
         }
         // Holes under SACKed data older than an RTT are lost even if the NACK was.
         let age = self.rtt.srtt() + self.rtt.srtt() / 4 + self.config.pack_interval;
-        self.send.mark_holes(now, age);
-        self.cc.on_ack(&AckSample {
+        self.tx.buf.mark_holes(now, age);
+        self.tx.cc.on_ack(&AckSample {
             now,
-            delivery_rate: rate_sample,
-            app_limited,
+            delivery_rate: delivery.rate_sample,
+            app_limited: delivery.app_limited,
             rtt: rtt_sample,
             srtt: self.rtt.srtt(),
             recv_rate: u64::from(p.rate),
             loss,
-            resolved_payload: resolved,
-            delivered_bytes: delivered_now,
-            in_flight: self.pipe_bytes,
+            resolved_payload: delivery.resolved,
+            delivered_bytes: delivery.delivered_now,
+            in_flight: self.pipe.bytes,
         });
         if progress {
-            self.timer_base = if self.send.in_flight_segments() > 0 {
-                Some(now)
-            } else {
-                None
-            };
-            self.rto_backoff = 0;
-            self.tlp_done = false;
+            self.timers
+                .on_progress(now, self.tx.buf.in_flight_segments() > 0);
         }
         // A blocked writer hears of space once half the buffer is free (less
         // what loss holds back, see `send_wake_space`), as the kernel and
         // smoltcp do, not on every PACK: a bulk sender then wakes once per
         // half buffer instead of every 32 packets.
-        if self.write_blocked && self.send_space() >= self.send_wake_space() {
-            self.write_blocked = false;
+        if self.tx.write_blocked && self.send_space() >= self.send_wake_space() {
+            self.tx.write_blocked = false;
             self.events.push_back(Event::Writable);
         }
         self.maybe_finish(now);
         true
     }
 
+    /// NACK: the transmissions it names are lost and go back in the
+    /// retransmission queue.
     pub(super) fn on_nack(&mut self, _now: Instant, n: &NackRepr) -> bool {
         if !matches!(self.state, State::Established | State::Draining) {
             return false;
@@ -151,11 +270,36 @@ impl Connection {
         for r in n.ranges() {
             // Walk only the packet numbers still mapped to segments, so a
             // forged range costs no more than what is in flight.
-            let nacked = self.send.mapped_pns(r.first, r.last);
+            let nacked = self.tx.buf.mapped_pns(r.first, r.last);
             for pn in nacked {
-                self.send.on_nack(pn);
+                self.tx.buf.on_nack(pn);
             }
         }
         true
+    }
+
+    /// The RTO fired: everything in flight is presumed lost and resent
+    /// (a probe first, even into a full window), the controller is told,
+    /// and the next RTO waits twice as long.
+    pub(super) fn on_rto(&mut self, now: Instant) {
+        self.tx.buf.on_rto();
+        self.stats.rto_count += 1;
+        self.tx.probe_pending = true;
+        self.pipe.clear();
+        self.tx.train.abandon();
+        self.tx.cc.on_rto(now);
+        self.timers.rto_backoff += 1;
+        self.timers.tlp_done = true;
+        self.timers.loss_base = Some(now);
+    }
+
+    /// The tail-loss probe timer fired: resend the last segment (once per
+    /// loss period) to draw a report for a lost tail, before the RTO.
+    pub(super) fn on_tail_probe_timer(&mut self) {
+        self.timers.tlp_done = true;
+        if self.tx.buf.probe_tail() {
+            self.stats.tail_probes += 1;
+            self.tx.probe_pending = true;
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Connection, Event, SentPkt};
+use super::{Connection, Event};
 
 /// Counters and estimates.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -55,11 +55,10 @@ pub struct ConnectionStats {
 impl Connection {
     /// Approximate heap use, bytes (buffers, maps, controller).
     pub fn heap_bytes(&self) -> usize {
-        self.send.heap_bytes()
-            + self.recv.heap_bytes()
-            + self.pipe.capacity() * std::mem::size_of::<SentPkt>()
-            + self.missing.len() * 40
-            + self.rate_hist.capacity() * 24
+        self.tx.buf.heap_bytes()
+            + self.rx.buf.heap_bytes()
+            + self.pipe.heap_bytes()
+            + self.rx.tracking_heap_bytes()
             + self.events.capacity() * std::mem::size_of::<Event>()
             + 512
     }
@@ -70,7 +69,7 @@ impl Connection {
         s.mtu = self.send_mtu();
         s.rtt = self.rtt.srtt();
         s.min_rtt = self.rtt.min();
-        s.send_rate = self.cc.pacing_rate();
+        s.send_rate = self.tx.cc.pacing_rate();
         s
     }
 }

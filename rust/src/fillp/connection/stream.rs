@@ -26,7 +26,7 @@ impl Connection {
     /// An allocation freed by acknowledged data, for the caller to copy its
     /// next [`Connection::write_shared`] into instead of allocating.
     pub fn take_spare_buffer(&mut self) -> Option<BytesMut> {
-        self.send.take_spare()
+        self.tx.buf.take_spare()
     }
 
     /// A write of `len` bytes, of which `put` appends the first `n` (as many
@@ -39,16 +39,16 @@ impl Connection {
         if self.is_closed() || self.local_close {
             return Err(WriteError::Closed);
         }
-        if self.send.is_finished() {
+        if self.tx.buf.is_finished() {
             return Err(WriteError::Finished);
         }
         let room = len.min(self.send_space());
-        let n = put(&mut self.send, room);
+        let n = put(&mut self.tx.buf, room);
         // A write that did not fit hears of space through Writable, whether
         // it took nothing (Blocked) or a part: a non-blocking writer that
         // got a short count waits for writability just the same.
         if n < len {
-            self.write_blocked = true;
+            self.tx.write_blocked = true;
         }
         if n == 0 && len > 0 {
             return Err(WriteError::Blocked);
@@ -77,27 +77,27 @@ impl Connection {
         if self.peer_reset {
             return Err(ReadError::Reset);
         }
-        if self.local_close || self.state == State::Closed && !self.recv.at_eof() {
+        if self.local_close || self.state == State::Closed && !self.rx.buf.at_eof() {
             return Err(ReadError::Closed);
         }
-        if self.recv.readable() == 0 {
-            if self.recv.at_eof() {
+        if self.rx.buf.readable() == 0 {
+            if self.rx.buf.at_eof() {
                 return Ok(0);
             }
-            self.readable_signalled = false;
+            self.rx.readable_signalled = false;
             return Err(ReadError::Blocked);
         }
         if max == 0 {
             return Ok(0);
         }
-        let n = take(&mut self.recv);
-        if self.recv.at_eof() {
+        let n = take(&mut self.rx.buf);
+        if self.rx.buf.at_eof() {
             // Reading the last byte may complete the close; timers run it.
             self.finish_pending = true;
         }
         self.stats.bytes_read += n as u64;
-        if self.recv.readable() == 0 {
-            self.readable_signalled = false;
+        if self.rx.buf.readable() == 0 {
+            self.rx.readable_signalled = false;
         }
         // Tell a sender that may be held by our window that it grew, as
         // TCP does once the window would double: data that stopped coming
@@ -106,11 +106,11 @@ impl Connection {
         // loopback transfer to a hashing reader took 0.25 s, not 0.06, in
         // about one run of four). Two datagrams at least: no silly windows.
         let w = u64::from(self.config.recv_window);
-        let known = self.limit_sent.saturating_sub(self.recv.cum());
-        let growth = self.recv.limit().saturating_sub(self.limit_sent);
+        let known = self.rx.limit_sent.saturating_sub(self.rx.buf.cum());
+        let growth = self.rx.buf.limit().saturating_sub(self.rx.limit_sent);
         let least = 2 * u64::from(self.mtu);
         if known < w / 2 && growth >= known.max(least) {
-            self.pack_now = true;
+            self.rx.pack_now = true;
         }
         Ok(n)
     }
@@ -118,7 +118,7 @@ impl Connection {
     /// Half-close: send FIN after the buffered data. Reading continues.
     pub fn shutdown_write(&mut self) {
         if !self.is_closed() {
-            self.send.finish();
+            self.tx.buf.finish();
         }
     }
 
@@ -127,7 +127,7 @@ impl Connection {
     pub fn close(&mut self) {
         self.shutdown_write();
         self.local_close = true;
-        self.recv.discard();
+        self.rx.buf.discard();
         self.finish_pending = true;
     }
 
@@ -142,17 +142,17 @@ impl Connection {
 
     /// In-order bytes `read` would return now (for readiness reporting).
     pub fn readable_bytes(&self) -> usize {
-        self.recv.readable()
+        self.rx.buf.readable()
     }
 
     /// The peer's FIN has been reached by `read` (the next read is EOF).
     pub fn at_eof(&self) -> bool {
-        self.recv.at_eof()
+        self.rx.buf.at_eof()
     }
 
     /// Send-buffer space: how much `write` would take now.
     pub fn send_space(&self) -> usize {
-        self.send_capacity().saturating_sub(self.send.unacked())
+        self.send_capacity().saturating_sub(self.tx.buf.unacked())
     }
 
     /// The send buffer's size now: three times what may be in flight, plus
@@ -172,13 +172,13 @@ impl Connection {
         let held = self.send_held();
         let want = self.send_flight().saturating_mul(3).saturating_add(held);
         let want = usize::try_from(want).unwrap_or(usize::MAX);
-        want.max(MIN_SEND_BUFFER).min(self.send.capacity())
+        want.max(MIN_SEND_BUFFER).min(self.tx.buf.capacity())
     }
 
     /// Sent bytes that loss holds back: neither in flight nor acknowledged
     /// in order (SACKed, or waiting to be resent).
     pub(super) fn send_held(&self) -> u64 {
-        self.send.sent_span().saturating_sub(self.pipe_bytes)
+        self.tx.buf.sent_span().saturating_sub(self.pipe.bytes)
     }
 
     /// Free space at which a writer that came up short is woken: half the
@@ -196,7 +196,7 @@ impl Connection {
     /// less (modes without an in-flight cap, and BBR before its first RTT
     /// sample, when it has none).
     pub(super) fn send_flight(&self) -> u64 {
-        let round = (self.cc.pacing_rate() as f64 * self.rtt.srtt().as_secs_f64()) as u64;
+        let round = (self.tx.cc.pacing_rate() as f64 * self.rtt.srtt().as_secs_f64()) as u64;
         self.inflight_limit()
             .min(round.saturating_add(self.report_cadence()))
     }
@@ -212,17 +212,17 @@ impl Connection {
     /// write may still find no room: it gets [`WriteError::Blocked`] and
     /// then waits for the event.)
     pub fn is_writable(&self) -> bool {
-        !self.write_blocked
+        !self.tx.write_blocked
     }
 
     /// Whether written data waits to be sent (new, or to be resent) and the
     /// peer's window lets it go.
     pub fn has_unsent(&self) -> bool {
-        self.send.has_pending(self.peer_limit)
+        self.tx.buf.has_pending(self.tx.peer_limit)
     }
 
     /// Bytes written and not yet acknowledged.
     pub fn unacked(&self) -> usize {
-        self.send.unacked()
+        self.tx.buf.unacked()
     }
 }

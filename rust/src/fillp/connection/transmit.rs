@@ -5,23 +5,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::super::send_buf::NextSegment;
+use super::super::cc::RateController;
+use super::super::pacer::Pacer;
+use super::super::send_buf::{NextSegment, SendBuf};
+use super::super::train::Train;
 use super::super::wire::{Body, DataRepr, Repr, DATA_HEADER_LEN};
-use super::receive::{QUICK_PACKETS, QUICK_PACK_EVERY};
 use super::{us_since, Connection, State, Transmit};
-
-/// One transmitted DATA packet still "in the pipe" (above the peer's highest
-/// reported packet number), with what delivery-rate sampling needs.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct SentPkt {
-    pub(super) pn: u32,
-    pub(super) bytes: u32,
-    pub(super) sent: Instant,
-    pub(super) delivered: u64,
-    pub(super) delivered_time: Instant,
-    pub(super) first_sent: Instant,
-    pub(super) app_limited: bool,
-}
 
 /// Before the handshake is confirmed, a client sends at most this many
 /// packets (or one round at the pacing rate, if more) of early data: a
@@ -32,7 +21,49 @@ const EARLY_FLIGHT_PACKETS: u64 = 40;
 /// shrink packets: FillP's default, room for a tunnel on Ethernet paths.
 pub(super) const BASE_DATAGRAM: u16 = 1400;
 
+/// The sending half: the send buffer, the peer's window, rate control and
+/// pacing, and what the next DATA packet must be.
+pub(super) struct Sender {
+    pub(super) buf: SendBuf,
+    /// Stream offset the peer's window lets us send up to (only grows).
+    pub(super) peer_limit: u64,
+    /// Packet number of the next DATA packet.
+    pub(super) next_pn: u32,
+    pub(super) cc: Box<dyn RateController>,
+    pub(super) pacer: Pacer,
+    /// While the pacer holds the next DATA packet back: when it may go.
+    pub(super) pace_at: Option<Instant>,
+    /// The first flight's back-to-back train.
+    pub(super) train: Train,
+    /// A tail-loss or RTO probe is queued: it goes even into a full window.
+    pub(super) probe_pending: bool,
+    /// Offset of a segment lost again after a retransmission: a second
+    /// copy goes right behind it.
+    pub(super) dup_next: Option<u64>,
+    /// A write came up short: the writer waits for [`super::Event::Writable`].
+    pub(super) write_blocked: bool,
+}
+
+impl Sender {
+    pub(super) fn new(send_buffer: usize, cc: Box<dyn RateController>) -> Self {
+        Sender {
+            buf: SendBuf::new(send_buffer),
+            peer_limit: 0,
+            next_pn: 0,
+            cc,
+            pacer: Pacer::new(),
+            pace_at: None,
+            train: Train::default(),
+            probe_pending: false,
+            dup_next: None,
+            write_blocked: false,
+        }
+    }
+}
+
 impl Connection {
+    /// Builds the next datagram into `buf` (and `body`, see
+    /// [`Connection::poll_transmit_parts`]) and counts it.
     pub(super) fn transmit(
         &mut self,
         now: Instant,
@@ -47,7 +78,7 @@ impl Connection {
         let size = buf.len() + payload;
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += size as u64;
-        self.last_tx = now;
+        self.timers.last_tx = now;
         Some(Transmit {
             destination: self.remote,
             size,
@@ -87,7 +118,9 @@ impl Connection {
         if let Some(n) = self.data_packet(now, buf, body) {
             return Some((None, n));
         }
-        if self.state == State::Established && now >= self.last_tx + self.keepalive_interval() {
+        if self.state == State::Established
+            && now >= self.timers.last_tx + self.keepalive_interval()
+        {
             return Some((
                 Some(Repr {
                     dst_cid: self.remote_cid,
@@ -114,8 +147,8 @@ impl Connection {
             State::Handshake => return self.handshake_packet(now),
             State::Established | State::Draining => {}
         }
-        if self.send_conn_ack {
-            self.send_conn_ack = false;
+        if self.hs.send_conn_ack {
+            self.hs.send_conn_ack = false;
             return Some(Repr {
                 dst_cid: dst,
                 body: Body::ConnAck {
@@ -123,8 +156,8 @@ impl Connection {
                 },
             });
         }
-        if self.nack_check.is_some_and(|t| now >= t) {
-            if let Some(n) = self.build_nack(now) {
+        if self.rx.nack_check.is_some_and(|t| now >= t) {
+            if let Some(n) = self.rx.build_nack(now, self.rtt.srtt()) {
                 self.stats.nacks_sent += 1;
                 return Some(Repr {
                     dst_cid: dst,
@@ -132,13 +165,14 @@ impl Connection {
                 });
             }
         }
-        let pack_every = if self.rx_data_pkts <= QUICK_PACKETS {
-            self.config.pack_every.min(QUICK_PACK_EVERY)
-        } else {
-            self.config.pack_every
-        };
-        if self.pack_deadline().is_some_and(|t| now >= t) || self.rx_data_since_pack >= pack_every {
-            let p = self.build_pack(now);
+        let pack_due = self.rx.pack_due(
+            now,
+            self.timers.last_rx,
+            self.config.pack_interval,
+            self.config.pack_every,
+        );
+        if pack_due {
+            let p = self.rx.build_pack(now);
             self.stats.packs_sent += 1;
             return Some(Repr {
                 dst_cid: dst,
@@ -153,7 +187,7 @@ impl Connection {
     /// datagram) or `pack_interval`, whichever comes first; twice that.
     pub(super) fn report_cadence(&self) -> u64 {
         let per_interval =
-            (self.cc.pacing_rate() as f64 * self.config.pack_interval.as_secs_f64()) as u64;
+            (self.tx.cc.pacing_rate() as f64 * self.config.pack_interval.as_secs_f64()) as u64;
         let quantum =
             (u64::from(self.config.pack_every) * u64::from(BASE_DATAGRAM)).max(u64::from(self.mtu));
         per_interval.min(2 * quantum) + 2 * quantum
@@ -167,11 +201,11 @@ impl Connection {
     /// loopback).
     pub(super) fn inflight_limit(&self) -> u64 {
         let mtu = u64::from(self.mtu);
-        let cap = self.cc.inflight_cap().max(self.report_cadence());
+        let cap = self.tx.cc.inflight_cap().max(self.report_cadence());
         if self.state == State::Handshake {
             // Early data: one round at the pacing rate (the srtt is the
             // COOKIE exchange's), at least a first flight.
-            let round = (self.cc.pacing_rate() as f64 * self.rtt.srtt().as_secs_f64()) as u64;
+            let round = (self.tx.cc.pacing_rate() as f64 * self.rtt.srtt().as_secs_f64()) as u64;
             return cap.min(round.max(EARLY_FLIGHT_PACKETS * mtu));
         }
         cap
@@ -191,7 +225,7 @@ impl Connection {
         let mtu = self.send_mtu();
         let full = usize::from(mtu) - DATA_HEADER_LEN;
         let base = usize::from(mtu.min(BASE_DATAGRAM)) - DATA_HEADER_LEN;
-        let quarter_ms = (self.cc.pacing_rate() / 4000) as usize;
+        let quarter_ms = (self.tx.cc.pacing_rate() / 4000) as usize;
         quarter_ms.clamp(base, full)
     }
 
@@ -204,42 +238,46 @@ impl Connection {
         buf: &mut Vec<u8>,
         body: Option<&mut Vec<Bytes>>,
     ) -> Option<usize> {
-        if !self.send.has_pending(self.peer_limit) && self.dup_next.is_none() {
-            self.pace_at = None;
+        if !self.tx.buf.has_pending(self.tx.peer_limit) && self.tx.dup_next.is_none() {
+            self.tx.pace_at = None;
             return None;
         }
         // A probe goes out even into a full window: it is what unblocks it.
-        if self.pipe_bytes >= self.inflight_limit() && !self.probe_pending {
-            self.pace_at = None;
+        if self.pipe.bytes >= self.inflight_limit() && !self.tx.probe_pending {
+            self.tx.pace_at = None;
             return None;
         }
         let max_payload = self.segment_payload();
         let size = max_payload + DATA_HEADER_LEN;
-        if self.next_pn == 0 {
-            self.train.plan(self.cc.startup_train());
+        if self.tx.next_pn == 0 {
+            self.tx.train.plan(self.tx.cc.startup_train());
         }
         // The first flight's train skips pacing; the pacer still counts it,
         // so the round's average rate is unchanged.
-        let burst = self.train.may_burst(now);
+        let burst = self.tx.train.may_burst(now);
         if !burst {
-            if let Some(t) = self.pacer.delay(now, self.cc.pacing_rate(), size, size) {
-                self.pace_at = Some(t);
+            if let Some(t) = self
+                .tx
+                .pacer
+                .delay(now, self.tx.cc.pacing_rate(), size, size)
+            {
+                self.tx.pace_at = Some(t);
                 return None;
             }
         }
-        self.pace_at = None;
+        self.tx.pace_at = None;
         // A segment lost again after a retransmission goes out twice: on a
         // lossy path this cuts the tail of repeated losses that holds up the
         // cumulative ack (and with it the window) for several RTTs.
-        let dup = self.dup_next.take().and_then(|o| self.send.copy_of(o));
+        let dup = self.tx.dup_next.take().and_then(|o| self.tx.buf.copy_of(o));
         let is_dup = dup.is_some();
         let seg: NextSegment = match dup {
             Some(d) => d,
-            None => self.send.next_segment(max_payload, self.peer_limit)?,
+            None => self.tx.buf.next_segment(max_payload, self.tx.peer_limit)?,
         };
-        let pn = self.next_pn;
-        self.next_pn = self.next_pn.wrapping_add(1);
-        self.probe_pending = false;
+        let pn = self.tx.next_pn;
+        self.tx.next_pn = self.tx.next_pn.wrapping_add(1);
+        self.tx.probe_pending = false;
         // Header, then the payload: shared slices of the send buffer, or
         // copied once from it.
         let data = DataRepr {
@@ -255,10 +293,10 @@ impl Connection {
         data.emit_header(self.remote_cid, len as u16, buf);
         let (got, in_body) = match body {
             Some(body) => {
-                let n = self.send.slices(seg.offset, len, body);
+                let n = self.tx.buf.slices(seg.offset, len, body);
                 (n, n)
             }
-            None => (self.send.copy(seg.offset, len, buf), 0),
+            None => (self.tx.buf.copy(seg.offset, len, buf), 0),
         };
         if got != len {
             // The buffer clamps a stale range (never expected): keep the
@@ -268,34 +306,20 @@ impl Connection {
             }
         }
         let size = DATA_HEADER_LEN + got;
-        self.pacer.on_sent(size);
-        self.train.on_sent(now, burst);
+        self.tx.pacer.on_sent(size);
+        self.tx.train.on_sent(now, burst);
         if seg.retransmit {
             self.stats.retransmissions += 1;
         }
-        if self.timer_base.is_none() {
-            self.timer_base = Some(now);
+        if self.timers.loss_base.is_none() {
+            self.timers.loss_base = Some(now);
         }
-        if self.pipe.is_empty() {
-            // Nothing in flight: a delivery interval starts now.
-            self.first_sent = now;
-            self.delivered_time = now;
-        }
-        self.send.on_sent(&seg, pn, now);
+        self.tx.buf.on_sent(&seg, pn, now);
         // Judged after this packet left: nothing else waits to go.
-        let app_limited = !self.send.has_pending(self.peer_limit);
-        self.pipe.push_back(SentPkt {
-            pn,
-            bytes: size as u32,
-            sent: now,
-            delivered: self.delivered,
-            delivered_time: self.delivered_time,
-            first_sent: self.first_sent,
-            app_limited,
-        });
-        self.pipe_bytes += size as u64;
-        if seg.retransmit && !is_dup && self.send.tx_count(seg.offset) >= 3 {
-            self.dup_next = Some(seg.offset);
+        let app_limited = !self.tx.buf.has_pending(self.tx.peer_limit);
+        self.pipe.on_sent(pn, size, now, app_limited);
+        if seg.retransmit && !is_dup && self.tx.buf.tx_count(seg.offset) >= 3 {
+            self.tx.dup_next = Some(seg.offset);
         }
         Some(in_body)
     }
