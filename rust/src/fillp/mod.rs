@@ -4,10 +4,9 @@
 //! where TCP collapses: the receiver reports what it got and at what rate,
 //! the sender paces at what the path delivers and repairs losses from
 //! negative acknowledgements instead of shrinking its window. This module is
-//! that protocol with the improvements listed in DESIGN.md section 5: several
-//! SACK ranges per report, a BBR-like default rate control that backs off
-//! only on heavy loss or growing delay, a tail-loss probe, connection IDs and
-//! a versioned header.
+//! that protocol with five changes: several SACK ranges per report, a
+//! BBR-like default rate control that backs off only on heavy loss or
+//! growing delay, a tail-loss probe, connection IDs and a versioned header.
 //!
 //! # Layout
 //!
