@@ -61,3 +61,20 @@ impl Default for Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The protocol description (`fillp/mod.rs`) quotes these.
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!((c.mtu, c.pack_every, c.mode), (1400, 32, RateMode::Bbr));
+        assert_eq!(c.pack_interval, Duration::from_millis(10));
+        assert_eq!(c.keepalive, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!((c.recv_window, c.send_buffer), (16 << 20, 16 << 20));
+    }
+}

@@ -27,6 +27,8 @@ mod receive;
 mod recovery;
 mod stats;
 mod stream;
+#[cfg(test)]
+mod testing;
 mod timers;
 mod transmit;
 
@@ -493,5 +495,121 @@ impl Connection {
     /// The peer reset the connection.
     pub fn peer_reset(&self) -> bool {
         self.peer_reset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    fn rst(dst: u32) -> Vec<u8> {
+        emit(Repr {
+            dst_cid: dst,
+            body: Body::Reset,
+        })
+    }
+
+    #[test]
+    fn malformed_and_misaddressed_datagrams_are_dropped() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        let good = data(SERVER_CID, 0, 0, b"abc", false, 0);
+        let mut bad_len = good.clone();
+        bad_len.push(0);
+        let mut bad_version = good.clone();
+        bad_version[0] = 2;
+        let mut bad_dst = good.clone();
+        bad_dst[4..8].copy_from_slice(&(SERVER_CID + 1).to_be_bytes());
+        let init = emit(Repr {
+            dst_cid: SERVER_CID,
+            body: Body::Init {
+                client_cid: CLIENT_CID,
+                params: HsParams {
+                    mtu: 1400,
+                    window: 1,
+                    mode: RateMode::Bbr,
+                },
+                timestamp: 0,
+            },
+        });
+        for d in [&b"\x01"[..], &bad_len, &bad_version, &bad_dst, &init] {
+            s.handle_datagram(clk.at(1), d);
+        }
+        let st = s.stats();
+        assert_eq!(
+            (st.dropped, st.packets_received, s.readable_bytes()),
+            (5, 0, 0)
+        );
+        s.handle_datagram(clk.at(1), &good);
+        let st = s.stats();
+        assert_eq!((st.dropped, st.packets_received), (5, 1));
+        assert_eq!(st.bytes_received, good.len() as u64);
+        assert_eq!(s.readable_bytes(), 3);
+    }
+
+    #[test]
+    fn a_peer_reset_closes_at_once() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        events(&mut s);
+        s.handle_datagram(clk.at(1), &rst(SERVER_CID));
+        assert_eq!(
+            events(&mut s),
+            [Event::Closed {
+                reason: CloseReason::PeerReset
+            }]
+        );
+        assert!(s.is_drained() && s.peer_reset());
+        assert_eq!(s.write(b"x"), Err(WriteError::Closed));
+        assert!(drain(&mut s, clk.at(1)).is_empty());
+        assert_eq!(s.poll_timeout(), None);
+        // A client that does not know its server yet ignores one.
+        let mut c = Connection::new_client(Config::default(), clk.t0, peer(), CLIENT_CID);
+        c.handle_datagram(clk.at(1), &rst(CLIENT_CID));
+        assert!(!c.is_closed());
+        assert_eq!(c.stats().dropped, 1);
+    }
+
+    #[test]
+    fn a_local_reset_sends_one_rst_then_is_forgotten() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        s.reset();
+        assert!(s.is_closed() && !s.is_drained());
+        assert_eq!(s.poll_timeout(), Some(clk.t0));
+        assert_eq!(drain(&mut s, clk.t0), [rst(CLIENT_CID)]);
+        assert!(s.is_drained());
+        assert_eq!(s.close_reason(), Some(CloseReason::LocalReset));
+        // Only once, whatever comes.
+        s.reset();
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"x", false, 0));
+        assert!(drain(&mut s, clk.at(1)).is_empty());
+        // A client that never heard of its server has no one to tell.
+        let mut c = Connection::new_client(Config::default(), clk.t0, peer(), CLIENT_CID);
+        c.reset();
+        assert!(drain(&mut c, clk.t0).is_empty() && c.is_drained());
+    }
+
+    #[test]
+    fn parts_carry_the_same_datagram_as_one_buffer() {
+        let clk = Clock::new();
+        let mut a = server(fixed(125_000_000), clk.t0, 1 << 20);
+        let mut b = server(fixed(125_000_000), clk.t0, 1 << 20);
+        let msg: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        a.write(&msg).unwrap();
+        b.write(&msg).unwrap();
+        let whole = drain(&mut a, clk.t0);
+        let (mut head, mut body) = (Vec::new(), Vec::new());
+        for w in &whole {
+            body.clear();
+            let t = b.poll_transmit_parts(clk.t0, &mut head, &mut body).unwrap();
+            let mut joined = head.clone();
+            body.iter().for_each(|p| joined.extend_from_slice(p));
+            assert_eq!((&joined, t.size), (w, w.len()));
+        }
+        assert!(b
+            .poll_transmit_parts(clk.t0, &mut head, &mut body)
+            .is_none());
     }
 }

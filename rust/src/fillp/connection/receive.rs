@@ -374,3 +374,252 @@ impl Connection {
 fn reorder_delay(srtt: Duration) -> Duration {
     (srtt / 8).clamp(Duration::from_millis(2), Duration::from_millis(50))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::super::wire::{Body, SackRange};
+    use super::super::testing::*;
+    use super::super::{CloseReason, Config, Event, ReadError};
+    use super::*;
+
+    /// A server (it receives the client's DATA) that has sent its CONN_ACK.
+    fn receiver(clk: &Clock) -> Connection {
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        drain(&mut s, clk.t0);
+        events(&mut s);
+        s
+    }
+
+    fn read_all(c: &mut Connection) -> Vec<u8> {
+        let mut out = vec![0; 1 << 16];
+        let n = c.read(&mut out).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn in_order_data_is_readable_and_acknowledged_at_once() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(5), &data(SERVER_CID, 0, 0, b"hello", false, 1234));
+        assert_eq!(events(&mut s), [Event::Readable]);
+        assert_eq!(s.readable_bytes(), 5);
+        // The first PACK goes at once; its echo and counts are this packet's.
+        let packs = packs_of(&drain(&mut s, clk.at(7)));
+        assert_eq!(packs.len(), 1);
+        let p = packs[0];
+        assert_eq!(
+            (
+                p.cum_ack,
+                p.highest_pn,
+                p.echo_ts,
+                p.ack_delay_us,
+                p.rx_bytes
+            ),
+            (5, 0, 1234, 2000, 5)
+        );
+        assert_eq!((p.loss, p.sack_len, p.fin_received), (0, 0, false));
+        assert_eq!(p.window, Config::default().recv_window - 5);
+        assert_eq!(read_all(&mut s), b"hello");
+        assert_eq!(s.read(&mut [0; 8]), Err(ReadError::Blocked));
+    }
+
+    #[test]
+    fn out_of_order_data_is_reassembled() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        let seg = |i: u8| [i; 100];
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &seg(0), false, 0));
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 2, 200, &seg(2), false, 0));
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 3, 300, &seg(3), false, 0));
+        // Only the in-order prefix is readable; the rest is SACKed.
+        assert_eq!(s.readable_bytes(), 100);
+        let p = packs_of(&drain(&mut s, clk.at(1)))[0];
+        assert_eq!((p.cum_ack, p.highest_pn), (100, 3));
+        assert_eq!(
+            p.sacks(),
+            [SackRange {
+                start: 100,
+                len: 200
+            }]
+        );
+        // One of the four packet numbers so far is missing.
+        assert_eq!(p.loss, (65535.0 / 4.0) as u16);
+        s.handle_datagram(clk.at(2), &data(SERVER_CID, 1, 100, &seg(1), false, 0));
+        assert_eq!(s.readable_bytes(), 400);
+        let got = read_all(&mut s);
+        let want: Vec<u8> = (0..4).flat_map(seg).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_duplicate_is_counted_and_acknowledged_at_once() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        let d = data(SERVER_CID, 0, 0, &[1; 300], false, 0);
+        s.handle_datagram(clk.at(1), &d);
+        assert_eq!(packs_of(&drain(&mut s, clk.at(1))).len(), 1);
+        // New data 1 ms later waits for the PACK cadence ...
+        s.handle_datagram(clk.at(2), &data(SERVER_CID, 1, 300, &[2; 300], false, 0));
+        assert!(drain(&mut s, clk.at(2)).is_empty());
+        // ... a resend of what we have means our PACK was lost: at once.
+        s.handle_datagram(clk.at(3), &data(SERVER_CID, 2, 0, &[1; 300], false, 0));
+        assert_eq!(s.stats().duplicate_bytes, 300);
+        let packs = packs_of(&drain(&mut s, clk.at(3)));
+        assert_eq!((packs.len(), packs[0].cum_ack), (1, 600));
+        assert_eq!(s.readable_bytes(), 600);
+    }
+
+    #[test]
+    fn the_first_packets_are_acknowledged_every_eight() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        let mut pack_after = Vec::new();
+        for pn in 0..20u32 {
+            let d = data(SERVER_CID, pn, u64::from(pn) * 100, &[0; 100], false, 0);
+            s.handle_datagram(clk.at(1), &d);
+            if !packs_of(&drain(&mut s, clk.at(1))).is_empty() {
+                pack_after.push(pn);
+            }
+        }
+        // The first at once, then every QUICK_PACK_EVERY packets.
+        assert_eq!(pack_after, [0, 8, 16]);
+    }
+
+    #[test]
+    fn the_pack_timer_runs_from_the_last_pack() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &[0; 10], false, 0));
+        drain(&mut s, clk.at(1));
+        s.handle_datagram(clk.at(3), &data(SERVER_CID, 1, 10, &[0; 10], false, 0));
+        // pack_interval (10 ms) after the PACK at 1 ms.
+        assert_eq!(s.poll_timeout(), Some(clk.at(11)));
+        assert!(drain(&mut s, clk.at(10)).is_empty());
+        assert_eq!(packs_of(&drain(&mut s, clk.at(11))).len(), 1);
+    }
+
+    #[test]
+    fn a_gap_is_nacked_after_the_reordering_delay_three_times() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &[0; 10], false, 0));
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 3, 30, &[0; 10], false, 0));
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 5, 50, &[0; 10], false, 0));
+        assert!(nacks_of(&drain(&mut s, clk.at(1))).is_empty());
+        // srtt 20 ms: reordering delay 2.5 ms, then again every
+        // max(1.5 srtt + 2.5 ms, 20 ms) = 32.5 ms.
+        let t1 = clk.t0 + Duration::from_micros(3500);
+        assert_eq!(s.rx.nack_check, Some(t1));
+        assert!(nacks_of(&drain(&mut s, t1 - Duration::from_micros(1))).is_empty());
+        let mut nacks = Vec::new();
+        let mut t = t1;
+        for _ in 0..4 {
+            nacks.push(nacks_of(&drain(&mut s, t)));
+            t += Duration::from_micros(32_500);
+        }
+        let once = vec![vec![(1, 2), (4, 4)]];
+        assert_eq!(nacks, [once.clone(), once.clone(), once, vec![]]);
+        assert_eq!(s.rx.nack_check, None);
+        assert_eq!(s.stats().nacks_sent, 3);
+    }
+
+    #[test]
+    fn a_late_packet_fills_its_gap_and_is_not_nacked() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &[0; 10], false, 0));
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 2, 20, &[0; 10], false, 0));
+        s.handle_datagram(clk.at(2), &data(SERVER_CID, 1, 10, &[0; 10], false, 0));
+        assert!(nacks_of(&drain(&mut s, clk.at(10))).is_empty());
+        assert_eq!(s.stats().nacks_sent, 0);
+    }
+
+    #[test]
+    fn build_nack_merges_runs_and_expires_them() {
+        let clk = Clock::new();
+        let mut r = Receiver::new(1 << 20, clk.t0);
+        r.on_pn(0, 0, clk.t0, ms(2));
+        r.on_pn(10, 0, clk.t0, ms(2));
+        r.on_pn(7, 0, clk.t0, ms(2));
+        assert_eq!(r.nack_check, Some(clk.at(2)));
+        // srtt 100 ms: a reordering delay of 12.5 ms, then a re-NACK
+        // every 1.5 x 100 + 12.5 ms.
+        let srtt = ms(100);
+        assert_eq!(r.build_nack(clk.at(12), srtt), None);
+        assert_eq!(r.nack_check, Some(clk.at(12) + Duration::from_micros(500)));
+        let renack = Duration::from_micros(162_500);
+        let mut t = clk.at(13);
+        for _ in 0..MAX_NACKS {
+            let n = r.build_nack(t, srtt).unwrap();
+            let ranges: Vec<_> = n.ranges().iter().map(|r| (r.first, r.last)).collect();
+            assert_eq!(ranges, [(1, 6), (8, 9)]);
+            assert!(r
+                .build_nack(t + renack - Duration::from_micros(1), srtt)
+                .is_none());
+            t += renack;
+        }
+        // Named three times: left to the sender's SACK holes and RTO.
+        assert!(r.missing.is_empty());
+        assert_eq!((r.nack_check, r.build_nack(t, srtt)), (None, None));
+    }
+
+    #[test]
+    fn a_huge_packet_number_jump_is_refused() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &[0; 10], false, 0));
+        let far = MAX_PN_JUMP + 2;
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, far, 10, &[0; 10], false, 0));
+        assert_eq!((s.stats().dropped, s.readable_bytes()), (1, 10));
+        // One less is a (huge) gap, tracked up to MAX_MISSING numbers.
+        s.handle_datagram(
+            clk.at(1),
+            &data(SERVER_CID, far - 1, 10, &[0; 10], false, 0),
+        );
+        assert_eq!(s.readable_bytes(), 20);
+        assert_eq!(s.rx.missing.len(), MAX_MISSING);
+        assert_eq!(
+            s.rx.missing.keys().next(),
+            Some(&(far - 1 - MAX_MISSING as u32))
+        );
+    }
+
+    #[test]
+    fn fin_after_the_data_reads_as_eof() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 1, 3, b"", true, 0));
+        assert!(events(&mut s).is_empty());
+        s.handle_datagram(clk.at(2), &data(SERVER_CID, 0, 0, b"abc", false, 0));
+        assert_eq!(events(&mut s), [Event::Readable, Event::Finished]);
+        let p = *packs_of(&drain(&mut s, clk.at(2))).last().unwrap();
+        assert!(p.fin_received);
+        assert_eq!(read_all(&mut s), b"abc");
+        assert_eq!(s.read(&mut [0; 8]), Ok(0));
+        assert!(s.at_eof());
+    }
+
+    #[test]
+    fn changing_the_final_size_resets_the_connection() {
+        let clk = Clock::new();
+        let mut s = receiver(&clk);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"ab", true, 0));
+        s.handle_datagram(clk.at(2), &data(SERVER_CID, 1, 2, b"cd", false, 0));
+        assert_eq!(s.close_reason(), Some(CloseReason::ProtocolViolation));
+        let sent = drain(&mut s, clk.at(2));
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(parse(&sent[0]).body, Body::Reset));
+    }
+
+    #[test]
+    fn pack_units_count_ethernet_sized_packets() {
+        let unit = usize::from(BASE_DATAGRAM) - DATA_HEADER_LEN;
+        assert_eq!(pack_units(0), 1);
+        assert_eq!(pack_units(unit), 1);
+        assert_eq!(pack_units(unit + 1), 2);
+        assert_eq!(pack_units(65_000), 48);
+    }
+}

@@ -303,3 +303,217 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::super::Event;
+    use super::*;
+
+    /// Payload of a full-sized DATA packet at the default MTU.
+    const SEG: u64 = 1400 - DATA_HEADER_LEN as u64;
+
+    /// A server at 1 Gbit/s `fixed` (no pacing in the way of a few packets)
+    /// that sent `n` full segments at `t0`, packet numbers 0..n.
+    fn sender(clk: &Clock, n: u64) -> Connection {
+        let mut s = server(fixed(125_000_000), clk.t0, 1 << 24);
+        let len = (n * SEG) as usize;
+        assert_eq!(s.write(&vec![9; len]), Ok(len));
+        let sent = data_of(&drain(&mut s, clk.t0));
+        let want: Vec<_> = (0..n).map(|i| (i as u32, i * SEG, SEG as usize)).collect();
+        assert_eq!(sent, want);
+        events(&mut s);
+        s
+    }
+
+    #[test]
+    fn a_nack_resends_the_named_transmissions_only() {
+        let clk = Clock::new();
+        let mut s = sender(&clk, 10);
+        s.handle_datagram(clk.at(20), &nack(SERVER_CID, &[(3, 3), (6, 7)]));
+        let resent = data_of(&drain(&mut s, clk.at(20)));
+        // Under new packet numbers, oldest first.
+        let want = [(10, 3 * SEG), (11, 6 * SEG), (12, 7 * SEG)];
+        let got: Vec<_> = resent.iter().map(|&(pn, off, _)| (pn, off)).collect();
+        assert_eq!(got, want);
+        let st = s.stats();
+        assert_eq!((st.retransmissions, st.nacks_received), (3, 1));
+        // The same numbers again name transmissions already repaired.
+        s.handle_datagram(clk.at(21), &nack(SERVER_CID, &[(3, 3), (6, 7)]));
+        assert!(drain(&mut s, clk.at(21)).is_empty());
+        // So does a range far beyond what was sent.
+        s.handle_datagram(clk.at(21), &nack(SERVER_CID, &[(100, u32::MAX)]));
+        assert!(drain(&mut s, clk.at(21)).is_empty());
+        assert_eq!(s.stats().retransmissions, 3);
+    }
+
+    #[test]
+    fn a_segment_lost_after_retransmissions_goes_twice() {
+        let clk = Clock::new();
+        let mut s = sender(&clk, 2);
+        s.handle_datagram(clk.at(20), &nack(SERVER_CID, &[(0, 0)]));
+        assert_eq!(data_of(&drain(&mut s, clk.at(20))), [(2, 0, SEG as usize)]);
+        s.handle_datagram(clk.at(40), &nack(SERVER_CID, &[(2, 2)]));
+        // Its third transmission, and a copy right behind it.
+        let again = data_of(&drain(&mut s, clk.at(40)));
+        assert_eq!(again, [(3, 0, SEG as usize), (4, 0, SEG as usize)]);
+        assert_eq!(s.stats().retransmissions, 3);
+    }
+
+    #[test]
+    fn a_hole_under_sacked_data_is_resent_once_it_is_old() {
+        let clk = Clock::new();
+        let mut s = sender(&clk, 10);
+        // Segment 3 is missing; 4..10 arrived.
+        let report = Report {
+            cum_ack: 3 * SEG,
+            highest_pn: 9,
+            rx_bytes: 9 * SEG,
+            sacks: &[(SEG as u32, 6 * SEG as u32)],
+            ..Report::default()
+        };
+        s.handle_datagram(clk.at(20), &pack(SERVER_CID, report));
+        assert_eq!(s.unacked() as u64, 7 * SEG);
+        // Lost once older than 1.25 srtt + pack interval: 35 ms.
+        assert!(data_of(&drain(&mut s, clk.at(20))).is_empty());
+        s.handle_datagram(clk.at(34), &pack(SERVER_CID, report));
+        assert!(data_of(&drain(&mut s, clk.at(34))).is_empty());
+        s.handle_datagram(clk.at(35), &pack(SERVER_CID, report));
+        assert_eq!(
+            data_of(&drain(&mut s, clk.at(35))),
+            [(10, 3 * SEG, SEG as usize)]
+        );
+        assert_eq!(s.stats().retransmissions, 1);
+    }
+
+    #[test]
+    fn the_tail_loss_probe_resends_the_last_segment_once() {
+        let clk = Clock::new();
+        let mut s = sender(&clk, 5);
+        // 2 srtt + pack interval after the first send.
+        assert_eq!(s.poll_timeout(), Some(clk.at(50)));
+        s.handle_timeout(clk.at(49));
+        assert!(drain(&mut s, clk.at(49)).is_empty());
+        s.handle_timeout(clk.at(50));
+        assert_eq!(
+            data_of(&drain(&mut s, clk.at(50))),
+            [(5, 4 * SEG, SEG as usize)]
+        );
+        assert_eq!(s.stats().tail_probes, 1);
+        // Once per loss period: the RTO comes next.
+        assert_eq!(s.poll_timeout(), Some(clk.at(200)));
+    }
+
+    #[test]
+    fn a_pack_acknowledges_samples_and_restarts_the_loss_timers() {
+        let clk = Clock::new();
+        let mut s = sender(&clk, 10);
+        let report = Report {
+            cum_ack: 4 * SEG,
+            highest_pn: 3,
+            echo_ts: 0,
+            rx_bytes: 4 * SEG,
+            window: 1 << 24,
+            ..Report::default()
+        };
+        s.handle_datagram(clk.at(30), &pack(SERVER_CID, report));
+        let st = s.stats();
+        assert_eq!((st.bytes_acked, st.packs_received), (4 * SEG, 1));
+        assert_eq!(s.unacked() as u64, 6 * SEG);
+        // The echo gives a 30 ms sample: srtt 7/8 x 20 + 1/8 x 30 ms.
+        assert_eq!(st.rtt, Duration::from_micros(21_250));
+        // Four packets delivered over the 30 ms since the first left.
+        assert_eq!(st.delivery_rate, (4 * SEG) * 1000 / 30);
+        assert_eq!(s.pipe.bytes, 6 * 1400);
+        // The window: up to cum_ack + window.
+        assert_eq!(s.tx.peer_limit, 4 * SEG + (1 << 24));
+        // Progress restarts the loss timers: TLP at 30 + 2 x 21.25 + 10 ms.
+        assert_eq!(
+            s.poll_timeout(),
+            Some(clk.at(82) + Duration::from_micros(500))
+        );
+        // A stale report (not above the highest reported) takes no sample.
+        let stale = Report {
+            highest_pn: 2,
+            ..report
+        };
+        s.handle_datagram(clk.at(40), &pack(SERVER_CID, stale));
+        assert_eq!(s.stats().rtt, Duration::from_micros(21_250));
+        assert_eq!(s.pipe.bytes, 6 * 1400);
+        // Nor does its smaller window shrink the limit: it only grows.
+        assert_eq!(s.tx.peer_limit, 4 * SEG + (1 << 24));
+    }
+
+    #[test]
+    fn a_blocked_writer_hears_when_acknowledgements_free_half_the_buffer() {
+        let clk = Clock::new();
+        let mut s = server(fixed(12_500_000), clk.t0, 1 << 24);
+        let cap = s.send_capacity();
+        let n = s.write(&vec![1; 2 * cap]).unwrap();
+        assert_eq!(n, cap);
+        assert!(!s.is_writable());
+        // Paced out over a few tens of ms (no timers run here).
+        let mut sent_bytes = 0;
+        for t in 0..1000 {
+            let sent = data_of(&drain(&mut s, clk.at(t)));
+            sent_bytes += sent.iter().map(|&(_, _, l)| l).sum::<usize>();
+        }
+        assert_eq!(sent_bytes, cap);
+        events(&mut s);
+        // Echoes that keep the RTT at 20 ms, and so the buffer's size.
+        let ack = |cum_ack: u64, highest_pn, at_ms: u32| Report {
+            cum_ack,
+            highest_pn,
+            echo_ts: (at_ms - 20) * 1000,
+            rx_bytes: cum_ack,
+            ..Report::default()
+        };
+        // Just under half: nothing.
+        let half = (cap / 2) as u64;
+        let pn_at = |off: u64| (off / SEG) as u32;
+        let report = ack(half - 1, pn_at(half), 1000);
+        s.handle_datagram(clk.at(1000), &pack(SERVER_CID, report));
+        assert!(!s.is_writable() && events(&mut s).is_empty());
+        assert_eq!(s.send_capacity(), cap);
+        let report = ack(half, pn_at(half) + 1, 1001);
+        s.handle_datagram(clk.at(1001), &pack(SERVER_CID, report));
+        assert!(s.is_writable());
+        assert_eq!(events(&mut s), [Event::Writable]);
+    }
+
+    #[test]
+    fn the_pipe_samples_the_delivery_rate() {
+        let clk = Clock::new();
+        let mut p = Pipe::new(clk.t0);
+        for pn in 0..10u32 {
+            p.on_sent(pn, 1400, clk.at(u64::from(pn)), pn == 9);
+        }
+        assert_eq!(p.bytes, 14_000);
+        assert!(p.is_fresh(4, 10) && !p.is_fresh(10, 10) && !p.is_fresh(0, 0));
+        let train = Train::default();
+        let d = p.on_report(clk.at(20), 4, 5 * SEG, &train);
+        // Five packets resolved; 5 x SEG delivered over the 20 ms since the
+        // pipe started (the ack interval is longer than the send interval).
+        let want = Delivery {
+            delivered_now: 5 * SEG,
+            resolved: 5 * SEG,
+            train_bytes: 0,
+            rate_sample: Some(5 * SEG * 1000 / 20),
+            app_limited: false,
+        };
+        assert_eq!(d, want);
+        assert_eq!(p.bytes, 7000);
+        assert!(!p.is_fresh(4, 10) && p.is_fresh(5, 10));
+        // The rest, reported 10 ms later: packet 9 left at 9 ms with 0
+        // delivered, so its sample spans 30 ms; it was app-limited.
+        let d = p.on_report(clk.at(30), 9, 10 * SEG, &train);
+        assert_eq!(d.rate_sample, Some(10 * SEG * 1000 / 30));
+        assert_eq!(
+            (d.delivered_now, d.app_limited, p.bytes),
+            (5 * SEG, true, 0)
+        );
+        p.clear();
+        p.shrink_if_empty();
+        assert_eq!(p.heap_bytes(), 0);
+    }
+}

@@ -73,3 +73,55 @@ impl Connection {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::super::Config;
+
+    #[test]
+    fn datagrams_are_counted_both_ways() {
+        let clk = Clock::new();
+        let mut s = server(fixed(125_000_000), clk.t0, 1 << 20);
+        s.write(&[0; 5000]).unwrap();
+        let sent = drain(&mut s, clk.t0);
+        let d = data(SERVER_CID, 0, 0, b"0123456789", false, 0);
+        s.handle_datagram(clk.at(1), &d);
+        let st = s.stats();
+        let bytes: usize = sent.iter().map(Vec::len).sum();
+        assert_eq!(
+            (st.packets_sent, st.bytes_sent),
+            (sent.len() as u64, bytes as u64)
+        );
+        assert_eq!(
+            (st.packets_received, st.bytes_received),
+            (1, d.len() as u64)
+        );
+        // The estimates come from the parts that own them.
+        assert_eq!((st.mtu, st.rtt, st.min_rtt), (1400, ms(HS_RTT), ms(HS_RTT)));
+        assert_eq!(st.send_rate, 125_000_000);
+    }
+
+    #[test]
+    fn heap_use_grows_with_buffered_data_and_is_given_back() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        let idle = s.heap_bytes();
+        assert!(idle < 1024, "{idle}");
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &[0; 1000], false, 0));
+        let full = s.heap_bytes();
+        assert!(full >= idle + 1000);
+        assert_eq!(s.read(&mut [0; 1000]), Ok(1000));
+        // Idle for a keepalive interval: the drained queues are released
+        // (the PACK rate history, a few entries, stays).
+        drain(&mut s, clk.at(1));
+        let read = s.heap_bytes();
+        s.handle_timeout(clk.at(5000));
+        assert!(s.heap_bytes() < read, "{} of {read}", s.heap_bytes());
+        assert!(
+            s.heap_bytes() + 1000 <= full,
+            "{} of {full}",
+            s.heap_bytes()
+        );
+    }
+}

@@ -226,3 +226,141 @@ impl Connection {
         self.tx.buf.unacked()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::wire::Body;
+    use super::super::testing::*;
+    use super::super::{Config, Event};
+    use super::*;
+
+    #[test]
+    fn the_send_buffer_is_sized_from_the_path() {
+        let clk = Clock::new();
+        // 1.25 MB/s x 20 ms = 25 kB a round, plus the report cadence
+        // (12.5 kB an interval + two 32-packet quanta), three times over.
+        let mut s = server(fixed(1_250_000), clk.t0, 1 << 20);
+        let want = 3 * (25_000 + 12_500 + 2 * 32 * 1400);
+        assert_eq!(s.send_capacity(), want);
+        assert_eq!(s.write(&vec![0; 1 << 20]), Ok(want));
+        assert!(!s.is_writable());
+        assert_eq!((s.send_space(), s.unacked()), (0, want));
+        assert_eq!(s.write(&[0; 10]), Err(WriteError::Blocked));
+        // At least 256 KiB, ...
+        let small = Config {
+            pack_every: 8,
+            ..fixed(125_000)
+        };
+        assert_eq!(
+            server(small, clk.t0, 1 << 20).send_capacity(),
+            MIN_SEND_BUFFER
+        );
+        // ... at most the configured buffer.
+        let capped = Config {
+            send_buffer: 100_000,
+            ..fixed(1_250_000)
+        };
+        assert_eq!(server(capped, clk.t0, 1 << 20).send_capacity(), 100_000);
+    }
+
+    #[test]
+    fn writes_after_shutdown_or_close_fail() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        assert_eq!(s.write(b"ab"), Ok(2));
+        s.shutdown_write();
+        assert_eq!(s.write(b"c"), Err(WriteError::Finished));
+        // The FIN rides on the last data.
+        let sent = drain(&mut s, clk.t0);
+        assert_eq!(data_of(&sent), [(0, 0, 2)]);
+        assert!(matches!(parse(sent.last().unwrap()).body, Body::Data(d) if d.fin));
+        s.close();
+        assert_eq!(s.write(b"c"), Err(WriteError::Closed));
+        assert_eq!(s.read(&mut [0; 4]), Err(ReadError::Closed));
+    }
+
+    #[test]
+    fn reads_report_why_there_is_nothing() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        assert_eq!(s.read(&mut [0; 4]), Err(ReadError::Blocked));
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"abcdef", false, 0));
+        let mut buf = [0; 4];
+        assert_eq!(s.read(&mut buf), Ok(4));
+        assert_eq!(&buf, b"abcd");
+        let mut pieces = Vec::new();
+        assert_eq!(s.read_shared(100, &mut pieces), Ok(2));
+        assert_eq!(pieces.concat(), b"ef");
+        assert_eq!(s.stats().bytes_read, 6);
+        s.handle_datagram(
+            clk.at(2),
+            &emit(super::super::super::wire::Repr {
+                dst_cid: SERVER_CID,
+                body: Body::Reset,
+            }),
+        );
+        assert_eq!(s.read(&mut buf), Err(ReadError::Reset));
+        assert!(s.peer_reset() && s.is_closed());
+    }
+
+    /// A server with an 8 KiB receive window that the client has filled.
+    fn full_window(clk: &Clock) -> Connection {
+        let cfg = Config {
+            recv_window: 8192,
+            ..Config::default()
+        };
+        let mut s = server(cfg, clk.t0, 1 << 20);
+        drain(&mut s, clk.t0);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, &[0; 8192], false, 0));
+        s
+    }
+
+    #[test]
+    fn reading_reopens_a_full_window_with_a_pack_at_once() {
+        let clk = Clock::new();
+        let mut s = full_window(&clk);
+        let last = packs_of(&drain(&mut s, clk.at(1)));
+        assert_eq!((last[0].cum_ack, last[0].window), (8192, 0));
+        // Nothing more is due for a while ...
+        assert!(drain(&mut s, clk.at(12)).is_empty());
+        // ... but a read that reopens the window tells the sender at once.
+        let mut buf = vec![0; 8192];
+        assert_eq!(s.read(&mut buf), Ok(8192));
+        let p = packs_of(&drain(&mut s, clk.at(12)));
+        assert_eq!((p.len(), p[0].window), (1, 8192));
+    }
+
+    #[test]
+    fn a_small_read_does_not_reopen_the_window() {
+        let clk = Clock::new();
+        let mut s = full_window(&clk);
+        drain(&mut s, clk.at(1));
+        // Less than two datagrams of window: no PACK just for that.
+        assert_eq!(s.read(&mut [0; 2000]), Ok(2000));
+        assert!(drain(&mut s, clk.at(2)).is_empty());
+    }
+
+    #[test]
+    fn close_discards_what_arrives_and_finishes_once_both_fins_are_done() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        drain(&mut s, clk.t0);
+        events(&mut s);
+        s.close();
+        assert_eq!(data_of(&drain(&mut s, clk.t0)), [(0, 0, 0)]);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"late", true, 0));
+        assert_eq!(s.readable_bytes(), 0);
+        assert_eq!(events(&mut s), [Event::Finished]);
+        let fin_ack = Report {
+            fin: true,
+            ..Report::default()
+        };
+        s.handle_datagram(clk.at(20), &pack(SERVER_CID, fin_ack));
+        assert_eq!(
+            events(&mut s),
+            [Event::Closed {
+                reason: CloseReason::Finished
+            }]
+        );
+    }
+}

@@ -183,3 +183,161 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::wire::Body;
+    use super::super::testing::*;
+    use super::super::{Config, Event};
+    use super::*;
+
+    fn keepalives(sent: &[Vec<u8>]) -> usize {
+        sent.iter()
+            .filter(|d| matches!(parse(d).body, Body::Keepalive))
+            .count()
+    }
+
+    #[test]
+    fn the_rto_fires_after_the_probe_and_doubles_up_to_its_cap() {
+        let clk = Clock::new();
+        let mut s = server(fixed(125_000_000), clk.t0, 1 << 24);
+        s.write(&[5; 3000]).unwrap();
+        assert_eq!(data_of(&drain(&mut s, clk.t0)).len(), 3);
+        // Tail probe at 50 ms, then the RTO (srtt 20 ms: its 200 ms floor)
+        // from the first send, then 400, 800, 1600 ms and the 2 s cap.
+        let (mut fired, mut resent_per_timer) = (Vec::new(), Vec::new());
+        for _ in 0..6 {
+            let t = s.poll_timeout().unwrap();
+            s.handle_timeout(t - Duration::from_micros(1));
+            assert!(drain(&mut s, t - Duration::from_micros(1)).is_empty());
+            s.handle_timeout(t);
+            resent_per_timer.push(data_of(&drain(&mut s, t)).len());
+            fired.push(t.duration_since(clk.t0).as_millis());
+        }
+        assert_eq!(fired, [50, 200, 600, 1400, 3000, 5000]);
+        // The probe resends the last segment; each RTO all three, and from
+        // their third transmission on each twice.
+        assert_eq!(resent_per_timer, [1, 4, 6, 6, 6, 6]);
+        let st = s.stats();
+        assert_eq!(
+            (st.tail_probes, st.rto_count, st.retransmissions),
+            (1, 5, 29)
+        );
+    }
+
+    #[test]
+    fn progress_resets_the_rto_backoff() {
+        let clk = Clock::new();
+        let mut t = Timers::new(clk.t0);
+        let rtt = RttEstimator::new(ms(100));
+        assert_eq!(t.rto_deadline(&rtt), None);
+        t.loss_base = Some(clk.t0);
+        t.rto_backoff = 3;
+        // 100 ms + 4 x 50 ms = 300 ms, x 8, capped at 2 s.
+        assert_eq!(t.rto_deadline(&rtt), Some(clk.at(2000)));
+        t.rto_backoff = 1;
+        assert_eq!(t.rto_deadline(&rtt), Some(clk.at(600)));
+        t.tlp_done = true;
+        assert_eq!(t.tlp_deadline(ms(100), ms(10)), None);
+        t.on_progress(clk.at(50), true);
+        assert_eq!(t.rto_deadline(&rtt), Some(clk.at(350)));
+        assert_eq!(t.tlp_deadline(ms(100), ms(10)), Some(clk.at(260)));
+        t.on_progress(clk.at(60), false);
+        assert_eq!(
+            (t.rto_deadline(&rtt), t.tlp_deadline(ms(100), ms(10))),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn a_silent_connection_sends_keepalives_and_times_out() {
+        let clk = Clock::new();
+        let cfg = Config::default();
+        let (every, idle) = (cfg.keepalive, cfg.idle_timeout);
+        let mut s = server(cfg, clk.t0, 1 << 20);
+        drain(&mut s, clk.t0);
+        events(&mut s);
+        let mut sent_at = Vec::new();
+        while let Some(t) = s.poll_timeout() {
+            s.handle_timeout(t);
+            if keepalives(&drain(&mut s, t)) == 1 {
+                sent_at.push(t.duration_since(clk.t0).as_secs());
+            }
+            if s.is_closed() {
+                assert_eq!(t, clk.t0 + idle);
+                break;
+            }
+        }
+        assert_eq!(every.as_secs(), 5);
+        assert_eq!(sent_at, [5, 10, 15, 20, 25]);
+        assert_eq!(
+            events(&mut s),
+            [Event::Closed {
+                reason: super::super::CloseReason::IdleTimeout
+            }]
+        );
+    }
+
+    #[test]
+    fn anything_from_the_peer_restarts_the_idle_timeout() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        drain(&mut s, clk.t0);
+        s.handle_datagram(clk.at(20_000), &keepalive(SERVER_CID));
+        // Answered with a PACK (it doubles as a window probe).
+        assert_eq!(packs_of(&drain(&mut s, clk.at(20_000))).len(), 1);
+        s.handle_timeout(clk.at(30_000));
+        assert!(!s.is_closed());
+        s.handle_timeout(clk.at(49_999));
+        assert!(!s.is_closed());
+        s.handle_timeout(clk.at(50_000));
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn a_zero_window_is_probed_every_rto() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 0);
+        s.write(&[1; 100]).unwrap();
+        let sent = drain(&mut s, clk.t0);
+        assert!(data_of(&sent).is_empty() && keepalives(&sent) == 0);
+        assert_eq!(s.poll_timeout(), Some(clk.at(200)));
+        assert_eq!(keepalives(&drain(&mut s, clk.at(199))), 0);
+        assert_eq!(keepalives(&drain(&mut s, clk.at(200))), 1);
+        // The window opens: the data goes.
+        let open = Report {
+            window: 1000,
+            ..Report::default()
+        };
+        s.handle_datagram(clk.at(220), &pack(SERVER_CID, open));
+        assert_eq!(data_of(&drain(&mut s, clk.at(220))), [(0, 0, 100)]);
+    }
+
+    #[test]
+    fn a_finished_connection_lingers_for_the_idle_timeout() {
+        let clk = Clock::new();
+        let mut s = server(Config::default(), clk.t0, 1 << 20);
+        drain(&mut s, clk.t0);
+        // The peer's FIN, read to EOF; ours, sent and acknowledged.
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"", true, 0));
+        assert_eq!(s.read(&mut [0; 4]), Ok(0));
+        s.shutdown_write();
+        assert_eq!(data_of(&drain(&mut s, clk.at(1))), [(0, 0, 0)]);
+        let fin_ack = Report {
+            fin: true,
+            ..Report::default()
+        };
+        s.handle_datagram(clk.at(20), &pack(SERVER_CID, fin_ack));
+        assert!(s.is_closed() && !s.is_drained());
+        assert_eq!(s.close_reason(), Some(super::super::CloseReason::Finished));
+        assert_eq!(s.poll_timeout(), Some(clk.at(30_020)));
+        // A retransmitted FIN restarts the linger and is acknowledged.
+        s.handle_datagram(clk.at(1000), &data(SERVER_CID, 1, 0, b"", true, 0));
+        assert!(packs_of(&drain(&mut s, clk.at(1000)))[0].fin_received);
+        assert_eq!(s.poll_timeout(), Some(clk.at(31_000)));
+        s.handle_timeout(clk.at(30_999));
+        assert!(!s.is_drained());
+        s.handle_timeout(clk.at(31_000));
+        assert!(s.is_drained());
+    }
+}

@@ -324,3 +324,160 @@ impl Connection {
         Some(in_body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::super::wire::HsParams;
+    use super::super::testing::*;
+    use super::super::Config;
+    use super::*;
+
+    const SEG: usize = 1400 - DATA_HEADER_LEN;
+
+    #[test]
+    fn control_packets_go_before_data() {
+        let clk = Clock::new();
+        let mut s = server(fixed(125_000_000), clk.t0, 1 << 20);
+        s.write(&[1; 2000]).unwrap();
+        // Data from the client too, so a PACK is due.
+        s.handle_datagram(clk.t0, &data(SERVER_CID, 0, 0, b"x", false, 0));
+        let kinds: Vec<_> = drain(&mut s, clk.t0)
+            .iter()
+            .map(|d| match parse(d).body {
+                Body::ConnAck { .. } => "conn_ack",
+                Body::Pack(_) => "pack",
+                Body::Data(_) => "data",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["conn_ack", "pack", "data", "data"]);
+        // A reset goes first of all, and alone.
+        s.write(&[1; 2000]).unwrap();
+        s.reset();
+        let sent = drain(&mut s, clk.t0);
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(parse(&sent[0]).body, Body::Reset));
+    }
+
+    #[test]
+    fn data_stops_at_the_peers_window() {
+        let clk = Clock::new();
+        let mut s = server(fixed(125_000_000), clk.t0, 5000);
+        s.write(&[3; 20_000]).unwrap();
+        let sent = data_of(&drain(&mut s, clk.t0));
+        let want = [(0, 0, SEG), (1, SEG as u64, SEG), (2, 2 * SEG as u64, SEG)];
+        assert_eq!(sent[..3], want);
+        assert_eq!(sent[3], (3, 3 * SEG as u64, 5000 - 3 * SEG));
+        assert_eq!(sent.len(), 4);
+        assert!(!s.has_unsent());
+        // The window moves on with the cumulative ack.
+        let more = Report {
+            cum_ack: 5000,
+            highest_pn: 3,
+            rx_bytes: 5000,
+            window: 3000,
+            ..Report::default()
+        };
+        s.handle_datagram(clk.at(20), &pack(SERVER_CID, more));
+        let sent = data_of(&drain(&mut s, clk.at(20)));
+        let at = |i: usize| 5000 + (i * SEG) as u64;
+        assert_eq!(
+            sent,
+            [(4, at(0), SEG), (5, at(1), SEG), (6, at(2), 3000 - 2 * SEG)]
+        );
+    }
+
+    #[test]
+    fn pacing_spaces_packets_at_the_rate() {
+        let clk = Clock::new();
+        // 1.4 MB/s: one 1400-byte datagram a millisecond after a burst of two.
+        let mut s = server(fixed(1_400_000), clk.t0, 1 << 20);
+        s.write(&[0; 100_000]).unwrap();
+        assert_eq!(data_of(&drain(&mut s, clk.t0)).len(), 2);
+        assert_eq!(s.poll_timeout(), Some(clk.at(1)));
+        let per_ms: Vec<_> = (1..=10)
+            .map(|t| {
+                let early = drain(&mut s, clk.at(t) - Duration::from_micros(1));
+                assert!(early.is_empty());
+                data_of(&drain(&mut s, clk.at(t))).len()
+            })
+            .collect();
+        assert_eq!(per_ms, [1; 10]);
+        assert_eq!(s.stats().bytes_sent, 12 * 1400 + 12);
+    }
+
+    #[test]
+    fn large_datagrams_wait_for_a_rate_that_fills_them() {
+        let clk = Clock::new();
+        let big = |rate| {
+            let cfg = Config {
+                mtu: 9000,
+                ..fixed(rate)
+            };
+            let params = HsParams {
+                mtu: 9000,
+                window: 1 << 20,
+                mode: cfg.mode,
+            };
+            let mut s = Connection::new_server(
+                cfg,
+                clk.t0,
+                peer(),
+                SERVER_CID,
+                CLIENT_CID,
+                params,
+                ms(HS_RTT),
+            );
+            s.write(&[0; 20_000]).unwrap();
+            data_of(&drain(&mut s, clk.t0))[0].2
+        };
+        // A quarter of a millisecond at the rate, within 1400..=9000 bytes
+        // of datagram.
+        assert_eq!(big(1_250_000), SEG);
+        assert_eq!(big(20_000_000), 5000);
+        assert_eq!(big(1_000_000_000), 9000 - DATA_HEADER_LEN);
+    }
+
+    #[test]
+    fn a_route_limit_caps_new_datagrams() {
+        let clk = Clock::new();
+        let mut s = server(fixed(125_000_000), clk.t0, 1 << 20);
+        s.limit_datagram(1000);
+        assert_eq!(s.stats().mtu, 1000);
+        s.write(&[0; 3000]).unwrap();
+        let lens: Vec<_> = data_of(&drain(&mut s, clk.t0))
+            .iter()
+            .map(|d| d.2)
+            .collect();
+        let seg = 1000 - DATA_HEADER_LEN;
+        assert_eq!(lens, [seg, seg, seg, 3000 - 3 * seg]);
+    }
+
+    #[test]
+    fn the_in_flight_floor_covers_two_pack_intervals() {
+        let clk = Clock::new();
+        let s = server(fixed(12_500_000), clk.t0, 1 << 20);
+        // 125 kB per 10 ms interval, capped at two PACK quanta (2 x 32 x
+        // 1400 bytes), plus two quanta.
+        let quantum = 32 * 1400;
+        assert_eq!(s.report_cadence(), 2 * quantum + 2 * quantum);
+        let slow = server(fixed(1_250_000), clk.t0, 1 << 20);
+        assert_eq!(slow.report_cadence(), 12_500 + 2 * quantum);
+        // `fixed` has no cap of its own.
+        assert_eq!(slow.inflight_limit(), u64::MAX);
+    }
+
+    #[test]
+    fn an_established_client_sends_to_its_server() {
+        let clk = Clock::new();
+        let mut c = established_client(fixed(125_000_000), clk.t0, 1 << 20);
+        c.write(b"hi").unwrap();
+        let sent = drain(&mut c, clk.at(40));
+        assert_eq!(sent.len(), 1);
+        let r = parse(&sent[0]);
+        assert_eq!(r.dst_cid, SERVER_CID);
+        assert!(matches!(r.body, Body::Data(d) if d.payload == b"hi" && d.pn == 0));
+    }
+}
