@@ -149,6 +149,8 @@ impl Connection {
         matches!(self.state, State::Established | State::Draining)
     }
 
+    /// The client's handshake is confirmed (CONN_ACK, or DATA/PACK from the
+    /// server).
     pub(super) fn on_established(&mut self, now: Instant) {
         if self.state == State::Handshake {
             self.state = State::Established;

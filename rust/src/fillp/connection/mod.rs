@@ -20,6 +20,14 @@
 //! | `recovery.rs` | the peer's PACK and NACK: acknowledgements, loss marking, rate samples |
 //! | `timers.rs` | RTO, tail-loss probe, keepalive, idle and drain timers |
 //! | `transmit.rs` | choosing and building the next datagram: control, DATA, pacing |
+//! | `testing.rs` | fixtures for the unit tests at the bottom of each file (tests only) |
+//!
+//! The state is grouped the same way: `Handshake`, `Sender` (send buffer,
+//! window, controller, pacer), `Pipe` (packets in flight, delivery-rate
+//! samples), `Receiver` and `Timers`, each declared in its file; what the
+//! connection as a whole owns (identity, lifecycle, negotiated MTU and
+//! mode, the RTT estimate both directions use, events, counters) stays on
+//! [`Connection`].
 
 mod config;
 mod handshake;

@@ -43,7 +43,7 @@ fn subslice(whole: &Bytes, part: &[u8]) -> Option<Bytes> {
 }
 
 /// How many Ethernet-sized packets a DATA payload of `len` bytes counts as
-/// towards [`Config::pack_every`]: at least one. With 64 KiB datagrams
+/// towards [`Config::pack_every`](super::Config::pack_every): at least one. With 64 KiB datagrams
 /// (loopback) a count of packets alone acknowledged every 2 MiB, and a
 /// sender with a smaller send buffer waited for the PACK timer on every
 /// refill (measured: 0.22 Gbit/s with a 256 KiB buffer).
@@ -314,6 +314,8 @@ impl Receiver {
 }
 
 impl Connection {
+    /// DATA: reassembly, the gap bookkeeping for NACKs, when to PACK, and
+    /// the Readable / Finished events.
     pub(super) fn on_data(
         &mut self,
         now: Instant,

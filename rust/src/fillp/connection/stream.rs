@@ -123,7 +123,7 @@ impl Connection {
     }
 
     /// Graceful close: FIN our side and discard whatever still arrives. The
-    /// connection reports [`Event::Closed`] once both FINs are acknowledged.
+    /// connection reports [`Event::Closed`](super::Event::Closed) once both FINs are acknowledged.
     pub fn close(&mut self) {
         self.shutdown_write();
         self.local_close = true;
@@ -158,7 +158,7 @@ impl Connection {
     /// The send buffer's size now: three times what may be in flight, plus
     /// what loss holds back (sent data neither in flight nor acknowledged
     /// in order: SACKed, or waiting to be resent), at least
-    /// 256 KiB, at most [`Config::send_buffer`] (as Linux grows
+    /// 256 KiB, at most [`Config::send_buffer`](super::Config::send_buffer) (as Linux grows
     /// a TCP socket's send buffer with its congestion window). Three, not
     /// Linux's two: a writer is woken at half of it (less the held-back
     /// part), and with two a flight at its cap left no unsent data by the
@@ -207,7 +207,7 @@ impl Connection {
     /// half buffer rather than once per PACK. The connection decides this
     /// when a PACK frees space, not its user later: the buffer's size moves
     /// with the rate, and a threshold checked again at another moment could
-    /// miss the one [`Event::Writable`] and leave a writer asleep for good.
+    /// miss the one [`Event::Writable`](super::Event::Writable) and leave a writer asleep for good.
     /// (If the buffer shrank under a writer that had not come up short, a
     /// write may still find no room: it gets [`WriteError::Blocked`] and
     /// then waits for the event.)

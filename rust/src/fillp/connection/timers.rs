@@ -70,10 +70,12 @@ impl Timers {
 }
 
 impl Connection {
+    /// When the RTO fires (see [`Timers::rto_deadline`]).
     fn rto_deadline(&self) -> Option<Instant> {
         self.timers.rto_deadline(&self.rtt)
     }
 
+    /// When the tail-loss probe goes (see [`Timers::tlp_deadline`]).
     fn tlp_deadline(&self) -> Option<Instant> {
         self.timers
             .tlp_deadline(self.rtt.srtt(), self.config.pack_interval)
