@@ -4,10 +4,9 @@
 //! where TCP collapses: the receiver reports what it got and at what rate,
 //! the sender paces at what the path delivers and repairs losses from
 //! negative acknowledgements instead of shrinking its window. This module is
-//! that protocol with the improvements listed in DESIGN.md section 5: several
-//! SACK ranges per report, a BBR-like default rate control that backs off
-//! only on heavy loss or growing delay, a tail-loss probe, connection IDs and
-//! a versioned header.
+//! that protocol with five changes: several SACK ranges per report, a
+//! BBR-like default rate control that backs off only on heavy loss or
+//! growing delay, a tail-loss probe, connection IDs and a versioned header.
 //!
 //! # Layout
 //!
@@ -21,11 +20,11 @@
 //! | [`byte_queue`] | stream bytes as shared pieces, sliced into datagrams without a copy |
 //! | [`send_buf`] | unacknowledged data, segments, retransmission queue |
 //! | [`recv_buf`] | reassembly and the receive window |
-//! | [`connection`] | the per-connection state machine |
+//! | [`connection`] | the per-connection state machine, one file per job (handshake, receive, recovery, timers, transmit, ...) |
 //! | `train` | the first flight's packet train and its dispersion estimate (private) |
 //! | [`endpoint`] | demultiplexing by connection ID, the server handshake |
 //! | [`discovery`] | DISCOVER / OFFER: what a listener accepts on, without amplification |
-//! | `sim` | deterministic simulated links and a client/server `Pair` (hidden) |
+//! | `sim` | deterministic simulated links and a client/server `Pair` (hidden; tests and the `sim` feature only) |
 //!
 //! Nothing here opens a socket, reads a clock, spawns a thread or uses
 //! `unsafe`; time is always an [`std::time::Instant`] passed in. The UDP
@@ -144,7 +143,7 @@
 //! bounded time and memory on any input (malformed datagrams are counted and
 //! dropped, never panicked on, and never touch other connections); no
 //! per-peer state before a valid cookie; small idle connections (under
-//! 2 KB in the core: `size_of::<Connection>()` 1272 bytes plus ~0.5-0.6 KB
+//! 2 KB in the core: `size_of::<Connection>()` 1424 bytes plus ~0.5-0.6 KB
 //! heap, asserted by the `idle_connection_memory` test; buffers grow with
 //! use and both sides give them back once the flow pauses; ~6.5-7 KiB per
 //! end through the stack, kernel memory included,
@@ -176,6 +175,9 @@ pub mod pacer;
 pub mod recv_buf;
 pub mod rtt;
 pub mod send_buf;
+// Test and bench support only: compiled for the crate's own tests and with
+// the `sim` feature (on by default for cargo, off in the wheel).
+#[cfg(any(test, feature = "sim"))]
 #[doc(hidden)]
 pub mod sim;
 mod train;
