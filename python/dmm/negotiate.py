@@ -65,8 +65,11 @@ class Negotiator:
                     known.setdefault(proto, _Advertised(proto in offered, lst.pid))
         return known
 
-    def candidates(self, names: tuple[str, ...], request: Any, trace: list[str]) -> tuple[str, ...]:
-        """The candidates a connect to ``request`` tries, in order."""
+    def candidates(self, names: tuple[str, ...], request: Any, trace: list[str]) -> tuple[tuple[str, ...], int]:
+        """The candidates a connect to ``request`` tries, in order, and how
+        many of them are first choices: the rest are last resorts, started
+        only when every earlier one failed (L-RD says the peer does not
+        speak them, but L-RD may be out of date)."""
         kept: list[str] = []
         seen_fd: set[str] = set()
         for name in names:
@@ -79,17 +82,20 @@ class Negotiator:
                 seen_fd.add(proto)
             kept.append(name)
         known = self.facts(request.address, request.port)
-        if known:
-            spoken = [n for n in kept if not (f := known.get(self._protocol(n))) or f.speaks]
-            for n in kept:
-                f = known.get(self._protocol(n))
-                if f is not None:
-                    trace.append(f"L-RD: {request.address}:{request.port} {'speaks' if f.speaks else 'does not speak'} "
-                                 f"{self._protocol(n)} ({_describe(f)})")
-            if spoken and spoken != kept:
-                trace.append(f"negotiate: {', '.join(n for n in kept if n not in spoken)} dropped: not spoken there")
-                kept = spoken
-        return tuple(kept)
+        if not known:
+            return tuple(kept), len(kept)
+        for n in kept:
+            f = known.get(self._protocol(n))
+            if f is not None:
+                trace.append(f"L-RD: {request.address}:{request.port} {'speaks' if f.speaks else 'does not speak'} "
+                             f"{self._protocol(n)} ({_describe(f)})")
+        first = [n for n in kept if not (f := known.get(self._protocol(n))) or f.speaks]
+        last = [n for n in kept if n not in first]
+        if not first:
+            return tuple(kept), len(kept)
+        if last:
+            trace.append(f"negotiate: {', '.join(last)} only if {', '.join(first)} fail: not spoken there")
+        return tuple(first + last), len(first)
 
     def attempt_delay(self, address: str, port: int) -> float:
         """RFC 8305's connection-attempt delay, shortened to twice the
@@ -104,10 +110,9 @@ class Negotiator:
     def plan(self, outcome: Any, family: int, type_: int, address: tuple, options: list,
              bind: Optional[tuple]) -> Race:
         """A race of ``outcome``'s candidates to ``address`` (not started)."""
-        self.counters["races_started"] += 1
-        race = Race([(n, self.stacks[n]) for n in outcome.candidates], family, type_, address, options, bind,
-                    self.attempt_delay(address[0], address[1]), sequential=not outcome.race)
-        return race
+        return Race([(n, self.stacks[n]) for n in outcome.candidates], family, type_, address, options, bind,
+                    self.attempt_delay(address[0], address[1]), sequential=not outcome.race,
+                    last_resort=outcome.first_choices)
 
     def settle(self, race: Race, family: int) -> None:
         """Learns from a decided race, and asks the peer what it speaks when
@@ -115,6 +120,7 @@ class Negotiator:
         host, port = race.address[0].partition("%")[0], race.address[1]
         winner = race.winner
         first = race.attempts[0]
+        self.counters["races_started"] += 1
         if winner is not None:
             self.counters[f"races_won_{winner.name}"] += 1
             if winner is not first:

@@ -153,11 +153,14 @@ class Race:
     """Candidates raced for one connect (see the module docs).
 
     ``delay`` is the connection-attempt delay; ``sequential`` starts the next
-    candidate only when the previous one failed (racing off for the route).
+    candidate only when the previous one failed (racing off for the route);
+    candidates from index ``last_resort`` on start only when every earlier
+    one failed.
     """
 
     def __init__(self, candidates: list[tuple[str, Any]], family: int, type_: int, address: tuple,
-                 options: list, bind: Optional[tuple], delay: float, sequential: bool = False):
+                 options: list, bind: Optional[tuple], delay: float, sequential: bool = False,
+                 last_resort: Optional[int] = None):
         self.attempts = [Attempt(name, inst) for name, inst in candidates]
         self.family = family
         self.type = type_
@@ -166,10 +169,24 @@ class Race:
         self.bind = bind
         self.delay = delay
         self.sequential = sequential
+        self.last_resort = len(self.attempts) if last_resort is None else last_resort
         self.next = 0  # index of the next attempt to start
         self.next_at = 0.0
         self.winner: Optional[Attempt] = None
         self.started_at = 0.0
+
+    def first_failed(self, exc: OSError) -> bool:
+        """The first candidate was tried outside the race (on the socket
+        itself) and failed with ``exc``: records it, and says whether the
+        rest should now race (a hard failure, and there are others)."""
+        if exc.errno not in _HARD or len(self.attempts) < 2:
+            return False
+        first = self.attempts[0]
+        first.started = first.finished = time.monotonic()
+        first.error = exc
+        self.next = 1
+        self.last_resort = max(self.last_resort, 1)
+        return True
 
     @property
     def done(self) -> bool:
@@ -210,7 +227,7 @@ class Race:
         running = [a for a in self.attempts[:self.next] if not a.finished]
         if not running:
             return True  # nothing left in flight: a failure starts the next at once
-        return not self.sequential and now >= self.next_at
+        return not self.sequential and self.next < self.last_resort and now >= self.next_at
 
     def _cancel_others(self, winner: Attempt) -> None:
         for a in self.attempts:
@@ -220,7 +237,7 @@ class Race:
     def wait(self, now: float) -> Optional[float]:
         """Seconds until the race needs a step with nothing polled ready
         (the next attempt's start), or ``None``."""
-        if self.next < len(self.attempts) and not self.sequential:
+        if self.next < self.last_resort and not self.sequential:
             return max(0.0, self.next_at - now)
         return None
 

@@ -57,12 +57,17 @@ class Outcome:
     #: Whether the candidates race (``False``: the next starts only when the
     #: previous failed; ``race = false`` on the route).
     race: bool = True
+    #: How many candidates are first choices; the others are last resorts,
+    #: tried only when those failed (L-RD says the peer does not speak them).
+    first_choices: int = 0
 
     def __post_init__(self) -> None:
         if not self.stacks:
             self.stacks = (self.stack,)
         if not self.candidates:
             self.candidates = (self.stack,)
+        if not self.first_choices:
+            self.first_choices = len(self.candidates)
 
 
 class Runtime:
@@ -156,10 +161,10 @@ class Runtime:
                          trace: list[str], race: bool) -> Outcome:
         """A connect's outcome: the candidates that may reach the peer, in
         order, with what L-RD knows applied."""
-        names = capable
+        names, first = capable, len(capable)
         if self.negotiator is not None and len(capable) > 1:
-            names = self.negotiator.candidates(capable, request, trace)
-        return Outcome(names[0], source, reason, trace, candidates=names, race=race)
+            names, first = self.negotiator.candidates(capable, request, trace)
+        return Outcome(names[0], source, reason, trace, candidates=names, race=race, first_choices=first)
 
     def admit(self, request: policy.Request) -> Optional[Outcome]:
         """Which stacks may serve an accepted client (``request.role`` is

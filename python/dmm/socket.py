@@ -155,8 +155,16 @@ class socket(_RaceTakeover, _StdSocket):
                 bound = _StdSocket.getsockname(self)
                 if bound[1] == 0:
                     # Several candidates: connect() races them.
-                    self._dmm_core = rt.negotiator.plan(outcome, family, _raw_type(self), address,
-                                                        list(self._dmm_opts or ()), None)
+                    race = rt.negotiator.plan(outcome, family, _raw_type(self), address, list(self._dmm_opts or ()),
+                                              None)
+                    if outcome.first_choices > 1 or not rt.stacks[name].passthrough or self.gettimeout() == 0.0:
+                        self._dmm_core = race
+                        return address
+                    # One first choice, the plain kernel: this socket connects
+                    # as it is; the last resorts race only if that fails.
+                    self._dmm_move_to(name, role)
+                    self._dmm_stack = name
+                    self._dmm_core = race
                     return address
                 # A fixed local port can be bound once: no race, the first candidate.
         self._dmm_move_to(name, role)
@@ -255,7 +263,17 @@ class socket(_RaceTakeover, _StdSocket):
     def connect(self, address):
         if self._dmm_stack is None:
             address = self._dmm_route("connect", address)
-            if isinstance(self._dmm_core, _Race):
+            race = self._dmm_core
+            if isinstance(race, _Race):
+                if self._dmm_stack is None:
+                    return self._dmm_race()
+                self._dmm_core = None
+                try:
+                    return super().connect(address)
+                except OSError as exc:
+                    if not race.first_failed(exc):
+                        raise
+                self._dmm_stack, self._dmm_core = None, race
                 return self._dmm_race()
             if isinstance(self, _UserSpaceMethods):
                 return _UserSpaceMethods.connect(self, address)
@@ -266,7 +284,7 @@ class socket(_RaceTakeover, _StdSocket):
             try:
                 address = self._dmm_route("connect", address)
                 if isinstance(self._dmm_core, _Race):
-                    self._dmm_race()
+                    self.connect(address)
                     return 0
             except _std.gaierror:
                 raise
