@@ -112,6 +112,13 @@ class LocalRD:
             self._writes.append(fact)
         self.submit(lambda: None)  # the next turn writes it
 
+    def forget_peers(self) -> None:
+        """Drops what this host learned about peers (``dmm rd forget``)."""
+        self._peers = {}
+        with self._lock:
+            self._writes = []
+        self.submit(lambda: self._with_store(lambda st: st.forget()))
+
     def advertise(self, address: str, port: int, protocols: list[tuple[str, int]], stacks: tuple[str, ...]) -> None:
         """Registers a listener of this process."""
         lst = Listener(address, port, tuple(protocols), stacks, self._pid, self._pid_start, time.time())
