@@ -200,7 +200,7 @@ class RaceTakeover:
         """Races the candidates in ``_dmm_core`` and takes the winner over.
         A non-blocking socket hands the race to the reactor thread and fails
         with ``EINPROGRESS``, as a kernel socket's connect does."""
-        race = self._dmm_core
+        race = self._dmm_core.race()
         rt = _runtime._runtime or _runtime.get()
         timeout = self.gettimeout()
         if timeout == 0.0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import ipaddress
 import time
 from typing import Any, Optional
 
@@ -65,7 +64,8 @@ class Negotiator:
                     known.setdefault(proto, _Advertised(proto in offered, lst.pid))
         return known
 
-    def candidates(self, names: tuple[str, ...], request: Any, trace: list[str]) -> tuple[tuple[str, ...], int]:
+    def candidates(self, names: tuple[str, ...], request: Any,
+                   trace: Optional[list[str]]) -> tuple[tuple[str, ...], int]:
         """The candidates a connect to ``request`` tries, in order, and how
         many of them are first choices: the rest are last resorts, started
         only when every earlier one failed (L-RD says the peer does not
@@ -76,7 +76,8 @@ class Negotiator:
             inst = self.stacks[name]
             proto = self._protocol(name)
             if inst.keeps_fd and proto in seen_fd:
-                trace.append(f"negotiate: {name} skipped, it reaches the peer as {kept[0]} does ({proto})")
+                if trace is not None:
+                    trace.append(f"negotiate: {name} skipped, it reaches the peer as {kept[0]} does ({proto})")
                 continue
             if inst.keeps_fd:
                 seen_fd.add(proto)
@@ -84,7 +85,7 @@ class Negotiator:
         known = self.facts(request.address, request.port)
         if not known:
             return tuple(kept), len(kept)
-        for n in kept:
+        for n in kept if trace is not None else ():
             f = known.get(self._protocol(n))
             if f is not None:
                 trace.append(f"L-RD: {request.address}:{request.port} {'speaks' if f.speaks else 'does not speak'} "
@@ -93,7 +94,7 @@ class Negotiator:
         last = [n for n in kept if n not in first]
         if not first:
             return tuple(kept), len(kept)
-        if last:
+        if last and trace is not None:
             trace.append(f"negotiate: {', '.join(last)} only if {', '.join(first)} fail: not spoken there")
         return tuple(first + last), len(first)
 
@@ -107,12 +108,14 @@ class Negotiator:
                 delay = min(delay, max(self.spec.min_attempt_delay, 2 * min(rtts) / 1000))
         return delay
 
-    def plan(self, outcome: Any, family: int, type_: int, address: tuple, options: list,
-             bind: Optional[tuple]) -> Race:
-        """A race of ``outcome``'s candidates to ``address`` (not started)."""
-        return Race([(n, self.stacks[n]) for n in outcome.candidates], family, type_, address, options, bind,
-                    self.attempt_delay(address[0], address[1]), sequential=not outcome.race,
-                    last_resort=outcome.first_choices)
+    def plan(self, outcome: Any, family: int, type_: int, address: tuple, options: Optional[list]) -> "Plan":
+        """What a connect of ``outcome``'s candidates to ``address`` races,
+        if it races (the race itself is made on demand)."""
+        return Plan(self, outcome, family, type_, address, options)
+
+    def version(self) -> int:
+        """Changes whenever what L-RD knows changes (decisions depend on it)."""
+        return self.rd.version if self.rd is not None else 0
 
     def settle(self, race: Race, family: int) -> None:
         """Learns from a decided race, and asks the peer what it speaks when
@@ -176,6 +179,38 @@ class Negotiator:
         return out
 
 
+class Plan:
+    """A connect's candidates, before anything started: cheap to make, so a
+    connect that goes straight to its first choice pays for no race."""
+
+    __slots__ = ("negotiator", "outcome", "family", "type", "address", "options", "_race")
+
+    def __init__(self, negotiator: Negotiator, outcome: Any, family: int, type_: int, address: tuple,
+                 options: Optional[list]):
+        self.negotiator = negotiator
+        self.outcome = outcome
+        self.family = family
+        self.type = type_
+        self.address = address
+        self.options = list(options or ())
+        self._race: Optional[Race] = None
+
+    def race(self) -> Race:
+        """The race (made once)."""
+        if self._race is None:
+            o = self.outcome
+            self._race = Race([(n, self.negotiator.stacks[n]) for n in o.candidates], self.family, self.type,
+                              self.address, self.options, None,
+                              self.negotiator.attempt_delay(self.address[0], self.address[1]),
+                              sequential=not o.race, last_resort=o.first_choices)
+        return self._race
+
+    def first_failed(self, exc: OSError) -> bool:
+        """The first choice, tried on the socket itself, failed: see
+        :meth:`dmm.race.Race.first_failed`."""
+        return self.race().first_failed(exc)
+
+
 class _Advertised:
     """A local listener's advertisement, read as a fact."""
 
@@ -195,8 +230,5 @@ def _describe(fact: Any) -> str:
 
 
 def _is_local(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return ip.is_loopback
+    """Whether ``address`` is a loopback address (this host's listeners)."""
+    return address.startswith("127.") or address == "::1" or address.startswith("::ffff:127.")

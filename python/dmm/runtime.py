@@ -38,6 +38,8 @@ from .stacks import StackInstance, make_instance
 __all__ = ["Outcome", "Runtime", "configure", "get", "reset"]
 
 _STREAM = 1
+#: Decisions kept by :meth:`Runtime.decision` before the memo starts over.
+_MEMO_MAX = 4096
 _KIND = {1: "stream", 2: "dgram"}
 
 
@@ -98,6 +100,30 @@ class Runtime:
         # Candidates and racing need more than one stack; L-RD is on then
         # too, unless [rd] enabled = false.
         self.negotiator = Negotiator(self.stacks, config.rd or RDSpec()) if len(self.order) > 1 else None
+        # Decisions without hooks or overrides depend only on the socket's
+        # role, family, type and destination, and on what L-RD knows: kept
+        # here, a routed connect costs a dict lookup instead of a decision.
+        self._memo: dict[tuple, tuple[int, Outcome]] = {}
+
+    def decision(self, role: str, family: int, type: int, address: str, port: int, host: Optional[str],
+                 properties: dict, override: Optional[str]) -> Outcome:
+        """:meth:`decide` for a socket, from the memo when nothing can make
+        the answer differ (no hook, no override, L-RD unchanged)."""
+        if override is not None or policy._hooks:
+            request = policy.Request(role=role, family=family, type=type, address=address, port=port, host=host,
+                                     properties=dict(properties))
+            return self.decide(request, override)
+        key = (role, family, type, address, port)
+        version = self.negotiator.version() if self.negotiator is not None else 0
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        outcome = self.decide(policy.Request(role=role, family=family, type=type, address=address, port=port,
+                                             host=host, properties=dict(properties)))
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = (version, outcome)
+        return outcome
 
     def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
         """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""
@@ -119,7 +145,7 @@ class Runtime:
                     reason = decision.reason or "the hook chose it"
                     if request.role == "listen":
                         return Outcome(capable[0], f"hook {label}", reason, trace, self._listeners(capable, trace))
-                    return self._connect_outcome(capable, request, f"hook {label}", reason, trace, True)
+                    return self._connect_outcome(capable, request, f"hook {label}", reason, trace, True, explain)
             elif explain:
                 trace.append("hooks: every hook returned None")
 
@@ -145,7 +171,7 @@ class Runtime:
                 capable = self._capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
                 if capable:
                     return self._connect_outcome(capable, request, f"route[{tag}]", f"{route.describe()}{where}",
-                                                 trace, route.race)
+                                                 trace, route.race, explain)
             chosen = self._first_capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
             if chosen is not None:
                 return Outcome(chosen, f"route[{tag}]", f"{route.describe()}{where}", trace)
@@ -158,12 +184,12 @@ class Runtime:
         raise OSError(errno.EPROTONOSUPPORT, "dmm: no configured stack can carry this socket")
 
     def _connect_outcome(self, capable: tuple[str, ...], request: policy.Request, source: str, reason: str,
-                         trace: list[str], race: bool) -> Outcome:
+                         trace: list[str], race: bool, explain: bool = False) -> Outcome:
         """A connect's outcome: the candidates that may reach the peer, in
         order, with what L-RD knows applied."""
         names, first = capable, len(capable)
         if self.negotiator is not None and len(capable) > 1:
-            names, first = self.negotiator.candidates(capable, request, trace)
+            names, first = self.negotiator.candidates(capable, request, trace if explain else None)
         return Outcome(names[0], source, reason, trace, candidates=names, race=race, first_choices=first)
 
     def admit(self, request: policy.Request) -> Optional[Outcome]:

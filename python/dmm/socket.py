@@ -33,7 +33,7 @@ import _socket
 
 from . import policy as _policy
 from . import runtime as _runtime
-from .race import Race as _Race
+from .negotiate import Plan as _Plan
 from ._multilisten import AdvertisedMethods as _AdvertisedMethods
 from ._multilisten import ListenGroup as _ListenGroup
 from ._racing import RaceTakeover as _RaceTakeover
@@ -141,9 +141,8 @@ class socket(_RaceTakeover, _StdSocket):
         if rt.only is not None and self._dmm_override is None and not _policy._hooks:
             name = rt.only
         else:
-            request = _policy.Request(role=role, family=family, type=_raw_type(self), address=host.partition("%")[0],
-                                      port=port, host=self._dmm_host, properties=dict(self._dmm_props))
-            outcome = rt.decide(request, self._dmm_override)
+            outcome = rt.decision(role, family, _raw_type(self), host.partition("%")[0], port, self._dmm_host,
+                                  self._dmm_props, self._dmm_override)
             name = outcome.stack
             if len(outcome.stacks) > 1:
                 # Listens on several stacks: the members are made by listen().
@@ -155,8 +154,7 @@ class socket(_RaceTakeover, _StdSocket):
                 bound = _StdSocket.getsockname(self)
                 if bound[1] == 0:
                     # Several candidates: connect() races them.
-                    race = rt.negotiator.plan(outcome, family, _raw_type(self), address, list(self._dmm_opts or ()),
-                                              None)
+                    race = rt.negotiator.plan(outcome, family, _raw_type(self), address, self._dmm_opts)
                     if outcome.first_choices > 1 or not rt.stacks[name].passthrough or self.gettimeout() == 0.0:
                         self._dmm_core = race
                         return address
@@ -264,7 +262,7 @@ class socket(_RaceTakeover, _StdSocket):
         if self._dmm_stack is None:
             address = self._dmm_route("connect", address)
             race = self._dmm_core
-            if isinstance(race, _Race):
+            if isinstance(race, _Plan):
                 if self._dmm_stack is None:
                     return self._dmm_race()
                 self._dmm_core = None
@@ -283,7 +281,7 @@ class socket(_RaceTakeover, _StdSocket):
         if self._dmm_stack is None:
             try:
                 address = self._dmm_route("connect", address)
-                if isinstance(self._dmm_core, _Race):
+                if isinstance(self._dmm_core, _Plan):
                     self.connect(address)
                     return 0
             except _std.gaierror:

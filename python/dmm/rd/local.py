@@ -52,6 +52,8 @@ class LocalRD:
         self._peers: dict[tuple[str, int], dict[str, PeerFact]] = {}
         self._listeners: dict[int, list[Listener]] = {}
         self.counters: collections.Counter = collections.Counter()
+        #: Bumped whenever the knowledge changes (decisions cached on it).
+        self.version = 0
         self.reactor = reactor.get()
         self._hooked = False
         self._writes: list[PeerFact] = []
@@ -64,6 +66,8 @@ class LocalRD:
         self._pid = os.getpid()
         self._pid_start = process_start(self._pid)
         self._load()
+        # Start the reactor now, not inside the first connect that learns.
+        self.submit(lambda: None)
 
     # -- what connect() reads (any thread, no I/O) ----------------------------
 
@@ -108,6 +112,7 @@ class LocalRD:
         group = dict(self._peers.get((address, port), {}))
         group[proto] = fact
         self._peers[(address, port)] = group
+        self.version += 1
         with self._lock:
             self._writes.append(fact)
         self.submit(lambda: None)  # the next turn writes it
@@ -115,6 +120,7 @@ class LocalRD:
     def forget_peers(self) -> None:
         """Drops what this host learned about peers (``dmm rd forget``)."""
         self._peers = {}
+        self.version += 1
         with self._lock:
             self._writes = []
         self.submit(lambda: self._with_store(lambda st: st.forget()))
@@ -124,12 +130,14 @@ class LocalRD:
         lst = Listener(address, port, tuple(protocols), stacks, self._pid, self._pid_start, time.time())
         group = [x for x in self._listeners.get(port, []) if not (x.pid == self._pid and x.address == address)]
         self._listeners[port] = group + [lst]
+        self.version += 1
         self.submit(lambda: self._with_store(lambda st: st.add_listener(lst)))
 
     def withdraw(self, address: str, port: int) -> None:
         """Removes a listener of this process (it closed)."""
         group = [x for x in self._listeners.get(port, []) if not (x.pid == self._pid and x.address == address)]
         self._listeners[port] = group
+        self.version += 1
         self.submit(lambda: self._with_store(lambda st: st.remove_listener(address, port, self._pid)))
 
     def discover(self, family: int, address: str, port: int) -> None:
@@ -204,6 +212,7 @@ class LocalRD:
             if lst.pid == self._pid or process_start(lst.pid) == lst.pid_start:
                 listeners.setdefault(lst.port, []).append(lst)
         self._listeners = listeners
+        self.version += 1
 
     def _refresh(self) -> None:
         def check(st: Store) -> None:
