@@ -86,3 +86,16 @@ def run_python(code, *args, timeout=60, env=None, **kw):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, **kw)
+
+
+def eventually(check, timeout=5.0):
+    """Whether ``check()`` becomes true within ``timeout`` seconds (for state
+    another thread brings about, such as a connection being reaped)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -29,7 +29,7 @@ import dmm.socket as dsocket
 from dmm import _core
 from dmm.rd import Store
 
-from conftest import run_python, use_config
+from conftest import eventually, run_python, use_config
 
 #: FillP first, the kernel as the fallback, for loopback.
 RACE = """
@@ -199,12 +199,23 @@ def test_the_listener_answers_discovery_and_drops_junk():
         srv.close()
 
 
-def blackholed_fillp(port=0):
-    """A UDP socket on ``port`` that takes every datagram and answers none:
-    to FillP the path is a blackhole (no reply, no ICMP)."""
-    s = stdsocket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", port))
-    return s
+def blackholed_fillp():
+    """A UDP socket that takes every datagram and answers none: to FillP the
+    path is a blackhole (no reply, no ICMP). Its port is free for TCP too."""
+    for _ in range(100):
+        probe = stdsocket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        s = stdsocket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        finally:
+            probe.close()
+        return s
+    raise RuntimeError("no port free for both TCP and UDP")
 
 
 def tcp_server_on(port):
@@ -239,7 +250,7 @@ def test_a_silent_fillp_path_falls_back_after_the_attempt_delay():
         with c:
             assert c.dmm_stack == "kernel" and c.recv(10) == b"tcp"
         # The FillP attempt was aborted: no connection left on the instance.
-        assert dsocket.stack_counters()["wan"]["connections"] == 0
+        assert eventually(lambda: dsocket.stack_counters()["wan"]["connections"] == 0)
         assert elapsed >= 0.06  # the kernel started only after the delay
         assert hole.recv(2048)  # the FillP INIT did go out
         fact = dmm.runtime.get().negotiator.rd.facts("127.0.0.1", port)["fillp"]
@@ -262,7 +273,7 @@ def test_racing_off_for_a_route_tries_candidates_in_turn():
         with pytest.raises(TimeoutError):
             c.connect(("127.0.0.1", port))
         c.close()
-        assert dsocket.stack_counters()["wan"]["connections"] == 0
+        assert eventually(lambda: dsocket.stack_counters()["wan"]["connections"] == 0)
     finally:
         hole.close()
         srv.close()
@@ -295,7 +306,7 @@ def test_the_socket_timeout_bounds_the_whole_race():
         assert 0.35 < elapsed < 3, elapsed
         assert c.fileno() == fd and c.dmm_stack is None
         c.close()
-        assert dsocket.stack_counters()["wan"]["connections"] == 0
+        assert eventually(lambda: dsocket.stack_counters()["wan"]["connections"] == 0)
     finally:
         for f in fillers:
             f.close()

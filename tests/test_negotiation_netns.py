@@ -20,7 +20,7 @@ import dmm.runtime
 import dmm.socket as dsocket
 from dmm.lab import netns
 
-from conftest import use_config
+from conftest import eventually, use_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and iptables")
 
@@ -160,4 +160,4 @@ def test_everything_dropped_ends_in_timeout_error_within_the_socket_timeout(serv
     assert 0.9 <= time.monotonic() - start < 5
     assert c.fileno() == fd
     c.close()
-    assert dsocket.stack_counters()["wan"]["connections"] == 0
+    assert eventually(lambda: dsocket.stack_counters()["wan"]["connections"] == 0)
