@@ -42,7 +42,7 @@ Example::
     type = "stream"          # optional: stream | dgram
     role = "connect"         # optional: connect | listen | sendto | accept
     priority = 10            # optional: breaks ties between equal prefixes
-    stacks = ["mptcp", "kernel"]   # preference order
+    stacks = ["mptcp", "kernel"]   # candidates, in preference order
 
     [listen]
     stacks = ["kernel", "lan0"]   # one listening socket spans all of these

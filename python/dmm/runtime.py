@@ -11,10 +11,14 @@ Order of a decision, first answer wins:
 4. the routing table (longest prefix, then priority, then order);
 5. the default route (the first stack declared).
 
-Within an answer the first stack that can carry the socket wins; if none
-can, the next source is asked. A listener whose answer comes from a hook or
-from ``[listen]`` listens on *every* stack of the answer that can carry it
-(``Outcome.stacks``); routing rules keep their fallback meaning.
+Within an answer the stacks that cannot carry the socket are skipped; if
+none can, the next source is asked. A listener whose answer comes from a
+hook or from ``[listen]`` listens on *every* stack of the answer that can
+carry it (``Outcome.stacks``). For a connect, with more than one stack
+configured, every capable stack of a hook's or a rule's answer is a
+*candidate* (``Outcome.candidates``), ordered by what L-RD knows and raced
+by the socket (:mod:`dmm.negotiate`, :mod:`dmm.race`); otherwise the first
+capable stack carries the socket.
 
 Connections a listener accepts are admitted by :meth:`Runtime.admit`: hooks
 registered for the ``accept`` role, then rules with ``role = "accept"``
