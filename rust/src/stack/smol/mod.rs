@@ -89,7 +89,6 @@ pub mod ports;
 #[macro_use]
 mod socket;
 mod state;
-pub mod tap;
 mod tcp;
 mod udp;
 
@@ -104,13 +103,15 @@ use std::thread::JoinHandle;
 use smoltcp::iface::{Config, Interface};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress};
 
+/// The TAP device the instance runs over (it lives in [`crate::sys::tap`],
+/// shared with the link emulator).
+pub use crate::sys::tap;
 pub use smoltcp::wire::IpCidr;
 
 use super::{errno, Counters, Family, SockKind, Stack, StackKind, StackSocket};
 use crate::sys::event::EventFd;
 use device::TapDevice;
 use state::{SockFds, SockOpts, SockState, State};
-use tap::Tap;
 
 /// Default socket buffer per direction and TCP connection.
 pub const DEFAULT_BUFFER: usize = 256 * 1024;
@@ -326,7 +327,7 @@ impl Shared {
 
 /// Opens the device and sets it up: MTU, link up.
 fn open_device(opts: &SmolOptions) -> io::Result<TapDevice> {
-    let tap = Tap::open(&opts.device)?;
+    let tap = tap::Tap::open(&opts.device)?;
     tap.set_mtu(opts.mtu)?;
     tap.set_up()?;
     Ok(TapDevice::new(tap, opts.mtu as usize))
