@@ -564,7 +564,11 @@ fn smol_to_smol_over_a_bridge_v4_and_v6() {
         c.set_timeout(Some(Duration::from_secs(10))).unwrap();
         c.connect(SocketAddr::new(ip_b, 5000)).unwrap();
         // 100 MB over IPv4; IPv6 repeats the path with less data.
-        let size = if family == Family::V4 { 100 * MB } else { 20 * MB };
+        let size = if family == Family::V4 {
+            100 * MB
+        } else {
+            20 * MB
+        };
         let sent = send_stream(|buf| c.send_all(buf, 0), size, 13);
         c.shutdown(Shutdown::Write).unwrap();
         let mut echo = [0u8; 8];
