@@ -48,6 +48,7 @@ pub mod fillp;
 pub mod kernel;
 pub mod smol;
 pub mod uring;
+pub(crate) mod userspace;
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};

@@ -26,7 +26,9 @@
 //!   against 14k round trips/s) and the higher bulk send rate in 5 of 7, so
 //!   it is the default
 //!   (`SmolOptions::inline_poll`).
-//! * **Readiness** as in the FillP stack: each socket has a `ready` eventfd,
+//! * **Readiness and blocking calls** come from the user-space socket core
+//!   that the FillP stack uses too (`stack::userspace`; this stack adds
+//!   the inline turns above): each socket has a `ready` eventfd,
 //!   readable exactly while the socket is (data, EOF, error, pending
 //!   accept), and a `wake` eventfd set for writers blocked in `send` or
 //!   `connect`, once half the send buffer is free (as the kernel does), so
@@ -97,7 +99,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use smoltcp::iface::{Config, Interface};
@@ -109,9 +111,10 @@ pub use crate::sys::tap;
 pub use smoltcp::wire::IpCidr;
 
 use super::{errno, Counters, Family, SockKind, Stack, StackKind, StackSocket};
+use crate::stack::userspace::{lock, SockFds};
 use crate::sys::event::EventFd;
 use device::TapDevice;
-use state::{SockFds, SockOpts, SockState, State};
+use state::{SockOpts, SockState, State};
 
 /// Default socket buffer per direction and TCP connection.
 pub const DEFAULT_BUFFER: usize = 256 * 1024;
@@ -292,10 +295,6 @@ pub(crate) struct Shared {
     sockets: AtomicU64,
     connects: AtomicU64,
     restarts: AtomicU64,
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

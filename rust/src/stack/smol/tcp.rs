@@ -15,9 +15,10 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::ports::Proto;
-use super::socket::{unspecified, SockCore, Try, Wait};
+use super::socket::SockCore;
 use super::state::{Phase, Role, SockState, State, MAX_BACKLOG, SYN_TIMEOUT};
 use super::{lock, MAX_BUFFER, MIN_BUFFER};
+use crate::stack::userspace::{unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -189,7 +190,7 @@ impl StackSocket for TcpSocket {
             match st.socks.get(&id) {
                 Some(c) => Try::Done(Ok((
                     id,
-                    Arc::clone(&c.fds),
+                    Arc::clone(c.mirror.fds()),
                     c.peer.unwrap_or_else(|| unspecified(self.family)),
                 ))),
                 None => Try::Block,
@@ -348,8 +349,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.check_open()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.lock()?;
         let st = &mut *st;
         let s = st
             .socks
@@ -467,8 +467,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
-        self.check_open()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.lock()?;
         let s = st
             .socks
             .get_mut(&self.id)
@@ -496,8 +495,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.check_open()?;
-        let st = lock(&self.shared.state);
+        let st = self.lock()?;
         let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
         match (&s.role, s.peer) {
             (
