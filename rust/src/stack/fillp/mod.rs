@@ -13,8 +13,12 @@
 //! * **Work in proportion to what happens.** A wake costs O(ready sockets)
 //!   (epoll), and a turn runs only the slots that received, were changed by
 //!   an application call, have a timer due (a heap of slot deadlines) or
-//!   still have more to send; within a slot the endpoint looks only at
-//!   connections that changed ([`crate::fillp::Endpoint`]). Idle
+//!   still have more to send; within a slot the endpoint
+//!   ([`crate::fillp::Endpoint`]) keeps the connections touched since it
+//!   last looked (by a datagram, a timer, a transmit or the application) in
+//!   ready sets, and every connection's deadline in a heap, so a turn looks
+//!   only at connections that changed or are due, however many share the
+//!   socket. Idle
 //!   connections (keepalive every 5 s) cost 1.5% of a core per 1000 pairs
 //!   in one process, against 28% when every wake walked every socket
 //!   (`benches/results/fillp_idle.md`).
@@ -94,9 +98,9 @@
 //!   ephemeral one). A single shared client port was tried first, but then
 //!   every client socket reports the same `getsockname()`, and applications
 //!   (and the Python tests) tell connections apart by `(local, peer)` as with
-//!   TCP. Each UDP socket has its own `Endpoint`, which also keeps the core's
-//!   O(connections) scans small. `bind` reserves the UDP port at once, so
-//!   `EADDRINUSE` shows up where a kernel socket would report it.
+//!   TCP. Each UDP socket has its own `Endpoint`. `bind` reserves the UDP
+//!   port at once, so `EADDRINUSE` shows up where a kernel socket would
+//!   report it.
 //!   `IP_RECVERR` makes an ICMP port-unreachable fail a handshake with
 //!   `ECONNREFUSED` at once and reset an established connection whose peer
 //!   went away.
