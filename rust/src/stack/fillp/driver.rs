@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use super::inline::WATCH_LEASE;
 use super::options::FillpOptions;
-use super::state::{lock, reason_errno, Role, State};
+use super::state::{reason_errno, Role, State};
 use super::{udp, Shared};
 use crate::fillp::{CloseReason, ConnectionHandle, Event, Transmit};
+use crate::stack::userspace::lock;
 use crate::sys::event::{block_all_signals, wait};
 
 /// Datagrams the driver pulls from one endpoint before sending them. With

@@ -1,16 +1,19 @@
 //! Application threads doing the driver's work: a reader that receives
 //! inline on its slot's UDP socket (its [`Watch`] keeps the driver off the
 //! socket meanwhile), and a reader or writer that sends what its own call
-//! made due, instead of waking the driver for it.
+//! made due, instead of waking the driver for it. They are this stack's
+//! part of the user-space socket core's blocking loop: its [`Host`] impl.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::driver::Pump;
-use super::state::{lock, Role, State};
+use super::state::{Role, State};
 use super::Shared;
 use crate::fillp::ConnectionHandle;
+use crate::stack::userspace::{lock, Host};
 
 /// How long the driver leaves a busy UDP socket to the reader that last
 /// watched it (see "Readers receive inline" in [`super`]): a bulk reader
@@ -22,6 +25,73 @@ pub(super) const WATCH_LEASE: Duration = Duration::from_micros(500);
 /// A reader whose connection has more than this unacknowledged does not
 /// watch (see [`Watch::new`]); a request or reply of up to this size does.
 const WATCH_MAX_UNACKED: usize = 64 << 10;
+
+/// What one attempt of a socket call asks of the stack once it has run
+/// (the [`Host::Effects`] of FillP).
+#[derive(Default)]
+pub(super) struct Effects {
+    /// A connection of this slot changed: the driver must run it.
+    pub(super) kick: Option<usize>,
+    /// Connection `(slot, handle)` was read from, or written to while idle:
+    /// send what it has to send now (see [`Shared::flush_inline`]) instead
+    /// of waking the driver.
+    pub(super) flush: Option<(usize, ConnectionHandle)>,
+    /// The reader ran its slot's turn before this attempt
+    /// ([`Shared::pump_inline`]), which left the reader's eventfds to it.
+    pumped: bool,
+}
+
+impl Host for Shared {
+    type State = State;
+    type Effects = Effects;
+    type Watch<'a> = Watch<'a>;
+
+    fn state(&self) -> &Mutex<State> {
+        &self.state
+    }
+
+    fn after_attempt(&self, st: &mut State, id: u64, fx: &mut Effects) {
+        if fx.pumped {
+            st.sync(id);
+        }
+        if let Some(i) = fx.kick {
+            self.kick(st, i);
+        }
+    }
+
+    fn finish(&self, st: MutexGuard<'_, State>, fx: Effects) {
+        if let Some((i, h)) = fx.flush {
+            self.flush_inline(st, i, h);
+        }
+    }
+
+    /// The driver has stopped: nothing would wake a blocked call.
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn watch<'a>(&'a self, st: &mut State, id: u64) -> Option<Watch<'a>> {
+        Watch::new(self, st, id)
+    }
+
+    /// Datagrams (or an ICMP error) arrived on the watched socket: end the
+    /// watch, then receive and run the slot's turn in this thread.
+    fn arrived<'a>(
+        &'a self,
+        watch: Watch<'a>,
+        revents: libc::c_short,
+        id: u64,
+        fx: &mut Effects,
+    ) -> MutexGuard<'a, State> {
+        let slot = watch.slot;
+        drop(watch);
+        if revents & (libc::POLLIN | libc::POLLERR) != 0 {
+            self.pump_inline(slot, id);
+            fx.pumped = true;
+        }
+        lock(&self.state)
+    }
+}
 
 impl Shared {
     /// Takes a pump from the pool, or makes one.
@@ -118,9 +188,9 @@ impl Shared {
 /// A blocked reader's claim on its slot's UDP socket: while it lasts, the
 /// driver leaves the socket to the reader, and for [`WATCH_LEASE`] after.
 pub(super) struct Watch<'a> {
-    pub(super) shared: &'a Shared,
-    pub(super) slot: usize,
-    pub(super) fd: RawFd,
+    shared: &'a Shared,
+    slot: usize,
+    fd: RawFd,
 }
 
 impl<'a> Watch<'a> {
@@ -157,6 +227,12 @@ impl<'a> Watch<'a> {
         let fd = sl.fd.as_raw_fd();
         st.check_interest(slot);
         Some(Watch { shared, slot, fd })
+    }
+}
+
+impl AsRawFd for Watch<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
     }
 }
 

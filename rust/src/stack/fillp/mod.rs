@@ -112,10 +112,13 @@
 //!   `backlog`; the rest wait, established, in the endpoint's own queue (as in
 //!   a kernel accept queue, their connects complete) and move up as `accept`
 //!   makes room. Closing a listener resets whatever was never accepted.
-//! * **Readiness**: each socket has two eventfds, kept in line with its
-//!   state under the lock. `ready` is readable exactly while the socket is
-//!   readable (data, EOF, error, pending accept); it is the
-//!   [`StackSocket::poll_fd`] and what blocking `recv`/`accept` wait on.
+//! * **Readiness**, as in the smoltcp stack (both are built on the
+//!   user-space socket core, `stack::userspace`; this stack's part of its
+//!   blocking loop is the inline work above): each socket has two eventfds,
+//!   kept in line with its state under the lock. `ready` is readable
+//!   exactly while the socket is readable (data, EOF, error, pending
+//!   accept); it is the [`StackSocket::poll_fd`] and what blocking
+//!   `recv`/`accept` wait on.
 //!   `wake` is readable exactly while the socket is writable (connected
 //!   with send-buffer room, or an error to report; after a short write,
 //!   writable again when the connection says so, at half its path-sized
@@ -165,9 +168,10 @@ use std::time::Instant;
 
 use super::{errno, Counters, Family, SockKind, Stack, StackKind, StackSocket};
 use crate::fillp::{EndpointStats, RateMode};
+use crate::stack::userspace::{lock, SockFds};
 use crate::sys::event::EventFd;
 use driver::{Driver, Pump};
-use state::{lock, Role, SockFds, SockState, State};
+use state::{Role, SockState, State};
 
 /// A FillP stack instance: one driver thread and its UDP sockets.
 pub struct FillpStack {

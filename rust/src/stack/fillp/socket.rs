@@ -1,32 +1,26 @@
-//! FillP stream sockets: the [`StackSocket`] methods over the shared state.
+//! FillP stream sockets: the [`StackSocket`] methods over the shared state,
+//! on the user-space socket core (`stack::userspace`; this stack's part of
+//! its blocking loop is in `inline.rs`).
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use super::inline::Watch;
-use super::state::{lock, new_endpoint, reason_errno, Role, Slot, SockFds, State, StreamView};
+use super::state::{new_endpoint, reason_errno, Role, Slot, StreamView};
 use super::{udp, Shared};
-use crate::fillp::{CloseReason, ConnectionHandle, ConnectionStats, ReadError, WriteError};
-use crate::stack::{
-    errno, int_at, int_option, timed_out, Counters, Family, Readiness, StackSocket, TimeoutCell,
-};
-use crate::sys;
+use crate::fillp::{CloseReason, ConnectionStats, ReadError, WriteError};
+use crate::stack::userspace::{lock, unspecified, SockCore, SockFds, Try, Wait};
+use crate::stack::{errno, int_at, int_option, Counters, Family, Readiness, StackSocket};
 
 /// One FillP stream socket.
 pub struct FillpSocket {
-    shared: Arc<Shared>,
-    id: u64,
-    fds: Arc<SockFds>,
-    family: Family,
-    timeout: TimeoutCell,
-    closed: AtomicBool,
+    core: SockCore<Shared>,
     /// A buffer for the next large `send` to copy into before it takes the
     /// lock: one the send buffer freed (acknowledged data), so that a bulk
     /// writer reuses a few warm allocations instead of calling `malloc`.
@@ -42,21 +36,6 @@ pub struct FillpSocket {
 /// shares an allocation with its neighbours instead of pinning its own.
 const STAGE_MIN: usize = 16 << 10;
 
-/// What a blocked operation waits for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wait {
-    /// The `ready` eventfd (level: readable state).
-    Read,
-    /// The `wake` eventfd (edge: drained under the lock before waiting).
-    Write,
-}
-
-/// The outcome of one attempt of an operation.
-enum Try<T> {
-    Done(io::Result<T>),
-    Block,
-}
-
 impl FillpSocket {
     pub(super) fn new(
         shared: Arc<Shared>,
@@ -65,116 +44,10 @@ impl FillpSocket {
         family: Family,
     ) -> FillpSocket {
         FillpSocket {
-            shared,
-            id,
-            fds,
-            family,
-            timeout: TimeoutCell::new(),
-            closed: AtomicBool::new(false),
+            core: SockCore::new(shared, id, fds, family),
             stage: Mutex::new(None),
             linger: AtomicI64::new(-1),
         }
-    }
-
-    fn check_open(&self) -> io::Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(errno(libc::EBADF));
-        }
-        Ok(())
-    }
-
-    /// Runs `op` under the lock until it is done, waiting on `wait` between
-    /// attempts as the timeout mode says (`nonblock` forces non-blocking).
-    fn run<T>(
-        &self,
-        wait: Wait,
-        nonblock: bool,
-        op: impl FnMut(&mut State, &mut SockCtx) -> Try<T>,
-    ) -> io::Result<T> {
-        self.run_until(wait, nonblock, None, op)
-    }
-
-    /// [`Self::run`], with `until` (when given, and the socket has a
-    /// timeout) as the deadline instead of one timeout from now.
-    fn run_until<T>(
-        &self,
-        wait: Wait,
-        nonblock: bool,
-        until: Option<Instant>,
-        mut op: impl FnMut(&mut State, &mut SockCtx) -> Try<T>,
-    ) -> io::Result<T> {
-        self.check_open()?;
-        let timeout = if nonblock {
-            Some(Duration::ZERO)
-        } else {
-            self.timeout()
-        };
-        let deadline = match (timeout, until) {
-            (Some(t), Some(u)) if !t.is_zero() => Some(u),
-            _ => timeout.map(|t| Instant::now() + t),
-        };
-        // While a reader waits it also watches its slot's UDP socket, and
-        // takes what arrives itself (see "Readers receive inline" in
-        // the module docs of `stack::fillp`).
-        let mut watch: Option<Watch<'_>> = None;
-        let mut arrived: Option<usize> = None;
-        loop {
-            drop(watch.take());
-            let pumped = match arrived.take() {
-                Some(i) => {
-                    self.shared.pump_inline(i, self.id);
-                    true
-                }
-                None => false,
-            };
-            {
-                let mut st = lock(&self.shared.state);
-                let mut ctx = SockCtx {
-                    kick: None,
-                    flush: None,
-                };
-                let r = op(&mut st, &mut ctx);
-                if pumped {
-                    // `pump_inline` left this socket's eventfds to us.
-                    st.sync(self.id);
-                }
-                if let Some(i) = ctx.kick {
-                    self.shared.kick(&mut st, i);
-                }
-                if let Try::Done(r) = r {
-                    if let Some((i, h)) = ctx.flush {
-                        self.shared.flush_inline(st, i, h);
-                    }
-                    return r;
-                }
-                if self.shared.stop.load(Ordering::SeqCst) {
-                    return Err(errno(libc::ENETDOWN));
-                }
-                if wait == Wait::Read && timeout.is_none_or(|t| !t.is_zero()) {
-                    watch = Watch::new(&self.shared, &mut st, self.id);
-                }
-            }
-            if timeout.is_some_and(|t| t.is_zero()) {
-                return Err(errno(libc::EAGAIN));
-            }
-            let fd = match wait {
-                Wait::Read => self.fds.ready.as_raw_fd(),
-                Wait::Write => self.fds.wake.as_raw_fd(),
-            };
-            let Some(also) = sys::wait_readable_or(fd, watch.as_ref().map(|w| w.fd), deadline)?
-            else {
-                return Err(timed_out());
-            };
-            if also & (libc::POLLIN | libc::POLLERR) != 0 {
-                arrived = watch.as_ref().map(|w| w.slot);
-            }
-            self.check_open()?;
-        }
-    }
-
-    fn lock(&self) -> io::Result<MutexGuard<'_, State>> {
-        self.check_open()?;
-        Ok(lock(&self.shared.state))
     }
 
     /// One piece of a `send`, under one hold of the lock. A large piece is
@@ -193,8 +66,8 @@ impl FillpSocket {
             stage.freeze()
         });
         let mut spare = None;
-        let r = self.run_until(Wait::Write, nonblock, until, |st, ctx| {
-            let v = match st.stream(self.id) {
+        let r = self.core.run_until(Wait::Write, nonblock, until, |st, fx| {
+            let v = match st.stream(self.core.id) {
                 Ok(v) => v,
                 Err(e) => return Try::Done(Err(e)),
             };
@@ -235,9 +108,9 @@ impl FillpSocket {
             let r = match written {
                 Ok(n) => {
                     if idle {
-                        ctx.flush = Some((slot, h));
+                        fx.flush = Some((slot, h));
                     } else {
-                        ctx.kick = Some(slot);
+                        fx.kick = Some(slot);
                     }
                     Try::Done(Ok(n))
                 }
@@ -253,7 +126,7 @@ impl FillpSocket {
                     Try::Done(Err(errno(reason_errno(r, true))))
                 }
             };
-            st.sync(self.id);
+            st.sync(self.core.id);
             r
         });
         if spare.is_some() {
@@ -268,8 +141,8 @@ impl FillpSocket {
         // into `buf` after it is released, so the driver does not wait
         // behind the copy.
         let mut pieces = Vec::new();
-        let n = self.run(Wait::Read, nonblock, |st, ctx| {
-            let v = match st.stream(self.id) {
+        let n = self.core.run(Wait::Read, nonblock, |st, fx| {
+            let v = match st.stream(self.core.id) {
                 Ok(v) => v,
                 Err(e) => return Try::Done(Err(e)),
             };
@@ -302,7 +175,7 @@ impl FillpSocket {
                     // Reading opens the window: a PACK may be due, and the
                     // reader sends it rather than wake the driver.
                     if n > 0 {
-                        ctx.flush = Some((slot, h));
+                        fx.flush = Some((slot, h));
                     }
                     Try::Done(Ok(n))
                 }
@@ -313,7 +186,7 @@ impl FillpSocket {
                 Err(ReadError::Reset) => Try::Done(Err(errno(libc::ECONNRESET))),
                 Err(ReadError::Closed) => gone(closed.or(Some(CloseReason::Finished))),
             };
-            st.sync(self.id);
+            st.sync(self.core.id);
             r
         })?;
         let mut at = 0;
@@ -360,44 +233,26 @@ fn chunked(
     }
 }
 
-/// Per-attempt flags an operation sets.
-struct SockCtx {
-    /// A connection of this slot changed: the driver must run it.
-    kick: Option<usize>,
-    /// Connection `(slot, handle)` was read from, or written to while idle:
-    /// send what it has to send now (see [`Shared::flush_inline`]) instead
-    /// of waking the driver.
-    flush: Option<(usize, ConnectionHandle)>,
-}
-
 impl Drop for FillpSocket {
     fn drop(&mut self) {
         let _ = self.close();
     }
 }
 
-/// The unspecified address of a family, port 0.
-pub(super) fn unspecified(family: Family) -> SocketAddr {
-    match family {
-        Family::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        Family::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-    }
-}
-
 impl StackSocket for FillpSocket {
     fn bind(&self, addr: SocketAddr) -> io::Result<()> {
-        if Family::of(&addr) != self.family {
+        if Family::of(&addr) != self.core.family {
             return Err(errno(libc::EAFNOSUPPORT));
         }
-        let mut st = self.lock()?;
+        let mut st = self.core.lock()?;
         let s = st
             .socks
-            .get_mut(&self.id)
+            .get_mut(&self.core.id)
             .ok_or_else(|| errno(libc::EBADF))?;
         if !matches!(s.role, Role::Fresh) {
             return Err(errno(libc::EINVAL));
         }
-        let fd = udp::bind(addr, self.shared.opts.offload)?;
+        let fd = udp::bind(addr, self.core.shared.opts.offload)?;
         let local = udp::local_addr(fd.as_raw_fd())?;
         s.local = Some(local);
         s.role = Role::Bound(fd, local);
@@ -407,37 +262,37 @@ impl StackSocket for FillpSocket {
     fn listen(&self, backlog: i32) -> io::Result<()> {
         let cap = backlog.clamp(1, 65535) as usize;
         if matches!(
-            lock(&self.shared.state)
+            lock(&self.core.shared.state)
                 .socks
-                .get(&self.id)
+                .get(&self.core.id)
                 .map(|s| &s.role),
             Some(Role::Fresh)
         ) {
             // Like the kernel, listening unbound binds an ephemeral port.
-            let ip = match (self.family, self.shared.opts.bind_ip) {
+            let ip = match (self.core.family, self.core.shared.opts.bind_ip) {
                 (Family::V4, ip @ IpAddr::V4(_)) | (Family::V6, ip @ IpAddr::V6(_)) => ip,
                 (f, _) => unspecified(f).ip(),
             };
             self.bind(SocketAddr::new(ip, 0))?;
         }
-        let mut st = self.lock()?;
+        let mut st = self.core.lock()?;
         let st = &mut *st;
         let s = st
             .socks
-            .get_mut(&self.id)
+            .get_mut(&self.core.id)
             .ok_or_else(|| errno(libc::EBADF))?;
         match std::mem::replace(&mut s.role, Role::Fresh) {
             Role::Bound(fd, local) => {
-                let ep = new_endpoint(&self.shared.opts, true);
-                let slot = st.add_slot(Slot::new(fd, local, ep, Some(self.id)));
-                if let Some(s) = st.socks.get_mut(&self.id) {
+                let ep = new_endpoint(&self.core.shared.opts, true);
+                let slot = st.add_slot(Slot::new(fd, local, ep, Some(self.core.id)));
+                if let Some(s) = st.socks.get_mut(&self.core.id) {
                     s.role = Role::Listening {
                         slot,
                         backlog: VecDeque::new(),
                         cap,
                     };
                 }
-                self.shared.kick(st, slot);
+                self.core.shared.kick(st, slot);
                 Ok(())
             }
             Role::Listening {
@@ -456,41 +311,21 @@ impl StackSocket for FillpSocket {
     }
 
     fn accept(&self) -> io::Result<(Box<dyn StackSocket>, SocketAddr)> {
-        let (id, fds, peer) = self.run(Wait::Read, false, |st, _| {
-            let Some(s) = st.socks.get_mut(&self.id) else {
-                return Try::Done(Err(errno(libc::EBADF)));
-            };
-            if let Some(e) = s.fatal {
-                return Try::Done(Err(errno(e)));
+        let (id, fds, peer) = self.core.accept_next(|st, _| {
+            // Room in the backlog: admit what the endpoint holds back.
+            let role = st.socks.get(&self.core.id).map(|s| &s.role);
+            if let Some(&Role::Listening { slot, .. }) = role {
+                st.admit(slot, &self.core.shared);
             }
-            let Role::Listening { backlog, .. } = &mut s.role else {
-                return Try::Done(Err(errno(libc::EINVAL)));
-            };
-            let Some(id) = backlog.pop_front() else {
-                return Try::Block;
-            };
-            let slot = match s.role {
-                Role::Listening { slot, .. } => slot,
-                _ => usize::MAX,
-            };
-            st.admit(slot, &self.shared);
-            st.sync(self.id);
-            match st.socks.get(&id) {
-                Some(c) => Try::Done(Ok((
-                    id,
-                    Arc::clone(&c.fds),
-                    c.peer.unwrap_or_else(|| unspecified(self.family)),
-                ))),
-                None => Try::Block,
-            }
+            st.sync(self.core.id);
         })?;
-        self.shared.sockets.fetch_add(1, Ordering::Relaxed);
-        let sock = FillpSocket::new(Arc::clone(&self.shared), id, fds, self.family);
+        self.core.shared.sockets.fetch_add(1, Ordering::Relaxed);
+        let sock = FillpSocket::new(Arc::clone(&self.core.shared), id, fds, self.core.family);
         Ok((Box::new(sock), peer))
     }
 
     fn connect(&self, addr: SocketAddr) -> io::Result<()> {
-        if Family::of(&addr) != self.family {
+        if Family::of(&addr) != self.core.family {
             return Err(errno(libc::EAFNOSUPPORT));
         }
         // Like TCP, connecting to the unspecified address means loopback.
@@ -504,9 +339,12 @@ impl StackSocket for FillpSocket {
             _ => addr,
         };
         {
-            let mut st = self.lock()?;
+            let mut st = self.core.lock()?;
             let st = &mut *st;
-            let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+            let s = st
+                .socks
+                .get(&self.core.id)
+                .ok_or_else(|| errno(libc::EBADF))?;
             match s.role {
                 Role::Conn {
                     established: true, ..
@@ -517,17 +355,17 @@ impl StackSocket for FillpSocket {
                 Role::Listening { .. } => return Err(errno(libc::EINVAL)),
                 _ => {}
             }
-            let bound = match st.socks.get_mut(&self.id).map(|s| &mut s.role) {
+            let bound = match st.socks.get_mut(&self.core.id).map(|s| &mut s.role) {
                 Some(role @ Role::Bound(..)) => match std::mem::replace(role, Role::Fresh) {
                     Role::Bound(fd, local) => Some((fd, local)),
                     _ => None,
                 },
                 _ => None,
             };
-            let slot = st.client_slot(&self.shared.opts, self.family, bound)?;
+            let slot = st.client_slot(&self.core.shared.opts, self.core.family, bound)?;
             let sl = st.slot_mut(slot).ok_or_else(|| errno(libc::ENETDOWN))?;
             let route = udp::route_to(addr).ok();
-            let opts = &self.shared.opts;
+            let opts = &self.core.shared.opts;
             let mut config = opts.connection.clone();
             if let Some(size) = opts.size_for(route, addr) {
                 config.mtu = size;
@@ -542,13 +380,13 @@ impl StackSocket for FillpSocket {
                     local.set_ip(r.source);
                 }
             }
-            if let Some(Role::Conn { slot, h, .. }) = st.socks.get(&self.id).map(|s| &s.role) {
+            if let Some(Role::Conn { slot, h, .. }) = st.socks.get(&self.core.id).map(|s| &s.role) {
                 st.by_conn.remove(&(*slot, *h));
             }
-            st.by_conn.insert((slot, h), self.id);
+            st.by_conn.insert((slot, h), self.core.id);
             let s = st
                 .socks
-                .get_mut(&self.id)
+                .get_mut(&self.core.id)
                 .ok_or_else(|| errno(libc::EBADF))?;
             s.role = Role::Conn {
                 slot,
@@ -561,19 +399,19 @@ impl StackSocket for FillpSocket {
             s.closed = None;
             s.fatal = None;
             s.stats = ConnectionStats::default();
-            st.sync(self.id);
-            self.shared.connects.fetch_add(1, Ordering::Relaxed);
-            self.shared.kick(st, slot);
+            st.sync(self.core.id);
+            self.core.shared.connects.fetch_add(1, Ordering::Relaxed);
+            self.core.shared.kick(st, slot);
         }
         if self.timeout().is_some_and(|t| t.is_zero()) {
             return Err(errno(libc::EINPROGRESS));
         }
-        self.run(Wait::Write, false, |st, _| {
-            let Some(s) = st.socks.get_mut(&self.id) else {
+        self.core.run(Wait::Write, false, |st, _| {
+            let Some(s) = st.socks.get_mut(&self.core.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
             if let Some(e) = s.error.take().or(s.fatal) {
-                st.sync(self.id);
+                st.sync(self.core.id);
                 return Try::Done(Err(errno(e)));
             }
             match s.role {
@@ -617,11 +455,11 @@ impl StackSocket for FillpSocket {
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        let mut st = self.lock()?;
+        let mut st = self.core.lock()?;
         let st = &mut *st;
         let s = st
             .socks
-            .get_mut(&self.id)
+            .get_mut(&self.core.id)
             .ok_or_else(|| errno(libc::EBADF))?;
         let Role::Conn {
             slot,
@@ -640,18 +478,18 @@ impl StackSocket for FillpSocket {
                 c.shutdown_write();
             }
         }
-        st.sync(self.id);
-        self.shared.kick(st, slot);
+        st.sync(self.core.id);
+        self.core.shared.kick(st, slot);
         Ok(())
     }
 
     fn close(&self) -> io::Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.core.mark_closed() {
             return Ok(());
         }
-        let mut st = lock(&self.shared.state);
+        let mut st = lock(&self.core.shared.state);
         let st = &mut *st;
-        let Some(s) = st.socks.remove(&self.id) else {
+        let Some(s) = st.socks.remove(&self.core.id) else {
             return Ok(());
         };
         let changed = match s.role {
@@ -681,32 +519,29 @@ impl StackSocket for FillpSocket {
                 if let Some(sl) = st.slot_mut(slot) {
                     sl.listener = None;
                 }
-                st.admit(slot, &self.shared);
+                st.admit(slot, &self.core.shared);
                 Some(slot)
             }
             Role::Fresh | Role::Bound(..) => None,
         };
         // Wake any thread blocked on this socket so it sees EBADF.
-        self.fds.ready.set();
-        self.fds.wake.set();
+        self.core.wake_all();
         if let Some(slot) = changed {
-            self.shared.kick(st, slot);
+            self.core.shared.kick(st, slot);
         }
         Ok(())
     }
 
     fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.check_open()?;
-        self.timeout.set(timeout);
-        Ok(())
+        self.core.set_timeout_mode(timeout)
     }
 
     fn timeout(&self) -> Option<Duration> {
-        self.timeout.get()
+        self.core.timeout.get()
     }
 
     fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
-        self.check_open()?;
+        self.core.check_open()?;
         match (level, name) {
             (libc::SOL_SOCKET, libc::SO_LINGER) => {
                 let (on, secs) = (int_at(value, 0)?, int_at(value, 4)?);
@@ -724,21 +559,21 @@ impl StackSocket for FillpSocket {
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
         if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
-            self.check_open()?;
+            self.core.check_open()?;
             let v = self.linger.load(Ordering::Relaxed);
             let (on, secs) = if v < 0 { (0, 0) } else { (1, v as i32) };
             return Ok(int_option(&[on, secs], len));
         }
-        let mut st = self.lock()?;
-        let c = &self.shared.opts.connection;
+        let mut st = self.core.lock()?;
+        let c = &self.core.shared.opts.connection;
         let v: i32 = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_ERROR) => {
                 let e = st
                     .socks
-                    .get_mut(&self.id)
+                    .get_mut(&self.core.id)
                     .and_then(|s| s.error.take())
                     .unwrap_or(0);
-                st.sync(self.id);
+                st.sync(self.core.id);
                 e
             }
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
@@ -752,14 +587,20 @@ impl StackSocket for FillpSocket {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        let st = self.lock()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
-        Ok(s.local.unwrap_or_else(|| unspecified(self.family)))
+        let st = self.core.lock()?;
+        let s = st
+            .socks
+            .get(&self.core.id)
+            .ok_or_else(|| errno(libc::EBADF))?;
+        Ok(s.local.unwrap_or_else(|| unspecified(self.core.family)))
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        let st = self.lock()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let st = self.core.lock()?;
+        let s = st
+            .socks
+            .get(&self.core.id)
+            .ok_or_else(|| errno(libc::EBADF))?;
         match (&s.role, s.peer) {
             (
                 Role::Conn {
@@ -772,26 +613,26 @@ impl StackSocket for FillpSocket {
     }
 
     fn write_poll_fd(&self) -> Option<RawFd> {
-        Some(self.fds.wake.as_raw_fd())
+        Some(self.core.write_fd())
     }
 
     fn poll_fd(&self) -> RawFd {
-        self.fds.ready.as_raw_fd()
+        self.core.ready_fd()
     }
 
     fn readiness(&self) -> Readiness {
-        let Ok(st) = self.lock() else {
+        let Ok(st) = self.core.lock() else {
             return Readiness {
                 error: true,
                 ..Readiness::default()
             };
         };
-        let Some(s) = st.socks.get(&self.id) else {
+        let Some(s) = st.socks.get(&self.core.id) else {
             return Readiness::default();
         };
         let error = s.error.is_some() || s.fatal.is_some();
-        let readable = st.readable(self.id);
-        let writable = st.writable(self.id);
+        let readable = st.readable(self.core.id);
+        let writable = st.writable(self.core.id);
         Readiness {
             readable,
             writable,
@@ -800,10 +641,10 @@ impl StackSocket for FillpSocket {
     }
 
     fn counters(&self) -> Counters {
-        let Ok(st) = self.lock() else {
+        let Ok(st) = self.core.lock() else {
             return Vec::new();
         };
-        let Some(s) = st.socks.get(&self.id) else {
+        let Some(s) = st.socks.get(&self.core.id) else {
             return Vec::new();
         };
         let stats = match s.role {

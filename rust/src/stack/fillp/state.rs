@@ -10,16 +10,15 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::driver::TxQueue;
 use super::options::FillpOptions;
-use super::socket::unspecified;
 use super::{udp, Shared};
 use crate::fillp::{CloseReason, ConnectionHandle, ConnectionStats, Endpoint, EndpointConfig};
+use crate::stack::userspace::{unspecified, Listeners, Mirror, SockFds};
 use crate::stack::{errno, Family};
-use crate::sys::event::EventFd;
 
 /// The mutable state behind [`Shared::state`].
 #[derive(Default)]
@@ -111,21 +110,6 @@ impl Slot {
     }
 }
 
-/// The two eventfds of a socket (see "Readiness" in [`super`]).
-pub(super) struct SockFds {
-    pub(super) ready: EventFd,
-    pub(super) wake: EventFd,
-}
-
-impl SockFds {
-    pub(super) fn new() -> io::Result<Arc<SockFds>> {
-        Ok(Arc::new(SockFds {
-            ready: EventFd::new()?,
-            wake: EventFd::new()?,
-        }))
-    }
-}
-
 pub(super) enum Role {
     Fresh,
     /// Bound: the UDP port is reserved.
@@ -142,8 +126,19 @@ pub(super) enum Role {
     },
 }
 
+impl Role {
+    /// A listener's queue of accepted connections not yet taken.
+    pub(super) fn queue(&mut self) -> Option<&mut VecDeque<u64>> {
+        match self {
+            Role::Listening { backlog, .. } => Some(backlog),
+            _ => None,
+        }
+    }
+}
+
 pub(super) struct SockState {
-    pub(super) fds: Arc<SockFds>,
+    /// Its eventfds (see "Readiness" in [`super`]).
+    pub(super) mirror: Mirror,
     pub(super) role: Role,
     /// `SO_ERROR`: a failed connect, consumed by `SO_ERROR` or the next call.
     pub(super) error: Option<i32>,
@@ -153,10 +148,6 @@ pub(super) struct SockState {
     pub(super) fatal: Option<i32>,
     pub(super) shut_rd: bool,
     pub(super) shut_wr: bool,
-    /// Whether `fds.ready` is signalled now.
-    pub(super) ready: bool,
-    /// Whether `fds.wake` is signalled now.
-    pub(super) writable: bool,
     pub(super) peer: Option<SocketAddr>,
     pub(super) local: Option<SocketAddr>,
     /// Stats at close, for counters after the connection is forgotten.
@@ -166,15 +157,13 @@ pub(super) struct SockState {
 impl SockState {
     pub(super) fn new(fds: Arc<SockFds>, role: Role) -> SockState {
         SockState {
-            fds,
+            mirror: Mirror::new(fds),
             role,
             error: None,
             closed: None,
             fatal: None,
             shut_rd: false,
             shut_wr: false,
-            ready: false,
-            writable: false,
             peer: None,
             local: None,
             stats: ConnectionStats::default(),
@@ -202,10 +191,6 @@ pub(super) fn reason_errno(reason: CloseReason, established: bool) -> i32 {
         CloseReason::IdleTimeout | CloseReason::HandshakeTimeout => libc::ETIMEDOUT,
         CloseReason::ProtocolViolation => libc::EPROTO,
     }
-}
-
-pub(super) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl State {
@@ -373,8 +358,7 @@ impl State {
         let Some(s) = self.socks.get_mut(&id) else {
             return;
         };
-        s.fds.ready.set_level(&mut s.ready, want);
-        s.fds.wake.set_level(&mut s.writable, want_w);
+        s.mirror.show(want, want_w);
     }
 
     /// Moves connections the endpoint completed on listener slot `slot`
@@ -482,6 +466,16 @@ impl State {
         };
         let ep = new_endpoint(opts, false);
         Ok(self.add_slot(Slot::new(fd, local, ep, None)))
+    }
+}
+
+impl Listeners for State {
+    fn listener(&mut self, id: u64) -> Option<(Option<i32>, Option<&mut VecDeque<u64>>)> {
+        self.socks.get_mut(&id).map(|s| (s.fatal, s.role.queue()))
+    }
+
+    fn accepted(&self, id: u64) -> Option<(&Arc<SockFds>, Option<SocketAddr>)> {
+        self.socks.get(&id).map(|c| (c.mirror.fds(), c.peer))
     }
 }
 

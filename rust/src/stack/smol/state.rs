@@ -21,7 +21,7 @@ use smoltcp::wire::{IpEndpoint, IpListenEndpoint, IpVersion};
 
 use super::device::TapDevice;
 use super::ports::{Ports, Proto};
-use crate::stack::userspace::{Mirror, SockFds};
+use crate::stack::userspace::{Listeners, Mirror, SockFds};
 use crate::stack::{errno, Family};
 
 /// How long a connect may wait for its handshake before `ETIMEDOUT` (as
@@ -195,6 +195,16 @@ pub enum Role {
     Conn { h: SocketHandle, phase: Phase },
     /// A UDP socket (bound: it has a smoltcp socket).
     Udp { h: SocketHandle },
+}
+
+impl Role {
+    /// A listener's queue of accepted connections not yet taken.
+    pub fn queue(&mut self) -> Option<&mut VecDeque<u64>> {
+        match self {
+            Role::Listening { queue, .. } => Some(queue),
+            _ => None,
+        }
+    }
 }
 
 /// dmm's view of one socket.
@@ -621,6 +631,16 @@ impl State {
             Some(e) => Err(errno(e)),
             None => Ok(()),
         }
+    }
+}
+
+impl Listeners for State {
+    fn listener(&mut self, id: u64) -> Option<(Option<i32>, Option<&mut VecDeque<u64>>)> {
+        self.socks.get_mut(&id).map(|s| (s.fatal, s.role.queue()))
+    }
+
+    fn accepted(&self, id: u64) -> Option<(&Arc<SockFds>, Option<SocketAddr>)> {
+        self.socks.get(&id).map(|c| (c.mirror.fds(), c.peer))
     }
 }
 

@@ -171,30 +171,10 @@ impl StackSocket for TcpSocket {
     }
 
     fn accept(&self) -> io::Result<(Box<dyn StackSocket>, SocketAddr)> {
-        let (id, fds, peer) = self.run(Wait::Read, false, |st, changed| {
-            let Some(s) = st.socks.get_mut(&self.id) else {
-                return Try::Done(Err(errno(libc::EBADF)));
-            };
-            if let Some(e) = s.fatal {
-                return Try::Done(Err(errno(e)));
-            }
-            let Role::Listening { queue, .. } = &mut s.role else {
-                return Try::Done(Err(errno(libc::EINVAL)));
-            };
-            let Some(id) = queue.pop_front() else {
-                return Try::Block;
-            };
+        let (id, fds, peer) = self.accept_next(|st, changed| {
             st.refill(self.id);
             // Room in the queue may release a held-back SYN-ACK.
             *changed = true;
-            match st.socks.get(&id) {
-                Some(c) => Try::Done(Ok((
-                    id,
-                    Arc::clone(c.mirror.fds()),
-                    c.peer.unwrap_or_else(|| unspecified(self.family)),
-                ))),
-                None => Try::Block,
-            }
         })?;
         self.shared.sockets.fetch_add(1, Ordering::Relaxed);
         let sock = TcpSocket::new(SockCore::new(

@@ -245,17 +245,34 @@ impl<H: Host> SockCore<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::userspace::Mirror;
+    use crate::stack::userspace::{Listeners, Mirror};
     use crate::sys::event::EventFd;
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
     use std::os::unix::thread::JoinHandleExt;
     use std::sync::atomic::AtomicUsize;
     use std::thread;
 
-    /// A one-socket "stack": the socket is readable while `data` is set,
-    /// and never writable.
+    /// A one-socket "stack": the socket is readable while `data` is set
+    /// or a connection waits in `queue` (while `listening`), and never
+    /// writable.
     struct Data {
         data: bool,
+        listening: bool,
+        queue: VecDeque<u64>,
         mirror: Mirror,
+    }
+
+    impl Listeners for Data {
+        fn listener(&mut self, id: u64) -> Option<(Option<i32>, Option<&mut VecDeque<u64>>)> {
+            let queue = self.listening.then_some(&mut self.queue);
+            (id == 1).then_some((None, queue))
+        }
+
+        fn accepted(&self, id: u64) -> Option<(&Arc<SockFds>, Option<SocketAddr>)> {
+            // Every accepted connection shares the listener's eventfds here.
+            (id > 1).then(|| (self.mirror.fds(), None))
+        }
     }
 
     #[derive(Default)]
@@ -283,7 +300,7 @@ mod tests {
         }
 
         fn after_attempt(&self, st: &mut Data, _id: u64, _fx: &mut Fx) {
-            let ready = st.data;
+            let ready = st.data || !st.queue.is_empty();
             st.mirror.show(ready, false);
         }
 
@@ -326,6 +343,8 @@ mod tests {
         let host = TestHost {
             state: Mutex::new(Data {
                 data: false,
+                listening: false,
+                queue: VecDeque::new(),
                 mirror: Mirror::new(Arc::clone(&fds)),
             }),
             stopped: AtomicBool::new(false),
@@ -460,6 +479,28 @@ mod tests {
         let r = c.run(Wait::Write, false, |_, _| Try::<()>::Block);
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert_eq!(c.shared.arrivals.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn accept_waits_for_a_queued_connection_and_takes_it() {
+        let c = core(false);
+        let e = c.accept_next(|_, _| {}).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        lock(&c.shared.state).listening = true;
+        let c2 = Arc::clone(&c);
+        let driver = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            let mut st = lock(&c2.shared.state);
+            st.queue.push_back(7);
+            st.mirror.show(true, false);
+        });
+        let mut took = 0;
+        let (id, _, peer) = c.accept_next(|_, _| took += 1).unwrap();
+        driver.join().unwrap();
+        assert_eq!((id, took), (7, 1));
+        assert_eq!(peer, crate::stack::userspace::unspecified(Family::V4));
+        // The queue is empty again, and so `ready` is clear.
+        assert!(!readable(c.ready_fd()));
     }
 
     extern "C" fn ignore_signal(_: libc::c_int) {}

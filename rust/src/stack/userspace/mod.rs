@@ -21,6 +21,8 @@
 //!   block, fail with `EAGAIN` (non-blocking), or wait on the socket's
 //!   eventfd with `poll(2)` up to the deadline ([`timed_out`] after it),
 //!   then try again.
+//! * [`accept`]: [`SockCore::accept_next`], `accept` over a listener's
+//!   queue of connection ids, for a state that implements [`Listeners`].
 //!
 //! # What a stack implements
 //!
@@ -47,6 +49,10 @@
 //!   does when input arrives there (process it itself, where the driver
 //!   would, so the reply it waits for reaches it without a thread hop).
 //!
+//! A stack with listening sockets keeps, per listener, a queue of the ids
+//! of connections ready to be accepted, and implements [`Listeners`] on
+//! its state: `accept` is then [`SockCore::accept_next`].
+//!
 //! The state keeps one [`Mirror`] per socket and shows every change of the
 //! socket's readable and writable state on it under the lock (the driver
 //! too, for changes it makes), and sets both eventfds when a socket is
@@ -68,6 +74,7 @@
 //!   or dynamic dispatch: the loop is monomorphised per host and per
 //!   operation.
 
+pub(crate) mod accept;
 pub(crate) mod blocking;
 pub(crate) mod fds;
 
@@ -76,6 +83,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::Family;
 
+pub(crate) use accept::Listeners;
 pub(crate) use blocking::{Host, SockCore, Try, Wait};
 pub(crate) use fds::{Mirror, SockFds};
 
