@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use super::state::{new_endpoint, reason_errno, Role, Slot, StreamView};
 use super::{udp, Shared};
 use crate::fillp::{CloseReason, ConnectionStats, ReadError, WriteError};
-use crate::stack::userspace::{lock, unspecified, SockCore, SockFds, Try, Wait};
+use crate::stack::userspace::{lock, shut, unspecified, SockCore, SockFds, Try, Wait};
 use crate::stack::{errno, int_at, int_option, Counters, Family, Readiness, StackSocket};
 
 /// One FillP stream socket.
@@ -469,11 +469,7 @@ impl StackSocket for FillpSocket {
         else {
             return Err(errno(libc::ENOTCONN));
         };
-        if matches!(how, Shutdown::Read | Shutdown::Both) {
-            s.shut_rd = true;
-        }
-        if matches!(how, Shutdown::Write | Shutdown::Both) {
-            s.shut_wr = true;
+        if shut(how, &mut s.shut_rd, &mut s.shut_wr) {
             if let Some(c) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) {
                 c.shutdown_write();
             }

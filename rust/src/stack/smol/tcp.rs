@@ -18,7 +18,7 @@ use super::ports::Proto;
 use super::socket::SockCore;
 use super::state::{Phase, Role, SockState, State, MAX_BACKLOG, SYN_TIMEOUT};
 use super::{lock, MAX_BUFFER, MIN_BUFFER};
-use crate::stack::userspace::{unspecified, Try, Wait};
+use crate::stack::userspace::{shut, unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -345,11 +345,7 @@ impl StackSocket for TcpSocket {
         else {
             return Err(errno(libc::ENOTCONN));
         };
-        if matches!(how, Shutdown::Read | Shutdown::Both) {
-            s.shut_rd = true;
-        }
-        if matches!(how, Shutdown::Write | Shutdown::Both) {
-            s.shut_wr = true;
+        if shut(how, &mut s.shut_rd, &mut s.shut_wr) {
             if let Some(t) = st.sockets.tcp_mut(h) {
                 // The FIN follows the data still queued.
                 t.close();

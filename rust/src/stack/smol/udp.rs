@@ -21,7 +21,7 @@ use super::lock;
 use super::ports::Proto;
 use super::socket::SockCore;
 use super::state::{Role, State};
-use crate::stack::userspace::{unspecified, Try, Wait};
+use crate::stack::userspace::{shut, unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -250,8 +250,7 @@ impl StackSocket for UdpSocket {
         if s.peer.is_none() {
             return Err(errno(libc::ENOTCONN));
         }
-        s.shut_rd |= matches!(how, Shutdown::Read | Shutdown::Both);
-        s.shut_wr |= matches!(how, Shutdown::Write | Shutdown::Both);
+        shut(how, &mut s.shut_rd, &mut s.shut_wr);
         st.sync(self.id);
         Ok(())
     }

@@ -78,7 +78,7 @@ pub(crate) mod accept;
 pub(crate) mod blocking;
 pub(crate) mod fds;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
 
 use super::Family;
@@ -104,4 +104,17 @@ pub(crate) fn unspecified(family: Family) -> SocketAddr {
         Family::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         Family::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
     }
+}
+
+/// Records `shutdown(how)` in a socket's flags. Returns whether `how`
+/// shuts the write side, which the stack then closes (a FIN after the data
+/// still queued).
+pub(crate) fn shut(how: Shutdown, shut_rd: &mut bool, shut_wr: &mut bool) -> bool {
+    let (rd, wr) = (
+        matches!(how, Shutdown::Read | Shutdown::Both),
+        matches!(how, Shutdown::Write | Shutdown::Both),
+    );
+    *shut_rd |= rd;
+    *shut_wr |= wr;
+    wr
 }
