@@ -275,7 +275,8 @@ impl State {
         }
     }
 
-    /// Whether socket `id` is readable now (see [`Readiness::readable`]).
+    /// Whether socket `id` is readable now (see
+    /// [`Readiness::readable`](crate::stack::Readiness::readable)).
     pub(super) fn readable(&self, id: u64) -> bool {
         let Some(s) = self.socks.get(&id) else {
             return true;
@@ -326,7 +327,8 @@ impl State {
     }
 
     /// Whether socket `id` is writable now: room in the send buffer
-    /// ([`Connection::is_writable`]), connect done, or an error to report.
+    /// ([`crate::fillp::Connection::is_writable`]), connect done, or an
+    /// error to report.
     pub(super) fn writable(&self, id: u64) -> bool {
         let Some(s) = self.socks.get(&id) else {
             return true;
