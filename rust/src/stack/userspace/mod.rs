@@ -19,8 +19,8 @@
 //!   eventfds, family, timeout mode, closed flag), and its blocking loop
 //!   [`SockCore::run`]: try the operation under the lock; if it would
 //!   block, fail with `EAGAIN` (non-blocking), or wait on the socket's
-//!   eventfd with `poll(2)` up to the deadline ([`timed_out`] after it),
-//!   then try again.
+//!   eventfd with `poll(2)` up to the deadline
+//!   ([`timed_out`](crate::stack::timed_out) after it), then try again.
 //! * [`accept`]: [`SockCore::accept_next`], `accept` over a listener's
 //!   queue of connection ids, for a state that implements [`Listeners`].
 //!
@@ -58,21 +58,50 @@
 //! too, for changes it makes), and sets both eventfds when a socket is
 //! closed or fails, so every blocked caller wakes.
 //!
+//! The least a stack writes, for a stack with no driver work to do inline
+//! (`sync` brings a socket's [`Mirror`] in line with its state):
+//!
+//! ```ignore
+//! impl Host for Shared {
+//!     type State = State;
+//!     type Effects = ();
+//!     type Watch<'a> = RawFd; // never made: `watch` keeps its default
+//!
+//!     fn state(&self) -> &Mutex<State> {
+//!         &self.state
+//!     }
+//!
+//!     fn after_attempt(&self, st: &mut State, id: u64, _: &mut ()) {
+//!         st.sync(id);
+//!     }
+//! }
+//!
+//! // In `StackSocket::recv`, with `core: SockCore<Shared>`:
+//! let nonblock = flags & libc::MSG_DONTWAIT != 0;
+//! self.core.run(Wait::Read, nonblock, |st, _| match st.read(self.core.id, buf) {
+//!     Some(n) => Try::Done(Ok(n)), // data, or 0 at end of stream
+//!     None => Try::Block,
+//! })
+//! ```
+//!
 //! # What the core guarantees
 //!
+//! * A closed socket's calls fail with `EBADF` before they start, and
+//!   after every wait: a socket closed by another thread (which sets both
+//!   eventfds) wakes its blocked callers with `EBADF`.
 //! * The timeout mode is read once per call: `None` blocks without limit,
-//!   zero (or `MSG_DONTWAIT`) fails with `EAGAIN` after one attempt,
-//!   otherwise the call fails with [`timed_out`] at the deadline (one
-//!   timeout from the call's start, or the caller's own deadline, for
-//!   `sendall`).
-//! * Waits use `poll(2)` with nothing blocked, so a signal returns `EINTR`
-//!   to the caller, which runs the Python handlers and calls again.
-//! * After every wait the closed flag is checked: a socket closed by
-//!   another thread (which sets both eventfds) fails with `EBADF`.
-//! * The lock is taken once per attempt, and the hooks run within that
-//!   hold ([`Host::arrived`] hands the guard over); no allocation, boxing
-//!   or dynamic dispatch: the loop is monomorphised per host and per
-//!   operation.
+//!   zero (or `nonblock`, for `MSG_DONTWAIT`) fails with `EAGAIN` after one
+//!   attempt, otherwise the call fails with
+//!   [`timed_out`](crate::stack::timed_out) at the deadline (one timeout
+//!   from the call's start, or the caller's own deadline, for `sendall`).
+//! * Waits are `ppoll(2)` with the thread's own signal mask, so a signal
+//!   returns `EINTR` to the caller, which runs the Python handlers and
+//!   calls again; the core never retries it.
+//! * The core takes the lock once per attempt and runs the operation,
+//!   [`Host::after_attempt`] and [`Host::finish`] within that one hold
+//!   ([`Host::arrived`] hands over the guard it took instead of the core
+//!   locking again). Nothing is allocated, boxed or dispatched
+//!   dynamically: the loop is monomorphised per host and per operation.
 
 pub(crate) mod accept;
 pub(crate) mod blocking;
@@ -86,9 +115,6 @@ use super::Family;
 pub(crate) use accept::Listeners;
 pub(crate) use blocking::{Host, SockCore, Try, Wait};
 pub(crate) use fds::{Mirror, SockFds};
-
-#[cfg(doc)]
-use super::timed_out;
 
 /// Locks an instance's state. A poisoned lock (a thread panicked holding
 /// it, which the stack contract rules out) is taken as it is rather than
