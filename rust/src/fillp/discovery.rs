@@ -63,6 +63,26 @@ impl Entry {
     }
 }
 
+/// Reads an offer written as `"fillp:8080,mptcp:8080"` (how the Python
+/// side hands a listener's advertisement down); `None` if any entry is
+/// malformed or there are more than [`MAX_ENTRIES`].
+pub fn parse_entries(text: &str) -> Option<Vec<Entry>> {
+    let mut out = Vec::new();
+    for item in text.split(',').filter(|i| !i.is_empty()) {
+        let (name, port) = item.split_once(':')?;
+        let ok = (1..=MAX_NAME).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return None;
+        }
+        out.push(Entry {
+            protocol: name.to_string(),
+            port: port.parse().ok()?,
+        });
+    }
+    (out.len() <= MAX_ENTRIES).then_some(out)
+}
+
 /// A discovery packet, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Discovery {
@@ -192,6 +212,24 @@ mod tests {
                 port: *port,
             })
             .collect()
+    }
+
+    #[test]
+    fn offers_parse_from_text() {
+        assert_eq!(
+            parse_entries("mptcp:8080,fillp:8080,tcp:8081"),
+            Some(entries())
+        );
+        assert_eq!(parse_entries(""), Some(vec![]));
+        for bad in [
+            "fillp",
+            "fillp:70000",
+            "fi llp:1",
+            ":80",
+            "a:1,b:2,c:3,d:4,e:5,f:6,g:7,h:8,i:9",
+        ] {
+            assert_eq!(parse_entries(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -19,6 +19,9 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 
+use crate::sys::cvt;
+use crate::sys::tap::Tap;
+
 /// How the emulator attaches to the two namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceKind {
@@ -37,14 +40,6 @@ impl std::str::FromStr for DeviceKind {
             "veth" => Ok(DeviceKind::VethPacket),
             _ => Err(format!("device kind must be 'tap' or 'veth', got '{s}'")),
         }
-    }
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
     }
 }
 
@@ -87,27 +82,12 @@ fn place(dev: &str, netns: Option<&str>, mtu: u32, qlen: u32) -> io::Result<()> 
     }
 }
 
-/// Opens a new non-persistent TAP device without packet-info header and
-/// without offloads (so frames are complete and at most MTU-sized).
+/// Opens a new non-persistent TAP device (see [`crate::sys::tap`]: no
+/// packet-info header, no offloads, so frames are complete and at most
+/// MTU-sized).
 fn open_tap(name: &str) -> io::Result<OwnedFd> {
     check_name(name, 15)?;
-    let path = CString::new("/dev/net/tun").expect("no NUL in literal");
-    let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC;
-    // SAFETY: path is a valid C string.
-    let fd = cvt(unsafe { libc::open(path.as_ptr(), flags) })?;
-    // SAFETY: fd was just opened and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // struct ifreq: 16-byte name, then the flags (short) in a 24-byte union.
-    let mut ifr = [0u8; 40];
-    ifr[..name.len()].copy_from_slice(name.as_bytes());
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: ifr is a 40-byte ifreq that outlives the call.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) })
-        .map_err(|e| io::Error::new(e.kind(), format!("creating TAP device '{name}': {e}")))?;
-    // SAFETY: TUNSETOFFLOAD takes an integer argument by value.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
-    Ok(fd)
+    Ok(Tap::open(name)?.into_fd())
 }
 
 // Legacy ethtool commands (linux/ethtool.h); each takes a struct ethtool_value.

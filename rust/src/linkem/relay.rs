@@ -23,6 +23,7 @@
 use super::device::{self, Cleanup, DeviceKind};
 use super::impair::{DropReason, Impairment, Nanos, Verdict};
 use super::params::{ParamError, Params};
+use crate::sys::cvt;
 use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -301,14 +302,6 @@ impl std::fmt::Debug for Linkem {
             .field("dev_a", &self.dev_a)
             .field("dev_b", &self.dev_b)
             .finish()
-    }
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
     }
 }
 

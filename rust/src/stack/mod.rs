@@ -56,6 +56,7 @@ pub mod options;
 pub mod registry;
 pub mod smol;
 pub mod uring;
+pub(crate) mod userspace;
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -191,6 +192,16 @@ impl Default for TimeoutCell {
         TimeoutCell::new()
     }
 }
+
+/// dmm's own socket option level (`dmm.socket.SOL_DMM`), for options no
+/// kernel level has.
+pub const SOL_DMM: i32 = 0x444D4D;
+
+/// `set_option(SOL_DMM, DMM_OFFER, b"fillp:8080,mptcp:8080")` on a
+/// listening user-space socket: the protocols and ports it answers resource
+/// discovery queries with (FillP: [`crate::fillp::discovery`]). Kinds that
+/// answer no discovery refuse it with `ENOPROTOOPT`.
+pub const DMM_OFFER: i32 = 3;
 
 /// An `io::Error` from an errno constant.
 pub fn errno(code: i32) -> io::Error {

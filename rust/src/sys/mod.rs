@@ -1,10 +1,12 @@
-//! Thin, safe wrappers over the libc calls the kernel stack needs.
+//! Thin, safe wrappers over the libc calls the stacks and the link emulator
+//! need.
 //!
 //! Every function returns `io::Result` with the raw errno; nothing here
 //! retries or interprets errors, so callers keep the exact kernel semantics.
 
 pub mod event;
 pub mod sockaddr;
+pub mod tap;
 
 use std::io;
 use std::os::fd::RawFd;

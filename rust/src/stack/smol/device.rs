@@ -11,7 +11,7 @@ use std::io;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use super::tap::Tap;
+use crate::sys::tap::Tap;
 
 /// Ethernet header length (no VLAN tags: the TAP carries none of ours).
 pub const ETH_HEADER: usize = 14;

@@ -26,7 +26,9 @@
 //!   against 14k round trips/s) and the higher bulk send rate in 5 of 7, so
 //!   it is the default
 //!   (`SmolOptions::inline_poll`).
-//! * **Readiness** as in the FillP stack: each socket has a `ready` eventfd,
+//! * **Readiness and blocking calls** come from the user-space socket core
+//!   that the FillP stack uses too (`stack::userspace`; this stack adds
+//!   the inline turns above): each socket has a `ready` eventfd,
 //!   readable exactly while the socket is (data, EOF, error, pending
 //!   accept), and a `wake` eventfd set for writers blocked in `send` or
 //!   `connect`, once half the send buffer is free (as the kernel does), so
@@ -90,7 +92,6 @@ pub mod ports;
 #[macro_use]
 mod socket;
 mod state;
-pub mod tap;
 mod tcp;
 mod udp;
 
@@ -99,21 +100,24 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use smoltcp::iface::{Config, Interface};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress};
 
+/// The TAP device the instance runs over (it lives in [`crate::sys::tap`],
+/// shared with the link emulator).
+pub use crate::sys::tap;
 pub use config::KIND;
 pub use smoltcp::wire::IpCidr;
 
 use super::options::OptionError;
 use super::{errno, Counters, Family, SockKind, Stack, StackSocket};
+use crate::stack::userspace::{lock, SockFds};
 use crate::sys::event::EventFd;
 use device::TapDevice;
-use state::{SockFds, SockOpts, SockState, State};
-use tap::Tap;
+use state::{SockOpts, SockState, State};
 
 /// Default socket buffer per direction and TCP connection.
 pub const DEFAULT_BUFFER: usize = 256 * 1024;
@@ -312,10 +316,6 @@ pub(crate) struct Shared {
     restarts: AtomicU64,
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Shared {
     /// Runs a turn in the calling thread after it changed a connection, and
     /// wakes the driver if that moved smoltcp's next deadline before the
@@ -345,7 +345,7 @@ impl Shared {
 
 /// Opens the device and sets it up: MTU, link up.
 fn open_device(opts: &SmolOptions) -> io::Result<TapDevice> {
-    let tap = Tap::open(&opts.device)?;
+    let tap = tap::Tap::open(&opts.device)?;
     tap.set_mtu(opts.mtu)?;
     tap.set_up()?;
     Ok(TapDevice::new(tap, opts.mtu as usize))
@@ -516,7 +516,7 @@ impl Stack for SmolStack {
         if own {
             requested
         } else {
-            socket::unspecified(family).ip()
+            crate::stack::userspace::unspecified(family).ip()
         }
     }
 

@@ -1,40 +1,67 @@
-//! What TCP and UDP sockets of an instance share: the id and eventfds of
-//! a socket, its timeout mode, and the loop of a blocking call (try under
-//! the lock, run a turn if the call changed a connection, wait on an
-//! eventfd with `poll(2)` so signals return `EINTR`).
+//! What TCP and UDP sockets of an instance share: the user-space socket
+//! core ([`crate::stack::userspace`]) with this stack's part of its
+//! blocking loop (after an attempt that changed a connection, run a turn
+//! at once in the calling thread; a blocked reader also watches the TAP
+//! and runs the turn itself when a frame arrives), and the socket methods
+//! that need only the socket's record.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard};
 
-use super::state::{readable, writable, SockFds, State};
-use super::{device_fd, lock, Shared};
-use crate::stack::{errno, timed_out, Family, Readiness, TimeoutCell};
-use crate::sys;
+use super::state::{readable, writable, State};
+use super::{device_fd, Shared};
+use crate::stack::userspace::{self, lock, unspecified, Host};
+use crate::stack::{errno, Readiness};
 
-/// What a blocked operation waits for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Wait {
-    /// The `ready` eventfd (level: the socket is readable).
-    Read,
-    /// The `wake` eventfd (set when a waiting writer may go on).
-    Write,
-}
+/// A socket's handle: the user-space core over this stack's [`Shared`].
+pub(super) type SockCore = userspace::SockCore<Shared>;
 
-/// The outcome of one attempt of an operation.
-pub(super) enum Try<T> {
-    Done(io::Result<T>),
-    Block,
-}
+impl Host for Shared {
+    type State = State;
+    /// Whether the attempt changed a connection (data queued or read, a
+    /// connection accepted, a handshake begun): a turn then runs at once.
+    type Effects = bool;
+    /// The TAP device's fd.
+    type Watch<'a> = RawFd;
 
-/// The unspecified address of a family, port 0.
-pub(super) fn unspecified(family: Family) -> SocketAddr {
-    match family {
-        Family::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        Family::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    fn state(&self) -> &Mutex<State> {
+        &self.state
+    }
+
+    fn after_attempt(&self, st: &mut State, id: u64, changed: &mut bool) {
+        if *changed {
+            self.poll_inline(st);
+        }
+        st.sync(id);
+    }
+
+    /// With inline polling, a blocked reader also watches the TAP, so the
+    /// reply it waits for reaches it without a hop through the driver.
+    fn watch(&self, st: &mut State, _id: u64) -> Option<RawFd> {
+        if self.opts.inline_poll {
+            device_fd(st)
+        } else {
+            None
+        }
+    }
+
+    fn arrived<'a>(
+        &'a self,
+        _tap: RawFd,
+        revents: libc::c_short,
+        _id: u64,
+        _changed: &mut bool,
+    ) -> MutexGuard<'a, State> {
+        let mut st = lock(&self.state);
+        // A frame arrived while we waited: take it ourselves. An error on
+        // the TAP is the driver's to handle.
+        let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+        if revents & libc::POLLIN != 0 && revents & bad == 0 {
+            self.poll_inline(&mut st);
+        }
+        st
     }
 }
 
@@ -43,7 +70,7 @@ pub(super) fn unspecified(family: Family) -> SocketAddr {
 macro_rules! core_socket {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        pub struct $name {
+        pub(crate) struct $name {
             core: SockCore,
         }
 
@@ -108,115 +135,7 @@ macro_rules! socket_common {
     };
 }
 
-/// What every socket of an instance has: its id in the shared state, its
-/// eventfds, its timeout mode, and the blocking-call loop.
-pub struct SockCore {
-    pub(super) shared: Arc<Shared>,
-    pub(super) id: u64,
-    pub(super) fds: Arc<SockFds>,
-    pub(super) family: Family,
-    pub(super) timeout: TimeoutCell,
-    pub(super) closed: AtomicBool,
-}
-
 impl SockCore {
-    pub(super) fn new(shared: Arc<Shared>, id: u64, fds: Arc<SockFds>, family: Family) -> Self {
-        SockCore {
-            shared,
-            id,
-            fds,
-            family,
-            timeout: TimeoutCell::new(),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    pub(super) fn check_open(&self) -> io::Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(errno(libc::EBADF));
-        }
-        Ok(())
-    }
-
-    /// Runs `op` under the lock until it is done, waiting on `wait` between
-    /// attempts as the timeout mode says (`nonblock` forces non-blocking).
-    /// `op` sets its flag when it changed the connection: a turn then runs
-    /// at once in this thread.
-    pub(super) fn run<T>(
-        &self,
-        wait: Wait,
-        nonblock: bool,
-        op: impl FnMut(&mut State, &mut bool) -> Try<T>,
-    ) -> io::Result<T> {
-        self.run_until(wait, nonblock, None, op)
-    }
-
-    /// [`Self::run`], with `until` (when given, and the socket has a
-    /// timeout) as the deadline instead of one timeout from now: `sendall`
-    /// spreads one timeout over all its sends.
-    pub(super) fn run_until<T>(
-        &self,
-        wait: Wait,
-        nonblock: bool,
-        until: Option<std::time::Instant>,
-        mut op: impl FnMut(&mut State, &mut bool) -> Try<T>,
-    ) -> io::Result<T> {
-        self.check_open()?;
-        let timeout = if nonblock {
-            Some(Duration::ZERO)
-        } else {
-            self.timeout.get()
-        };
-        let deadline = match (timeout, until) {
-            (Some(t), Some(u)) if !t.is_zero() => Some(u),
-            _ => sys::deadline(timeout),
-        };
-        // The TAP fd, while a reader also watches it (see below).
-        let mut tap: Option<RawFd> = None;
-        let mut tap_ready = false;
-        loop {
-            {
-                let mut st = lock(&self.shared.state);
-                if tap_ready {
-                    // A frame arrived while we waited: take it ourselves.
-                    self.shared.poll_inline(&mut st);
-                }
-                let mut changed = false;
-                let r = op(&mut st, &mut changed);
-                if changed {
-                    self.shared.poll_inline(&mut st);
-                }
-                st.sync(self.id);
-                if let Try::Done(r) = r {
-                    return r;
-                }
-                // A blocked reader with inline polling also watches the
-                // TAP, so the reply it waits for reaches it without a hop
-                // through the driver thread.
-                if wait == Wait::Read && self.shared.opts.inline_poll {
-                    tap = device_fd(&st);
-                }
-            }
-            if timeout.is_some_and(|t| t.is_zero()) {
-                return Err(errno(libc::EAGAIN));
-            }
-            let fd = match wait {
-                Wait::Read => self.fds.ready.as_raw_fd(),
-                Wait::Write => self.fds.wake.as_raw_fd(),
-            };
-            let Some(revents) = sys::wait_readable_or(fd, tap, deadline)? else {
-                return Err(timed_out());
-            };
-            // An error on the TAP is the driver's to handle; stop watching.
-            let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
-            tap_ready = revents & libc::POLLIN != 0 && revents & bad == 0;
-            if revents & bad != 0 {
-                tap = None;
-            }
-            self.check_open()?;
-        }
-    }
-
     /// Checks that this socket may bind to `addr` (instance up, address
     /// ours, socket not failed) and returns its state.
     pub(super) fn bindable<'a>(
@@ -244,20 +163,9 @@ impl SockCore {
 
     /// The bound local address (unspecified before `bind`/`connect`).
     pub(super) fn local(&self) -> io::Result<SocketAddr> {
-        self.check_open()?;
-        let st = lock(&self.shared.state);
+        let st = self.lock()?;
         let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
         Ok(s.local.unwrap_or_else(|| unspecified(self.family)))
-    }
-
-    /// The `ready` eventfd.
-    pub(super) fn ready_fd(&self) -> RawFd {
-        self.fds.ready.as_raw_fd()
-    }
-
-    /// The fd readable exactly while the socket is writable.
-    pub(super) fn write_fd(&self) -> RawFd {
-        self.fds.wake.as_raw_fd()
     }
 
     /// The exact readiness now.
@@ -274,25 +182,5 @@ impl SockCore {
             writable: writable(s, &st.sockets),
             error: s.error.is_some() || s.fatal.is_some(),
         }
-    }
-
-    /// Sets the timeout mode.
-    pub(super) fn set_timeout_mode(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.check_open()?;
-        self.timeout.set(timeout);
-        Ok(())
-    }
-
-    /// Marks the socket closed (once): later calls fail with `EBADF`.
-    /// Returns whether this call closed it.
-    pub(super) fn mark_closed(&self) -> bool {
-        !self.closed.swap(true, Ordering::AcqRel)
-    }
-
-    /// Wakes every thread blocked on this socket (after close: they see
-    /// `EBADF`).
-    pub(super) fn wake_all(&self) {
-        self.fds.ready.set();
-        self.fds.wake.set();
     }
 }

@@ -21,8 +21,8 @@ use smoltcp::wire::{IpEndpoint, IpListenEndpoint, IpVersion};
 
 use super::device::TapDevice;
 use super::ports::{Ports, Proto};
+use crate::stack::userspace::{Listeners, Mirror, SockFds};
 use crate::stack::{errno, Family};
-use crate::sys::event::EventFd;
 
 /// How long a connect may wait for its handshake before `ETIMEDOUT` (as
 /// Linux with `tcp_syn_retries` = 6).
@@ -129,25 +129,6 @@ impl Sockets {
     }
 }
 
-/// The two eventfds of a socket. `ready` is readable exactly while the
-/// socket is (the `poll_fd`); `wake` exactly while it is writable (the
-/// `write_poll_fd`, and what blocked `send`/`connect` wait on), with the
-/// half-buffer rule of [`wake_writer`] once it was full.
-pub struct SockFds {
-    pub ready: EventFd,
-    pub wake: EventFd,
-}
-
-impl SockFds {
-    /// Two new eventfds.
-    pub fn new() -> io::Result<Arc<SockFds>> {
-        Ok(Arc::new(SockFds {
-            ready: EventFd::new()?,
-            wake: EventFd::new()?,
-        }))
-    }
-}
-
 /// Options set on a socket before its smoltcp socket exists, and applied
 /// when it is made (accepted sockets inherit the listener's).
 #[derive(Clone, Copy, Debug)]
@@ -216,9 +197,23 @@ pub enum Role {
     Udp { h: SocketHandle },
 }
 
+impl Role {
+    /// A listener's queue of accepted connections not yet taken.
+    pub fn queue(&mut self) -> Option<&mut VecDeque<u64>> {
+        match self {
+            Role::Listening { queue, .. } => Some(queue),
+            _ => None,
+        }
+    }
+}
+
 /// dmm's view of one socket.
 pub struct SockState {
-    pub fds: Arc<SockFds>,
+    /// Its eventfds: `ready` readable exactly while the socket is (the
+    /// `poll_fd`), `wake` exactly while it is writable (the
+    /// `write_poll_fd`, and what blocked `send`/`connect` wait on), with
+    /// the half-buffer rule of [`wake_writer`] once it was full.
+    pub mirror: Mirror,
     pub family: Family,
     pub role: Role,
     /// `SO_ERROR`: a failed connect, consumed by `SO_ERROR` or the next call.
@@ -227,10 +222,6 @@ pub struct SockState {
     pub fatal: Option<i32>,
     pub shut_rd: bool,
     pub shut_wr: bool,
-    /// Whether `fds.ready` is set now.
-    pub ready: bool,
-    /// Whether `fds.wake` is set now.
-    pub writable: bool,
     pub opts: SockOpts,
     pub local: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
@@ -246,15 +237,13 @@ impl SockState {
     /// A fresh socket.
     pub fn new(fds: Arc<SockFds>, family: Family, opts: SockOpts) -> SockState {
         SockState {
-            fds,
+            mirror: Mirror::new(fds),
             family,
             role: Role::Fresh,
             error: None,
             fatal: None,
             shut_rd: false,
             shut_wr: false,
-            ready: false,
-            writable: false,
             opts,
             local: None,
             peer: None,
@@ -632,12 +621,7 @@ impl State {
             // socket made after a restart must never be reached through an
             // old one. `fatal` answers every call from now on.
             s.role = Role::Fresh;
-            if !s.ready {
-                s.ready = true;
-                s.fds.ready.set();
-            }
-            s.writable = true;
-            s.fds.wake.set();
+            s.mirror.show(true, true);
         }
     }
 
@@ -647,6 +631,16 @@ impl State {
             Some(e) => Err(errno(e)),
             None => Ok(()),
         }
+    }
+}
+
+impl Listeners for State {
+    fn listener(&mut self, id: u64) -> Option<(Option<i32>, Option<&mut VecDeque<u64>>)> {
+        self.socks.get_mut(&id).map(|s| (s.fatal, s.role.queue()))
+    }
+
+    fn accepted(&self, id: u64) -> Option<(&Arc<SockFds>, Option<SocketAddr>)> {
+        self.socks.get(&id).map(|c| (c.mirror.fds(), c.peer))
     }
 }
 
@@ -682,27 +676,12 @@ fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
             }
         }
     }
-    let want = readable(s, set);
-    if want != s.ready {
-        s.ready = want;
-        if want {
-            s.fds.ready.set();
-        } else {
-            s.fds.ready.clear();
-        }
-    }
+    let want_r = readable(s, set);
     // Once unwritable, writable again only by the half-buffer rule.
-    let want = if s.writable {
+    let want_w = if s.mirror.writable() {
         writable(s, set)
     } else {
         wake_writer(s, set)
     };
-    if want != s.writable {
-        s.writable = want;
-        if want {
-            s.fds.wake.set();
-        } else {
-            s.fds.wake.clear();
-        }
-    }
+    s.mirror.show(want_r, want_w);
 }

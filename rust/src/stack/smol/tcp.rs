@@ -15,9 +15,10 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::ports::Proto;
-use super::socket::{unspecified, SockCore, Try, Wait};
+use super::socket::SockCore;
 use super::state::{Phase, Role, SockState, State, MAX_BACKLOG, SYN_TIMEOUT};
 use super::{lock, MAX_BUFFER, MIN_BUFFER};
+use crate::stack::userspace::{shut, unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -170,30 +171,10 @@ impl StackSocket for TcpSocket {
     }
 
     fn accept(&self) -> io::Result<(Box<dyn StackSocket>, SocketAddr)> {
-        let (id, fds, peer) = self.run(Wait::Read, false, |st, changed| {
-            let Some(s) = st.socks.get_mut(&self.id) else {
-                return Try::Done(Err(errno(libc::EBADF)));
-            };
-            if let Some(e) = s.fatal {
-                return Try::Done(Err(errno(e)));
-            }
-            let Role::Listening { queue, .. } = &mut s.role else {
-                return Try::Done(Err(errno(libc::EINVAL)));
-            };
-            let Some(id) = queue.pop_front() else {
-                return Try::Block;
-            };
+        let (id, fds, peer) = self.accept_next(|st, changed| {
             st.refill(self.id);
             // Room in the queue may release a held-back SYN-ACK.
             *changed = true;
-            match st.socks.get(&id) {
-                Some(c) => Try::Done(Ok((
-                    id,
-                    Arc::clone(&c.fds),
-                    c.peer.unwrap_or_else(|| unspecified(self.family)),
-                ))),
-                None => Try::Block,
-            }
         })?;
         self.shared.sockets.fetch_add(1, Ordering::Relaxed);
         let sock = TcpSocket::new(SockCore::new(
@@ -348,8 +329,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.check_open()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.lock()?;
         let st = &mut *st;
         let s = st
             .socks
@@ -365,11 +345,7 @@ impl StackSocket for TcpSocket {
         else {
             return Err(errno(libc::ENOTCONN));
         };
-        if matches!(how, Shutdown::Read | Shutdown::Both) {
-            s.shut_rd = true;
-        }
-        if matches!(how, Shutdown::Write | Shutdown::Both) {
-            s.shut_wr = true;
+        if shut(how, &mut s.shut_rd, &mut s.shut_wr) {
             if let Some(t) = st.sockets.tcp_mut(h) {
                 // The FIN follows the data still queued.
                 t.close();
@@ -467,8 +443,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
-        self.check_open()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.lock()?;
         let s = st
             .socks
             .get_mut(&self.id)
@@ -496,8 +471,7 @@ impl StackSocket for TcpSocket {
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.check_open()?;
-        let st = lock(&self.shared.state);
+        let st = self.lock()?;
         let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
         match (&s.role, s.peer) {
             (

@@ -19,8 +19,9 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::lock;
 use super::ports::Proto;
-use super::socket::{unspecified, SockCore, Try, Wait};
+use super::socket::SockCore;
 use super::state::{Role, State};
+use crate::stack::userspace::{shut, unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -241,8 +242,7 @@ impl StackSocket for UdpSocket {
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.check_open()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.lock()?;
         let s = st
             .socks
             .get_mut(&self.id)
@@ -250,8 +250,7 @@ impl StackSocket for UdpSocket {
         if s.peer.is_none() {
             return Err(errno(libc::ENOTCONN));
         }
-        s.shut_rd |= matches!(how, Shutdown::Read | Shutdown::Both);
-        s.shut_wr |= matches!(how, Shutdown::Write | Shutdown::Both);
+        shut(how, &mut s.shut_rd, &mut s.shut_wr);
         st.sync(self.id);
         Ok(())
     }
@@ -289,8 +288,7 @@ impl StackSocket for UdpSocket {
     }
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
-        self.check_open()?;
-        let st = lock(&self.shared.state);
+        let st = self.lock()?;
         let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
         let v: i32 = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_ERROR) => 0,
@@ -304,8 +302,7 @@ impl StackSocket for UdpSocket {
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.check_open()?;
-        let st = lock(&self.shared.state);
+        let st = self.lock()?;
         let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
         s.peer.ok_or_else(|| errno(libc::ENOTCONN))
     }

@@ -1,17 +1,19 @@
 //! A TAP device: open or create it, set its MTU, bring it up, and move
-//! single Ethernet frames in and out without blocking.
+//! single Ethernet frames in and out without blocking. The `smoltcp` stack
+//! kind runs over one; the link emulator (`linkem`) relays between two.
 //!
 //! The device is opened with `IFF_TAP | IFF_NO_PI` and no `TUNSETOFFLOAD`
 //! flags, so the kernel hands us finished frames of at most MTU bytes (no
-//! GSO super-frames, no partial checksums) that smoltcp can parse as they are.
-//! A device created here is not persistent: closing the fd removes it. An
-//! existing persistent device (`ip tuntap add mode tap`) is attached to.
+//! GSO super-frames, no partial checksums) that smoltcp, or a relay that
+//! delays and drops whole frames, can take as they are. A device created
+//! here is not persistent: closing the fd removes it. An existing
+//! persistent device (`ip tuntap add mode tap`) is attached to.
 //!
 //! Errors are returned, never panicked on: a read or write that fails with
 //! anything but `EAGAIN` (the device was deleted: `EBADFD`, ...) is
-//! reported to the caller, which takes the instance down, except `EIO` on a
-//! write: the host side is down (or moving to another namespace), and the
-//! device layer counts the frame as lost.
+//! reported to the caller. The smoltcp stack takes the instance down then,
+//! except for `EIO` on a write: the host side is down (or moving to another
+//! namespace), and its device layer counts the frame as lost.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -82,7 +84,7 @@ impl Tap {
                 &mut req as *mut libc::ifreq,
             )
         })
-        .map_err(|e| io::Error::new(e.kind(), format!("attaching TAP device {name:?}: {e}")))?;
+        .map_err(|e| io::Error::new(e.kind(), format!("opening TAP device {name:?}: {e}")))?;
         // No offloads: the kernel must give us complete frames.
         // SAFETY: TUNSETOFFLOAD takes an integer by value.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
@@ -95,6 +97,12 @@ impl Tap {
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The fd alone, for a caller that reads and writes it itself (the
+    /// device goes when the fd is closed).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
     }
 
     /// Sets the MTU (`SIOCSIFMTU`).
