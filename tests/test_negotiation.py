@@ -81,8 +81,12 @@ def http_server(tmp_path):
     srv.server_close()
 
 
-def dmm_server(port_holder, n, stacks_seen):
-    """A dmm listener on kernel + FillP (needs the RACE config installed)."""
+def dmm_server(port_holder, n, stacks_seen, hold=None):
+    """A dmm listener on kernel + FillP (needs the RACE config installed).
+
+    It closes after ``n`` connections, or once ``hold`` (an Event) is set
+    if one is given: a discovery query may still be on its way.
+    """
     srv = dsocket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
@@ -96,6 +100,8 @@ def dmm_server(port_holder, n, stacks_seen):
                 with conn:
                     stacks_seen.append(conn.dmm_stack)
                     conn.sendall(b"served by " + conn.dmm_stack.encode())
+            if hold is not None:
+                hold.wait(10)
         finally:
             srv.close()
 
@@ -147,16 +153,19 @@ def test_dmm_server_is_reached_on_fillp_without_a_fallback():
 
 def test_a_kernel_first_race_asks_the_peer_what_it_speaks():
     use_config(race_config(order='"kernel", "wan"'))
-    port, seen = [], []
-    t = dmm_server(port, 1, seen)
+    port, seen, hold = [], [], threading.Event()
+    # The listener stays open until the answer is in: the query is sent
+    # after the kernel wins and may arrive after the one connection ends.
+    t = dmm_server(port, 1, seen, hold)
     c = dsocket.create_connection(("127.0.0.1", port[0]), timeout=10)
     with c:
         assert c.dmm_stack == "kernel" and c.recv(100) == b"served by kernel"
-    t.join(10)
     rd = dmm.runtime.get().negotiator.rd
     deadline = time.monotonic() + 5
     while "fillp" not in rd.facts("127.0.0.1", port[0]) and time.monotonic() < deadline:
         time.sleep(0.02)
+    hold.set()
+    t.join(10)
     fact = rd.facts("127.0.0.1", port[0])["fillp"]
     assert fact.speaks and fact.source == "answer"
     counts = negotiation()
