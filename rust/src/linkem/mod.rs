@@ -29,6 +29,7 @@ pub mod device;
 pub mod impair;
 pub mod params;
 pub mod relay;
+mod stats;
 
 pub use device::DeviceKind;
 pub use params::{parse_duplex, ParamError, Params};
