@@ -8,7 +8,7 @@ Example::
 
     [[stack]]
     name = "kernel"
-    kind = "kernel"          # kernel | smoltcp | fillp
+    kind = "kernel"          # kernel | smoltcp | fillp | memory
     protocol = "tcp"         # tcp | mptcp
     io = "syscall"           # syscall | uring
 

@@ -52,6 +52,7 @@
 
 pub mod fillp;
 pub mod kernel;
+pub mod memory;
 pub mod options;
 pub mod registry;
 pub mod smol;

@@ -55,6 +55,7 @@ pub static KINDS: &[&Kind] = &[
     &super::kernel::KIND,
     &super::smol::KIND,
     &super::fillp::KIND,
+    &super::memory::KIND,
 ];
 
 /// The kind named `name`.

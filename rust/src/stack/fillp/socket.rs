@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,9 @@ use bytes::BytesMut;
 use super::state::{new_endpoint, reason_errno, Role, Slot, StreamView};
 use super::{udp, Shared};
 use crate::fillp::{discovery, CloseReason, ConnectionStats, ReadError, WriteError};
-use crate::stack::userspace::{lock, shut, unspecified, SockCore, SockFds, Try, Wait};
+use crate::stack::userspace::{lock, shut, unspecified, Linger, SockCore, SockFds, Try, Wait};
 use crate::stack::{
-    errno, int_at, int_option, Counters, Family, Readiness, StackSocket, DMM_OFFER, SOL_DMM,
+    errno, int_option, Counters, Family, Readiness, StackSocket, DMM_OFFER, SOL_DMM,
 };
 
 /// One FillP stream socket.
@@ -29,7 +29,7 @@ pub struct FillpSocket {
     stage: Mutex<Option<BytesMut>>,
     /// `SO_LINGER`: `-1` off, else the linger time in seconds (0: close
     /// aborts with a RST, as in TCP).
-    linger: AtomicI64,
+    linger: Linger,
 }
 
 /// A `send` piece at least this long is copied before the lock is taken
@@ -65,7 +65,7 @@ impl FillpSocket {
         FillpSocket {
             core: SockCore::new(shared, id, fds, family),
             stage: Mutex::new(None),
-            linger: AtomicI64::new(-1),
+            linger: Linger::new(),
         }
     }
 
@@ -510,7 +510,7 @@ impl StackSocket for FillpSocket {
         let changed = match s.role {
             Role::Conn { slot, h, .. } => {
                 st.by_conn.remove(&(slot, h));
-                let abort = self.linger.load(Ordering::Relaxed) == 0;
+                let abort = self.linger.aborts();
                 if let Some(c) = st.slot_mut(slot).and_then(|sl| sl.ep.connection_mut(h)) {
                     // Unread data, or a zero linger time, makes close an
                     // abort, as in TCP.
@@ -558,12 +558,7 @@ impl StackSocket for FillpSocket {
     fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
         self.core.check_open()?;
         match (level, name) {
-            (libc::SOL_SOCKET, libc::SO_LINGER) => {
-                let (on, secs) = (int_at(value, 0)?, int_at(value, 4)?);
-                let v = if on == 0 { -1 } else { i64::from(secs.max(0)) };
-                self.linger.store(v, Ordering::Relaxed);
-                Ok(())
-            }
+            (libc::SOL_SOCKET, libc::SO_LINGER) => self.linger.set(value),
             // Accepted for compatibility; FillP sizes its own buffers.
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF)
             | (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT | libc::SO_KEEPALIVE)
@@ -576,9 +571,7 @@ impl StackSocket for FillpSocket {
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
         if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
             self.core.check_open()?;
-            let v = self.linger.load(Ordering::Relaxed);
-            let (on, secs) = if v < 0 { (0, 0) } else { (1, v as i32) };
-            return Ok(int_option(&[on, secs], len));
+            return Ok(self.linger.get(len));
         }
         let mut st = self.core.lock()?;
         let c = &self.core.shared.opts.connection;

@@ -107,10 +107,12 @@ pub(crate) mod accept;
 pub(crate) mod blocking;
 pub(crate) mod fds;
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::Family;
+use super::{int_at, int_option, Family};
 
 pub(crate) use accept::Listeners;
 pub(crate) use blocking::{Host, SockCore, Try, Wait};
@@ -143,4 +145,41 @@ pub(crate) fn shut(how: Shutdown, shut_rd: &mut bool, shut_wr: &mut bool) -> boo
     *shut_rd |= rd;
     *shut_wr |= wr;
     wr
+}
+
+/// A socket's `SO_LINGER`, kept as user-space stacks need it: only "is
+/// `close` an abort" changes what they do (a linger time above zero is
+/// kept for `getsockopt` but `close` does not wait).
+#[derive(Debug)]
+pub(crate) struct Linger(AtomicI64);
+
+impl Linger {
+    /// Off, as for a new socket.
+    pub fn new() -> Linger {
+        Linger(AtomicI64::new(-1))
+    }
+
+    /// `setsockopt(SO_LINGER)` with a `struct linger` (`EINVAL` if short).
+    pub fn set(&self, value: &[u8]) -> io::Result<()> {
+        let (on, secs) = (int_at(value, 0)?, int_at(value, 4)?);
+        let v = if on == 0 { -1 } else { i64::from(secs.max(0)) };
+        self.0.store(v, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `getsockopt(SO_LINGER)`: a `struct linger` in at most `len` bytes.
+    pub fn get(&self, len: usize) -> Vec<u8> {
+        let v = self.0.load(Ordering::Relaxed);
+        let (on, secs) = if v < 0 {
+            (0, 0)
+        } else {
+            (1, v.min(i64::from(i32::MAX)) as i32)
+        };
+        int_option(&[on, secs], len)
+    }
+
+    /// On with a zero time: `close` resets the connection, as in TCP.
+    pub fn aborts(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 0
+    }
 }
