@@ -107,14 +107,27 @@ else:
 """
 
 
+#: Servers on one CPU, clients on another (with two or more): left to the
+#: scheduler, a launch that puts both on one CPU runs ~30% slower, and which
+#: contender gets such launches is luck (seen: 21k vs 29k connections/s for
+#: the same build and config, no other thread running).
+PIN = len(os.sched_getaffinity(0)) >= 2
+SERVER_CPU, CLIENT_CPU = (sorted(os.sched_getaffinity(0))[:2] if PIN else (None, None))
+
+
+def pinned(cpu):
+    return (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+
+
 def start(code: str, env: dict) -> tuple[subprocess.Popen, int]:
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=pinned(SERVER_CPU))
     return p, int(p.stdout.readline())
 
 
 def client(mode: str, config: str, port: int, count: int, env: dict, netns_argv=()) -> dict:
     argv = [*netns_argv, sys.executable, "-c", CLIENT, mode, config, str(port), str(count)]
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, preexec_fn=pinned(CLIENT_CPU))
     if out.returncode != 0:
         raise SystemExit(f"client {mode} {config} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,7 +174,9 @@ def main() -> int:
 
     lines = ["# Negotiation: racing, knowing, and the kernel route", "",
              f"One run, {args.rounds} interleaved rounds, medians (min-max). Loopback; "
-             f"attempt delay 250 ms (the default). `{' '.join(sys.argv)}`", "",
+             f"attempt delay 250 ms (the default). "
+             + (f"Servers pinned to CPU {SERVER_CPU}, clients to CPU {CLIENT_CPU}. " if PIN else "")
+             + f"`{' '.join(sys.argv)}`", "",
              "## First connect (fresh process, empty L-RD)", "",
              "| server | config | stack used | ms, median (min-max) | ratio to the winner alone |", "|---|---|---|---|---|"]
     for server, alone in (("plain", "kernel-only"), ("dmm", "fillp-only")):
@@ -178,6 +193,9 @@ def main() -> int:
         m, lo, hi = median_spread(vals)
         ratio = f"{m / std:.3f}x stdlib" if key in ("stdlib", "dmm builtin") else f"{m / kern:.3f}x dmm kernel-only"
         lines.append(f"| {key} | {m:,.0f} ({lo:,.0f}-{hi:,.0f}) | {ratio} |")
+    paired = [k / o for k, o in zip(rates["dmm race, known"], rates["dmm kernel-only"])]
+    m, lo, hi = median_spread(paired)
+    lines += ["", f"Known / kernel-only paired by round: median {m:.3f} (min {lo:.3f}, max {hi:.3f})."]
     lines += ["", "Targets: plain-server first connect within the attempt delay + 1 RTT; dmm-server first connect "
               "on FillP with no extra delay; built-in >= 0.95x stdlib; known >= 0.95x kernel-only.", ""]
     RESULTS.mkdir(exist_ok=True)

@@ -522,3 +522,26 @@ print(rt.decide(req).candidates)
 """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "('wan', 'kernel')"
+
+
+def test_a_known_kernel_peer_falls_back_only_for_unbound_sockets():
+    use_config(race_config())
+    srv = stdsocket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    with dsocket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        assert c.dmm_stack == "kernel"  # FillP refused: L-RD learns "no FillP"
+    srv.close()
+    before = negotiation()
+    # The kernel is the one first choice and is refused now. A socket with
+    # its own local port has nothing to race with: the error is the kernel's.
+    s = dsocket.socket()
+    s.bind(("127.0.0.1", 0))
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+    assert s.dmm_stack == "kernel"  # no FillP attempt was made for it
+    s.close()
+    assert negotiation() == before
+    # An unbound one gives the last resort (FillP) its turn, refused too.
+    with pytest.raises(ConnectionRefusedError):
+        dsocket.create_connection(("127.0.0.1", port), timeout=10)
+    assert negotiation()["races_started"] == before["races_started"] + 1

@@ -98,7 +98,7 @@ class socket(_RaceTakeover, _StdSocket):
     hooks receive).
     """
 
-    __slots__ = ("_dmm_stack", "_dmm_core", "_dmm_override", "_dmm_props", "_dmm_host", "_dmm_opts")
+    __slots__ = ("_dmm_stack", "_dmm_core", "_dmm_override", "_dmm_props", "_dmm_host", "_dmm_opts", "_dmm_bound")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
         super().__init__(family, type, proto, fileno)
@@ -108,6 +108,9 @@ class socket(_RaceTakeover, _StdSocket):
         self._dmm_props = dict(properties) if properties else {}
         self._dmm_host = None
         self._dmm_opts = None
+        # Whether the socket may hold a local port of its own (bound, or
+        # made from an fd): then a failed connect has nothing to race with.
+        self._dmm_bound = fileno is not None
 
     def __repr__(self):
         text = super().__repr__()
@@ -151,17 +154,17 @@ class socket(_RaceTakeover, _StdSocket):
                 self.__class__ = _with_mixin(type(self), _MultiListenMethods)
                 return address
             if len(outcome.candidates) > 1 and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
-                bound = _StdSocket.getsockname(self)
-                if bound[1] == 0:
-                    # Several candidates: connect() races them.
-                    race = rt.negotiator.plan(outcome, family, _raw_type(self), address, self._dmm_opts)
-                    if outcome.first_choices > 1 or not rt.stacks[name].passthrough or self.gettimeout() == 0.0:
-                        self._dmm_core = race
-                        return address
+                race = rt.negotiator.plan(outcome, family, _raw_type(self), address, self._dmm_opts)
+                if outcome.first_choices == 1 and rt.stacks[name].passthrough and self.gettimeout() != 0.0:
                     # One first choice, the plain kernel: this socket connects
-                    # as it is; the last resorts race only if that fails.
+                    # as it is; the last resorts race only if that fails (and
+                    # the socket has no fixed local port: connect() checks).
                     self._dmm_move_to(name, role)
                     self._dmm_stack = name
+                    self._dmm_core = race
+                    return address
+                if _StdSocket.getsockname(self)[1] == 0:
+                    # Several candidates: connect() races them.
                     self._dmm_core = race
                     return address
                 # A fixed local port can be bound once: no race, the first candidate.
@@ -256,6 +259,7 @@ class socket(_RaceTakeover, _StdSocket):
             address = self._dmm_route("listen", address)
             if isinstance(self, _UserSpaceMethods):
                 return _UserSpaceMethods.bind(self, address)
+        self._dmm_bound = True
         return super().bind(address)
 
     def connect(self, address):
@@ -269,7 +273,8 @@ class socket(_RaceTakeover, _StdSocket):
                 try:
                     return super().connect(address)
                 except OSError as exc:
-                    if not race.first_failed(exc):
+                    # A fixed local port can be bound once: nothing to race.
+                    if self._dmm_bound or not race.first_failed(exc):
                         raise
                 self._dmm_stack, self._dmm_core = None, race
                 return self._dmm_race()
