@@ -15,7 +15,9 @@ use bytes::BytesMut;
 use super::state::{new_endpoint, reason_errno, Role, Slot, StreamView};
 use super::{udp, Shared};
 use crate::fillp::{discovery, CloseReason, ConnectionStats, ReadError, WriteError};
-use crate::stack::userspace::{lock, shut, unspecified, Linger, SockCore, SockFds, Try, Wait};
+use crate::stack::userspace::{
+    lock, record, record_mut, shut, unspecified, Linger, SockCore, SockFds, Try, Wait,
+};
 use crate::stack::{
     errno, int_option, Counters, Family, Readiness, StackSocket, DMM_OFFER, SOL_DMM,
 };
@@ -264,10 +266,7 @@ impl StackSocket for FillpSocket {
             return Err(errno(libc::EAFNOSUPPORT));
         }
         let mut st = self.core.lock()?;
-        let s = st
-            .socks
-            .get_mut(&self.core.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.core.id)?;
         if !matches!(s.role, Role::Fresh) {
             return Err(errno(libc::EINVAL));
         }
@@ -296,10 +295,7 @@ impl StackSocket for FillpSocket {
         }
         let mut st = self.core.lock()?;
         let st = &mut *st;
-        let s = st
-            .socks
-            .get_mut(&self.core.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.core.id)?;
         match std::mem::replace(&mut s.role, Role::Fresh) {
             Role::Bound(fd, local) => {
                 let ep = new_endpoint(&self.core.shared.opts, true);
@@ -360,10 +356,7 @@ impl StackSocket for FillpSocket {
         {
             let mut st = self.core.lock()?;
             let st = &mut *st;
-            let s = st
-                .socks
-                .get(&self.core.id)
-                .ok_or_else(|| errno(libc::EBADF))?;
+            let s = record(&st.socks, self.core.id)?;
             match s.role {
                 Role::Conn {
                     established: true, ..
@@ -403,10 +396,7 @@ impl StackSocket for FillpSocket {
                 st.by_conn.remove(&(*slot, *h));
             }
             st.by_conn.insert((slot, h), self.core.id);
-            let s = st
-                .socks
-                .get_mut(&self.core.id)
-                .ok_or_else(|| errno(libc::EBADF))?;
+            let s = record_mut(&mut st.socks, self.core.id)?;
             s.role = Role::Conn {
                 slot,
                 h,
@@ -476,10 +466,7 @@ impl StackSocket for FillpSocket {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut st = self.core.lock()?;
         let st = &mut *st;
-        let s = st
-            .socks
-            .get_mut(&self.core.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.core.id)?;
         let Role::Conn {
             slot,
             h,
@@ -597,19 +584,13 @@ impl StackSocket for FillpSocket {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         let st = self.core.lock()?;
-        let s = st
-            .socks
-            .get(&self.core.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.core.id)?;
         Ok(s.local.unwrap_or_else(|| unspecified(self.core.family)))
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         let st = self.core.lock()?;
-        let s = st
-            .socks
-            .get(&self.core.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.core.id)?;
         match (&s.role, s.peer) {
             (
                 Role::Conn {

@@ -17,7 +17,7 @@ use super::driver::TxQueue;
 use super::options::FillpOptions;
 use super::{udp, Shared};
 use crate::fillp::{CloseReason, ConnectionHandle, ConnectionStats, Endpoint, EndpointConfig};
-use crate::stack::userspace::{unspecified, Listeners, Mirror, SockFds};
+use crate::stack::userspace::{record_mut, unspecified, Listeners, Mirror, SockFds};
 use crate::stack::{errno, Family};
 
 /// The mutable state behind [`Shared::state`].
@@ -301,7 +301,7 @@ impl State {
     /// Socket `id` as a stream for `send`/`recv`: `EBADF`, its pending
     /// error (consumed), its fatal error or `ENOTCONN` first.
     pub(super) fn stream(&mut self, id: u64) -> io::Result<StreamView> {
-        let s = self.socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut self.socks, id)?;
         if let Some(e) = s.error.take() {
             self.sync(id);
             return Err(errno(e));

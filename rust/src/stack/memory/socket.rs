@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::state::{Role, Sock, State};
 use super::{unbound, Shared};
-use crate::stack::userspace::{self, lock, Host, Linger, SockFds, Try, Wait};
+use crate::stack::userspace::{self, lock, record, record_mut, Host, Linger, SockFds, Try, Wait};
 use crate::stack::{errno, int_at, int_option, Counters, Family, Readiness, StackSocket};
 
 type SockCore = userspace::SockCore<Shared>;
@@ -70,7 +70,7 @@ impl MemorySocket {
             p if st.ports.contains_key(&p) => return Err(errno(libc::EADDRINUSE)),
             p => p,
         };
-        let s = st.socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, id)?;
         if !matches!(s.role, Role::Fresh) {
             return Err(errno(libc::EINVAL));
         }
@@ -98,11 +98,7 @@ impl MemorySocket {
 
     fn with_sock<T>(&self, f: impl FnOnce(&mut Sock) -> io::Result<T>) -> io::Result<T> {
         let mut st = self.core.lock()?;
-        let s = st
-            .socks
-            .get_mut(&self.id())
-            .ok_or_else(|| errno(libc::EBADF))?;
-        f(s)
+        f(record_mut(&mut st.socks, self.id())?)
     }
 
     /// One `send` attempt: as much of `buf` as the peer has room for.
@@ -161,7 +157,7 @@ impl StackSocket for MemorySocket {
         if matches!(st.socks.get(&id).map(|s| &s.role), Some(Role::Fresh)) {
             Self::bind_locked(&mut st, id, unbound(self.core.family))?;
         }
-        let s = st.socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, id)?;
         let backlog = backlog.clamp(1, 4096) as usize;
         match &mut s.role {
             Role::Bound => {
@@ -288,7 +284,7 @@ impl StackSocket for MemorySocket {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut st = self.core.lock()?;
         let id = self.id();
-        let s = st.socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, id)?;
         let Role::Conn { peer } = s.role else {
             return Err(errno(libc::ENOTCONN));
         };
@@ -336,7 +332,7 @@ impl StackSocket for MemorySocket {
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
         let (listening, capacity) = {
             let st = self.core.lock()?;
-            let s = st.socks.get(&self.id()).ok_or_else(|| errno(libc::EBADF))?;
+            let s = record(&st.socks, self.id())?;
             (matches!(s.role, Role::Listening { .. }), st.capacity)
         };
         let v = match (level, name) {

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::state::{readable, writable, State};
 use super::{device_fd, Shared};
-use crate::stack::userspace::{self, lock, unspecified, Host};
+use crate::stack::userspace::{self, lock, record, unspecified, Host};
 use crate::stack::{errno, Readiness};
 
 /// A socket's handle: the user-space core over this stack's [`Shared`].
@@ -154,7 +154,7 @@ impl SockCore {
         {
             return Err(errno(libc::EADDRNOTAVAIL));
         }
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.id)?;
         match s.fatal {
             Some(e) => Err(errno(e)),
             None => Ok(s),
@@ -164,7 +164,7 @@ impl SockCore {
     /// The bound local address (unspecified before `bind`/`connect`).
     pub(super) fn local(&self) -> io::Result<SocketAddr> {
         let st = self.lock()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.id)?;
         Ok(s.local.unwrap_or_else(|| unspecified(self.family)))
     }
 

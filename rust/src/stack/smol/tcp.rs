@@ -18,7 +18,7 @@ use super::ports::Proto;
 use super::socket::SockCore;
 use super::state::{Phase, Role, SockState, State, MAX_BACKLOG, SYN_TIMEOUT};
 use super::{lock, MAX_BUFFER, MIN_BUFFER};
-use crate::stack::userspace::{shut, unspecified, Try, Wait};
+use crate::stack::userspace::{record, record_mut, shut, unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -70,7 +70,7 @@ impl TcpSocket {
     /// Starts a handshake to `addr` (under the lock).
     fn start_connect(&self, st: &mut State, addr: SocketAddr) -> io::Result<()> {
         st.check_up()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.id)?;
         if let Some(e) = s.fatal {
             return Err(errno(e));
         }
@@ -145,10 +145,7 @@ impl StackSocket for TcpSocket {
             // Like the kernel, listening unbound binds an ephemeral port.
             self.bind_locked(&mut st, unspecified(self.family))?;
         }
-        let s = st
-            .socks
-            .get_mut(&self.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.id)?;
         match &mut s.role {
             Role::Bound => {
                 let local = s.local.unwrap_or_else(|| unspecified(self.family));
@@ -331,10 +328,7 @@ impl StackSocket for TcpSocket {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut st = self.lock()?;
         let st = &mut *st;
-        let s = st
-            .socks
-            .get_mut(&self.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.id)?;
         if let Some(e) = s.fatal {
             return Err(errno(e));
         }
@@ -412,10 +406,7 @@ impl StackSocket for TcpSocket {
         let v = int_at(value, 0)?;
         let mut st = lock(&self.shared.state);
         let st = &mut *st;
-        let s = st
-            .socks
-            .get_mut(&self.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.id)?;
         let o = &mut s.opts;
         let size = || (v.max(0) as usize).clamp(MIN_BUFFER, MAX_BUFFER);
         match (level, name) {
@@ -444,10 +435,7 @@ impl StackSocket for TcpSocket {
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
         let mut st = self.lock()?;
-        let s = st
-            .socks
-            .get_mut(&self.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.id)?;
         let o = s.opts;
         let v: i32 = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_ERROR) => {
@@ -472,7 +460,7 @@ impl StackSocket for TcpSocket {
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         let st = self.lock()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.id)?;
         match (&s.role, s.peer) {
             (
                 Role::Conn {

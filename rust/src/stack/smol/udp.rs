@@ -21,7 +21,7 @@ use super::lock;
 use super::ports::Proto;
 use super::socket::SockCore;
 use super::state::{Role, State};
-use crate::stack::userspace::{shut, unspecified, Try, Wait};
+use crate::stack::userspace::{record, record_mut, shut, unspecified, Try, Wait};
 use crate::stack::{errno, Counters, Family, Readiness, StackSocket};
 use crate::stack::{int_at, int_option};
 
@@ -159,10 +159,7 @@ impl StackSocket for UdpSocket {
         let mut st = lock(&self.shared.state);
         self.autobind(&mut st)?;
         let st = &mut *st;
-        let s = st
-            .socks
-            .get_mut(&self.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.id)?;
         s.peer = Some(addr);
         if let (Some(l), Role::Udp { .. }) = (s.local, &s.role) {
             if l.ip().is_unspecified() {
@@ -243,10 +240,7 @@ impl StackSocket for UdpSocket {
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut st = self.lock()?;
-        let s = st
-            .socks
-            .get_mut(&self.id)
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let s = record_mut(&mut st.socks, self.id)?;
         if s.peer.is_none() {
             return Err(errno(libc::ENOTCONN));
         }
@@ -289,7 +283,7 @@ impl StackSocket for UdpSocket {
 
     fn get_option(&self, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
         let st = self.lock()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.id)?;
         let v: i32 = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_ERROR) => 0,
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_DGRAM,
@@ -303,7 +297,7 @@ impl StackSocket for UdpSocket {
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         let st = self.lock()?;
-        let s = st.socks.get(&self.id).ok_or_else(|| errno(libc::EBADF))?;
+        let s = record(&st.socks, self.id)?;
         s.peer.ok_or_else(|| errno(libc::ENOTCONN))
     }
 

@@ -107,16 +107,28 @@ pub(crate) mod accept;
 pub(crate) mod blocking;
 pub(crate) mod fds;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{int_at, int_option, Family};
+use super::{errno, int_at, int_option, Family};
 
 pub(crate) use accept::Listeners;
 pub(crate) use blocking::{Host, SockCore, Try, Wait};
 pub(crate) use fds::{Mirror, SockFds};
+
+/// A socket's record in its instance's table; `EBADF` once it is gone
+/// (closed, or removed by a reset).
+pub(crate) fn record<V>(socks: &HashMap<u64, V>, id: u64) -> io::Result<&V> {
+    socks.get(&id).ok_or_else(|| errno(libc::EBADF))
+}
+
+/// [`record`], mutable.
+pub(crate) fn record_mut<V>(socks: &mut HashMap<u64, V>, id: u64) -> io::Result<&mut V> {
+    socks.get_mut(&id).ok_or_else(|| errno(libc::EBADF))
+}
 
 /// Locks an instance's state. A poisoned lock (a thread panicked holding
 /// it, which the stack contract rules out) is taken as it is rather than
