@@ -37,6 +37,7 @@ from .negotiate import Plan as _Plan
 from ._multilisten import AdvertisedMethods as _AdvertisedMethods
 from ._multilisten import ListenGroup as _ListenGroup
 from ._racing import RaceTakeover as _RaceTakeover
+from ._sampling import PathSampled as _PathSampled
 from ._multilisten import MultiListenMethods as _MultiListenMethods
 from ._userspace import CoreMethods as _CoreMethods
 from ._userspace import UserSpaceMethods as _UserSpaceMethods
@@ -98,7 +99,8 @@ class socket(_RaceTakeover, _StdSocket):
     hooks receive).
     """
 
-    __slots__ = ("_dmm_stack", "_dmm_core", "_dmm_override", "_dmm_props", "_dmm_host", "_dmm_opts", "_dmm_bound")
+    __slots__ = ("_dmm_stack", "_dmm_core", "_dmm_override", "_dmm_props", "_dmm_host", "_dmm_opts", "_dmm_bound",
+                 "_dmm_path")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
         super().__init__(family, type, proto, fileno)
@@ -111,6 +113,9 @@ class socket(_RaceTakeover, _StdSocket):
         # Whether the socket may hold a local port of its own (bound, or
         # made from an fd): then a failed connect has nothing to race with.
         self._dmm_bound = fileno is not None
+        # (connect start, numeric destination) while a closing connect
+        # should leave a path sample (dmm._sampling).
+        self._dmm_path = None
 
     def __repr__(self):
         text = super().__repr__()
@@ -141,6 +146,9 @@ class socket(_RaceTakeover, _StdSocket):
                 self._dmm_host = host
             host, port = address[0], address[1]
         rt = _runtime._runtime or _runtime.get()
+        if rt.paths is not None and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
+            self._dmm_path = (_time.monotonic(), host.partition("%")[0])
+            self.__class__ = _with_mixin(type(self), _PathSampled)
         if rt.only is not None and self._dmm_override is None and not _policy._hooks:
             name = rt.only
         else:

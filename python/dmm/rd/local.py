@@ -1,12 +1,13 @@
 """A process's view of the host's L-RD, and the RD thread that keeps it.
 
-``connect()`` asks :meth:`LocalRD.facts` and :meth:`LocalRD.local_listener`:
-dict lookups in this process, never the store. Everything that touches the
+``connect()`` asks :meth:`LocalRD.facts`, :meth:`LocalRD.local_listener`
+and :meth:`LocalRD.path_estimate`: dict lookups in this process, never the store. Everything that touches the
 store or the network runs in the process's reactor thread
 (:mod:`dmm.reactor`): writing what was learned, re-reading what other
 processes learned (when SQLite's ``data_version`` says something changed),
-removing listeners of dead processes, sending DISCOVER queries and reading
-their OFFERs.
+removing listeners of dead processes, adding closed connections' path
+samples to the shared estimates, sending DISCOVER queries and reading their
+OFFERs.
 
 A store that cannot be opened or written is logged once; knowledge then
 lives in this process only, and routing carries on.
@@ -14,6 +15,7 @@ lives in this process only, and routing carries on.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import errno
 import logging
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .. import _core, reactor
+from ..config import PathsSpec
 from ..config import RDSpec as Settings
+from .paths import Aggregate, Estimate, Sample, keys_for
 from .store import Listener, PeerFact, Store, default_dir, process_start
 
 __all__ = ["LocalRD", "get_local", "wire_protocol"]
@@ -51,13 +55,23 @@ class LocalRD:
         self.path = Path(settings.store) if settings.store else default_dir()
         self._peers: dict[tuple[str, int], dict[str, PeerFact]] = {}
         self._listeners: dict[int, list[Listener]] = {}
+        self._paths: dict[str, Aggregate] = {}
+        #: How path knowledge is kept (set by :func:`get_local`).
+        self.paths_spec = PathsSpec()
         self.counters: collections.Counter = collections.Counter()
-        #: Bumped whenever the knowledge changes (decisions cached on it).
+        #: Bumped whenever the knowledge of peers or listeners changes
+        #: (decisions cached on it).
         self.version = 0
+        #: Bumped whenever a path estimate changes.
+        self.paths_version = 0
         self.reactor = reactor.get()
         self._hooked = False
         self._writes: list[PeerFact] = []
+        self._samples: list[tuple[str, Sample, float]] = []
         self._lock = threading.Lock()
+        # Held while a batch goes to the store, so that the exit flush waits
+        # for the RD thread's batch instead of the process ending under it.
+        self._flush_lock = threading.Lock()
         self._store: Optional[Store] = None
         self._store_failed = False
         self._version = -1
@@ -66,6 +80,9 @@ class LocalRD:
         self._pid = os.getpid()
         self._pid_start = process_start(self._pid)
         self._load()
+        # A program that closes its last connection and exits at once would
+        # otherwise take that connection's knowledge with it.
+        atexit.register(self._flush_at_exit)
         # Start the reactor now, not inside the first connect that learns.
         self.submit(lambda: None)
 
@@ -95,6 +112,24 @@ class LocalRD:
         now = time.time()
         return [f for group in self._peers.values() for f in group.values() if f.expires > now]
 
+    def path_estimate(self, address: str) -> Optional[Estimate]:
+        """The path estimate for ``address``: its own, else its prefix's."""
+        spec = self.paths_spec
+        now = time.time()
+        for key in keys_for(address, spec.prefix_v4, spec.prefix_v6):
+            agg = self._paths.get(key)
+            if agg is not None:
+                est = agg.estimate(key, now, spec.half_life)
+                if est is not None:
+                    return est
+        return None
+
+    def path_estimates(self) -> list[Estimate]:
+        """Every live estimate, addresses and prefixes (``dmm paths``)."""
+        now, half_life = time.time(), self.paths_spec.half_life
+        out = [agg.estimate(key, now, half_life) for key, agg in self._paths.items()]
+        return sorted((e for e in out if e is not None), key=lambda e: e.key)
+
     # -- learning (any thread) ------------------------------------------------
 
     def learn(self, address: str, port: int, protocol: str, speaks: bool, source: str,
@@ -116,6 +151,30 @@ class LocalRD:
         with self._lock:
             self._writes.append(fact)
         self.submit(lambda: None)  # the next turn writes it
+
+    def record_path(self, address: str, sample: Sample) -> None:
+        """Counts a closed connection's measurements into the estimates of
+        ``address`` and its prefix: at once here, in the store from the RD
+        thread."""
+        if sample.empty():
+            return
+        spec, now = self.paths_spec, time.time()
+        for key in keys_for(address, spec.prefix_v4, spec.prefix_v6):
+            old = self._paths.get(key) or Aggregate(updated=now)
+            self._paths[key] = old.add(sample, now, spec.half_life)
+            with self._lock:
+                self._samples.append((key, sample, now))
+        self.paths_version += 1
+        self.counters["path_samples"] += 1
+        self.submit(lambda: None)
+
+    def forget_paths(self) -> None:
+        """Drops the path knowledge (``dmm paths --forget``)."""
+        self._paths = {}
+        self.paths_version += 1
+        with self._lock:
+            self._samples = []
+        self.submit(lambda: self._with_store(lambda st: st.forget_paths()))
 
     def forget_peers(self) -> None:
         """Drops what this host learned about peers (``dmm rd forget``)."""
@@ -166,6 +225,7 @@ class LocalRD:
         if now >= self._next_prune:
             self._next_prune = now + 10.0
             self._with_store(lambda st: st.prune_dead())
+            self._with_store(lambda st: st.prune_paths(time.time() - self.paths_spec.max_age))
 
     # -- store ----------------------------------------------------------------
 
@@ -213,6 +273,14 @@ class LocalRD:
                 listeners.setdefault(lst.port, []).append(lst)
         self._listeners = listeners
         self.version += 1
+        paths = st.paths()
+        with self._lock:
+            pending_samples = list(self._samples)
+        for key, sample, when in pending_samples:
+            old = paths.get(key) or Aggregate(updated=when)
+            paths[key] = old.add(sample, when, self.paths_spec.half_life)
+        self._paths = paths
+        self.paths_version += 1
 
     def _refresh(self) -> None:
         def check(st: Store) -> None:
@@ -220,11 +288,46 @@ class LocalRD:
                 self._read_all(st)
         self._with_store(check)
 
-    def _flush_writes(self) -> None:
+    def _flush_at_exit(self) -> None:
+        """Writes what the RD thread has not, over a connection of its own
+        (the RD thread may be in the middle of using its one)."""
+        if not self._flush_lock.acquire(timeout=5.0):
+            return
+        try:
+            self._flush_rest_at_exit()
+        finally:
+            self._flush_lock.release()
+
+    def _flush_rest_at_exit(self) -> None:
         with self._lock:
             batch, self._writes = self._writes, []
+            samples, self._samples = self._samples, []
+        if not (batch or samples) or self._store_failed:
+            return
+        try:
+            st = Store(self.path / "lrd.sqlite")
+            try:
+                if batch:
+                    st.learn(batch)
+                if samples:
+                    st.add_samples(samples, self.paths_spec.half_life)
+            finally:
+                st.close()
+        except Exception as exc:  # sqlite3.Error, OSError: exiting anyway
+            log.warning("dmm: could not write L-RD knowledge at exit: %s", exc)
+
+    def _flush_writes(self) -> None:
+        with self._flush_lock:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        with self._lock:
+            batch, self._writes = self._writes, []
+            samples, self._samples = self._samples, []
         if batch:
             self._with_store(lambda st: st.learn(batch))
+        if samples:
+            self._with_store(lambda st: st.add_samples(samples, self.paths_spec.half_life))
 
     # -- discovery --------------------------------------------------------------
 
@@ -297,7 +400,7 @@ _locals: dict[Path, LocalRD] = {}
 _locals_lock = threading.Lock()
 
 
-def get_local(settings: Settings) -> LocalRD:
+def get_local(settings: Settings, paths: Optional[PathsSpec] = None) -> LocalRD:
     """The process's :class:`LocalRD` for the store ``settings`` name (one
     per store, shared by runtimes built one after the other)."""
     path = Path(settings.store) if settings.store else default_dir()
@@ -306,4 +409,6 @@ def get_local(settings: Settings) -> LocalRD:
         if rd is None:
             rd = _locals[path] = LocalRD(settings)
         rd.settings = settings
+        if paths is not None:
+            rd.paths_spec = paths
         return rd

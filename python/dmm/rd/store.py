@@ -1,14 +1,17 @@
 """The host's L-RD store: an SQLite database in WAL mode, shared by every
 dmm process on the host.
 
-It holds two tables:
+It holds three tables:
 
 * ``listeners``: what each listening dmm socket on this host accepts on
   (address, port, protocols with their ports, stack names, owning pid and
   that process's start time, so a reused pid is not taken for the owner);
 * ``peers``: what this host learned about remote endpoints: whether
   ``address:port`` speaks a protocol, from what (``race``, ``probe``,
-  ``answer``, ``central``), when, until when, and the connect time seen.
+  ``answer``, ``central``), when, until when, and the connect time seen;
+* ``paths``: what connections measured on the way to each destination
+  address and prefix (:mod:`dmm.rd.paths`), as decayed sums, so that every
+  process adds its samples to the same estimate.
 
 Only the RD thread of a process writes (:mod:`dmm.rd.service`); readers
 are the same thread (to refresh the in-process cache) and ``dmm rd``.
@@ -27,7 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .paths import Aggregate, Sample
+
 __all__ = ["Listener", "PeerFact", "Store", "default_dir", "process_start"]
+
+_PATH_COLUMNS = "key, rtt_sum, rtt_w, loss_sum, loss_w, rate_sum, rate_w, samples, updated"
 
 _SCHEMA_VERSION = "1"
 _SCHEMA = """
@@ -42,6 +49,10 @@ CREATE TABLE IF NOT EXISTS peers (
     speaks INTEGER NOT NULL, source TEXT NOT NULL, learned REAL NOT NULL,
     expires REAL NOT NULL, rtt_ms REAL,
     PRIMARY KEY (address, port, protocol));
+CREATE TABLE IF NOT EXISTS paths (
+    key TEXT PRIMARY KEY, rtt_sum REAL NOT NULL, rtt_w REAL NOT NULL,
+    loss_sum REAL NOT NULL, loss_w REAL NOT NULL, rate_sum REAL NOT NULL,
+    rate_w REAL NOT NULL, samples INTEGER NOT NULL, updated REAL NOT NULL);
 """
 
 
@@ -200,6 +211,36 @@ class Store:
         """Empties the peer knowledge (``dmm rd forget``)."""
         with self._tx():
             self.db.execute("DELETE FROM peers")
+
+    # -- paths ----------------------------------------------------------------
+
+    def add_samples(self, samples: Iterable[tuple[str, Sample, float]], half_life: float) -> None:
+        """Counts ``(key, sample, when)`` triples into the stored aggregates,
+        read and written in one transaction so that no other process's
+        samples are lost in between."""
+        with self._tx():
+            for key, sample, when in samples:
+                row = self.db.execute(f"SELECT {_PATH_COLUMNS} FROM paths WHERE key = ?", (key,)).fetchone()
+                agg = Aggregate(*row[1:]) if row else Aggregate(updated=when)
+                agg = agg.add(sample, when, half_life)
+                self.db.execute(f"INSERT OR REPLACE INTO paths ({_PATH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (key, agg.rtt_sum, agg.rtt_w, agg.loss_sum, agg.loss_w, agg.rate_sum, agg.rate_w,
+                                 agg.samples, agg.updated))
+
+    def paths(self) -> dict[str, Aggregate]:
+        """Every stored aggregate by key."""
+        rows = self.db.execute(f"SELECT {_PATH_COLUMNS} FROM paths")
+        return {row[0]: Aggregate(*row[1:]) for row in rows}
+
+    def prune_paths(self, older_than: float) -> None:
+        """Drops aggregates whose newest sample is older than ``older_than``."""
+        with self._tx():
+            self.db.execute("DELETE FROM paths WHERE updated < ?", (older_than,))
+
+    def forget_paths(self) -> None:
+        """Empties the path knowledge (``dmm paths --forget``)."""
+        with self._tx():
+            self.db.execute("DELETE FROM paths")
 
 
 class _Transaction:
