@@ -89,7 +89,7 @@ BAD = [
     ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[[route]]\nto = "10.0.0.0/8"\nstacks = "k"\n', 7, "route[0].stacks", "non-empty list"),
     ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[[route]]\nto = "10.0.0.0/8"\nstacks = ["k"]\nports = "90-80"\n', 8, "route[0].ports", "range"),
     ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[[route]]\nto = "10.0.0.0/8"\nstacks = ["k"]\nrole = "serve"\n', 8, "route[0].role", "'connect'"),
-    ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[[route]]\nto = "0.0.0.0/0"\nwhen = { rtt_ms = ">= 30" }\nstacks = ["k"]\n', 7, "route[0].when", "not collect"),
+    ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[[route]]\nto = "0.0.0.0/0"\nwhen = { rtt_ms = "~ 30" }\nstacks = ["k"]\n', 7, "route[0].when.rtt_ms", "expected an operator"),
     ('[[stack]]\nname = "k"\nkind = "kernel"\n\n[listen]\nstacks = ["z"]\n', 6, "listen.stacks", "no stack is named 'z'"),
     ('[[stack]]\nname = "k"\nkind = = "kernel"\n', 3, "syntax", "not valid TOML"),
     ('[routes]\nx = 1\n', 1, "routes", "unknown section"),

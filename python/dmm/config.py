@@ -52,10 +52,27 @@ Example::
     to = "10.77.0.0/16"
     stacks = ["lan0"]
 
+    [[route]]                # no "to": every destination
+    when = { rtt_ms = ">= 30", loss = ">= 0.5%" }   # measured path state
+    stacks = ["wan", "kernel"]
+
+    [paths]                  # path knowledge (all optional)
+    half_life_s = 600        # how fast old measurements fade
+    prefix_v4 = 24           # estimates are kept per address and per prefix
+    prefix_v6 = 64
+
+    [adaptive]               # the built-in adaptive policy (dmm.adaptive)
+    kernel = "kernel"        # optional: the stack for good paths
+    lossy = "wan"            # optional: the stack for long, lossy paths
+    congestion = "auto"      # the kernel's TCP congestion control: auto | bbr | cubic | ...
+
 Rules match on the destination (the bind address for listeners, the
 client's address for ``role = "accept"``); the longest prefix wins, then the
 larger priority, then the earlier rule. A socket that no rule matches goes
-to the first stack declared. Rules without a role never match accepts; an
+to the first stack declared (or, with ``[adaptive]``, to the stack the
+adaptive policy picks). A rule with ``when`` matches only while the path's
+measured state meets every condition (:mod:`dmm.conditions`); with no
+measurement it does not match. Rules without a role never match accepts; an
 accepted connection that arrived on a stack its accept rule does not list
 is refused. Every error names the file, the line, the field and what was
 expected.
@@ -69,13 +86,17 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from . import _core
+from .adaptive import AdaptiveSpec
+from .conditions import Condition, ConditionError, parse_when
 
 __all__ = [
+    "AdaptiveSpec",
     "Config",
     "ConfigError",
+    "PathsSpec",
     "RDSpec",
     "RouteSpec",
     "StackSpec",
@@ -137,7 +158,8 @@ class RouteSpec:
     """One ``[[route]]`` entry, in file order (``index`` counts from 0)."""
 
     index: int
-    to: str
+    #: The destination prefix, or ``None``: every destination.
+    to: Optional[str]
     stacks: tuple[str, ...]
     ports: tuple[int, int] = (0, 65535)
     type: str | None = None
@@ -147,10 +169,12 @@ class RouteSpec:
     #: Race the candidates (``race = false``: the next starts only when the
     #: previous one failed).
     race: bool = True
+    #: Path conditions that must all hold (``when``); ``()``: always.
+    when: tuple[Condition, ...] = ()
 
     def describe(self) -> str:
         """A one-line summary, as ``dmm routes`` prints it."""
-        parts = [f"to {self.to}"]
+        parts = [f"to {self.to}" if self.to else "to any"]
         if self.ports != (0, 65535):
             lo, hi = self.ports
             parts.append(f"ports {lo}" if lo == hi else f"ports {lo}-{hi}")
@@ -160,6 +184,8 @@ class RouteSpec:
             parts.append(self.role)
         if self.priority:
             parts.append(f"priority {self.priority}")
+        if self.when:
+            parts.append("when " + ", ".join(c.describe() for c in self.when))
         return " ".join(parts) + " -> " + ", ".join(self.stacks)
 
 
@@ -188,6 +214,22 @@ class RDSpec:
 
 
 @dataclass(frozen=True)
+class PathsSpec:
+    """The ``[paths]`` section: how path knowledge is kept."""
+
+    #: Whether closing connections leave measurements at all.
+    enabled: bool = True
+    #: A measurement weighs half as much after this many seconds.
+    half_life: float = 600.0
+    #: Estimates are kept per address and per network of this many bits.
+    prefix_v4: int = 24
+    prefix_v6: int = 64
+    #: Estimates with no measurement for this long are dropped, seconds.
+    max_age: float = 6 * 3600.0
+    line: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated configuration."""
 
@@ -198,6 +240,10 @@ class Config:
     builtin: bool = field(default=False, compare=False)
     #: The ``[rd]`` section, or ``None`` when the file has none.
     rd: RDSpec | None = None
+    #: The ``[paths]`` section (defaults when the file has none).
+    paths: PathsSpec = PathsSpec()
+    #: The ``[adaptive]`` section, or ``None``: no adaptive policy.
+    adaptive: AdaptiveSpec | None = None
 
     def stack(self, name: str) -> StackSpec:
         """The stack named ``name`` (``KeyError`` if there is none)."""
@@ -289,9 +335,10 @@ class _Validator:
 
     def config(self, doc: dict[str, Any]) -> Config:
         for key in doc:
-            if key not in ("stack", "route", "listen", "rd"):
+            if key not in ("stack", "route", "listen", "rd", "paths", "adaptive"):
                 raise self.error(self._find_top(key), key,
-                                 "unknown section (expected [[stack]], [[route]], [listen] or [rd])")
+                                 "unknown section (expected [[stack]], [[route]], [listen], [rd], [paths] "
+                                 "or [adaptive])")
         raw_stacks = doc.get("stack")
         if raw_stacks is None:
             raise self.error(None, "stack", "at least one [[stack]] is required")
@@ -319,7 +366,54 @@ class _Validator:
                     raise self.error(self._key_line(line, key), f"listen.{key}", "unknown field (expected: stacks)")
             listen = self.stack_list(raw_listen.get("stacks"), "listen.stacks", self._key_line(line, "stacks"), names)
         rd = self.rd(doc["rd"]) if "rd" in doc else None
-        return Config(self.path, stacks, routes, listen, rd=rd)
+        paths = self.paths(doc["paths"]) if "paths" in doc else PathsSpec()
+        adaptive = self.adaptive(doc["adaptive"], names) if "adaptive" in doc else None
+        return Config(self.path, stacks, routes, listen, rd=rd, paths=paths, adaptive=adaptive)
+
+    def paths(self, raw: Any) -> PathsSpec:
+        start = self._simple_table_line("paths")
+        if not isinstance(raw, dict):
+            raise self.error(start, "paths", "must be a table: write [paths]")
+        known = {"enabled": (bool,), "half_life_s": (1, 30 * 86400), "max_age_s": (1, 365 * 86400),
+                 "prefix_v4": (8, 32), "prefix_v6": (16, 128)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            line = self._key_line(start, key)
+            if key not in known:
+                raise self.error(line, f"paths.{key}", "unknown field (expected one of: " + ", ".join(known) + ")")
+            if key == "enabled":
+                if not isinstance(value, bool):
+                    raise self.error(line, "paths.enabled", f"expected true or false, got {value!r}")
+                values[key] = value
+                continue
+            lo, hi = known[key]
+            integral = key.startswith("prefix")
+            kinds = (int,) if integral else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+                what = "an integer" if integral else "a number of seconds"
+                raise self.error(line, f"paths.{key}", f"expected {what} from {lo} to {hi}, got {value!r}")
+            values[key.removesuffix("_s")] = value
+        return PathsSpec(line=start, **values)
+
+    def adaptive(self, raw: Any, names: list[str]) -> AdaptiveSpec:
+        start = self._simple_table_line("adaptive")
+        if not isinstance(raw, dict):
+            raise self.error(start, "adaptive", "must be a table: write [adaptive]")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            line = self._key_line(start, key)
+            if key in ("kernel", "lossy"):
+                if value not in names:
+                    raise self.error(line, f"adaptive.{key}",
+                                     f"no stack is named {value!r} (declared: {', '.join(names)})")
+            elif key == "congestion":
+                if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]{1,15}", value):
+                    raise self.error(line, "adaptive.congestion",
+                                     f"expected \"auto\" or a congestion control name such as \"cubic\", got {value!r}")
+            else:
+                raise self.error(line, f"adaptive.{key}", "unknown field (expected one of: kernel, lossy, congestion)")
+            values[key] = value
+        return AdaptiveSpec(line=start, **values)
 
     def rd(self, raw: Any) -> RDSpec:
         start = self._simple_table_line("rd")
@@ -403,10 +497,10 @@ class _Validator:
                 raise self.error(self._key_line(start, key), f"{where}.{key}", "unknown field (expected one of: " + ", ".join(sorted(allowed)) + ")")
         line = lambda key: self._key_line(start, key) if key in raw else start  # noqa: E731
         to = raw.get("to")
-        if not isinstance(to, str):
+        if to is not None and not isinstance(to, str):
             raise self.error(line("to"), f"{where}.to", f"expected a prefix such as \"10.0.0.0/8\" or \"::/0\", got {to!r}")
         try:
-            net = ipaddress.ip_network(to, strict=True)
+            net = ipaddress.ip_network(to, strict=True) if to is not None else None
         except ValueError as exc:
             raise self.error(line("to"), f"{where}.to", f"expected a prefix such as \"10.0.0.0/8\" or \"::/0\": {exc}") from None
         stacks = self.stack_list(raw.get("stacks"), f"{where}.stacks", line("stacks"), names)
@@ -421,15 +515,18 @@ class _Validator:
         priority = raw.get("priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool) or not -(2**31) <= priority < 2**31:
             raise self.error(line("priority"), f"{where}.priority", f"expected an integer, got {priority!r}")
+        when: tuple[Condition, ...] = ()
         if "when" in raw:
-            raise self.error(line("when"), f"{where}.when",
-                             "path conditions need measured path state, which this version does not collect yet; "
-                             "use a Python policy hook (dmm.policy.register) instead")
+            try:
+                when = parse_when(raw["when"])
+            except ConditionError as exc:
+                fld = f"{where}.when.{exc.field}" if exc.field else f"{where}.when"
+                raise self.error(line("when"), fld, exc.message) from None
         race = raw.get("race", True)
         if not isinstance(race, bool):
             raise self.error(line("race"), f"{where}.race", f"expected true or false, got {race!r}")
-        return RouteSpec(index=i, to=str(net), stacks=stacks, ports=ports, type=typ, role=role, priority=priority,
-                         line=start, race=race)
+        return RouteSpec(index=i, to=str(net) if net is not None else None, stacks=stacks, ports=ports, type=typ,
+                         role=role, priority=priority, line=start, race=race, when=when)
 
     def ports(self, raw: Any, fld: str, line: int | None) -> tuple[int, int]:
         if raw is None:

@@ -80,6 +80,9 @@ class Request:
     properties: Mapping[str, Any] = field(default_factory=dict)
     #: For accepts: the stack the connection arrived on.
     stack: Optional[str] = None
+    #: What was measured on the way to ``address`` (:class:`dmm.rd.paths.Estimate`:
+    #: ``rtt_ms``, ``loss``, ``rate_mbit``, ``samples``, ``age_s``), or ``None``.
+    path: Optional[Any] = None
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ Order of a decision, first answer wins:
 1. the socket's own override (``stack=`` argument or ``DMM_STACK`` option);
 2. policy hooks (:mod:`dmm.policy`), in registration order;
 3. for listeners, the config's ``[listen]`` section;
-4. the routing table (longest prefix, then priority, then order);
-5. the default route (the first stack declared).
+4. the routing table (longest prefix, then priority, then order; a rule
+   with ``when`` conditions only while the measured path meets them);
+5. for a stream connect, the adaptive policy when the config has an
+   ``[adaptive]`` section (:mod:`dmm.adaptive`);
+6. the default route (the first stack declared).
 
 Within an answer the stacks that cannot carry the socket are skipped; if
 none can, the next source is asked. A listener whose answer comes from a
@@ -35,8 +38,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import _core, policy
-from .config import Config, RDSpec, load
+from .adaptive import Adaptive
+from .conditions import holds
+from .config import Config, ConfigError, RDSpec, load
 from .negotiate import Negotiator
+from .rd.paths import Estimate
 from .stacks import StackInstance, make_instance
 
 __all__ = ["Outcome", "Runtime", "configure", "get", "reset"]
@@ -88,8 +94,9 @@ class Runtime:
         ids = {name: i for i, name in enumerate(self.order)}
         self.router = _core.Router()
         for r in config.routes:
-            self.router.add(r.to, [ids[s] for s in r.stacks], ports=r.ports, kind=r.type, role=r.role,
-                            priority=r.priority, tag=r.index)
+            for prefix in (r.to,) if r.to is not None else ("0.0.0.0/0", "::/0"):
+                self.router.add(prefix, [ids[s] for s in r.stacks], ports=r.ports, kind=r.type, role=r.role,
+                                priority=r.priority, tag=r.index)
         self.router.set_default([0])
         # With one stack, no rules and no [listen], every answer is that stack
         # unless a hook or an override says otherwise: skip the table.
@@ -103,7 +110,17 @@ class Runtime:
         self.plain_kernel = first if self.only is not None and first.passthrough else None
         # Candidates and racing need more than one stack; L-RD is on then
         # too, unless [rd] enabled = false.
-        self.negotiator = Negotiator(self.stacks, config.rd or RDSpec()) if len(self.order) > 1 else None
+        self.negotiator = (Negotiator(self.stacks, config.rd or RDSpec(), config.paths)
+                           if len(self.order) > 1 else None)
+        #: Where closing connections leave their path samples (L-RD), or None.
+        self.paths = (self.negotiator.rd if self.negotiator is not None and config.paths.enabled else None)
+        self.adaptive = Adaptive(config.adaptive, self.stacks, self.order) if config.adaptive else None
+        if self.adaptive is not None and self.adaptive.problem():
+            raise ConfigError(config.path, config.adaptive.line, "adaptive", self.adaptive.problem())
+        # Rules with conditions: the table's best match may not apply.
+        self.conditional = any(r.when for r in config.routes)
+        # Whether decisions depend on path estimates (then the memo does too).
+        self.path_dependent = self.paths is not None and (self.conditional or self.adaptive is not None)
         # Decisions without hooks or overrides depend only on the socket's
         # role, family, type and destination, and on what L-RD knows: kept
         # here, a routed connect costs a dict lookup instead of a decision.
@@ -115,10 +132,12 @@ class Runtime:
         the answer differ (no hook, no override, L-RD unchanged)."""
         if override is not None or policy._hooks:
             request = policy.Request(role=role, family=family, type=type, address=address, port=port, host=host,
-                                     properties=dict(properties))
+                                     properties=dict(properties), path=self.path_for(address))
             return self.decide(request, override)
         key = (role, family, type, address, port)
         version = self.negotiator.version() if self.negotiator is not None else 0
+        if self.path_dependent:
+            version = (version, self.paths.paths_version)
         hit = self._memo.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
@@ -129,9 +148,16 @@ class Runtime:
         self._memo[key] = (version, outcome)
         return outcome
 
+    def path_for(self, address: str) -> Optional[Estimate]:
+        """What was measured on the way to ``address`` (or its prefix)."""
+        return self.paths.path_estimate(address) if self.paths is not None else None
+
     def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
         """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""
         trace: list[str] = []
+        if explain and self.paths is not None:
+            est = self.path_for(request.address)
+            trace.append(f"path: {est.describe()}" if est else f"path: nothing measured toward {request.address} yet")
         if override is not None:
             if override not in self.stacks:
                 raise OSError(errno.EINVAL, f"dmm: no stack is named {override!r} (known: {', '.join(self.order)})")
@@ -162,30 +188,67 @@ class Runtime:
                 return Outcome(capable[0], "[listen]", "the [listen] section of the config", trace,
                                self._listeners(capable, trace))
 
-        tag, ids = self.router.lookup(request.address, request.port, _KIND.get(request.type, "stream"), request.role)
+        tag = self._matching_rule(request, trace, explain)
         if tag is not None:
             route = self.config.routes[tag]
-            if explain:
-                others = [t for t in self.router.candidates(request.address, request.port,
-                                                            _KIND.get(request.type, "stream"), request.role) if t != tag]
-                for t in others:
-                    trace.append(f"also matched route[{t}] ({self.config.routes[t].describe()}), less specific or lower priority")
             where = f" (line {route.line})" if route.line else ""
             if request.role == "connect" and self.negotiator is not None:
-                capable = self._capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
+                capable = self._capable(route.stacks, request, trace, f"route[{tag}]")
                 if capable:
                     return self._connect_outcome(capable, request, f"route[{tag}]", f"{route.describe()}{where}",
                                                  trace, route.race, explain)
-            chosen = self._first_capable([self.order[i] for i in ids], request, trace, f"route[{tag}]")
+            chosen = self._first_capable(route.stacks, request, trace, f"route[{tag}]")
             if chosen is not None:
                 return Outcome(chosen, f"route[{tag}]", f"{route.describe()}{where}", trace)
         elif explain:
             trace.append("no route matched")
 
+        if self.adaptive is not None and request.role == "connect" and request.type == _STREAM:
+            outcome = self._adaptive_outcome(request, trace, explain)
+            if outcome is not None:
+                return outcome
+
         chosen = self._first_capable(self.order, request, trace, "default route")
         if chosen is not None:
             return Outcome(chosen, "default", "no rule matched: the first capable stack declared", trace)
         raise OSError(errno.EPROTONOSUPPORT, "dmm: no configured stack can carry this socket")
+
+    def _matching_rule(self, request: policy.Request, trace: list[str], explain: bool) -> Optional[int]:
+        """The tag of the rule that decides ``request``: the table's best
+        match whose conditions hold (``None``: no rule)."""
+        kind = _KIND.get(request.type, "stream")
+        if not self.conditional and not explain:
+            return self.router.lookup(request.address, request.port, kind, request.role)[0]
+        chosen = None
+        for t in self.router.candidates(request.address, request.port, kind, request.role):
+            route = self.config.routes[t]
+            if chosen is not None:
+                if explain:
+                    trace.append(f"also matched route[{t}] ({route.describe()}), less specific or lower priority")
+                continue
+            if route.when:
+                est = self.path_for(request.address)
+                if not holds(route.when, est):
+                    if explain:
+                        why = "nothing measured" if est is None else f"measured {est.describe()}"
+                        trace.append(f"route[{t}] ({route.describe()}): conditions not met ({why}); next")
+                    continue
+            chosen = t
+        return chosen
+
+    def _adaptive_outcome(self, request: policy.Request, trace: list[str], explain: bool) -> Optional[Outcome]:
+        """The adaptive policy's answer for a stream connect."""
+        assert self.adaptive is not None
+        est = self.path_for(request.address)
+        spoken = None
+        if self.negotiator is not None:
+            fact = self.negotiator.facts(request.address, request.port).get("fillp")
+            spoken = None if fact is None else fact.speaks
+        choice = self.adaptive.choose(est, spoken)
+        capable = self._capable(choice.stacks, request, trace, "adaptive")
+        if not capable:
+            return None
+        return self._connect_outcome(capable, request, "adaptive", choice.reason, trace, True, explain)
 
     def _connect_outcome(self, capable: tuple[str, ...], request: policy.Request, source: str, reason: str,
                          trace: list[str], race: bool, explain: bool = False) -> Outcome:
