@@ -9,6 +9,7 @@
     dmm routes                    the routing rules
     dmm route explain HOST:PORT   which stack a connection would use, and why
     dmm rd [ls | forget]          this host's L-RD: listeners, what peers speak
+    dmm paths [ls | forget]       what connections measured, per destination
     dmm lab up PROFILE | down | exec NODE -- CMD | status | set | serve
                                   namespaces joined by the link emulator
 """
@@ -105,6 +106,9 @@ def cmd_routes(args) -> int:
         print(f"  route[{r.index}]  {r.describe()}{where}")
     if rt.config.listen:
         print(f"  [listen]  -> {', '.join(rt.config.listen)}")
+    if rt.adaptive is not None:
+        a = rt.adaptive
+        print(f"  adaptive  -> {a.kernel}, or {a.lossy} where it is faster than {a.congestion} (stream connects)")
     print(f"  default   -> {rt.order[0]}")
     return 0
 
@@ -142,7 +146,7 @@ def cmd_route_explain(args) -> int:
     for line in outcome.trace:
         print(f"  note: {line}")
     if role == "connect" and len(outcome.candidates) > 1:
-        delay = rt.negotiator.attempt_delay(addr[0], port)
+        delay = rt.negotiator.attempt_delay(addr[0], port, outcome.candidates[0])
         how = "race them" if outcome.race else "try them in turn"
         print(f"  candidates: {', '.join(outcome.candidates)}: a connect now would {how}, "
               f"the next after {delay * 1000:.0f} ms or at once on a refusal")
@@ -158,9 +162,8 @@ def _age(t: float) -> str:
     return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
 
 
-def cmd_rd(args) -> int:
-    import time
-
+def _store(args, command: str):
+    """The host's L-RD store as the config names it, and its directory."""
     from .config import RDSpec
     from .rd import Store, default_dir
 
@@ -168,9 +171,42 @@ def cmd_rd(args) -> int:
     spec = rt.config.rd or RDSpec()
     path = (os.path.expanduser(spec.store) if spec.store else str(default_dir()))
     try:
-        store = Store(os.path.join(path, "lrd.sqlite"))
+        return rt, path, Store(os.path.join(path, "lrd.sqlite"))
     except Exception as exc:  # sqlite3.Error, OSError
-        raise SystemExit(f"dmm rd: the store in {path} cannot be read: {exc}") from None
+        raise SystemExit(f"dmm {command}: the store in {path} cannot be read: {exc}") from None
+
+
+def cmd_paths(args) -> int:
+    import time
+
+    rt, path, store = _store(args, "paths")
+    try:
+        if args.paths_command == "forget":
+            store.forget_paths()
+            print(f"L-RD {path}: path knowledge forgotten")
+            return 0
+        spec = rt.config.paths
+        now = time.time()
+        estimates = [agg.estimate(key, now, spec.half_life) for key, agg in store.paths().items()]
+        live = sorted((e for e in estimates if e is not None), key=lambda e: ("/" not in e.key, e.key))
+        if args.json:
+            import dataclasses
+            import json
+
+            print(json.dumps([dataclasses.asdict(e) for e in live]))
+            return 0
+        print(f"L-RD {path}: {len(live)} path estimates (half-life {spec.half_life:g} s)")
+        for est in live:
+            print(f"  {est.describe()}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_rd(args) -> int:
+    import time
+
+    _rt, path, store = _store(args, "rd")
     try:
         if args.rd_command == "forget":
             store.forget()
@@ -234,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("rd_command", nargs="?", choices=("ls", "forget"), default="ls",
                     help="ls: listeners and learned peers (default); forget: drop what peers speak")
     rd.set_defaults(func=cmd_rd)
+
+    paths = sub.add_parser("paths", help="what connections measured on the way to each destination")
+    paths.add_argument("paths_command", nargs="?", choices=("ls", "forget"), default="ls",
+                       help="ls: estimates per address and prefix (default); forget: drop them")
+    paths.add_argument("--json", action="store_true", help="print the estimates as a JSON list")
+    paths.set_defaults(func=cmd_paths)
 
     demo = sub.add_parser("demo", help="a server and clients on two stack instances, chosen by routes")
     demo.add_argument("--size", type=int, default=64, help="MiB each client sends (default 64)")

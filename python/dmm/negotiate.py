@@ -25,7 +25,7 @@ import errno
 import time
 from typing import Any, Optional
 
-from .config import RDSpec
+from .config import PathsSpec, RDSpec
 from .race import Race
 from .rd.local import LocalRD, get_local, wire_protocol
 
@@ -41,10 +41,10 @@ DMM_OFFER = 3
 class Negotiator:
     """Candidate lists, races and what they teach, for one runtime."""
 
-    def __init__(self, stacks: dict[str, Any], spec: RDSpec):
+    def __init__(self, stacks: dict[str, Any], spec: RDSpec, paths: Optional[PathsSpec] = None):
         self.stacks = stacks
         self.spec = spec
-        self.rd: Optional[LocalRD] = get_local(spec) if spec.enabled else None
+        self.rd: Optional[LocalRD] = get_local(spec, paths) if spec.enabled else None
         self.counters: collections.Counter = collections.Counter()
 
     def _protocol(self, name: str) -> str:
@@ -98,15 +98,32 @@ class Negotiator:
             trace.append(f"negotiate: {', '.join(last)} only if {', '.join(first)} fail: not spoken there")
         return tuple(first + last), len(first)
 
-    def attempt_delay(self, address: str, port: int) -> float:
-        """RFC 8305's connection-attempt delay, shortened to twice the
-        connect time L-RD saw for this peer (never under the minimum)."""
+    def attempt_delay(self, address: str, port: int, first: Optional[str] = None) -> float:
+        """RFC 8305's connection-attempt delay, shortened to twice the time
+        the first candidate (stack ``first``) should take to connect (never
+        under the minimum).
+
+        That time is the connect time L-RD saw for it, and for FillP at
+        least two round trips (its stateless cookie costs one more than
+        TCP's handshake), the round trip taken from a TCP connect time or
+        the path estimate."""
         delay = self.spec.attempt_delay
-        if self.rd is not None:
-            rtts = [f.rtt_ms for f in self.rd.facts(address, port).values() if f.speaks and f.rtt_ms]
-            if rtts:
-                delay = min(delay, max(self.spec.min_attempt_delay, 2 * min(rtts) / 1000))
-        return delay
+        if self.rd is None:
+            return delay
+        facts = self.rd.facts(address, port)
+        proto = self._protocol(first) if first is not None else None
+        own = facts.get(proto) if proto is not None else None
+        expected = own.rtt_ms if own is not None and own.speaks and own.rtt_ms else None
+        rtts = [f.rtt_ms for p, f in facts.items() if p != "fillp" and f.speaks and f.rtt_ms]
+        path = self.rd.path_estimate(address)
+        if path is not None and path.rtt_ms:
+            rtts.append(path.rtt_ms)
+        if rtts:
+            floor = min(rtts) * (2 if proto == "fillp" else 1)
+            expected = floor if expected is None else max(expected, floor)
+        if expected is None:
+            return delay
+        return min(delay, max(self.spec.min_attempt_delay, 2 * expected / 1000))
 
     def plan(self, outcome: Any, family: int, type_: int, address: tuple, options: Optional[list]) -> "Plan":
         """What a connect of ``outcome``'s candidates to ``address`` races,
@@ -201,7 +218,7 @@ class Plan:
             o = self.outcome
             self._race = Race([(n, self.negotiator.stacks[n]) for n in o.candidates], self.family, self.type,
                               self.address, self.options, None,
-                              self.negotiator.attempt_delay(self.address[0], self.address[1]),
+                              self.negotiator.attempt_delay(self.address[0], self.address[1], o.candidates[0]),
                               sequential=not o.race, last_resort=o.first_choices)
         return self._race
 
