@@ -111,7 +111,7 @@ class Adaptive:
         if cc in _BBR_LIKE:
             loss = est.loss or 0.0
             for rtt, min_loss in BBR_FILLP:
-                if est.rtt_ms >= rtt and loss >= min_loss and (min_loss == 0 or est.loss is not None):
+                if est.rtt_ms >= rtt and loss >= min_loss:
                     return True, (f"{cc}: FillP is faster at rtt >= {rtt:g} ms with loss >= {min_loss * 100:g}% "
                                   f"(measured {_metrics(est)})")
             return False, f"{cc} keeps up on this path (measured {_metrics(est)})"

@@ -179,6 +179,8 @@ def _store(args, command: str):
 def cmd_paths(args) -> int:
     import time
 
+    from .rd.paths import live_estimates
+
     rt, path, store = _store(args, "paths")
     try:
         if args.paths_command == "forget":
@@ -186,9 +188,7 @@ def cmd_paths(args) -> int:
             print(f"L-RD {path}: path knowledge forgotten")
             return 0
         spec = rt.config.paths
-        now = time.time()
-        estimates = [agg.estimate(key, now, spec.half_life) for key, agg in store.paths().items()]
-        live = sorted((e for e in estimates if e is not None), key=lambda e: ("/" not in e.key, e.key))
+        live = live_estimates(store.paths(), time.time(), spec.half_life)
         if args.json:
             import dataclasses
             import json

@@ -220,6 +220,8 @@ class Runtime:
         if not self.conditional and not explain:
             return self.router.lookup(request.address, request.port, kind, request.role)[0]
         chosen = None
+        est: Optional[Estimate] = None
+        measured = False  # est looked up (once, and only if a rule has conditions)
         for t in self.router.candidates(request.address, request.port, kind, request.role):
             route = self.config.routes[t]
             if chosen is not None:
@@ -227,7 +229,8 @@ class Runtime:
                     trace.append(f"also matched route[{t}] ({route.describe()}), less specific or lower priority")
                 continue
             if route.when:
-                est = self.path_for(request.address)
+                if not measured:
+                    est, measured = self.path_for(request.address), True
                 if not holds(route.when, est):
                     if explain:
                         why = "nothing measured" if est is None else f"measured {est.describe()}"

@@ -124,12 +124,6 @@ class LocalRD:
                     return est
         return None
 
-    def path_estimates(self) -> list[Estimate]:
-        """Every live estimate, addresses and prefixes (``dmm paths``)."""
-        now, half_life = time.time(), self.paths_spec.half_life
-        out = [agg.estimate(key, now, half_life) for key, agg in self._paths.items()]
-        return sorted((e for e in out if e is not None), key=lambda e: e.key)
-
     # -- learning (any thread) ------------------------------------------------
 
     def learn(self, address: str, port: int, protocol: str, speaks: bool, source: str,

@@ -24,7 +24,7 @@ import socket as _std
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-__all__ = ["Aggregate", "Estimate", "Sample", "prefix_key", "keys_for", "sample_from_counters"]
+__all__ = ["Aggregate", "Estimate", "Sample", "keys_for", "live_estimates", "prefix_key", "sample_from_counters"]
 
 #: A connection that moved fewer bytes than this says nothing about loss or rate.
 MIN_BULK_BYTES = 256 * 1024
@@ -157,6 +157,13 @@ class Estimate:
                  f"loss {self.loss * 100:.2f}%" if self.loss is not None else "loss ?",
                  f"rate {self.rate_mbit:.1f} Mbit/s" if self.rate_mbit is not None else "rate ?"]
         return f"{self.key}: " + ", ".join(parts) + f" ({self.samples} samples, newest {self.age_s:.0f} s ago)"
+
+
+def live_estimates(aggregates: Mapping[str, Aggregate], now: float, half_life: float) -> list[Estimate]:
+    """The estimates of ``aggregates`` that have not faded out, prefixes
+    first, then addresses, each sorted."""
+    out = (agg.estimate(key, now, half_life) for key, agg in aggregates.items())
+    return sorted((e for e in out if e is not None), key=lambda e: ("/" not in e.key, e.key))
 
 
 def _ms(value: float) -> str:
