@@ -263,10 +263,11 @@ STACKS = {"kernel": _Inst(True, "tcp"), "wan": _Inst(False, "fillp")}
 
 @pytest.mark.parametrize("cc, rtt, loss, fillp", [
     # The three lab profiles (internet, inter-DC, intra-DC).
-    ("bbr", 80, 0.01, False), ("bbr", 20, 0.001, False), ("bbr", 0.2, 0.0, False),
+    ("bbr", 80, 0.01, True), ("bbr", 20, 0.001, False), ("bbr", 0.2, 0.0, False),
     ("cubic", 80, 0.01, True), ("cubic", 20, 0.001, True), ("cubic", 0.2, 0.0, False),
     # The grid's edges: BBR loses to FillP at long RTT and heavy loss.
-    ("bbr", 100, 0.0, True), ("bbr", 20, 0.10, True), ("bbr", 1, 0.20, True), ("bbr", 50, 0.05, False),
+    ("bbr", 100, 0.0, True), ("bbr", 20, 0.10, True), ("bbr", 1, 0.20, True), ("bbr", 50, 0.05, True),
+    ("bbr", 50, 0.002, False), ("bbr", 40, 0.02, False), ("bbr", 80, 0.001, False),
     ("cubic", 1, 0.001, False), ("cubic", 1, 0.01, True), ("reno", 10, 0.001, True),
 ])
 def test_adaptive_choices_follow_the_measured_grid(cc, rtt, loss, fillp):
