@@ -7,6 +7,7 @@ timings belong to ``benches/filesync.py``. Needs root for the lab.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -49,3 +50,42 @@ def test_filesync_kernel_then_dmm(tmp_path):
     assert "-> kernel" in runs[("intra-dc", "dmm")].explain
     # One listening socket on both stacks.
     assert [li["stacks"] for li in result["listeners"]["dmm"]] == [["kernel", "wan"]]
+
+
+@needs_root
+def test_filesync_adaptive_learns_from_the_first_transfer(tmp_path):
+    """No route names any destination: each client's first connection goes
+    to the kernel and measures its path, the next one (the GET) goes where
+    the adaptive policy says for what was measured. Run twice with the same
+    L-RD state, the second run starts from what the first one learned."""
+    from dmm.adaptive import Adaptive, AdaptiveSpec
+    from dmm.rd.paths import Estimate
+
+    state = tmp_path / "state"
+    first = filesync_lab.run(SIZE, tmp_path / "r1", routing="adaptive", tcp_cc="bbr", state=state)
+    second = filesync_lab.run(SIZE, tmp_path / "r2", routing="adaptive", tcp_cc="bbr", state=state,
+                              modes=("dmm",))
+    assert "[adaptive]" in first["config"] and "[[route]]" not in first["config"]
+    stacks = {"kernel": _Inst(True, "tcp"), "wan": _Inst(False, "fillp")}
+    policy = Adaptive(AdaptiveSpec(congestion="bbr"), stacks, ["kernel", "wan"])
+    for result in (first, second):
+        for run in result["runs"]:
+            where = f"{run.client}/{run.mode}"
+            assert run.ok, (where, run.put, run.get)
+            if run.mode == "kernel":
+                continue
+            assert run.server_stacks == [run.put["stack"], run.get["stack"]], where
+            # What the client knows now, and what the policy makes of it.
+            assert run.path is not None and run.path["samples"] >= 1, where
+            est = Estimate(**{f.name: run.path.get(f.name) for f in dataclasses.fields(Estimate)})
+            want = policy.choose(est, None).stacks[0]
+            assert f"-> {want}" in run.explain, (where, run.explain, run.path)
+    firsts = {run.client: run for run in first["runs"] if run.mode == "dmm"}
+    assert all(run.put["stack"] == "kernel" for run in firsts.values()), "unmeasured paths go to the kernel"
+    # The intra-DC path (0.2 ms, no loss) is the kernel's whatever it measured.
+    assert {run.get["stack"] for run in second["runs"] if run.client == "intra-dc"} == {"kernel"}
+
+
+class _Inst:
+    def __init__(self, keeps_fd, protocol):
+        self.keeps_fd, self.protocol = keeps_fd, protocol
