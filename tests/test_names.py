@@ -29,6 +29,9 @@ def test_exceptions_and_enums_are_shared():
     assert dsocket.timeout is TimeoutError
     assert dsocket.error is OSError
     assert dsocket.AddressFamily is stdsocket.AddressFamily
+    # Defined by the stdlib module though not in its __all__.
+    assert dsocket.AddressInfo is stdsocket.AddressInfo
+    assert dsocket.MsgFlag is stdsocket.MsgFlag
     assert dsocket._GLOBAL_DEFAULT_TIMEOUT is stdsocket._GLOBAL_DEFAULT_TIMEOUT
 
 

@@ -61,6 +61,9 @@ del _name
 # Used by http.client and others through the module, though not in __all__.
 _GLOBAL_DEFAULT_TIMEOUT = _std._GLOBAL_DEFAULT_TIMEOUT
 SocketIO = _std.SocketIO
+# The enums the stdlib module defines but does not export.
+AddressInfo = _std.AddressInfo
+MsgFlag = _std.MsgFlag
 
 __all__ = __implements__ + __imports__ + __extensions__
 
