@@ -154,6 +154,15 @@ def test_unreadable_file(tmp_path):
         config.load(tmp_path / "missing.toml")
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[[stack]]\nname = "k\xe9rnel"\nkind = "kernel"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert (info.value.line, info.value.field) == (2, "file")
+    assert "not UTF-8" in str(info.value) and str(info.value).startswith(f"{path}:2: file:")
+
+
 FIXED_4MBIT = ('[[stack]]\nname = "wan"\nkind = "fillp"\nrate_control = "fixed"\nfixed_rate = "4mbit"\n'
                '[[route]]\nto = "127.0.0.0/8"\nstacks = ["wan"]\n[listen]\nstacks = ["wan"]\n')
 

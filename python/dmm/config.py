@@ -267,9 +267,15 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         cfg = parse(DEFAULT_TOML, "<built-in default>")
         return Config(cfg.path, cfg.stacks, cfg.routes, cfg.listen, builtin=True)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), None, "file", f"cannot be read: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), line, "file", f"is not UTF-8 (byte {data[exc.start]:#04x} at offset "
+                          f"{exc.start}); TOML files are UTF-8") from None
     return parse(text, str(path))
 
 
