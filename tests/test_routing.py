@@ -185,13 +185,15 @@ def test_hook_that_raises_is_logged_and_the_table_decides(caplog):
     assert "not a decision" in caplog.text
 
 
-def test_hook_naming_unknown_stack_falls_through():
+def test_hook_naming_unknown_stack_falls_through(caplog):
     use_config(TWO_KERNELS)
     dmm.policy.register(lambda req: ["ghost"])
     rt = dmm.runtime.get()
-    out = rt.decide(Request("connect", stdsocket.AF_INET, stdsocket.SOCK_STREAM, "10.0.0.1", 80), explain=True)
+    with caplog.at_level(logging.ERROR, logger="dmm.policy"):
+        out = rt.decide(Request("connect", stdsocket.AF_INET, stdsocket.SOCK_STREAM, "10.0.0.1", 80), explain=True)
     assert out.stack == "kernel" and out.source == "default"
     assert any("ghost" in line for line in out.trace)
+    assert "'ghost', which no configured stack is" in caplog.text
 
 
 def test_unregister_and_type_checks():

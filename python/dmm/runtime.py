@@ -170,6 +170,11 @@ class Runtime:
             answer = policy.ask(request)
             if answer is not None:
                 label, decision = answer
+                unknown = [n for n in decision.stacks if n not in self.stacks]
+                if unknown:
+                    policy.log.error("dmm policy hook %s named %s, which no configured stack is (known: %s); "
+                                     "skipping %s", label, ", ".join(map(repr, unknown)), ", ".join(self.order),
+                                     "it" if len(unknown) == 1 else "them")
                 capable = self._capable(decision.stacks, request, trace, f"hook {label}")
                 if capable:
                     reason = decision.reason or "the hook chose it"
