@@ -10,10 +10,8 @@ import contextlib
 import errno
 import hashlib
 import itertools
-import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -23,9 +21,10 @@ import pytest
 
 import dmm.selectors as dselectors
 import dmm.socket as dsocket
+from dmm.usecases import dualmode_lab
 from dmm.lab import netns
 
-from conftest import ROOT, use_config
+from conftest import use_config
 
 _ids = itertools.count()
 
@@ -370,115 +369,17 @@ time.sleep(60)
             d.connect((lan.address, port))
 
 
-HTTP_TOML = """
-[[stack]]
-name = "kernel"
-kind = "kernel"
-
-[[stack]]
-name = "lan0"
-kind = "smoltcp"
-device = "tap:{device}"
-address = "10.77.{n}.2/24"
-
-[listen]
-stacks = ["kernel", "lan0"]
-
-[[route]]
-role = "accept"
-to = "10.77.{n}.0/24"
-stacks = ["lan0"]
-
-[[route]]
-role = "accept"
-to = "0.0.0.0/0"
-stacks = ["kernel"]
-"""
-
-FETCH = r"""
-import sys, urllib.request
-for _ in range(int(sys.argv[2])):
-    with urllib.request.urlopen(sys.argv[1], timeout=20) as r:
-        body = r.read()
-print(r.status, len(body), flush=True)
-"""
-
-
 def test_unmodified_http_server_answers_lan_on_smoltcp_and_wan_on_kernel(tmp_path):
     """Use case 2: one listening socket, LAN clients through the user-space
     stack, the others through the kernel, chosen by the accept policy."""
-    n = os.getpid() % 200 + 20
-    device = unique("dmmh")
-    srv_ns, lan_ns, wan_ns = unique("dmmsrv"), unique("dmmlan"), unique("dmmwan")
-    veth = unique("dmmv")
-    for ns in (srv_ns, lan_ns, wan_ns):
-        netns.add_netns(ns)
-    server = None
-    try:
-        # The WAN client reaches the server's kernel over a veth pair.
-        netns.ip("link", "add", veth, "netns", srv_ns, "type", "veth", "peer", "name", veth + "p", "netns", wan_ns)
-        netns.ip("addr", "add", f"10.78.{n}.1/24", "dev", veth, netns=srv_ns)
-        netns.ip("link", "set", veth, "up", netns=srv_ns)
-        netns.ip("addr", "add", f"10.78.{n}.2/24", "dev", veth + "p", netns=wan_ns)
-        netns.ip("link", "set", veth + "p", "up", netns=wan_ns)
-        (tmp_path / "www").mkdir()
-        (tmp_path / "www" / "index.html").write_text("dual mode\n" * 1000)
-        config = tmp_path / "dmm.toml"
-        config.write_text(HTTP_TOML.format(device=device, n=n))
-        stats = tmp_path / "stats.json"
-        server = subprocess.Popen(
-            netns.exec_argv(srv_ns, [sys.executable, "-m", "dmm", "--config", str(config), "run", "--stats", str(stats),
-                                     "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory",
-                                     str(tmp_path / "www")]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        # The smoltcp instance made its TAP in the server's namespace: hand the
-        # host side to the LAN namespace.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                netns.ip("link", "show", "dev", device, netns=srv_ns)
-                break
-            except netns.LabError:
-                assert server.poll() is None, server.communicate()[1]
-                assert time.monotonic() < deadline, "the smoltcp instance did not create its TAP device"
-                time.sleep(0.05)
-        netns.ip("link", "set", "dev", device, "netns", lan_ns, netns=srv_ns)
-        netns.ip("addr", "add", f"10.77.{n}.1/24", "dev", device, netns=lan_ns)
-        netns.ip("link", "set", "dev", device, "up", netns=lan_ns)
-
-        def fetch(ns, url, count):
-            deadline = time.monotonic() + 20
-            while True:
-                done = subprocess.run(netns.exec_argv(ns, [sys.executable, "-c", FETCH, url, str(count)]),
-                                      capture_output=True, text=True, timeout=60)
-                if done.returncode == 0 or time.monotonic() > deadline:
-                    return done
-                time.sleep(0.2)  # the server may still be starting
-
-        lan_fetch = fetch(lan_ns, f"http://10.77.{n}.2:8080/index.html", 5)
-        wan_fetch = fetch(wan_ns, f"http://10.78.{n}.1:8080/index.html", 3)
-        assert lan_fetch.stdout.split() == ["200", "10000"], lan_fetch.stderr
-        assert wan_fetch.stdout.split() == ["200", "10000"], wan_fetch.stderr
-    finally:
-        server_err = ""
-        if server is not None:
-            # SIGINT, as Ctrl-C would; SIGTERM if it is still up (both write --stats).
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                server.send_signal(sig)
-                try:
-                    server_err = server.communicate(timeout=15)[1]
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            else:
-                server.kill()
-                server_err = server.communicate()[1]
-        for ns in (srv_ns, lan_ns, wan_ns):
-            netns.delete_netns(ns)
-    assert stats.exists(), f"the server wrote no --stats file; its stderr:\n{server_err[-3000:]}"
-    counts = json.loads(stats.read_text())
+    res = dualmode_lab.run(tmp_path, requests=5, page_bytes=10_000)
+    for side in ("lan", "wan"):
+        assert res[side]["status"] == 200 and res[side]["bytes"] == 10_000, (side, res[side])
+        assert len(res[side]["seconds"]) == 5
+    counts = res["stats"]
+    assert counts is not None, f"the server wrote no --stats file; its stderr:\n{res['server_stderr'][-3000:]}"
     # Each request was served by the stack its accept rule names.
-    assert counts["lan0"]["accepts"] >= 5 and counts["kernel"]["accepts"] >= 3
+    assert counts["lan0"]["accepts"] >= 5 and counts["kernel"]["accepts"] >= 5
     assert counts["lan0"]["policy_refused"] == 0 and counts["kernel"]["policy_refused"] == 0
 
 
