@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ import dmm.runtime
 import dmm.socket as dsocket
 from dmm import config as dconfig
 from dmm.adaptive import Adaptive, AdaptiveSpec
+from dmm.rd import paths
 from dmm.rd.paths import Aggregate, Estimate, Sample, keys_for, prefix_key, sample_from_counters
 
 from conftest import use_config
@@ -118,6 +120,37 @@ def test_closing_connections_leave_samples_that_routing_sees():
     # Another address in the same /24 has the prefix's estimate.
     assert rt.path_for("127.0.0.9").key == "127.0.0.0/24"
     assert rt.path_for("10.9.9.9") is None
+
+
+def test_since_takes_differences_of_cumulative_counters_only():
+    before = {"bytes_sent": 100, "retransmits": 2, "min_rtt_us": 900}
+    now = {"bytes_sent": 350, "retransmits": 5, "min_rtt_us": 800, "delivery_rate_bps": 10}
+    assert paths.since(now, before) == {"bytes_sent": 250, "retransmits": 3, "min_rtt_us": 800,
+                                        "delivery_rate_bps": 10}
+
+
+def test_a_long_connection_leaves_samples_while_open():
+    """With sample_every_s = 1 a connection still open is measured: its
+    estimate is there before it closes, and it counts as one connection
+    once it does."""
+    rt = use_config(TWO + "[paths]\nsample_every_s = 1\n")
+    srv = dsocket.create_server(("127.0.0.1", 0))
+    c = dsocket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    with srv, conn:
+        c.sendall(b"x" * (1 << 20))
+        got = 0
+        while got < 1 << 20:
+            got += len(conn.recv(1 << 16))
+        deadline = time.monotonic() + 10
+        while rt.path_for("127.0.0.1") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        e = rt.path_for("127.0.0.1")
+        assert e is not None, "no sample from the open connection"
+        assert e.samples == 0 and 0 < e.rtt_ms < 5 and e.loss == 0.0
+        c.close()
+    e = rt.path_for("127.0.0.1")
+    assert e.samples == 1
 
 
 def test_a_config_with_one_stack_measures_nothing():

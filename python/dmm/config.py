@@ -60,6 +60,7 @@ Example::
     half_life_s = 600        # how fast old measurements fade
     prefix_v4 = 24           # estimates are kept per address and per prefix
     prefix_v6 = 64
+    sample_every_s = 10      # long connections leave a sample this often (0: at close only)
 
     [adaptive]               # the built-in adaptive policy (dmm.adaptive)
     kernel = "kernel"        # optional: the stack for good paths
@@ -226,6 +227,9 @@ class PathsSpec:
     prefix_v6: int = 64
     #: Estimates with no measurement for this long are dropped, seconds.
     max_age: float = 6 * 3600.0
+    #: A connection open longer than this leaves a sample every this many
+    #: seconds, not only at close (0: only at close).
+    sample_every: float = 10.0
     line: int | None = field(default=None, compare=False)
 
 
@@ -381,7 +385,7 @@ class _Validator:
         if not isinstance(raw, dict):
             raise self.error(start, "paths", "must be a table: write [paths]")
         known = {"enabled": (bool,), "half_life_s": (1, 30 * 86400), "max_age_s": (1, 365 * 86400),
-                 "prefix_v4": (8, 32), "prefix_v6": (16, 128)}
+                 "sample_every_s": (0, 86400), "prefix_v4": (8, 32), "prefix_v6": (16, 128)}
         values: dict[str, Any] = {}
         for key, value in raw.items():
             line = self._key_line(start, key)

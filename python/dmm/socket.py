@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-import time as _time
 import socket as _std
 import _socket
 
@@ -37,6 +36,7 @@ from .negotiate import Plan as _Plan
 from ._multilisten import AdvertisedMethods as _AdvertisedMethods
 from ._multilisten import ListenGroup as _ListenGroup
 from ._racing import RaceTakeover as _RaceTakeover
+from . import _sampling
 from ._sampling import PathSampled as _PathSampled
 from ._multilisten import MultiListenMethods as _MultiListenMethods
 from ._userspace import CoreMethods as _CoreMethods
@@ -150,7 +150,7 @@ class socket(_RaceTakeover, _StdSocket):
             host, port = address[0], address[1]
         rt = _runtime._runtime or _runtime.get()
         if rt.paths is not None and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
-            self._dmm_path = (_time.monotonic(), host.partition("%")[0])
+            _sampling.watch(self, host.partition("%")[0], rt.paths.paths_spec.sample_every)
             self.__class__ = _with_mixin(type(self), _PathSampled)
         if rt.only is not None and self._dmm_override is None and not _policy._hooks:
             name = rt.only

@@ -1,7 +1,9 @@
 """Path knowledge: what connections measured about the way to a destination.
 
 Each connection that closes leaves one :class:`Sample` (round-trip time,
-loss, delivery rate: whichever it measured well enough). Samples feed
+loss, delivery rate: whichever it measured well enough), and a long one
+another every ``sample_every`` seconds while it is open, each covering its
+own stretch of the connection (:func:`since`). Samples feed
 :class:`Aggregate` records kept per destination address and per destination
 prefix (/24 and /64 by default), so that a host never contacted before, on a
 network already seen, has an estimate too.
@@ -24,12 +26,15 @@ import socket as _std
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-__all__ = ["Aggregate", "Estimate", "Sample", "keys_for", "live_estimates", "prefix_key", "sample_from_counters"]
+__all__ = ["CUMULATIVE", "Aggregate", "Estimate", "Sample", "keys_for", "live_estimates", "prefix_key",
+           "sample_from_counters", "since"]
 
 #: A connection that moved fewer bytes than this says nothing about loss or rate.
 MIN_BULK_BYTES = 256 * 1024
 #: Weights below this are no data at all (about 10 half-lives without a sample).
 _NEGLIGIBLE = 1e-3
+#: Counters that grow over a connection's life; the others are current values.
+CUMULATIVE = ("bytes_sent", "bytes_received", "bytes_retransmitted", "packets_sent", "retransmits")
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,23 @@ class Sample:
     #: hundred packets at 0.1% loss often see none, a long transfer says
     #: more), so aggregates pool loss as bytes lost over bytes sent.
     loss_weight: float = 1.0
+    #: ``False`` for a sample of a connection still open (it counts in the
+    #: means, not in the count of connections).
+    connection: bool = True
 
     def empty(self) -> bool:
         return self.rtt_ms is None and self.loss is None and self.rate_mbit is None
 
 
-def sample_from_counters(counters: Mapping[str, int], seconds: float, stack: str = "") -> Sample:
+def since(counters: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    """The counters of what happened after ``before`` was read: the
+    :data:`CUMULATIVE` ones as differences (a long connection's samples then
+    each cover their own stretch), the rest as they are."""
+    return {k: (v - before.get(k, 0) if k in CUMULATIVE else v) for k, v in counters.items()}
+
+
+def sample_from_counters(counters: Mapping[str, int], seconds: float, stack: str = "",
+                         connection: bool = True) -> Sample:
     """The sample a closing connection leaves, from its stack's counters
     (``dmm_counters()``: kernel ``TCP_INFO`` or a user-space stack's own).
 
@@ -80,7 +96,7 @@ def sample_from_counters(counters: Mapping[str, int], seconds: float, stack: str
             rate = counters["delivery_rate_bps"] / 1e6
     if rate is None and received >= MIN_BULK_BYTES and seconds > 0:
         rate = received * 8 / seconds / 1e6
-    return Sample(rtt_ms, loss, rate, stack, loss_weight=sent / (1 << 20))
+    return Sample(rtt_ms, loss, rate, stack, loss_weight=sent / (1 << 20), connection=connection)
 
 
 @dataclass
@@ -115,7 +131,8 @@ class Aggregate:
         if sample.rate_mbit is not None:
             a.rate_sum += sample.rate_mbit
             a.rate_w += 1
-        a.samples += 1
+        if sample.connection:
+            a.samples += 1
         return a
 
     def estimate(self, key: str, now: float, half_life: float) -> Optional["Estimate"]:
