@@ -255,3 +255,43 @@ def test_options_set_before_connect_reach_the_fillp_socket(fillp):
         while dsocket.stack_counters()["wan"]["udp_sockets"] > 1:  # the listener's
             assert time.monotonic() < deadline, dsocket.stack_counters()["wan"]
             time.sleep(0.01)
+
+
+def test_huge_or_odd_arguments_raise_as_the_stdlib_does(fillp):
+    """recv(2**62) must not abort the process, a timeout no clock holds must
+    not panic: the same exceptions as a kernel socket's, and the connection
+    still works afterwards."""
+    srv = listener()
+    c = dsocket.socket()
+    c.connect(("127.0.0.1", srv.getsockname()[1]))
+    conn, _ = srv.accept()
+    k1, k2 = stdsocket.socketpair()
+    with srv, c, conn, k1, k2:
+        for sock in (c, k1):
+            with pytest.raises(MemoryError):
+                sock.recv(2 ** 62)
+            with pytest.raises(MemoryError):
+                sock.recvfrom(2 ** 62)
+            with pytest.raises(OverflowError):
+                sock.recv(2 ** 63)
+            with pytest.raises(ValueError):
+                sock.recv(-1)
+            for t in (1e300, float("inf")):
+                with pytest.raises(OverflowError):
+                    sock.settimeout(t)
+            with pytest.raises(ValueError):
+                sock.settimeout(float("nan"))
+            with pytest.raises(ValueError):
+                sock.settimeout(-1)
+        # The core socket under dmm's own checks the same way (no panic).
+        for t in (1e300, float("inf")):
+            with pytest.raises(OverflowError):
+                c._dmm_core.settimeout(t)
+        with pytest.raises(ValueError):
+            c._dmm_core.settimeout(float("nan"))
+        with pytest.raises(MemoryError):
+            c._dmm_core.recv(2 ** 62)
+        # A huge n reads what there is, as the stdlib's does.
+        conn.sendall(b"still here")
+        c.settimeout(5)
+        assert c.recv(2 ** 30) == b"still here"

@@ -9,7 +9,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -253,7 +253,7 @@ impl CoreSocket {
         if bufsize < 0 {
             return Err(PyValueError::new_err("negative buffersize in recv"));
         }
-        let mut buf = vec![0u8; bufsize as usize];
+        let mut buf = zeroed(bufsize as usize)?;
         let n = blocking(py, || self.inner.recv(&mut buf, flags))?;
         Ok(PyBytes::new(py, &buf[..n]))
     }
@@ -282,7 +282,7 @@ impl CoreSocket {
         if bufsize < 0 {
             return Err(PyValueError::new_err("negative buffersize in recvfrom"));
         }
-        let mut buf = vec![0u8; bufsize as usize];
+        let mut buf = zeroed(bufsize as usize)?;
         let (n, from) = blocking(py, || self.inner.recv_from(&mut buf, flags))?;
         let from = match from {
             Some(a) => sockaddr_to_py(py, a)?,
@@ -330,8 +330,15 @@ impl CoreSocket {
     fn settimeout(&self, timeout: Option<f64>) -> PyResult<()> {
         let t = match timeout {
             None => None,
-            Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-            Some(_) => return Err(PyValueError::new_err("Timeout value out of range")),
+            Some(s) if s.is_nan() => {
+                return Err(PyValueError::new_err("Invalid value NaN (not a number)"))
+            }
+            Some(s) if s < 0.0 => return Err(PyValueError::new_err("Timeout value out of range")),
+            // As the stdlib: a timeout no clock can hold (inf included) overflows.
+            Some(s) => Some(
+                Duration::try_from_secs_f64(s)
+                    .map_err(|_| PyOverflowError::new_err("timeout value too large"))?,
+            ),
         };
         self.inner.set_timeout(t).map_err(to_py)
     }
@@ -387,6 +394,24 @@ impl CoreSocket {
 }
 
 /// Applies the `nbytes` argument of `recv_into`: 0 means the whole buffer.
+/// The most one `recv` hands back: more than any user-space stack buffers
+/// (a stream receive may return less than asked; a datagram is under 64 KiB).
+const RECV_CAP: usize = 16 << 20;
+
+/// A receive buffer for `recv(n)`: `MemoryError` where the stdlib's would
+/// fail to allocate `n` bytes (where `vec![0; n]` would abort the process),
+/// else zeroed and at most [`RECV_CAP`] long, so a huge `n` touches no more
+/// memory than can be filled.
+fn zeroed(n: usize) -> PyResult<Vec<u8>> {
+    if n > RECV_CAP {
+        let mut probe = Vec::<u8>::new();
+        probe.try_reserve_exact(n).map_err(|_| {
+            PyMemoryError::new_err(format!("cannot allocate a {n}-byte receive buffer"))
+        })?;
+    }
+    Ok(vec![0; n.min(RECV_CAP)])
+}
+
 fn limit(raw: RawBuf, nbytes: isize, what: &str) -> PyResult<RawBuf> {
     match nbytes {
         n if n < 0 => Err(PyValueError::new_err(format!(
