@@ -437,3 +437,35 @@ while conn.recv(65536):
             with pytest.raises(TimeoutError):
                 c.sendall(b"x" * (64 << 20))  # ~20 s of trickle
             assert time.monotonic() - started < 10
+
+
+UDP_ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+print(s.getsockname()[1], flush=True)
+while True:
+    data, addr = s.recvfrom(2048)
+    s.sendto(data.upper(), addr)
+"""
+
+
+def test_sendmsg_with_an_address_routes_like_sendto(lan):
+    """The first sendmsg(..., address) of an unrouted datagram socket routes
+    it (here to smoltcp), and the datagram leaves through that stack;
+    recvmsg and recvmsg_into read its answers."""
+    with lan.serve(UDP_ECHO) as (_server, port):
+        s = dsocket.socket(dsocket.AF_INET, dsocket.SOCK_DGRAM)
+        s.settimeout(5)
+        with s:
+            assert s.sendmsg([b"he", memoryview(b"llo")], [], 0, (lan.address, port)) == 5
+            assert s.dmm_stack == "lan0"
+            data, anc, flags, addr = s.recvmsg(100)
+            assert (data, anc, flags, addr) == (b"HELLO", [], 0, (lan.address, port))
+            s.sendmsg([b"again"], (), 0, (lan.address, port))
+            a, b = bytearray(2), bytearray(10)
+            n, anc, flags, addr = s.recvmsg_into([a, b])
+            assert n == 5 and bytes(a) + bytes(b[:3]) == b"AGAIN" and addr == (lan.address, port)
+            with pytest.raises(OSError) as info:
+                s.sendmsg([b"x"], [(0, 0, b"")], 0, (lan.address, port))
+            assert info.value.errno == errno.EOPNOTSUPP

@@ -174,9 +174,33 @@ class UserSpaceMethods(CoreMethods):
             return int.from_bytes(raw[:4], _sys.byteorder, signed=True)
         return raw
 
-    sendmsg = not_supported("sendmsg")
-    recvmsg = not_supported("recvmsg")
-    recvmsg_into = not_supported("recvmsg_into")
+    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
+        # Scatter-gather only: there is no ancillary data to send on a
+        # user-space stack, so any is refused rather than dropped.
+        if ancdata:
+            raise OSError(_errno.EOPNOTSUPP, f"ancillary data is not supported on a {self._dmm_stack} socket")
+        data = b"".join(bytes(memoryview(b)) for b in buffers)
+        if address is None:
+            return self._dmm_core.send(data, flags)
+        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
+
+    def recvmsg(self, bufsize, ancbufsize=0, flags=0):
+        if bufsize < 0 or ancbufsize < 0:
+            raise ValueError("negative buffer size in recvmsg()")
+        data, address = self._dmm_core.recvfrom(bufsize, flags)
+        return data, [], 0, address
+
+    def recvmsg_into(self, buffers, ancbufsize=0, flags=0):
+        views = [memoryview(b).cast("B") for b in buffers]
+        total = sum(len(v) for v in views)
+        data, address = self._dmm_core.recvfrom(total, flags)
+        at = 0
+        for v in views:
+            n = min(len(v), len(data) - at)
+            v[:n] = data[at:at + n]
+            at += n
+        return len(data), [], 0, address
+
     dup = not_supported("dup")
 
 

@@ -352,6 +352,10 @@ class socket(_RaceTakeover, _StdSocket):
     def sendmsg(self, buffers, *args):
         if self._dmm_stack is None and len(args) > 2 and args[2] is not None:
             args = args[:2] + (self._dmm_route("sendto", args[2]),) + args[3:]
+            # Routed like sendto: a user-space stack sends it, not the
+            # kernel through the placeholder fd.
+            if isinstance(self, _UserSpaceMethods):
+                return _UserSpaceMethods.sendmsg(self, buffers, *args)
         return super().sendmsg(buffers, *args)
 
     def accept(self):
