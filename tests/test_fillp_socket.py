@@ -295,3 +295,36 @@ def test_huge_or_odd_arguments_raise_as_the_stdlib_does(fillp):
         conn.sendall(b"still here")
         c.settimeout(5)
         assert c.recv(2 ** 30) == b"still here"
+
+
+def test_dup_detach_and_fromfd_are_handles_on_one_connection(fillp):
+    """As with kernel sockets: dup() and fromfd() give new handles (new fd
+    numbers) on the same connection, detach() hands the fd over and
+    socket(fileno=fd) takes it up again, and the connection closes with its
+    last handle, not its first."""
+    srv = listener()
+    c = dsocket.create_connection(srv.getsockname(), timeout=5)
+    conn, _ = srv.accept()
+    conn.settimeout(5)
+    with srv, conn:
+        d = c.dup()
+        assert d.fileno() != c.fileno() and d.dmm_stack == "wan" and d.gettimeout() == 5
+        c.close()
+        d.sendall(b"dup")
+        assert conn.recv(100) == b"dup"
+        fd = d.detach()
+        assert d.fileno() == -1
+        adopted = dsocket.socket(fileno=fd)
+        assert adopted.fileno() == fd and adopted.getpeername() == conn.getsockname()
+        adopted.sendall(b"adopted")
+        assert conn.recv(100) == b"adopted"
+        again = dsocket.fromfd(adopted.fileno(), dsocket.AF_INET, dsocket.SOCK_STREAM)
+        assert again.fileno() != adopted.fileno()
+        adopted.close()
+        again.sendall(b"fromfd")
+        assert conn.recv(100) == b"fromfd"
+        conn.sendall(b"back")
+        again.settimeout(5)
+        assert again.recv(100) == b"back"
+        again.close()
+        assert conn.recv(100) == b""  # the last handle closed the connection

@@ -19,10 +19,11 @@ import _socket
 import errno as _errno
 import socket as _std
 import sys as _sys
+import threading as _threading
 import weakref as _weakref
 
-__all__ = ["CoreMethods", "UserSpaceMethods", "is_ip", "not_supported", "option_bytes", "refusing", "user_space",
-           "with_mixin", "write_poll_fd"]
+__all__ = ["CoreMethods", "UserSpaceMethods", "detached", "is_ip", "not_supported", "option_bytes", "refusing",
+           "release", "retain", "user_space", "with_mixin", "write_poll_fd"]
 
 # The C getters: plain ints, without the stdlib properties' enum conversion.
 _raw_family = _socket.socket.family.__get__
@@ -32,6 +33,31 @@ _raw_type = _socket.socket.type.__get__
 #: eventfd) polls readable exactly when they are readable but is always
 #: writable, so :mod:`dmm.selectors` polls their ``write_poll_fd`` instead.
 user_space: _weakref.WeakValueDictionary = _weakref.WeakValueDictionary()
+
+#: Core sockets with more than one handle (``dup()``, ``fromfd()``, a
+#: detached fd): id -> handles. A core closes with its last handle, as a
+#: kernel socket closes with its last fd.
+_handles: dict[int, int] = {}
+_handles_lock = _threading.Lock()
+
+#: Fds given away by ``detach()``: fd -> (core, stack, family, type, proto),
+#: so that ``socket(fileno=fd)`` and ``fromfd(fd)`` find the socket again.
+detached: dict[int, tuple] = {}
+
+
+def retain(core):
+    """Counts one more handle on ``core``."""
+    with _handles_lock:
+        _handles[id(core)] = _handles.get(id(core), 1) + 1
+
+
+def release(core):
+    """Counts one handle of ``core`` gone; whether it was the last."""
+    with _handles_lock:
+        left = _handles.pop(id(core), 1) - 1
+        if left > 1:
+            _handles[id(core)] = left
+        return left <= 0
 
 
 def write_poll_fd(fd):
@@ -100,7 +126,8 @@ class CoreMethods:
         if user_space.get(self.fileno()) is self:
             del user_space[self.fileno()]
         try:
-            self._dmm_core.close()
+            if release(self._dmm_core):
+                self._dmm_core.close()
         finally:
             super()._real_close(*args)
 
@@ -201,7 +228,28 @@ class UserSpaceMethods(CoreMethods):
             at += n
         return len(data), [], 0, address
 
-    dup = not_supported("dup")
+    def dup(self):
+        # A second handle on the same core socket, with its own fd number (a
+        # duplicate of the readiness eventfd) and a copy of the timeout. The
+        # core closes with the last handle. Unlike the kernel's, both
+        # handles share one timeout: the core socket holds it.
+        from .socket import socket  # the plain dmm class (this module is mixed into it)
+
+        sock = socket(_raw_family(self), _raw_type(self), self.proto)
+        sock.settimeout(self.gettimeout())
+        sock._dmm_stack = self._dmm_stack
+        retain(self._dmm_core)
+        sock._dmm_use_userspace(self._dmm_core)
+        return sock
+
+    def detach(self):
+        # The fd leaves with the core socket behind it: socket(fileno=fd)
+        # or fromfd(fd) takes it up again.
+        fd = self.fileno()
+        if user_space.get(fd) is self:
+            del user_space[fd]
+        detached[fd] = (self._dmm_core, self._dmm_stack, _raw_family(self), _raw_type(self), self.proto)
+        return super().detach()
 
 
 def is_ip(host, family):

@@ -39,6 +39,7 @@ from ._racing import RaceTakeover as _RaceTakeover
 from . import _sampling
 from ._sampling import PathSampled as _PathSampled
 from ._multilisten import MultiListenMethods as _MultiListenMethods
+from . import _userspace
 from ._userspace import CoreMethods as _CoreMethods
 from ._userspace import UserSpaceMethods as _UserSpaceMethods
 from ._userspace import option_bytes as _option_bytes
@@ -106,7 +107,23 @@ class socket(_RaceTakeover, _StdSocket):
                  "_dmm_path")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
-        super().__init__(family, type, proto, fileno)
+        adopted = _userspace.detached.pop(fileno, None) if fileno is not None else None
+        if adopted is not None:
+            # A detached user-space socket's fd (an eventfd, which the C
+            # socket refuses): open under its number as a kernel socket
+            # first, then put the eventfd back over it.
+            core, name, family, type, proto = adopted
+            stand_in = _socket.socket(family, type, proto)
+            poll_fd = _os.dup(fileno)
+            _os.dup2(stand_in.fileno(), fileno)
+            stand_in.close()
+            try:
+                super().__init__(family, type, proto, fileno)
+            finally:
+                _os.dup2(poll_fd, fileno)
+                _os.close(poll_fd)
+        else:
+            super().__init__(family, type, proto, fileno)
         self._dmm_stack = None if _raw_family(self) in _INET else _NOT_ROUTED
         self._dmm_core = None
         self._dmm_override = stack
@@ -119,6 +136,12 @@ class socket(_RaceTakeover, _StdSocket):
         # (connect start, numeric destination) while a closing connect
         # should leave a path sample (dmm._sampling).
         self._dmm_path = None
+        if adopted is not None:
+            self._dmm_stack = name
+            self._dmm_core = core
+            core.settimeout(self.gettimeout())
+            self.__class__ = _with_mixin(self.__class__, _UserSpaceMethods)
+            _user_space[self.fileno()] = self
 
     def __repr__(self):
         text = super().__repr__()
@@ -567,7 +590,19 @@ def socketpair(family=None, type=_std.SOCK_STREAM, proto=0):
 
 
 def fromfd(fd, family, type, proto=0):
-    """A dmm socket over a duplicate of ``fd``."""
+    """A dmm socket over a duplicate of ``fd``; for the fd of a socket on a
+    user-space stack (open or detached), a new handle on that socket."""
+    sock = _user_space.get(fd)
+    if sock is not None:
+        return sock.dup()
+    held = _userspace.detached.get(fd)
+    if held is not None:
+        core, name, family, type, proto = held
+        new = socket(family, type, proto)
+        new._dmm_stack = name
+        _userspace.retain(core)
+        new._dmm_use_userspace(core)
+        return new
     return socket(family, type, proto, _os.dup(fd))
 
 
