@@ -14,7 +14,7 @@ import pytest
 
 import dmm.socket as dsocket
 
-from conftest import FILLP_LOOPBACK, use_config
+from conftest import FILLP_LOOPBACK, FILLP_TO, use_config
 
 @pytest.fixture(params=["bbr"])
 def fillp(request):
@@ -328,3 +328,39 @@ def test_dup_detach_and_fromfd_are_handles_on_one_connection(fillp):
         assert again.recv(100) == b"back"
         again.close()
         assert conn.recv(100) == b""  # the last handle closed the connection
+
+
+def test_a_listener_at_its_connection_limit_refuses_at_connect():
+    """max_connections = 2: the third client's connect() fails with
+    ECONNREFUSED at once (not a silent success and a timeout later); once a
+    connection closes there is room again."""
+    use_config(FILLP_TO.replace("{prefix}", "127.0.0.0/8").replace("{mode}", "bbr")
+               .replace("{extra}", "max_connections = 2"))
+    srv = listener()
+    addr = srv.getsockname()
+    first = dsocket.create_connection(addr, timeout=5)
+    second = dsocket.create_connection(addr, timeout=5)
+    accepted = [srv.accept()[0] for _ in range(2)]
+    with srv:
+        third = dsocket.socket()
+        third.settimeout(5)
+        started = time.monotonic()
+        with third, pytest.raises(ConnectionRefusedError):
+            third.connect(addr)
+        assert time.monotonic() - started < 2
+        for sock in [first, *accepted]:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while True:  # the server forgets the closed connection within its close handshake
+            try:
+                fourth = dsocket.create_connection(addr, timeout=5)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "no room after a connection closed"
+                time.sleep(0.1)
+        with second, fourth:
+            conn, _ = srv.accept()
+            with conn:
+                fourth.sendall(b"room again")
+                conn.settimeout(5)
+                assert conn.recv(100) == b"room again"

@@ -35,6 +35,7 @@ Example::
     datagram_size = "auto"   # UDP payload per datagram: "auto" sizes it from
                              # the route to each peer (the route MTU less
                              # headers above 1500, else 1400), or 512-65507
+    max_connections = 4096   # a listener's limit; clients beyond are refused
 
     [[route]]
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6

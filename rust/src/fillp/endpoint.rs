@@ -109,8 +109,9 @@ pub struct EndpointStats {
     pub cookie_rotations: u64,
     /// Connections accepted.
     pub accepted: u64,
-    /// Valid CONN_REQs refused because `max_connections` was reached (each
-    /// answered with a RST, so the client's connect fails at once).
+    /// INITs and valid CONN_REQs refused because `max_connections` was
+    /// reached (each answered with a RST, so the client's connect fails at
+    /// once).
     pub refused: u64,
     /// DISCOVER queries received ([`super::discovery`]).
     pub discovery_queries: u64,
@@ -385,6 +386,13 @@ impl Endpoint {
             self.stats.stateless_dropped += 1;
             return;
         }
+        if self.full() {
+            // Full: tell the client while it is still in connect(). (The
+            // check at CONN_REQ stays, for INITs racing for the last place.)
+            self.stats.refused += 1;
+            self.queue_reset(remote, client_cid);
+            return;
+        }
         let agreed = self.agreed(params);
         // A CID not in use now; uniqueness is re-checked when the cookie returns.
         let server_cid = self.fresh_cid();
@@ -418,6 +426,29 @@ impl Endpoint {
         reply.emit(&mut buf);
         self.stateless.push_back((remote, buf));
         self.stats.cookies_sent += 1;
+    }
+
+    /// Whether a new connection would pass `max_connections`. Lingering
+    /// connections (closed, answering retransmissions, as TCP's TIME_WAIT)
+    /// do not count, up to three times the limit of them (the scan runs
+    /// only once the table has reached the limit).
+    fn full(&self) -> bool {
+        let max = self.config.max_connections;
+        let all = self.conns.len();
+        all >= max
+            && (all >= max.saturating_mul(4)
+                || self.conns.values().filter(|c| !c.is_lingering()).count() >= max)
+    }
+
+    /// Queues a stateless RST to the client `cid` at `remote`.
+    fn queue_reset(&mut self, remote: SocketAddr, cid: u32) {
+        let reset = Repr {
+            dst_cid: cid,
+            body: Body::Reset,
+        };
+        let mut buf = Vec::with_capacity(reset.buffer_len());
+        reset.emit(&mut buf);
+        self.stateless.push_back((remote, buf));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -455,19 +486,13 @@ impl Endpoint {
                 return;
             }
         };
-        if self.conns.len() >= self.config.max_connections {
+        if self.full() {
             // The cookie proved the client's address: tell it, as a full
             // kernel backlog with tcp_abort_on_overflow does, instead of
             // letting its connect succeed into silence.
             self.stats.refused += 1;
             if self.stateless.len() < self.config.max_stateless_queue {
-                let reset = Repr {
-                    dst_cid: client_cid,
-                    body: Body::Reset,
-                };
-                let mut buf = Vec::with_capacity(reset.buffer_len());
-                reset.emit(&mut buf);
-                self.stateless.push_back((remote, buf));
+                self.queue_reset(remote, client_cid);
             }
             return;
         }
@@ -779,8 +804,35 @@ mod tests {
         );
     }
 
+    fn reset_to(ep: &mut Endpoint, now: Instant) -> Option<(SocketAddr, u32)> {
+        let mut buf = Vec::new();
+        let t = ep.poll_transmit(now, &mut buf)?;
+        let r = Repr::parse_bytes(&buf).ok()?;
+        matches!(r.body, Body::Reset).then_some((t.destination, r.dst_cid))
+    }
+
     #[test]
     fn a_full_server_resets_a_valid_conn_req() {
+        // Two cookies minted while there was room; the second CONN_REQ
+        // finds the last place taken.
+        let t0 = Instant::now();
+        let cfg = EndpointConfig {
+            max_connections: 1,
+            ..server_cfg()
+        };
+        let mut ep = Endpoint::new(cfg, t0, 1);
+        let alice: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let bob: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        let ma = cookie_at(&mut ep, t0, alice, 7);
+        let mb = cookie_at(&mut ep, t0, bob, 8);
+        ep.handle_datagram(t0, alice, &conn_req(7, &ma));
+        ep.handle_datagram(t0, bob, &conn_req(8, &mb));
+        assert_eq!((ep.connection_count(), ep.stats().refused), (1, 1));
+        assert_eq!(reset_to(&mut ep, t0), Some((bob, 8)));
+    }
+
+    #[test]
+    fn a_full_server_answers_an_init_with_a_reset() {
         let t0 = Instant::now();
         let cfg = EndpointConfig {
             max_connections: 0,
@@ -788,16 +840,9 @@ mod tests {
         };
         let mut ep = Endpoint::new(cfg, t0, 1);
         let alice: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        let m = cookie_at(&mut ep, t0, alice, 7);
-        ep.handle_datagram(t0, alice, &conn_req(7, &m));
-        assert_eq!((ep.connection_count(), ep.stats().refused), (0, 1));
-        let mut buf = Vec::new();
-        let t = ep.poll_transmit(t0, &mut buf).expect("a RST");
-        assert_eq!(t.destination, alice);
-        assert_eq!(
-            Repr::parse_bytes(&buf).map(|r| (r.dst_cid, matches!(r.body, Body::Reset))),
-            Ok((7, true))
-        );
+        ep.handle_datagram(t0, alice, &init(7));
+        assert_eq!((ep.stats().cookies_sent, ep.stats().refused), (0, 1));
+        assert_eq!(reset_to(&mut ep, t0), Some((alice, 7)));
     }
 
     #[test]

@@ -331,6 +331,12 @@ impl Connection {
         self.is_established() || (self.state == State::Handshake && self.hs.has_cookie())
     }
 
+    /// Finished or closed, kept only to answer the peer's retransmissions
+    /// (as TCP's TIME_WAIT): it holds no place against a connection limit.
+    pub fn is_lingering(&self) -> bool {
+        matches!(self.state, State::Draining | State::Closed)
+    }
+
     /// Closed (possibly still lingering to answer retransmissions).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed | State::Draining)
@@ -445,7 +451,12 @@ impl Connection {
                 }
             }
             Body::Reset => {
-                if self.remote_cid != 0 {
+                // A client still in its handshake takes one too: its server
+                // is full. The CID it chose and the address it sent to vouch
+                // for the RST, as the acknowledgment does for TCP's in
+                // SYN-SENT.
+                let refused = self.role == Role::Client && self.state == State::Handshake;
+                if self.remote_cid != 0 || refused {
                     self.peer_reset = true;
                     self.enter_closed(CloseReason::PeerReset);
                     true
@@ -572,11 +583,11 @@ mod tests {
         assert_eq!(s.write(b"x"), Err(WriteError::Closed));
         assert!(drain(&mut s, clk.at(1)).is_empty());
         assert_eq!(s.poll_timeout(), None);
-        // A client that does not know its server yet ignores one.
+        // A client in its handshake is refused by one (a full server).
         let mut c = Connection::new_client(Config::default(), clk.t0, peer(), CLIENT_CID);
         c.handle_datagram(clk.at(1), &rst(CLIENT_CID));
-        assert!(!c.is_closed());
-        assert_eq!(c.stats().dropped, 1);
+        assert!(c.is_closed());
+        assert_eq!(c.close_reason(), Some(CloseReason::PeerReset));
     }
 
     #[test]

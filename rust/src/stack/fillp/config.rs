@@ -10,11 +10,18 @@ use crate::stack::options::{OptionError, Options, Value};
 use crate::stack::registry::{Kind, StackConfig};
 use crate::stack::Stack;
 
-/// The `fillp` kind: `rate_control`, `address`, `fixed_rate`, `datagram_size`.
+/// The `fillp` kind: `rate_control`, `address`, `fixed_rate`,
+/// `datagram_size`, `max_connections`.
 pub static KIND: Kind = Kind {
     name: "fillp",
     summary: "FillP-style reliable byte streams over UDP, one driver thread",
-    fields: &["rate_control", "address", "fixed_rate", "datagram_size"],
+    fields: &[
+        "rate_control",
+        "address",
+        "fixed_rate",
+        "datagram_size",
+        "max_connections",
+    ],
     parse: parse_config,
 };
 
@@ -63,8 +70,15 @@ fn parse_config(o: &Options) -> Result<Box<dyn StackConfig>, OptionError> {
             ))
         }
     };
+    let max_connections = o.int(
+        "max_connections",
+        4096,
+        1..=1_000_000,
+        "a number of connections from 1 to 1000000",
+    )? as usize;
     let mut opts = FillpOptions {
         bind_ip,
+        max_connections,
         ..FillpOptions::default()
     };
     opts.connection.mode = parse_rate_mode(rate_control).unwrap_or(RateMode::Bbr);
@@ -139,6 +153,10 @@ impl StackConfig for FillpConfig {
                     .map_or(Value::None, |b| Value::Int(b as i64)),
             ),
             ("datagram_size", size),
+            (
+                "max_connections",
+                Value::Int(self.opts.max_connections as i64),
+            ),
         ]
     }
 

@@ -24,6 +24,9 @@ pub struct FillpOptions {
     /// MTU cannot be read. On by default; off, every connection offers
     /// `connection.mtu`.
     pub path_mtu: bool,
+    /// Connections a listener holds at most; a client beyond them is
+    /// refused at `connect()` (ECONNREFUSED).
+    pub max_connections: usize,
 }
 
 impl Default for FillpOptions {
@@ -33,6 +36,7 @@ impl Default for FillpOptions {
             connection: Config::default(),
             offload: true,
             path_mtu: true,
+            max_connections: 4096,
         }
     }
 }

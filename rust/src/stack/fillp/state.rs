@@ -496,6 +496,7 @@ pub(super) fn new_endpoint(opts: &FillpOptions, server: bool) -> Endpoint {
         connection,
         server,
         cookie_secret: secret,
+        max_connections: opts.max_connections,
         ..EndpointConfig::default()
     };
     Endpoint::new(config, Instant::now(), u64::from_ne_bytes(seed))
