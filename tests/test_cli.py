@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 import dmm
 from dmm import cli
@@ -76,7 +77,7 @@ def test_bad_config_is_reported_not_raised(tmp_path):
 
 
 def test_demo_runs_on_builtin_defaults(tmp_path):
-    out = run(["demo", "--size", "8"], cwd=tmp_path)
+    out = run(["demo", "loopback", "--size", "8"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     rows = [line for line in lines if line.startswith("127.0.0.")]
@@ -86,6 +87,31 @@ def test_demo_runs_on_builtin_defaults(tmp_path):
     assert rows[1].split()[3] == ("MPTCP" if mptcp_available() is None else "TCP")
     # 127.0.0.3 goes over FillP, to a FillP listener on the same port number.
     assert rows[2].split()[1:4] == ["wan", "route[1]", "FillP"] and rows[2].split()[-1] == "wan"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the file-sync lab (namespaces, TAP devices)")
+def test_demo_as_root_runs_the_filesync_lab(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dmm", "demo", "--size", "1", "--rounds", "1", "--out", "res"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = (tmp_path / "res" / "filesync.md").read_text()
+    assert "## Kernel TCP: cubic (set per route)" in report
+    rows = [ln for ln in report.splitlines() if ln.startswith("| internet ") or ln.startswith("| intra-dc ")]
+    assert len(rows) == 4 and all(r.rstrip().endswith("| ok |") for r in rows), rows
+    # The first connection of a path is the kernel's: it measures the path.
+    assert all(r.split("|")[6].strip().startswith("kernel") for r in rows), rows
+    assert (tmp_path / "res" / "filesync.png").stat().st_size > 10_000
+    assert "decided by: adaptive" in out.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and a TAP device for smoltcp")
+def test_demo_web_serves_lan_on_smoltcp_and_wan_on_the_kernel():
+    out = subprocess.run([sys.executable, "-m", "dmm", "demo", "web"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines() if ln.startswith(("lan ", "wan "))}
+    assert rows["lan"][2:4] == ["20", "200"] and rows["wan"][2:4] == ["20", "200"], out.stdout
+    assert "lan0    accepted  20, refused by policy 0" in out.stdout
+    assert "kernel  accepted  20, refused by policy 0" in out.stdout
 
 
 def test_main_without_command_prints_help(capsys):

@@ -4,7 +4,10 @@
 
     dmm run app.py [args...]      run a program with its sockets on dmm
     dmm run -m module [args...]   the same for a module
-    dmm demo                      a server and clients on two stacks, routed
+    dmm demo [filesync|web|loopback]
+                                  file sync in the lab, kernel TCP against dmm
+                                  (as root), a dual-mode web server (root), or
+                                  three stacks over loopback
     dmm stacks                    the configured stack instances
     dmm routes                    the routing rules
     dmm route explain HOST:PORT   which stack a connection would use, and why
@@ -20,6 +23,7 @@ import argparse
 import os
 import runpy
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main"]
@@ -233,9 +237,25 @@ def cmd_rd(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .usecases import filesync_demo
+
+    why = filesync_demo.available()
+    which = args.which or ("loopback" if why else "filesync")
+    if which == "web":
+        from .usecases import web_demo
+
+        return web_demo.run()
+    if which == "filesync":
+        if why:
+            print(f"dmm demo filesync: {why}", file=sys.stderr)
+            return 2
+        size = int((args.size if args.size is not None else 4) * 10 ** 6)
+        return filesync_demo.run(size=size, rounds=args.rounds, out=Path(args.out))
     from .demo import run_demo
 
-    return run_demo(size_mib=args.size, config=args.config)
+    if args.which is None:
+        print(f"(the file-sync lab demo did not run: {why}; as root, `dmm demo` runs it)\n")
+    return run_demo(size_mib=int(args.size if args.size is not None else 64), config=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,8 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--json", action="store_true", help="print the estimates as a JSON list")
     paths.set_defaults(func=cmd_paths)
 
-    demo = sub.add_parser("demo", help="a server and clients on two stack instances, chosen by routes")
-    demo.add_argument("--size", type=int, default=64, help="MiB each client sends (default 64)")
+    demo = sub.add_parser("demo", help="file sync in the lab, kernel TCP against dmm (as root); else a loopback demo")
+    demo.add_argument("which", nargs="?", choices=("filesync", "web", "loopback"),
+                      help="filesync: use case 1 in the lab (root; the default as root); web: use case 2, one "
+                           "web server socket on the kernel and smoltcp (root); loopback: three stacks in one "
+                           "process (the default otherwise)")
+    demo.add_argument("--size", type=float, help="MB per transfer (filesync, default 4) or MiB per client "
+                                                  "(loopback, default 64)")
+    demo.add_argument("--rounds", type=int, default=3, help="filesync rounds per scenario (default 3)")
+    demo.add_argument("--out", default="dmm-demo", help="where filesync writes its table and plot (default ./dmm-demo)")
     demo.set_defaults(func=cmd_demo)
 
     from .lab.cli import add_subcommands
