@@ -727,10 +727,16 @@ fn jumbo_mtu_with_a_kernel_peer() {
 
 #[test]
 fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
+    const CLIENTS: usize = 6;
     let (stack, _dev) = setup("o", 14);
     let (l, addr) = smol_listener(&stack, 14, 2);
-    // Two fill the queue, two more wait in the pool's held-back handshakes.
-    let clients: Vec<_> = (0..4)
+    let get = |k: &str| {
+        let c = stack.counters();
+        c.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap()
+    };
+    // Two fill the queue; the SYNs of the rest are dropped (and
+    // retransmitted by their kernel) until the application accepts.
+    let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             thread::spawn(move || {
                 let t0 = Instant::now();
@@ -739,10 +745,19 @@ fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
             })
         })
         .collect();
+    thread::sleep(Duration::from_millis(300));
+    assert!(get("syn_dropped") > 0);
+    assert_eq!(get("accepted"), 2);
+    // While clients are held back, the stack is at rest: a held-back
+    // handshake must not keep the driver turning (a spin holds the lock
+    // that `accept` needs). A few turns for delayed ACKs, not thousands.
+    let turns = get("turns");
     thread::sleep(Duration::from_millis(500));
+    let spent = get("turns") - turns;
+    assert!(spent < 100, "{spent} turns while at rest");
     let mut accepted = Vec::new();
     l.set_timeout(Some(Duration::from_secs(10))).unwrap();
-    for _ in 0..4 {
+    for _ in 0..CLIENTS {
         accepted.push(l.accept().unwrap());
     }
     for c in clients {

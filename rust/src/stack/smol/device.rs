@@ -11,6 +11,7 @@ use std::io;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
+use super::syn_gate::SynGate;
 use crate::sys::tap::Tap;
 
 /// Ethernet header length (no VLAN tags: the TAP carries none of ours).
@@ -29,6 +30,8 @@ pub struct DeviceStats {
     pub bytes_out: u64,
     /// Frames dropped because the TAP's queue was full.
     pub tx_dropped: u64,
+    /// SYNs dropped because their listener had no room for them.
+    pub syn_dropped: u64,
 }
 
 /// A TAP device as smoltcp sees it.
@@ -40,6 +43,7 @@ pub struct TapDevice {
     tx: Vec<u8>,
     failure: Option<io::Error>,
     stats: DeviceStats,
+    gate: SynGate,
 }
 
 impl TapDevice {
@@ -53,6 +57,7 @@ impl TapDevice {
             tx: vec![0; frame],
             failure: None,
             stats: DeviceStats::default(),
+            gate: SynGate::default(),
         }
     }
 
@@ -69,6 +74,11 @@ impl TapDevice {
     /// Marks the device dead (for example on `POLLERR`/`POLLHUP`).
     pub fn fail(&mut self, e: io::Error) {
         self.failure.get_or_insert(e);
+    }
+
+    /// The gate that drops SYNs to listeners with a full queue.
+    pub fn gate_mut(&mut self) -> &mut SynGate {
+        &mut self.gate
     }
 
     /// Counters so far.
@@ -138,16 +148,22 @@ impl phy::Device for TapDevice {
         if self.failure.is_some() {
             return None;
         }
-        let n = match self.tap.read(&mut self.rx) {
-            Ok(Some(n)) => n,
-            Ok(None) => return None,
-            Err(e) => {
-                self.failure = Some(e);
-                return None;
+        let n = loop {
+            let n = match self.tap.read(&mut self.rx) {
+                Ok(Some(n)) => n,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.failure = Some(e);
+                    return None;
+                }
+            };
+            self.stats.frames_in += 1;
+            self.stats.bytes_in += n as u64;
+            if self.gate.admits(self.rx.get(..n)?) {
+                break n;
             }
+            self.stats.syn_dropped += 1;
         };
-        self.stats.frames_in += 1;
-        self.stats.bytes_in += n as u64;
         let frame = self.rx.get(..n)?;
         Some((
             RxToken { frame },

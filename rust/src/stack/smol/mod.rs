@@ -37,13 +37,12 @@
 //!   returns `EINTR`.
 //! * **Listen backlog.** smoltcp has none: one listening socket takes one
 //!   connection. A listener keeps a pool of `backlog` smoltcp sockets
-//!   listening on its port, plus up to 64 more for a burst of SYNs; each
-//!   one that completes a handshake moves to the accept queue and is
-//!   replaced after the turn. Handshakes proceed while the queue has room
-//!   (up to `backlog`); beyond that the pool still takes SYNs but holds
-//!   their SYN-ACKs back (smoltcp's `pause_synack`), so clients retransmit
-//!   and wait, as with a full kernel queue, instead of being refused. Only
-//!   SYNs beyond the pool (one turn's burst larger than it) get an RST.
+//!   listening on its port; each one that completes a handshake moves to
+//!   the accept queue and is replaced after the turn. The device admits only as many SYNs as the
+//!   queue has room for (`backlog` less the connections not yet accepted
+//!   and the handshakes under way) and drops the rest ([`syn_gate`]), so
+//!   clients retransmit and wait, as with a full kernel queue, instead of
+//!   being refused, even in a burst.
 //! * **Ports** ([`ports`]): smoltcp has no port table and `connect` needs an
 //!   explicit local port; dmm reserves ports per instance (`EADDRINUSE`) and
 //!   picks ephemeral ones.
@@ -92,6 +91,7 @@ pub mod ports;
 #[macro_use]
 mod socket;
 mod state;
+mod syn_gate;
 mod tcp;
 mod udp;
 
@@ -567,6 +567,7 @@ impl Stack for SmolStack {
             ("sockets", s.sockets.load(Ordering::Relaxed)),
             ("connects", s.connects.load(Ordering::Relaxed)),
             ("accepted", st.accepted),
+            ("turns", st.turns),
             ("tcp_sockets", st.sockets.tcp_count() as u64),
             ("ports", st.ports.len() as u64),
             ("packets_received", d.frames_in),
@@ -574,6 +575,7 @@ impl Stack for SmolStack {
             ("bytes_received", d.bytes_in),
             ("bytes_sent", d.bytes_out),
             ("tx_dropped", d.tx_dropped),
+            ("syn_dropped", d.syn_dropped),
             ("down", u64::from(st.down.is_some())),
             ("restarts", s.restarts.load(Ordering::Relaxed)),
         ]

@@ -38,10 +38,6 @@ pub const ACK_DELAY: SmolDuration = SmolDuration::from_millis(10);
 /// Largest listen backlog (Linux' `SOMAXCONN`).
 pub const MAX_BACKLOG: i32 = 4096;
 
-/// Most sockets a listener keeps beyond its backlog for held-back
-/// handshakes (every pool socket costs a little on each poll).
-pub const BURST_EXTRA: usize = 64;
-
 /// Default idle time before keepalive probes (`TCP_KEEPIDLE`), as Linux.
 pub const KEEPIDLE_DEFAULT: u32 = 7200;
 
@@ -332,7 +328,10 @@ pub struct State {
     epoch: std::time::Instant,
     /// When the driver will next wake by itself (`None`: only when kicked).
     pub driver_deadline: Option<Instant>,
+    /// Connections accepted so far.
     pub accepted: u64,
+    /// Turns run so far (driver and inline): a stack at rest runs none.
+    pub turns: u64,
 }
 
 impl State {
@@ -350,6 +349,7 @@ impl State {
             epoch,
             driver_deadline: None,
             accepted: 0,
+            turns: 0,
         }
     }
 
@@ -375,6 +375,7 @@ impl State {
         let Some(dev) = self.dev.as_mut() else {
             return;
         };
+        self.turns += 1;
         self.iface.poll(now, dev, &mut self.sockets.set);
         if dev.failure().is_some() {
             self.go_down(libc::ENETDOWN);
@@ -427,10 +428,10 @@ impl State {
     }
 
     /// Moves listener `id`'s established connections to its accept queue
-    /// and tops its pool of listening sockets up. While the queue is full,
-    /// the pool's sockets take SYNs but hold the SYN-ACK back, so clients
-    /// retransmit and wait as with a full kernel queue (only SYNs beyond the
-    /// pool are refused).
+    /// and tops its pool of listening sockets up. The device's
+    /// [`SynGate`](super::syn_gate::SynGate) then admits only as many SYNs
+    /// as the queue has room for; clients beyond it retransmit and wait, as
+    /// with a full kernel queue.
     pub fn refill(&mut self, id: u64) {
         let mut born = Vec::new();
         let opts;
@@ -476,26 +477,35 @@ impl State {
                     }
                 }
             }
-            // The pool holds `backlog` sockets for the accept queue and as
-            // many again (at most BURST_EXTRA) for handshakes held back while
-            // it is full, as the kernel's SYN queue does.
-            let target = *backlog + (*backlog).min(BURST_EXTRA);
-            while pool.len() < target {
+            // As many sockets listen as the gate below can admit SYNs.
+            while pool.len() < *backlog {
                 let mut t = opts.tcp_socket();
                 if t.listen(*endpoint).is_err() {
                     break;
                 }
                 pool.push(self.sockets.add_tcp(t));
             }
-            // Handshakes go on (SYN-ACK) while the queue has room; the rest
-            // are held back (no SYN-ACK: the client retransmits and waits)
-            // instead of refused. Listening sockets answer at once while
-            // room is left.
-            //
+            // Until the next turn, the gate admits as many SYNs as the
+            // queue has room for beyond the handshakes under way, and no
+            // more than there are sockets listening to take them.
+            let (listening, handshakes) = pool.iter().fold((0, 0), |(l, h), &sh| {
+                match self.sockets.tcp(sh).map(|t| t.state()) {
+                    Some(tcp::State::Listen) => (l + 1, h),
+                    Some(tcp::State::SynReceived) => (l, h + 1),
+                    _ => (l, h),
+                }
+            });
+            let room = backlog
+                .saturating_sub(queue.len() + born.len() + handshakes)
+                .min(listening);
+            if let Some(dev) = self.dev.as_mut() {
+                dev.gate_mut().set(*endpoint, room);
+            }
             // An IPv4 listener on the wildcard of an instance that also has
             // IPv6 addresses must refuse IPv6 clients (smoltcp's wildcard
-            // takes both): its SYN-ACKs always wait for this screening, and
-            // an IPv6 handshake is reset before it ever completes.
+            // takes both): its SYN-ACKs wait for this screening, which runs
+            // in the same turn, and an IPv6 handshake is reset before it
+            // ever completes.
             let screen = family == Family::V4
                 && endpoint.addr.is_none()
                 && self
@@ -503,7 +513,6 @@ impl State {
                     .ip_addrs()
                     .iter()
                     .any(|c| c.address().version() == IpVersion::Ipv6);
-            let mut room = backlog.saturating_sub(queue.len() + born.len());
             for &h in pool.iter() {
                 let Some(t) = self.sockets.tcp_mut(h) else {
                     continue;
@@ -517,18 +526,9 @@ impl State {
                         // RST now; the next refill listens again.
                         t.abort();
                     }
-                    tcp::State::SynReceived => {
-                        t.pause_synack(room == 0);
-                        room = room.saturating_sub(1);
-                    }
+                    tcp::State::SynReceived => t.pause_synack(false),
+                    tcp::State::Listen => t.pause_synack(screen),
                     _ => {}
-                }
-            }
-            for &h in pool.iter() {
-                if let Some(t) = self.sockets.tcp_mut(h) {
-                    if t.state() == tcp::State::Listen {
-                        t.pause_synack(room == 0 || screen);
-                    }
                 }
             }
         }

@@ -371,7 +371,15 @@ impl StackSocket for TcpSocket {
                 }
                 st.orphan(h, s.port);
             }
-            Role::Listening { pool, queue, .. } => {
+            Role::Listening {
+                pool,
+                queue,
+                endpoint,
+                ..
+            } => {
+                if let Some(dev) = st.dev.as_mut() {
+                    dev.gate_mut().remove(endpoint);
+                }
                 for h in pool {
                     if let Some(t) = st.sockets.tcp_mut(h) {
                         t.abort();
