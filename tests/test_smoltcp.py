@@ -469,3 +469,21 @@ def test_sendmsg_with_an_address_routes_like_sendto(lan):
             with pytest.raises(OSError) as info:
                 s.sendmsg([b"x"], [(0, 0, b"")], 0, (lan.address, port))
             assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_a_connection_reports_its_handshake_rtt_for_path_knowledge(lan):
+    from dmm.rd.paths import sample_from_counters
+
+    with lan.serve(SINK) as (server, port):
+        c = dsocket.create_connection((lan.address, port), timeout=10)
+        with c:
+            counters = c.dmm_counters()
+            c.sendall(b"x")
+            c.shutdown(dsocket.SHUT_WR)
+            assert len(c.recv(64)) > 0
+        assert int(server.stdout.readline()) == 1
+    # One round trip over a TAP on this host: more than nothing, far less
+    # than any WAN's.
+    assert 0 < counters["min_rtt_us"] < 50_000, counters
+    sample = sample_from_counters(counters, 0.1, "lan0")
+    assert sample.rtt_ms == counters["min_rtt_us"] / 1000

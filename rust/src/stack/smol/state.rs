@@ -225,6 +225,10 @@ pub struct SockState {
     pub port: Option<(Proto, u16)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// How long this socket's connect handshake took, microseconds (0: not
+    /// a completed connect): one round trip, the path's RTT as dmm sees it
+    /// (smoltcp keeps its own RTT estimate private).
+    pub connect_rtt_us: u64,
     /// A datagram socket (a fresh one is writable).
     pub dgram: bool,
 }
@@ -246,6 +250,7 @@ impl SockState {
             port: None,
             bytes_sent: 0,
             bytes_received: 0,
+            connect_rtt_us: 0,
             dgram: false,
         }
     }
@@ -669,6 +674,7 @@ fn step(s: &mut SockState, set: &mut Sockets, now: Instant) {
                     }
                     _ => {
                         *phase = Phase::Established;
+                        s.connect_rtt_us = (now - since).total_micros();
                         t.set_timeout(None);
                         s.local = t.local_endpoint().map(SocketAddr::from).or(s.local);
                     }

@@ -496,6 +496,7 @@ impl StackSocket for TcpSocket {
         vec![
             ("bytes_sent", s.bytes_sent),
             ("bytes_received", s.bytes_received),
+            ("min_rtt_us", s.connect_rtt_us),
             ("send_queue", sendq as u64),
             ("recv_queue", recvq as u64),
         ]
