@@ -14,6 +14,7 @@ import pytest
 import dmm.policy
 import dmm.runtime
 import dmm.socket as dsocket
+from dmm import _sampling
 from dmm import config as dconfig
 from dmm.adaptive import Adaptive, AdaptiveSpec
 from dmm.rd import paths
@@ -91,7 +92,8 @@ def test_prefix_keys_for_both_families():
 # -- the store, this process and others ----------------------------------------------
 
 
-def test_closing_connections_leave_samples_that_routing_sees():
+def test_closing_connections_leave_samples_that_routing_sees(monkeypatch):
+    monkeypatch.setattr(_sampling, "SHORT", 0.0)  # both count, however short
     rt = use_config(TWO)
     srv = dsocket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
@@ -120,6 +122,40 @@ def test_closing_connections_leave_samples_that_routing_sees():
     # Another address in the same /24 has the prefix's estimate.
     assert rt.path_for("127.0.0.9").key == "127.0.0.0/24"
     assert rt.path_for("10.9.9.9") is None
+
+
+def test_of_many_short_connections_to_one_address_one_a_second_is_sampled(monkeypatch):
+    monkeypatch.setattr(_sampling, "_short_last", {})  # no other test's
+    rt = use_config(TWO)
+    srv = dsocket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve(n):
+        for _ in range(n):
+            c, _ = srv.accept()
+            c.recv(16)
+            c.close()
+
+    def connect(hold=0.0):
+        c = dsocket.create_connection(("127.0.0.1", port))
+        time.sleep(hold)
+        c.sendall(b"x")
+        c.close()
+
+    t = threading.Thread(target=serve, args=(22,))
+    t.start()
+    for _ in range(20):
+        connect()
+    assert rt.path_for("127.0.0.1").samples == 1
+    # A connection that lived longer than SHORT always leaves its sample;
+    # after SHORT_EVERY, a short one does again.
+    connect(hold=_sampling.SHORT * 2)
+    assert rt.path_for("127.0.0.1").samples == 2
+    monkeypatch.setattr(_sampling, "SHORT_EVERY", 0.0)
+    connect()
+    assert rt.path_for("127.0.0.1").samples == 3
+    t.join(5)
+    srv.close()
 
 
 def test_since_takes_differences_of_cumulative_counters_only():

@@ -13,6 +13,7 @@ the mixin.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -24,28 +25,55 @@ from . import reactor
 from . import runtime as _runtime
 from .rd.paths import sample_from_counters, since
 
-__all__ = ["PathSampled", "Probe", "watch"]
+__all__ = ["PathSampled", "Probe", "SHORT", "SHORT_EVERY", "watch"]
 
 log = logging.getLogger("dmm.paths")
 
 #: Held while a probe is read: ``close()`` then cannot release the fd under
 #: the reactor thread's ``getsockopt`` (no read of a reused fd number).
 _lock = threading.Lock()
-_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
+#: Sockets connected since the last tick (weak references): appended by
+#: connecting threads (``deque.append`` is atomic), taken by the reactor.
+_young: "collections.deque[weakref.ref[Any]]" = collections.deque()
+#: Open sockets the reactor samples while they live (reactor thread only).
+_live: "dict[int, weakref.ref[Any]]" = {}
 _next_tick = 0.0
-_hooked_pid = 0
+_hooked = False
+
+
+def _forked() -> None:
+    """In a forked child: the parent's reactor and sockets are not here."""
+    global _hooked
+    _hooked = False
+    _young.clear()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+#: A connection that lived less than this (seconds) is a short one: of a
+#: stream of short connections to one address, one per
+#: :data:`SHORT_EVERY` seconds leaves a sample (each would say the same:
+#: an RTT, no loss or rate), so a server-to-server RPC pattern at tens of
+#: thousands of connections a second pays for path knowledge only once a
+#: second. Longer connections always leave theirs.
+SHORT = 0.05
+SHORT_EVERY = 1.0
+_short_last: dict[str, float] = {}
 
 
 class Probe:
     """One connection's sampling state: where to, since when, and the
     counters its last sample had reached."""
 
-    __slots__ = ("address", "started", "last", "before")
+    __slots__ = ("address", "started", "last", "before", "every")
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, every: float = 0.0):
         self.address = address
         self.started = self.last = _time.monotonic()
         self.before: dict[str, int] = {}
+        #: The reactor samples the connection every this many seconds (0: never).
+        self.every = every
 
 
 class PathSampled:
@@ -54,25 +82,54 @@ class PathSampled:
     __slots__ = ()
 
     def close(self):
-        with _lock:
-            probe, self._dmm_path = self._dmm_path, None
-            _live.discard(self)
-            if probe is not None and not self._closed:
-                _record(self, probe, final=True)
+        probe = self._dmm_path
+        if probe is not None:
+            now = _time.monotonic()
+            if probe.every <= 0 or now - probe.last < probe.every:
+                # The reactor reads only connections a sample interval old,
+                # so it leaves this one alone: no lock needed.
+                self._dmm_path = None
+                if not self._closed and _worth_a_sample(probe, now):
+                    _record(self, probe, final=True)
+            else:
+                with _lock:
+                    probe, self._dmm_path = self._dmm_path, None
+                    if probe is not None and not self._closed:
+                        _record(self, probe, final=True)
         super().close()
+
+
+def _worth_a_sample(probe: Probe, now: float) -> bool:
+    """Whether a closing connection leaves a sample: a long one always, a
+    short one if its address had none from a short one lately."""
+    if now - probe.started >= SHORT:
+        return True
+    if now - _short_last.get(probe.address, -SHORT_EVERY) < SHORT_EVERY:
+        return False
+    if len(_short_last) >= 4096:  # a scan of many addresses: start over
+        _short_last.clear()
+    _short_last[probe.address] = now
+    return True
 
 
 def watch(sock: Any, address: str, every: float) -> None:
     """Gives ``sock`` (a connecting stream socket) a probe toward ``address``;
     with ``every`` > 0 it is also sampled that often while open."""
-    sock._dmm_path = Probe(address)
+    sock._dmm_path = Probe(address, every)
     if every > 0:
-        global _hooked_pid
-        with _lock:
-            _live.add(sock)
-            if _hooked_pid != os.getpid():  # once per process (again after fork)
-                _hooked_pid = os.getpid()
-                reactor.get().every_turn.append(_tick)
+        # Connect costs one weak reference and an append; the reactor sorts
+        # the live from the closed once a second.
+        _young.append(weakref.ref(sock))
+        if not _hooked:
+            _hook()
+
+
+def _hook() -> None:
+    global _hooked
+    with _lock:
+        if not _hooked:  # once per process (again after fork)
+            _hooked = True
+            reactor.get().every_turn.append(_tick)
 
 
 def _tick(now: float) -> None:
@@ -84,11 +141,18 @@ def _tick(now: float) -> None:
     _next_tick = now + 1.0
     rt = _runtime._runtime
     every = rt.paths.paths_spec.sample_every if rt is not None and rt.paths is not None else 0
-    if every <= 0:
+    if every <= 0:  # sampling turned off since
+        _young.clear()
+        _live.clear()
         return
-    with _lock:
-        socks = list(_live)
-    for sock in socks:
+    for _ in range(len(_young)):
+        ref = _young.popleft()
+        _live[id(ref)] = ref
+    for key, ref in list(_live.items()):
+        sock = ref()
+        if sock is None or sock._dmm_path is None:
+            del _live[key]  # closed (or gone) since
+            continue
         with _lock:
             probe: Optional[Probe] = sock._dmm_path
             if probe is None or now - probe.last < every or sock.fileno() < 0:
@@ -98,7 +162,8 @@ def _tick(now: float) -> None:
 
 def _record(sock: Any, probe: Probe, final: bool) -> None:
     """Reads ``sock``'s counters and records what changed since the probe's
-    last sample (called with ``_lock`` held)."""
+    last sample (with ``_lock`` held, or by ``close()`` of a connection the
+    reactor does not read)."""
     rt = _runtime._runtime
     if rt is None or rt.paths is None or not sock._dmm_stack:
         return

@@ -210,6 +210,10 @@ class socket(_RaceTakeover, _StdSocket):
     def _dmm_move_to(self, name, role):
         """Moves this socket onto stack instance ``name``, as it says."""
         inst = (_runtime._runtime or _runtime.get()).stacks[name]
+        if inst.passthrough and (self.proto or _std.IPPROTO_TCP) == _std.IPPROTO_TCP:
+            # The plain kernel: the socket is already what it must be.
+            inst.count(role)
+            return
         local = None
         if not inst.keeps_fd:  # a kernel socket keeps its own binding
             try:

@@ -153,14 +153,19 @@ class LocalRD:
         if sample.empty():
             return
         spec, now = self.paths_spec, time.time()
-        for key in keys_for(address, spec.prefix_v4, spec.prefix_v6):
+        keys = keys_for(address, spec.prefix_v4, spec.prefix_v6)
+        for key in keys:
             old = self._paths.get(key) or Aggregate(updated=now)
             self._paths[key] = old.add(sample, now, spec.half_life)
-            with self._lock:
-                self._samples.append((key, sample, now))
+        with self._lock:
+            idle = not self._samples
+            self._samples.extend((key, sample, now) for key in keys)
         self.paths_version += 1
         self.counters["path_samples"] += 1
-        self.submit(lambda: None)
+        if idle:
+            # The first sample of a batch wakes the RD thread; the rest ride
+            # along with its write (one wake-up and one transaction per batch).
+            self.submit(lambda: None)
 
     def forget_paths(self) -> None:
         """Drops the path knowledge (``dmm paths --forget``)."""
