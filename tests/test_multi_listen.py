@@ -298,3 +298,26 @@ def test_asyncio_server_on_two_stacks():
     assert served == [b"abc\n", b"abc\n"]
     counts = dsocket.stack_counters()
     assert counts["wan"]["accepts"] == 1 and counts["kernel"]["accepts"] == 1
+
+
+def test_close_from_another_thread_wakes_a_blocked_accept_with_ebadf():
+    use_config(BOTH)
+    srv = dsocket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    assert len(srv.dmm_stacks) == 2
+    errors = []
+
+    def accept():
+        try:
+            srv.accept()
+        except OSError as e:
+            errors.append(e.errno)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    time.sleep(0.3)  # let it block in epoll_wait
+    srv.close()
+    t.join(5)
+    assert not t.is_alive(), "accept() still blocked after close()"
+    assert errors == [errno.EBADF]

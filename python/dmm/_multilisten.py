@@ -25,16 +25,30 @@ __all__ = ["AdvertisedMethods", "ListenGroup", "MultiListenMethods"]
 _raw_family = _socket.socket.family.__get__
 
 
+class _Wake:
+    """An eventfd that lives exactly as long as its last holder: an accept()
+    still waiting keeps it (and so its event in the epoll) alive."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self):
+        self.fd = _os.eventfd(0, _os.EFD_CLOEXEC | _os.EFD_NONBLOCK)
+
+    def __del__(self):
+        _os.close(self.fd)
+
+
 class ListenGroup:
     """The member listeners of one dmm socket that listens on several stacks."""
 
-    __slots__ = ("stacks", "names", "members", "epoll", "next")
+    __slots__ = ("stacks", "names", "members", "epoll", "wake", "next")
 
     def __init__(self, stacks, names):
         self.stacks = stacks  # the runtime's instances by name
         self.names = tuple(names)
         self.members = []  # (name, kernel _socket.socket or None, core socket or None)
         self.epoll = None
+        self.wake = None  # eventfd in the epoll, written once by close()
         self.next = 0  # round robin, so one busy stack cannot starve another
 
     def open_user_space(self, family, host, port, backlog):
@@ -63,6 +77,8 @@ class ListenGroup:
         self.epoll = _select.epoll()
         for _name, ksock, core in self.members:
             self.epoll.register(ksock.fileno() if ksock is not None else core.poll_fd(), _select.EPOLLIN)
+        self.wake = _Wake()
+        self.epoll.register(self.wake.fd, _select.EPOLLIN)
         _os.dup2(self.epoll.fileno(), sock.fileno(), inheritable=sock.get_inheritable())
         for name, _ksock, core in self.members:
             if core is not None:
@@ -97,9 +113,14 @@ class ListenGroup:
             except OSError:
                 pass
         self.members = []
-        if self.epoll is not None:
-            self.epoll.close()
-            self.epoll = None
+        # Wake any thread blocked in accept(): it finds the group closed and
+        # raises EBADF, as accept() on a closed socket does. The epoll and
+        # eventfd are not closed here: a waiter still holds them, and closing
+        # the eventfd would pull its event off the ready list before the
+        # waiter saw it. They close when the last reference goes.
+        wake, self.wake, self.epoll = self.wake, None, None
+        if wake is not None:
+            _os.eventfd_write(wake.fd, 1)
 
 
 def _listening(name):
@@ -142,6 +163,9 @@ class MultiListenMethods:
         timeout = self.gettimeout()
         deadline = None if not timeout else _time.monotonic() + timeout
         while True:
+            epoll, wake = group.epoll, group.wake  # held: close() may drop them
+            if epoll is None:  # closed by another thread while we waited
+                raise OSError(_errno.EBADF, "Bad file descriptor")
             conn = group.accept_one()
             if conn is not None:
                 name, fd, core, addr = conn
@@ -154,7 +178,8 @@ class MultiListenMethods:
             wait = -1 if deadline is None else deadline - _time.monotonic()
             if deadline is not None and wait <= 0:
                 raise TimeoutError("timed out")
-            group.epoll.poll(wait)  # EINTR: handlers run, then it retries (PEP 475)
+            epoll.poll(wait)  # EINTR: handlers run, then it retries (PEP 475)
+            del wake
 
     def getsockname(self):
         name, ksock, core = self._dmm_core.members[0]
