@@ -68,6 +68,15 @@ Example::
     lossy = "wan"            # optional: the stack for long, lossy paths
     congestion = "auto"      # the kernel's TCP congestion control: auto | bbr | cubic | ...
 
+    [rd]                     # resource discovery (all optional)
+    central = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]   # etcd: central RD
+    prefix = "/dmm/"         # the keys dmm uses in etcd
+    user = "host-a"          # etcd auth (with password), one user per host
+    password = "..."
+    host = "host-a"          # this host's name there (default: the host name)
+    lease_ttl_s = 10         # advertisements vanish this long after their process
+    timeout_ms = 50          # the longest a connect waits for the first sync
+
 Rules match on the destination (the bind address for listeners, the
 client's address for ``role = "accept"``); the longest prefix wins, then the
 larger priority, then the earlier rule. A socket that no rule matches goes
@@ -105,6 +114,7 @@ __all__ = [
     "DEFAULT_TOML",
     "load",
     "parse",
+    "parse_policy",
 ]
 
 #: The built-in configuration: the kernel stack alone.
@@ -173,6 +183,9 @@ class RouteSpec:
     race: bool = True
     #: Path conditions that must all hold (``when``); ``()``: always.
     when: tuple[Condition, ...] = ()
+    #: Where the rule came from when not from the config file (a central
+    #: policy: its etcd key and revision); ``""``: the file.
+    origin: str = field(default="", compare=False)
 
     def describe(self) -> str:
         """A one-line summary, as ``dmm routes`` prints it."""
@@ -212,6 +225,19 @@ class RDSpec:
     discovery: bool = True
     #: How long to wait for that answer, seconds.
     discovery_timeout: float = 2.0
+    #: Central RD: etcd endpoints (``host:port``), empty for none.
+    central: tuple[str, ...] = ()
+    #: Every key dmm writes or reads in etcd starts with this.
+    prefix: str = "/dmm/"
+    #: etcd user and password (auth on), or ``None``.
+    user: str | None = None
+    password: str | None = None
+    #: The longest a connect waits for central RD's first sync, seconds.
+    timeout: float = 0.05
+    #: Advertisements vanish this long after their process died, seconds.
+    lease_ttl: int = 10
+    #: This host's name in central RD (default: the system's host name).
+    host: str | None = None
     line: int | None = field(default=None, compare=False)
 
 
@@ -292,6 +318,45 @@ def parse(text: str, path: str = "<string>") -> Config:
         line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
         raise ConfigError(path, line, "syntax", f"not valid TOML ({exc})") from exc
     return _Validator(text, path).config(doc)
+
+
+def _etcd_endpoint(text: str, error: Any) -> str:
+    """``http://host:port`` (or ``host:port``) as ``host:port``; ``error``
+    makes the exception for a bad one."""
+    rest = text
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme == "https":
+            raise error(f"{text!r}: TLS is not supported (the etcd client dmm uses, aetcd, speaks plain gRPC); "
+                        "use http on a trusted network, or a local TLS proxy")
+        if scheme != "http":
+            raise error(f"{text!r}: expected an http:// endpoint")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise error(f"{text!r}: expected http://HOST:PORT")
+    return f"{host}:{int(port)}"
+
+
+def parse_policy(text: str, path: str, stack_names: list[str]) -> tuple[tuple["RouteSpec", ...], "AdaptiveSpec | None"]:
+    """Parses a central policy: the ``[[route]]`` entries and ``[adaptive]``
+    section of a dmm.toml (nothing else), checked against this host's
+    stacks. Raises :class:`ConfigError` naming ``path`` (the etcd key)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
+        raise ConfigError(path, line, "syntax", f"not valid TOML ({exc})") from exc
+    v = _Validator(text, path)
+    for key in doc:
+        if key not in ("route", "adaptive"):
+            raise v.error(v._find_top(key), key, "a central policy has only [[route]] and [adaptive]")
+    raw_routes = doc.get("route", [])
+    if not isinstance(raw_routes, list):
+        raise v.error(v._simple_table_line("route"), "route", "must be an array of tables: write [[route]]")
+    routes = tuple(v.route(i, r, stack_names) for i, r in enumerate(raw_routes))
+    adaptive = v.adaptive(doc["adaptive"], stack_names) if "adaptive" in doc else None
+    return routes, adaptive
 
 
 def _line_from_message(message: str) -> int | None:
@@ -431,14 +496,18 @@ class _Validator:
         if not isinstance(raw, dict):
             raise self.error(start, "rd", "must be a table: write [rd]")
         # field: (parser, what is expected)
-        seconds = ("attempt_delay_ms", "min_attempt_delay_ms", "ttl_s", "negative_ttl_s", "discovery_timeout_ms")
-        known = ("enabled", "store", "discovery", *seconds)
+        seconds = ("attempt_delay_ms", "min_attempt_delay_ms", "ttl_s", "negative_ttl_s", "discovery_timeout_ms",
+                   "timeout_ms")
+        central = ("central", "prefix", "user", "password", "lease_ttl_s", "host")
+        known = ("enabled", "store", "discovery", *seconds, *central)
         values: dict[str, Any] = {}
         for key, value in raw.items():
             line = self._key_line(start, key)
             if key not in known:
                 raise self.error(line, f"rd.{key}", "unknown field (expected one of: " + ", ".join(known) + ")")
-            if key in ("enabled", "discovery"):
+            if key in central:
+                values[key.removesuffix("_s")] = self._central_field(key, value, line)
+            elif key in ("enabled", "discovery"):
                 if not isinstance(value, bool):
                     raise self.error(line, f"rd.{key}", f"expected true or false, got {value!r}")
                 values[key] = value
@@ -452,10 +521,34 @@ class _Validator:
                     raise self.error(line, f"rd.{key}", f"expected a positive number of {'milliseconds' if unit == 'ms' else 'seconds'}, got {value!r}")
                 values[key.rsplit("_", 1)[0]] = value / scale
         spec = RDSpec(line=start, **values)
+        if (spec.user is None) != (spec.password is None):
+            raise self.error(self._key_line(start, "user" if spec.user is None else "password"),
+                             "rd.user" if spec.user is None else "rd.password",
+                             "etcd authentication needs both user and password")
         if spec.min_attempt_delay > spec.attempt_delay:
             raise self.error(self._key_line(start, "min_attempt_delay_ms"), "rd.min_attempt_delay_ms",
                              "must not be larger than attempt_delay_ms")
         return spec
+
+    def _central_field(self, key: str, value: Any, line: int | None) -> Any:
+        """One central-RD field of ``[rd]``, checked."""
+        fld = f"rd.{key}"
+        if key == "central":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.error(line, fld, f"expected a list of etcd endpoints such as [\"http://10.0.0.1:2379\"], "
+                                            f"got {value!r}")
+            return tuple(_etcd_endpoint(v, lambda m: self.error(line, fld, m)) for v in value)
+        if key == "lease_ttl_s":
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 3600:
+                raise self.error(line, fld, f"expected a whole number of seconds from 2 to 3600, got {value!r}")
+            return value
+        if not isinstance(value, str) or not value:
+            raise self.error(line, fld, f"expected a non-empty string, got {value!r}")
+        if key == "prefix" and (not value.startswith("/") or not value.endswith("/")):
+            raise self.error(line, fld, f"expected a key prefix that starts and ends with '/', got {value!r}")
+        if key == "host" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+            raise self.error(line, fld, f"expected a host name of letters, digits, '_', '-', '.', got {value!r}")
+        return value
 
     def _find_top(self, key: str) -> int | None:
         for no, line in enumerate(self.lines, 1):

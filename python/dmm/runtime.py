@@ -34,18 +34,18 @@ import errno
 import socket as _socket
 import os
 import threading
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
 
 from . import _core, policy
 from .adaptive import Adaptive
 from .conditions import holds
-from .config import Config, ConfigError, RDSpec, load
+from .config import AdaptiveSpec, Config, ConfigError, RDSpec, RouteSpec, load
 from .negotiate import Negotiator
 from .rd.paths import Estimate
 from .stacks import StackInstance, make_instance
 
-__all__ = ["Outcome", "Runtime", "configure", "get", "reset"]
+__all__ = ["Outcome", "Runtime", "Table", "configure", "get", "reset"]
 
 _STREAM = 1
 #: Decisions kept by :meth:`Runtime.decision` before the memo starts over.
@@ -82,6 +82,40 @@ class Outcome:
             self.first_choices = len(self.candidates)
 
 
+class Table:
+    """The rules in force: the routes (a central policy's first, then the
+    file's), the Rust table built from them and the adaptive policy. A live
+    policy change swaps the whole table at once, so a decision reads one
+    table from start to end."""
+
+    def __init__(self, routes: tuple[RouteSpec, ...], adaptive: Optional[Adaptive], order: list[str],
+                 generation: int = 0):
+        self.routes = routes
+        self.adaptive = adaptive
+        self.generation = generation
+        ids = {name: i for i, name in enumerate(order)}
+        self.router = _core.Router()
+        for r in routes:
+            for prefix in (r.to,) if r.to is not None else ("0.0.0.0/0", "::/0"):
+                self.router.add(prefix, [ids[s] for s in r.stacks], ports=r.ports, kind=r.type, role=r.role,
+                                priority=r.priority, tag=r.index)
+        self.router.set_default([0])
+        #: Whether accepted connections need an admission check at all.
+        self.accept_rules = any(r.role == "accept" for r in routes)
+        #: Rules with conditions: the table's best match may not apply.
+        self.conditional = any(r.when for r in routes)
+
+    def label(self, tag: int) -> str:
+        """How decisions name rule ``tag``: ``route[2]``, and where a
+        central rule came from."""
+        route = self.routes[tag]
+        return f"route[{tag}] of {route.origin}" if route.origin else f"route[{tag}]"
+
+    def where(self, tag: int) -> str:
+        route = self.routes[tag]
+        return f" (line {route.line})" if route.line else ""
+
+
 class Runtime:
     """Stack instances plus the routing table built from one ``Config``."""
 
@@ -91,18 +125,9 @@ class Runtime:
         for spec in config.stacks:
             self.stacks[spec.name] = make_instance(spec)
         self.order = [spec.name for spec in config.stacks]
-        ids = {name: i for i, name in enumerate(self.order)}
-        self.router = _core.Router()
-        for r in config.routes:
-            for prefix in (r.to,) if r.to is not None else ("0.0.0.0/0", "::/0"):
-                self.router.add(prefix, [ids[s] for s in r.stacks], ports=r.ports, kind=r.type, role=r.role,
-                                priority=r.priority, tag=r.index)
-        self.router.set_default([0])
         # With one stack, no rules and no [listen], every answer is that stack
         # unless a hook or an override says otherwise: skip the table.
         self.only = self.order[0] if len(self.order) == 1 and not config.routes and not config.listen else None
-        #: Whether accepted connections need an admission check at all.
-        self.accept_rules = any(r.role == "accept" for r in config.routes)
         # The built-in default: one plain kernel TCP instance with syscalls.
         # Then no socket can ever change protocol or leave the kernel, so
         # sockets need neither an option log nor an attach step.
@@ -114,17 +139,58 @@ class Runtime:
                            if len(self.order) > 1 else None)
         #: Where closing connections leave their path samples (L-RD), or None.
         self.paths = (self.negotiator.rd if self.negotiator is not None and config.paths.enabled else None)
-        self.adaptive = Adaptive(config.adaptive, self.stacks, self.order) if config.adaptive else None
-        if self.adaptive is not None and self.adaptive.problem():
-            raise ConfigError(config.path, config.adaptive.line, "adaptive", self.adaptive.problem())
-        # Rules with conditions: the table's best match may not apply.
-        self.conditional = any(r.when for r in config.routes)
-        # Whether decisions depend on path estimates (then the memo does too).
-        self.path_dependent = self.paths is not None and (self.conditional or self.adaptive is not None)
+        adaptive = Adaptive(config.adaptive, self.stacks, self.order) if config.adaptive else None
+        if adaptive is not None and adaptive.problem():
+            raise ConfigError(config.path, config.adaptive.line, "adaptive", adaptive.problem())
+        #: The rules in force (replaced whole by a central policy change).
+        self.table = Table(config.routes, adaptive, self.order)
+        self._file_adaptive = adaptive
         # Decisions without hooks or overrides depend only on the socket's
-        # role, family, type and destination, and on what L-RD knows: kept
-        # here, a routed connect costs a dict lookup instead of a decision.
-        self._memo: dict[tuple, tuple[int, Outcome]] = {}
+        # role, family, type and destination, on what L-RD knows and on the
+        # table: kept here, a routed connect costs a dict lookup instead of
+        # a decision.
+        self._memo: dict[tuple, tuple[Any, Outcome]] = {}
+        #: Central RD (etcd), when ``[rd] central`` names endpoints.
+        self.central = None
+        if self.negotiator is not None and self.negotiator.rd is not None and config.rd and config.rd.central:
+            from .rd.central import get_central  # needs the etcd client: only then
+
+            self.central = get_central(config.rd, self.negotiator.rd)
+            self.central.attach(self)
+
+    # The table's parts, as they read before policies could change.
+
+    @property
+    def router(self) -> Any:
+        return self.table.router
+
+    @property
+    def adaptive(self) -> Optional[Adaptive]:
+        return self.table.adaptive
+
+    @property
+    def accept_rules(self) -> bool:
+        return self.table.accept_rules
+
+    @property
+    def routes(self) -> tuple[RouteSpec, ...]:
+        """The routes in force: a central policy's, then the file's."""
+        return self.table.routes
+
+    def path_dependent(self, table: Table) -> bool:
+        """Whether decisions under ``table`` depend on path estimates."""
+        return self.paths is not None and (table.conditional or table.adaptive is not None)
+
+    def apply_policy(self, routes: tuple[RouteSpec, ...], adaptive: Optional[AdaptiveSpec], origin: str) -> None:
+        """Puts a central policy in force: its routes ahead of the file's,
+        its ``[adaptive]`` (if it has one) instead of the file's. Raises
+        :class:`ConfigError` (and changes nothing) if it cannot apply here."""
+        policy_adaptive = self._file_adaptive if adaptive is None else Adaptive(adaptive, self.stacks, self.order)
+        if adaptive is not None and policy_adaptive.problem():
+            raise ConfigError(origin, adaptive.line, "adaptive", policy_adaptive.problem())
+        merged = [replace(r, index=i, origin=origin) for i, r in enumerate(routes)]
+        merged += [replace(r, index=len(merged) + i) for i, r in enumerate(self.config.routes)]
+        self.table = Table(tuple(merged), policy_adaptive, self.order, self.table.generation + 1)
 
     def decision(self, role: str, family: int, type: int, address: str, port: int, host: Optional[str],
                  properties: dict, override: Optional[str]) -> Outcome:
@@ -135,8 +201,9 @@ class Runtime:
                                      properties=dict(properties), path=self.path_for(address))
             return self.decide(request, override)
         key = (role, family, type, address, port)
-        version = self.negotiator.version() if self.negotiator is not None else 0
-        if self.path_dependent:
+        table = self.table
+        version: Any = (self.negotiator.version() if self.negotiator is not None else 0, table.generation)
+        if self.path_dependent(table):
             version = (version, self.paths.paths_version)
         hit = self._memo.get(key)
         if hit is not None and hit[0] == version:
@@ -193,23 +260,24 @@ class Runtime:
                 return Outcome(capable[0], "[listen]", "the [listen] section of the config", trace,
                                self._listeners(capable, trace))
 
-        tag = self._matching_rule(request, trace, explain)
+        table = self.table
+        tag = self._matching_rule(table, request, trace, explain)
         if tag is not None:
-            route = self.config.routes[tag]
-            where = f" (line {route.line})" if route.line else ""
+            route = table.routes[tag]
+            label, where = table.label(tag), table.where(tag)
             if request.role == "connect" and self.negotiator is not None:
-                capable = self._capable(route.stacks, request, trace, f"route[{tag}]")
+                capable = self._capable(route.stacks, request, trace, label)
                 if capable:
-                    return self._connect_outcome(capable, request, f"route[{tag}]", f"{route.describe()}{where}",
+                    return self._connect_outcome(capable, request, label, f"{route.describe()}{where}",
                                                  trace, route.race, explain)
-            chosen = self._first_capable(route.stacks, request, trace, f"route[{tag}]")
+            chosen = self._first_capable(route.stacks, request, trace, label)
             if chosen is not None:
-                return Outcome(chosen, f"route[{tag}]", f"{route.describe()}{where}", trace)
+                return Outcome(chosen, label, f"{route.describe()}{where}", trace)
         elif explain:
             trace.append("no route matched")
 
-        if self.adaptive is not None and request.role == "connect" and request.type == _STREAM:
-            outcome = self._adaptive_outcome(request, trace, explain)
+        if table.adaptive is not None and request.role == "connect" and request.type == _STREAM:
+            outcome = self._adaptive_outcome(table.adaptive, request, trace, explain)
             if outcome is not None:
                 return outcome
 
@@ -218,17 +286,17 @@ class Runtime:
             return Outcome(chosen, "default", "no rule matched: the first capable stack declared", trace)
         raise OSError(errno.EPROTONOSUPPORT, "dmm: no configured stack can carry this socket")
 
-    def _matching_rule(self, request: policy.Request, trace: list[str], explain: bool) -> Optional[int]:
-        """The tag of the rule that decides ``request``: the table's best
-        match whose conditions hold (``None``: no rule)."""
+    def _matching_rule(self, table: Table, request: policy.Request, trace: list[str], explain: bool) -> Optional[int]:
+        """The tag of the rule of ``table`` that decides ``request``: the
+        best match whose conditions hold (``None``: no rule)."""
         kind = _KIND.get(request.type, "stream")
-        if not self.conditional and not explain:
-            return self.router.lookup(request.address, request.port, kind, request.role)[0]
+        if not table.conditional and not explain:
+            return table.router.lookup(request.address, request.port, kind, request.role)[0]
         chosen = None
         est: Optional[Estimate] = None
         measured = False  # est looked up (once, and only if a rule has conditions)
-        for t in self.router.candidates(request.address, request.port, kind, request.role):
-            route = self.config.routes[t]
+        for t in table.router.candidates(request.address, request.port, kind, request.role):
+            route = table.routes[t]
             if chosen is not None:
                 if explain:
                     trace.append(f"also matched route[{t}] ({route.describe()}), less specific or lower priority")
@@ -244,15 +312,15 @@ class Runtime:
             chosen = t
         return chosen
 
-    def _adaptive_outcome(self, request: policy.Request, trace: list[str], explain: bool) -> Optional[Outcome]:
+    def _adaptive_outcome(self, adaptive: Adaptive, request: policy.Request, trace: list[str],
+                          explain: bool) -> Optional[Outcome]:
         """The adaptive policy's answer for a stream connect."""
-        assert self.adaptive is not None
         est = self.path_for(request.address)
         spoken = None
         if self.negotiator is not None:
             fact = self.negotiator.facts(request.address, request.port).get("fillp")
             spoken = None if fact is None else fact.speaks
-        choice = self.adaptive.choose(est, spoken)
+        choice = adaptive.choose(est, spoken)
         capable = self._capable(choice.stacks, request, trace, "adaptive")
         if not capable:
             return None
@@ -277,11 +345,12 @@ class Runtime:
                 label, decision = answer
                 return Outcome(decision.stacks[0], f"hook {label}", decision.reason or "the hook chose it",
                                stacks=tuple(decision.stacks))
-        if self.accept_rules:
-            tag, ids = self.router.lookup(request.address, request.port, _KIND.get(request.type, "stream"), "accept")
+        table = self.table
+        if table.accept_rules:
+            tag, ids = table.router.lookup(request.address, request.port, _KIND.get(request.type, "stream"), "accept")
             if tag is not None:
                 names = tuple(self.order[i] for i in ids)
-                return Outcome(names[0], f"route[{tag}]", self.config.routes[tag].describe(), stacks=names)
+                return Outcome(names[0], table.label(tag), table.routes[tag].describe(), stacks=names)
         return None
 
     def admits(self, family: int, type: int, address: str, port: int, stack: str) -> bool:
