@@ -105,7 +105,7 @@ def cmd_stacks(args) -> int:
 def cmd_routes(args) -> int:
     rt = _runtime(args)
     print(f"config: {rt.config.path}")
-    for r in rt.config.routes:
+    for r in rt.routes:
         where = f"  (line {r.line})" if r.line else ""
         print(f"  route[{r.index}]  {r.describe()}{where}")
     if rt.config.listen:
@@ -210,6 +210,19 @@ def cmd_paths(args) -> int:
 def cmd_rd(args) -> int:
     import time
 
+    if args.rd_command in ("push", "status", "central"):
+        from .config import ConfigError, load
+        from .rd import central_cli
+
+        try:
+            cfg = load(args.config)
+        except ConfigError as exc:
+            raise SystemExit(f"dmm: {exc}") from None
+        if args.rd_command == "push":
+            if not args.file:
+                raise SystemExit("dmm: rd push: name the policy file (TOML: [[route]] and [adaptive])")
+            return central_cli.push(cfg, args.file)
+        return central_cli.status(cfg) if args.rd_command == "status" else central_cli.ls(cfg)
     _rt, path, store = _store(args, "rd")
     try:
         if args.rd_command == "forget":
@@ -233,6 +246,11 @@ def cmd_rd(args) -> int:
                   f"{_age(f.learned)} ago, {int(f.expires - now)} s left{rtt}")
     finally:
         store.close()
+    if _rt.config.rd is not None and _rt.config.rd.central:
+        from .rd import central_cli
+
+        print()
+        return central_cli.ls(_rt.config)
     return 0
 
 
@@ -286,9 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="an application property")
     explain.set_defaults(func=cmd_route_explain)
 
-    rd = sub.add_parser("rd", help="this host's resource discovery store (L-RD)")
-    rd.add_argument("rd_command", nargs="?", choices=("ls", "forget"), default="ls",
-                    help="ls: listeners and learned peers (default); forget: drop what peers speak")
+    rd = sub.add_parser("rd", help="resource discovery: this host's store (L-RD) and central RD (etcd)")
+    rd.add_argument("rd_command", nargs="?", choices=("ls", "forget", "central", "status", "push"), default="ls",
+                    help="ls: listeners and learned peers (default); forget: drop what peers speak; "
+                         "central: central RD's advertisements, shared paths and policy; status: central RD's "
+                         "backend, connection, revision and entries; push FILE: store a central policy")
+    rd.add_argument("file", nargs="?", help="push: the policy file ([[route]] and [adaptive] of a dmm.toml)")
     rd.set_defaults(func=cmd_rd)
 
     paths = sub.add_parser("paths", help="what connections measured on the way to each destination")

@@ -55,7 +55,10 @@ class Negotiator:
         and the advertisement of a listener of this host it would reach."""
         if self.rd is None:
             return {}
-        known = dict(self.rd.facts(address, port))
+        central = self.rd.central
+        # Central advertisements first; what this host saw itself wins.
+        known = dict(central.facts(address, port)) if central is not None else {}
+        known.update(self.rd.facts(address, port))
         if _is_local(address):
             lst = self.rd.local_listener(address, port)
             if lst is not None:
@@ -181,12 +184,17 @@ class Negotiator:
                 except OSError:
                     pass  # a kind that answers no discovery
         if self.rd is not None:
-            self.rd.advertise(host, port, protocols, tuple(name for name, _core in members))
+            stacks = tuple(name for name, _core in members)
+            self.rd.advertise(host, port, protocols, stacks)
+            if self.rd.central is not None:
+                self.rd.central.advertise(host, port, protocols, stacks)
 
     def withdraw(self, host: str, port: int) -> None:
         """The listener on ``host:port`` closed."""
         if self.rd is not None:
             self.rd.withdraw(host, port)
+            if self.rd.central is not None:
+                self.rd.central.withdraw(host, port)
 
     def counts(self) -> dict[str, int]:
         """Races, wins per stack, fallbacks and what L-RD did."""
@@ -241,6 +249,8 @@ class _Advertised:
 
 
 def _describe(fact: Any) -> str:
+    if hasattr(fact, "describe"):
+        return fact.describe()
     if isinstance(fact, _Advertised):
         return f"advertised by local pid {fact.pid}"
     return f"from {fact.source}, {time.time() - fact.learned:.0f} s ago"

@@ -64,6 +64,8 @@ class LocalRD:
         self.version = 0
         #: Bumped whenever a path estimate changes.
         self.paths_version = 0
+        #: Central RD (:class:`dmm.rd.central.CentralRD`), when configured.
+        self.central: Any = None
         self.reactor = reactor.get()
         self._hooked = False
         self._writes: list[PeerFact] = []
@@ -122,6 +124,10 @@ class LocalRD:
                 est = agg.estimate(key, now, spec.half_life)
                 if est is not None:
                     return est
+        # Nothing measured from here: what other hosts shared, if anything.
+        central = self.central
+        if central is not None:
+            return central.path_estimate(address, spec.prefix_v4, spec.prefix_v6, spec.half_life)
         return None
 
     # -- learning (any thread) ------------------------------------------------
