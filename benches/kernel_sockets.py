@@ -6,6 +6,13 @@ Each contender runs both ends of every test with the same socket module:
 * ``dmm``        -- ``import dmm.socket`` on the built-in config (kernel, syscalls)
 * ``dmm-uring``  -- ``import dmm.socket`` with a kernel instance ``io = "uring"``
 * ``dmm-fillp``  -- ``import dmm.socket`` routed to a FillP instance (UDP)
+* ``dmm-routed`` -- ``import dmm.socket`` with a kernel and a FillP instance
+  and the adaptive policy, path knowledge off: every socket is routed (the
+  table and the policy decide; connections go to the kernel, since loopback
+  is a clean path): the cost of routing
+* ``dmm-adaptive`` -- the same with path knowledge on: closing connections
+  leave path samples (``TCP_INFO``, written to an L-RD store by the RD
+  thread): ``adaptive/routed`` is the cost of path knowledge
 
 Tests, over loopback between two processes:
 
@@ -37,7 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CONTENDERS = ("stdlib", "dmm", "dmm-uring", "dmm-fillp")
+CONTENDERS = ("stdlib", "dmm", "dmm-uring", "dmm-fillp", "dmm-routed", "dmm-adaptive")
 CHUNK = 256 * 1024
 URING_TOML = '[[stack]]\nname = "kernel"\nkind = "kernel"\nio = "uring"\n'
 FILLP_TOML = """
@@ -56,6 +63,18 @@ stacks = ["wan"]
 [listen]
 stacks = ["wan"]
 """
+ADAPTIVE_TOML = """
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "wan"
+kind = "fillp"
+
+[adaptive]
+"""
+ROUTED_TOML = ADAPTIVE_TOML + "\n[paths]\nenabled = false\n"
 
 
 def load_module(contender: str):
@@ -67,7 +86,11 @@ def load_module(contender: str):
     import dmm.socket
     from dmm import config
 
-    toml = {"dmm-uring": URING_TOML, "dmm-fillp": FILLP_TOML}.get(contender, config.DEFAULT_TOML)
+    if contender in ("dmm-routed", "dmm-adaptive"):
+        # A store of its own per process, so no run sees another's samples.
+        os.environ["DMM_RD_DIR"] = tempfile.mkdtemp(prefix="dmm-bench-lrd-")
+    toml = {"dmm-uring": URING_TOML, "dmm-fillp": FILLP_TOML, "dmm-routed": ROUTED_TOML,
+            "dmm-adaptive": ADAPTIVE_TOML}.get(contender, config.DEFAULT_TOML)
     dmm.runtime.configure(config.parse(toml, f"<{contender}>"))
     return dmm.socket
 
@@ -259,8 +282,9 @@ def main() -> int:
         f"bulk {args.bulk_mib} MiB, ping-pong {args.pingpong} round trips, {args.connections} connections.",
         f"io_uring: {'available' if _core.uring_available() is None else 'refused: ' + str(_core.uring_available())}.",
         "",
-        "| test | unit | stdlib | dmm (syscalls) | dmm/stdlib | target | dmm (io_uring) | uring/stdlib | dmm (FillP) | FillP/stdlib |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| test | unit | stdlib | dmm (syscalls) | dmm/stdlib | target | dmm (io_uring) | uring/stdlib | dmm (FillP) | "
+        "FillP/stdlib | dmm (routed) | routed/stdlib | dmm (routed, path samples) | adaptive/routed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     out = {}
     for t in tests:
@@ -269,7 +293,9 @@ def main() -> int:
         fmt = (lambda v: f"{v:.2f}") if t == "bulk" else (lambda v: f"{v:,.0f}")
         lines.append(f"| {t} | {UNITS[t]} | {fmt(med['stdlib'])} | {fmt(med['dmm'])} | {med['dmm'] / med['stdlib']:.3f} | "
                      f">= {TARGETS[t]} | {fmt(med['dmm-uring'])} | {med['dmm-uring'] / med['stdlib']:.3f} | "
-                     f"{fmt(med['dmm-fillp'])} | {med['dmm-fillp'] / med['stdlib']:.3f} |")
+                     f"{fmt(med['dmm-fillp'])} | {med['dmm-fillp'] / med['stdlib']:.3f} | "
+                     f"{fmt(med['dmm-routed'])} | {med['dmm-routed'] / med['stdlib']:.3f} | "
+                     f"{fmt(med['dmm-adaptive'])} | {med['dmm-adaptive'] / med['dmm-routed']:.3f} |")
     lines.append("")
     lines.append("Spread (min-max of the rounds): " + "; ".join(
         f"{t}/{c} {min(samples[(t, c)]):.4g}-{max(samples[(t, c)]):.4g}" for t in tests for c in CONTENDERS))
