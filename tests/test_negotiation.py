@@ -545,3 +545,22 @@ def test_a_known_kernel_peer_falls_back_only_for_unbound_sockets():
     with pytest.raises(ConnectionRefusedError):
         dsocket.create_connection(("127.0.0.1", port), timeout=10)
     assert negotiation()["races_started"] == before["races_started"] + 1
+
+
+def test_a_confirmed_first_choice_waits_out_one_lost_handshake_packet_before_the_next_starts():
+    use_config(race_config(delay=60))
+    neg = dmm.runtime.get().negotiator
+    # Nothing known of FillP there: the configured delay.
+    assert neg.attempt_delay("10.9.9.9", 80, "wan") == pytest.approx(0.06)
+    # Seen to speak FillP, connecting in 50 ms: twice that plus FillP's
+    # 200 ms handshake retransmission, so one loss does not race.
+    neg.rd.learn("10.9.9.9", 80, "fillp", True, "race", rtt_ms=50)
+    assert neg.attempt_delay("10.9.9.9", 80, "wan") == pytest.approx(0.3)
+    # Known not to speak it: the shortened, unconfirmed rule (a TCP
+    # connect of 20 ms: two TCP round trips for FillP's handshake, twice).
+    neg.rd.learn("10.9.9.8", 80, "fillp", False, "race")
+    neg.rd.learn("10.9.9.8", 80, "tcp", True, "race", rtt_ms=20)
+    assert neg.attempt_delay("10.9.9.8", 80, "wan") == pytest.approx(0.06)
+    # Never beyond RFC 8305's 2 s, however slow the path.
+    neg.rd.learn("10.9.9.7", 80, "fillp", True, "race", rtt_ms=5000)
+    assert neg.attempt_delay("10.9.9.7", 80, "wan") == pytest.approx(2.0)

@@ -36,6 +36,13 @@ SOL_DMM = 0x444D4D
 #: ``setsockopt(SOL_DMM, DMM_OFFER, b"fillp:8080,mptcp:8080")`` on a core
 #: listener: what it answers to DISCOVER (core sockets only; private).
 DMM_OFFER = 3
+#: What one lost handshake packet adds to a connect, by wire protocol:
+#: FillP resends INIT or CONN_REQ after 200 ms
+#: (``rust/src/fillp/connection/handshake.rs``), kernel TCP its SYN after
+#: the initial RTO of 1 s (RFC 6298).
+HANDSHAKE_RETRY = {"fillp": 0.2, "tcp": 1.0}
+#: The longest connection-attempt delay RFC 8305 allows, seconds.
+MAX_ATTEMPT_DELAY = 2.0
 
 
 class Negotiator:
@@ -102,21 +109,31 @@ class Negotiator:
         return tuple(first + last), len(first)
 
     def attempt_delay(self, address: str, port: int, first: Optional[str] = None) -> float:
-        """RFC 8305's connection-attempt delay, shortened to twice the time
-        the first candidate (stack ``first``) should take to connect (never
-        under the minimum).
+        """RFC 8305's connection-attempt delay before the candidate after
+        ``first`` (a stack name) starts.
 
-        That time is the connect time L-RD saw for it, and for FillP at
-        least two round trips (its stateless cookie costs one more than
-        TCP's handshake), the round trip taken from a TCP connect time or
-        the path estimate."""
+        Where nothing says the peer speaks ``first``'s protocol, it is the
+        configured delay, shortened to twice the time ``first`` should take
+        to connect (never under the minimum): the connect time L-RD saw for
+        it, and for FillP at least two round trips (its stateless cookie
+        costs one more than TCP's handshake), the round trip taken from a
+        TCP connect time or the path estimate.
+
+        Where L-RD or central RD confirms it (a learned fact, an
+        advertisement), a race is there only for a peer that stopped
+        answering: the delay is then the configured one or twice the
+        expected connect time plus one handshake retransmission, whichever
+        is longer (at most :data:`MAX_ATTEMPT_DELAY`), so that one lost
+        packet on a lossy path does not start a second handshake for
+        nothing."""
         delay = self.spec.attempt_delay
         if self.rd is None:
             return delay
-        facts = self.rd.facts(address, port)
+        facts = self.facts(address, port)
         proto = self._protocol(first) if first is not None else None
         own = facts.get(proto) if proto is not None else None
-        expected = own.rtt_ms if own is not None and own.speaks and own.rtt_ms else None
+        confirmed = own is not None and own.speaks
+        expected = own.rtt_ms if confirmed and own.rtt_ms else None
         rtts = [f.rtt_ms for p, f in facts.items() if p != "fillp" and f.speaks and f.rtt_ms]
         path = self.rd.path_estimate(address)
         if path is not None and path.rtt_ms:
@@ -124,6 +141,9 @@ class Negotiator:
         if rtts:
             floor = min(rtts) * (2 if proto == "fillp" else 1)
             expected = floor if expected is None else max(expected, floor)
+        if confirmed:
+            wait = 2 * expected / 1000 if expected is not None else delay
+            return min(MAX_ATTEMPT_DELAY, max(delay, wait + HANDSHAKE_RETRY.get(proto or "", 0.0)))
         if expected is None:
             return delay
         return min(delay, max(self.spec.min_attempt_delay, 2 * expected / 1000))
@@ -144,6 +164,9 @@ class Negotiator:
         winner = race.winner
         first = race.attempts[0]
         self.counters["races_started"] += 1
+        if sum(1 for a in race.attempts if a.started) > 1:
+            # A second handshake went out: the first choice was slow or failed.
+            self.counters["races_contested"] += 1
         if winner is not None:
             self.counters[f"races_won_{winner.name}"] += 1
             if winner is not first:
