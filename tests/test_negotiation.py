@@ -564,3 +564,33 @@ def test_a_confirmed_first_choice_waits_out_one_lost_handshake_packet_before_the
     # Never beyond RFC 8305's 2 s, however slow the path.
     neg.rd.learn("10.9.9.7", 80, "fillp", True, "race", rtt_ms=5000)
     assert neg.attempt_delay("10.9.9.7", 80, "wan") == pytest.approx(2.0)
+
+
+def lost_race(neg, address, port):
+    """Settles a race in which FillP started first and the kernel, started
+    after the attempt delay, connected first (as when a FillP handshake
+    packet is lost)."""
+    from dmm.race import Race
+
+    stacks = dmm.runtime.get().stacks
+    race = Race([(n, stacks[n]) for n in ("wan", "kernel")], 2, 1, (address, port), [], None, 0.25)
+    fillp, kernel = race.attempts
+    fillp.started, kernel.started, kernel.finished = 10.0, 10.25, 10.3
+    race.winner, race.next = kernel, 2
+    neg.settle(race, 2)
+
+
+def test_a_protocol_the_peer_is_known_to_speak_is_not_given_up_after_one_slow_handshake():
+    use_config(race_config())
+    neg = dmm.runtime.get().negotiator
+    # Nothing known: beaten once is enough to say FillP does not get through.
+    lost_race(neg, "10.9.9.1", 80)
+    assert neg.rd.facts("10.9.9.1", 80)["fillp"].speaks is False
+    # Known to speak it: the first slow race is forgiven, the second in a
+    # row is not.
+    neg.rd.learn("10.9.9.2", 80, "fillp", True, "race", rtt_ms=160)
+    lost_race(neg, "10.9.9.2", 80)
+    assert neg.rd.facts("10.9.9.2", 80)["fillp"].speaks is True
+    assert neg.counts()["races_lost_by_known"] == 1 and neg.counts()["races_contested"] == 2
+    lost_race(neg, "10.9.9.2", 80)
+    assert neg.rd.facts("10.9.9.2", 80)["fillp"].speaks is False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import threading
 import time
 from typing import Any, Optional
 
@@ -43,6 +44,9 @@ DMM_OFFER = 3
 HANDSHAKE_RETRY = {"fillp": 0.2, "tcp": 1.0}
 #: The longest connection-attempt delay RFC 8305 allows, seconds.
 MAX_ATTEMPT_DELAY = 2.0
+#: Races in a row a protocol the peer is known to speak may lose by being
+#: slow before it is learned as not spoken.
+BEATEN_LIMIT = 2
 
 
 class Negotiator:
@@ -53,6 +57,10 @@ class Negotiator:
         self.spec = spec
         self.rd: Optional[LocalRD] = get_local(spec, paths) if spec.enabled else None
         self.counters: collections.Counter = collections.Counter()
+        #: (address, port, protocol) -> races in a row it lost by being slow
+        #: although the peer was known to speak it.
+        self._beaten: dict[tuple[str, int, str], int] = {}
+        self._beaten_lock = threading.Lock()  # races settle in several threads
 
     def _protocol(self, name: str) -> str:
         return wire_protocol(self.stacks[name].protocol)
@@ -175,20 +183,45 @@ class Negotiator:
             self.counters["races_failed"] += 1
         if self.rd is None:
             return
+        known = self.facts(host, port)
         for a in race.attempts:
+            proto = wire_protocol(a.protocol)
             if a is winner:
+                self._forgive(host, port, proto)
                 rtt = (a.finished - a.started) * 1000
                 self.rd.learn(host, port, a.protocol, True, "race", rtt_ms=rtt)
             elif a.hard_failure and a.error.errno in (errno.ECONNREFUSED, errno.ECONNRESET):  # nobody there
+                self._forgive(host, port, proto)
                 self.rd.learn(host, port, a.protocol, False, "race")
             elif a.started and winner is not None and a.started < winner.started:
                 # Started first, given the attempt delay and more, beaten
-                # by a later one: blackholed or too lossy to set up.
-                self.rd.learn(host, port, a.protocol, False, "race")
+                # by a later one: blackholed or too lossy to set up. Unless
+                # the peer is known to speak it: on a lossy path one lost
+                # handshake packet is enough to lose a race, so it takes
+                # BEATEN_LIMIT races in a row.
+                self._slow(host, port, a.protocol, known.get(proto))
         untried = [a for a in race.attempts if not a.started and wire_protocol(a.protocol) == "fillp"]
         if (self.spec.discovery and winner is not None and untried
                 and "fillp" not in self.rd.facts(host, port)):
             self.rd.discover(family, host, port)
+
+    def _forgive(self, host: str, port: int, proto: str) -> None:
+        with self._beaten_lock:
+            self._beaten.pop((host, port, proto), None)
+
+    def _slow(self, host: str, port: int, protocol: str, fact: Any) -> None:
+        """An attempt on ``protocol`` lost its race by being slow."""
+        key = (host, port, wire_protocol(protocol))
+        with self._beaten_lock:
+            strikes = self._beaten.pop(key, 0) + 1
+            if fact is not None and fact.speaks and strikes < BEATEN_LIMIT:
+                if len(self._beaten) >= 4096:  # peers seen once each: forget the oldest
+                    del self._beaten[next(iter(self._beaten))]
+                self._beaten[key] = strikes
+                self.counters["races_lost_by_known"] += 1
+                return
+        assert self.rd is not None
+        self.rd.learn(host, port, protocol, False, "race")
 
     def advertise(self, host: str, port: int, members: list[tuple[str, Any]]) -> None:
         """A listener on ``host:port`` over ``members`` (stack name, core
