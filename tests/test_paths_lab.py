@@ -60,7 +60,8 @@ while True:
 """ % SERVER_TOML
 
 # A plain stdlib client: COUNT connections of SIZE bytes each, prints what
-# the server said about each.
+# the server said about each, and (under ``dmm run``) the negotiation
+# counters, which say whether a race was lost by a slow handshake.
 CLIENT = """
 import json, socket, sys
 addr, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -73,7 +74,9 @@ for _ in range(count):
         reply += part
     c.close()
     seen.append(reply.decode())
-print(json.dumps(seen))
+runtime = sys.modules.get("dmm.runtime")
+counts = runtime.get().negotiator.counts() if runtime else {}
+print(json.dumps({"seen": seen, "counts": counts}))
 """
 
 
@@ -82,7 +85,8 @@ def client_toml(extra):
 
 
 def run_client(lab, node, tmp_path, extra, count, size, congctl=None):
-    """Runs CLIENT under ``dmm run`` in ``node``; returns (stacks, paths)."""
+    """Runs CLIENT under ``dmm run`` in ``node``; returns (stacks, paths,
+    negotiation counters)."""
     home = tmp_path / node
     home.mkdir(exist_ok=True)
     cfg = home / "dmm.toml"
@@ -99,7 +103,8 @@ def run_client(lab, node, tmp_path, extra, count, size, congctl=None):
     paths = lab.exec(node, [sys.executable, "-m", "dmm", "paths", "--json"], capture_output=True, text=True,
                      env=env, check=True, timeout=60)
     by_key = {e["key"]: e for e in json.loads(paths.stdout)}
-    return json.loads(out.stdout), by_key.get(lab.address("server"))
+    report = json.loads(out.stdout)
+    return report["seen"], by_key.get(lab.address("server")), report["counts"]
 
 
 def start_server(lab, tmp_path):
@@ -115,7 +120,7 @@ def test_each_stack_measures_the_emulated_path(tmp_path, stack):
     with Lab("internet") as lab:
         start_server(lab, tmp_path)
         route = f'[[route]]\nto = "{lab.address("server")}/32"\nstacks = ["{stack}"]\n'
-        seen, path = run_client(lab, "client", tmp_path, route, count=2, size=4 << 20)
+        seen, path, _ = run_client(lab, "client", tmp_path, route, count=2, size=4 << 20)
     assert seen == [stack, stack]
     assert path["samples"] == 2
     assert 80 * 0.9 <= path["rtt_ms"] <= 80 * 1.1, path
@@ -123,22 +128,22 @@ def test_each_stack_measures_the_emulated_path(tmp_path, stack):
     assert path["rate_mbit"] > 1, path
 
 
-def learned(stacks):
-    """How many kernel connections came before the first FillP one, after
-    which every connection must be on FillP (``None``: never learned)."""
+def learned(stacks, counts):
+    """How many kernel connections came before the first FillP one (``None``:
+    never learned). After it every connection is on FillP, but for races
+    FillP lost by a slow handshake (one lost handshake packet on a 1% path,
+    then a second one): those are served by the kernel without unlearning
+    FillP, so the last connection is on FillP again."""
     if "wan" not in stacks:
         return None
     first = stacks.index("wan")
-    assert set(stacks[:first]) == {"kernel"} and set(stacks[first:]) == {"wan"}, stacks
+    assert set(stacks[:first]) == {"kernel"}, stacks
+    served_by_race = stacks[first:].count("kernel")
+    assert served_by_race <= counts.get("races_lost_by_known", 0), (stacks, counts)
+    assert stacks[-1] == "wan", (stacks, counts)
     return first
 
 
-# Known bug, open in issue 17: about one run in eight (seen in a fresh-clone
-# CI run, 0 of 7 local reruns) a path goes kernel, FillP, kernel, kernel: the
-# FillP connection's sample flips the estimate back. Reported as XFAIL or
-# XPASS on every run until the cause is found, not hidden.
-@pytest.mark.xfail(reason="intermittent: a FillP sample can flip an adaptive path back to the kernel (issue 17)",
-                   strict=False)
 def test_the_adaptive_policy_on_the_three_lab_profiles(tmp_path):
     """With CUBIC (set per route, as most distributions default to it), the
     first connections to the server go to the kernel and measure; once a
@@ -155,8 +160,8 @@ def test_the_adaptive_policy_on_the_three_lab_profiles(tmp_path):
         results = {node: run_client(lab, node, tmp_path, adaptive, count=4, size=size, congctl="cubic")
                    for node, size in sizes.items()}
     for node in ("internet", "inter-dc"):
-        stacks, path = results[node]
-        assert learned(stacks) in (1, 2), (node, stacks, path)
+        stacks, path, counts = results[node]
+        assert learned(stacks, counts) in (1, 2), (node, stacks, path)
         assert path["loss"] > 0
     assert results["intra-dc"][0] == ["kernel"] * 4, results
     assert results["intra-dc"][1]["loss"] == 0.0
@@ -173,8 +178,8 @@ def test_the_adaptive_policy_with_bbr(tmp_path):
         sizes = {"internet": 1 << 20, "inter-dc": 4 << 20}
         results = {node: run_client(lab, node, tmp_path, adaptive, count=4, size=size, congctl="bbr")
                    for node, size in sizes.items()}
-    stacks, path = results["internet"]
-    assert learned(stacks) in (1, 2), (stacks, path)
-    stacks, path = results["inter-dc"]
+    stacks, path, counts = results["internet"]
+    assert learned(stacks, counts) in (1, 2), (stacks, path)
+    stacks, path, _ = results["inter-dc"]
     assert stacks == ["kernel"] * 4, (stacks, path)
     assert path["samples"] == 4
