@@ -4,10 +4,12 @@
 
 Starts its own etcd (Debian's etcd-server) on loopback and measures:
 
-* **propagation**: three running dmm processes watch the central policy;
-  the bench pushes a new one ``--pushes`` times and each process reports
-  when its next decision changed. p50 / p99 / max over all pushes and
-  processes, in ms, from the moment before the put.
+* **propagation**: three running dmm processes on three hosts (lab
+  namespaces, etcd on a management network; as root) watch the central
+  policy; the bench pushes a new one ``--pushes`` times and each process
+  reports when its next decision changed. p50 / p99 / max over all pushes
+  and processes, in ms, from the moment before the put. Without root (or
+  with ``--one-host``) the three processes share the root namespace.
 * **connect cost**: connects per second to a kernel listener over loopback
   with ``[rd] central`` configured and without (the same two-stack config
   otherwise), in pairs of fresh processes, the pairs' order alternating;
@@ -16,8 +18,7 @@ Starts its own etcd (Debian's etcd-server) on loopback and measures:
   a fresh process's time from ``configure()`` to a warm cache and its
   resident memory against the same process without central RD.
 
-The three processes run on one host (one network namespace): the watch
-path is the same as across hosts, only without the link's RTT. Writes
+Connect cost and the large store run on one host. Writes
 ``benches/results/central_rd.{md,json}``.
 """
 
@@ -127,10 +128,12 @@ async def _client(endpoint):
     return client
 
 
-def propagation(cluster, env, pushes):
+def propagation(cluster, env, pushes, spawn=subprocess.Popen):
+    """``spawn(i, argv, **popen_args)`` starts watcher ``i`` (in a namespace
+    of its own, in the multi-host run)."""
     toml = TWO + rd_section(cluster.urls(), "w")
-    procs = [subprocess.Popen([sys.executable, "-c", WATCHER, toml.replace('"w"', f'"w{i}"')],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    procs = [spawn(i, [sys.executable, "-c", WATCHER, toml.replace('"w"', f'"w{i}"')],
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for i in range(3)]
     lines = {i: [] for i in range(3)}
     for i, p in enumerate(procs):
@@ -256,6 +259,25 @@ def large_store(cluster, env, ads, paths):
             "rss_growth_mib_without": outs["without"]["rss_growth"] / 2**20}
 
 
+def multi_host_propagation(tmp, env, pushes):
+    """Propagation to three lab namespaces as hosts, etcd in the root
+    namespace on the management network (no emulated link in between)."""
+    from dmm.lab import Lab
+    from dmm.lab.management import ManagementNetwork
+    from dmm.lab.profiles import LINK_PROFILES
+    from dmm.lab.topology import LinkPlan, Topology
+
+    internet = LINK_PROFILES["internet"].params
+    lab = Lab(None)
+    lab.topology = Topology("central", (LinkPlan("b", 1, internet), LinkPlan("c", 2, internet)))
+    (tmp / "hosts").mkdir()
+    with lab, ManagementNetwork(lab) as mgmt, Cluster(tmp / "hosts", host=mgmt.address) as cluster:
+        nodes = list(lab.nodes)
+        prop = propagation(cluster, env, pushes, spawn=lambda i, argv, **kw: lab.popen(nodes[i], argv, **kw))
+    prop["hosts"] = nodes
+    return prop
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pushes", type=int, default=40)
@@ -263,11 +285,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--ads", type=int, default=1000)
     ap.add_argument("--paths", type=int, default=10000)
+    ap.add_argument("--one-host", action="store_true", help="propagation without namespaces (the default without root)")
     args = ap.parse_args()
+    hosts = not args.one_host and os.geteuid() == 0
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, DMM_RD_DIR=os.path.join(tmp, "lrd"))
+        prop = multi_host_propagation(Path(tmp), env, args.pushes) if hosts else None
         with Cluster(Path(tmp)) as cluster:
-            prop = propagation(cluster, env, args.pushes)
+            if prop is None:
+                prop = propagation(cluster, env, args.pushes, spawn=lambda i, argv, **kw: subprocess.Popen(argv, **kw))
             cost = connect_cost(cluster, env, args.connects, args.rounds)
             big = large_store(cluster, env, args.ads, args.paths)
     result = {"run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
@@ -277,8 +303,11 @@ def main():
     md = [
         "# Central RD (etcd) benchmark",
         "",
-        f"Run {result['run']}, Python {result['python']}, {result['cpus']} CPUs, one etcd 3.4 member on loopback,"
-        " processes on one host. `python benches/central_rd.py`.",
+        f"Run {result['run']}, Python {result['python']}, {result['cpus']} CPUs, one etcd 3.4 member. "
+        + (f"Propagation: one process in each of {len(prop['hosts'])} namespaces ({', '.join(prop['hosts'])}),"
+           " etcd in the root namespace over a management veth; "
+           if prop.get("hosts") else "Propagation: three processes in one namespace; ")
+        + "connect cost and the large store: one host, loopback. `python benches/central_rd.py`.",
         "",
         "| measure | value | target |",
         "|---|---:|---:|",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from dmm.lab import Lab
-from dmm.lab import netns as nsu
+from dmm.lab.management import ManagementNetwork
 from dmm.lab.netns import route_congctl
 from dmm.lab.profiles import LINK_PROFILES
 from dmm.lab.topology import LinkPlan, Topology
@@ -32,8 +32,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network n
 pytest.importorskip("aetcd", reason="needs the etcd client: pip install 'dmm[central]'")
 
 AGENT = str(Path(__file__).with_name("rd_agent.py"))
-#: etcd's address, on the root namespace's loopback.
-ETCD_ADDRESS = "10.253.0.254"
 PORT = 7100
 A = "10.201.0.1"
 
@@ -104,22 +102,6 @@ def wait_for(check, timeout=10.0, step=0.05, explain=None):
         time.sleep(step)
 
 
-def management_network(lab, devices):
-    """A veth from the root namespace into every node; etcd's address on
-    the root's loopback, routed from each node over its veth. The root's
-    ends are appended to ``devices`` as they are made."""
-    nsu.ip("addr", "replace", f"{ETCD_ADDRESS}/32", "dev", "lo")
-    for i, node in enumerate(lab.nodes, 1):
-        root_dev, node_dev, ns = f"mg{lab.tag}{i}", f"mg{lab.tag}{i}n", lab.netns(node)
-        nsu.ip("link", "add", root_dev, "type", "veth", "peer", "name", node_dev, "netns", ns)
-        devices.append(root_dev)
-        nsu.ip("addr", "add", f"10.253.{i}.1/30", "dev", root_dev)
-        nsu.ip("link", "set", root_dev, "up")
-        nsu.ip("addr", "add", f"10.253.{i}.2/30", "dev", node_dev, netns=ns)
-        nsu.ip("link", "set", node_dev, "up", netns=ns)
-        nsu.ip("route", "add", f"{ETCD_ADDRESS}/32", "via", f"10.253.{i}.1", netns=ns)
-
-
 @pytest.fixture
 def hosts(tmp_path):
     """The lab (nodes ``server`` = host A, ``b``, ``c``), etcd, and host A
@@ -127,13 +109,12 @@ def hosts(tmp_path):
     internet = LINK_PROFILES["internet"].params
     lab = Lab(None)
     lab.topology = Topology("central", (LinkPlan("b", 1, internet), LinkPlan("c", 2, internet)))
-    with lab:
-        devices, etcd = [], None
+    with lab, ManagementNetwork(lab) as mgmt:
+        etcd = None
         try:
-            management_network(lab, devices)
             for node in ("b", "c"):
                 route_congctl(lab.netns(node), "bbr")
-            etcd = Cluster(tmp_path, host=ETCD_ADDRESS).start()
+            etcd = Cluster(tmp_path, host=mgmt.address).start()
             a = Agent(lab, "server", "a", STACKS + '[listen]\nstacks = ["kernel", "wan"]\n' + rd(etcd, "a"),
                       tmp_path)
             a("serve", port=PORT)
@@ -141,11 +122,6 @@ def hosts(tmp_path):
         finally:
             if etcd is not None:
                 etcd.stop()
-            # Deleted here, at once: a namespace's devices go only when the
-            # kernel gets round to it, and the next lab reuses the subnets.
-            for dev in devices:
-                nsu.ip("link", "del", dev)
-            nsu.ip("addr", "del", f"{ETCD_ADDRESS}/32", "dev", "lo")
 
 
 def shared_paths(etcd, host):
