@@ -99,3 +99,21 @@ def eventually(check, timeout=5.0):
             return False
         time.sleep(0.01)
     return True
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The conformance suite's pass counts per stack kind and suite."""
+    import stack_kinds
+
+    if not stack_kinds.RESULTS:
+        return
+    rep = terminalreporter
+    rep.section("conformance: tests passing with the stdlib that pass on each stack")
+    suites = sorted({suite for _, suite in stack_kinds.RESULTS})
+    rep.write_line(f"{'stack':10}" + "".join(f"{s:>28}" for s in suites))
+    for kind in dict.fromkeys(k for k, _ in stack_kinds.RESULTS):
+        cells = []
+        for suite in suites:
+            r = stack_kinds.RESULTS.get((kind, suite))
+            cells.append("-" if r is None else f"{r['passed']}/{r['run']} ({r['excluded']} excluded)")
+        rep.write_line(f"{kind:10}" + "".join(f"{c:>28}" for c in cells))

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import _socket
 import errno as _errno
+import io as _io
+import operator as _operator
+import os as _os
+import stat as _stat
 import socket as _std
 import sys as _sys
 import threading as _threading
 import weakref as _weakref
 
-__all__ = ["CoreMethods", "UserSpaceMethods", "detached", "is_ip", "not_supported", "option_bytes", "refusing",
-           "release", "retain", "user_space", "with_mixin", "write_poll_fd"]
+__all__ = ["GONE", "CoreMethods", "UserSpaceMethods", "detached", "is_ip", "not_supported", "option_bytes", "refusing",
+           "forget", "release", "retain", "take_detached", "user_space", "with_mixin", "write_poll_fd"]
 
 # The C getters: plain ints, without the stdlib properties' enum conversion.
 _raw_family = _socket.socket.family.__get__
@@ -58,6 +62,35 @@ def release(core):
         if left > 1:
             _handles[id(core)] = left
         return left <= 0
+
+
+def take_detached(fd):
+    """The detached user-space socket whose fd is ``fd``, taken off the
+    list, or ``None``. An entry whose number now holds something else (the
+    program closed the fd and the number was reused: a socket, or nothing)
+    is stale: its connection is closed and ``None`` returned."""
+    entry = detached.pop(fd, None)
+    if entry is None:
+        return None
+    try:
+        stale = _stat.S_ISSOCK(_os.fstat(fd).st_mode)  # ours is an eventfd
+    except OSError:
+        stale = True
+    if stale:
+        forget(entry)
+        return None
+    return entry
+
+
+def forget(entry):
+    """Drops a detached socket's handle on its core (closing the
+    connection if it was the last)."""
+    core = entry[0]
+    if release(core):
+        try:
+            core.close()
+        except OSError:
+            pass
 
 
 def write_poll_fd(fd):
@@ -116,13 +149,34 @@ class CoreMethods:
 
     def settimeout(self, value):
         super().settimeout(value)
-        self._dmm_core.settimeout(self.gettimeout())
+        if self._dmm_core is not None:  # None: a dup() not yet given its core
+            self._dmm_core.settimeout(self.gettimeout())
 
     def setblocking(self, flag):
         super().setblocking(flag)
-        self._dmm_core.settimeout(self.gettimeout())
+        if self._dmm_core is not None:
+            self._dmm_core.settimeout(self.gettimeout())
+
+    def dup(self):
+        # A new kernel fd on the same connection; a core socket is over one
+        # fd, so the duplicate gets a core of its own on the same stack.
+        from . import runtime
+
+        sock = super().dup()
+        inst = (runtime._runtime or runtime.get()).stacks[self._dmm_stack]
+        sock._dmm_use_core(inst.adopt(sock.fileno(), _raw_family(self), _raw_type(self)))
+        return sock
+
+    def detach(self):
+        # The core forgets the fd without closing it: the fd leaves with
+        # detach(), and this object's calls now fail as on a closed fd.
+        core, self._dmm_core = self._dmm_core, GONE
+        core.close()
+        return super().detach()
 
     def _real_close(self, *args):
+        if self._dmm_core is GONE:  # detached: the core went with the fd
+            return super()._real_close(*args)
         if user_space.get(self.fileno()) is self:
             del user_space[self.fileno()]
         try:
@@ -203,22 +257,33 @@ class UserSpaceMethods(CoreMethods):
 
     def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
         # Scatter-gather only: there is no ancillary data to send on a
-        # user-space stack, so any is refused rather than dropped.
-        if ancdata:
+        # user-space stack, so any is refused rather than dropped. The
+        # arguments are checked as the C method checks them first.
+        views = [memoryview(b) for b in buffers]
+        items = [_ancillary_item(item) for item in ancdata]
+        flags = _operator.index(flags)
+        if items:
             raise OSError(_errno.EOPNOTSUPP, f"ancillary data is not supported on a {self._dmm_stack} socket")
-        data = b"".join(bytes(memoryview(b)) for b in buffers)
+        data = b"".join(views)
         if address is None:
             return self._dmm_core.send(data, flags)
         return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
 
     def recvmsg(self, bufsize, ancbufsize=0, flags=0):
+        bufsize, ancbufsize, flags = _operator.index(bufsize), _operator.index(ancbufsize), _operator.index(flags)
         if bufsize < 0 or ancbufsize < 0:
             raise ValueError("negative buffer size in recvmsg()")
         data, address = self._dmm_core.recvfrom(bufsize, flags)
         return data, [], 0, address
 
     def recvmsg_into(self, buffers, ancbufsize=0, flags=0):
-        views = [memoryview(b).cast("B") for b in buffers]
+        views = [memoryview(b) for b in buffers]
+        if any(v.readonly for v in views):
+            raise TypeError("recvmsg_into() argument 1 must be an iterable of writable buffers")
+        views = [v.cast("B") for v in views]
+        ancbufsize, flags = _operator.index(ancbufsize), _operator.index(flags)
+        if ancbufsize < 0:
+            raise ValueError("negative buffer size in recvmsg_into()")
         total = sum(len(v) for v in views)
         data, address = self._dmm_core.recvfrom(total, flags)
         at = 0
@@ -227,6 +292,19 @@ class UserSpaceMethods(CoreMethods):
             v[:n] = data[at:at + n]
             at += n
         return len(data), [], 0, address
+
+    def _sendfile_use_sendfile(self, file, offset=0, count=None):
+        # No zero-copy path out of a user-space stack: os.sendfile() on the
+        # placeholder fd would fail, so the copying path does the work. It
+        # gives up where the stdlib's does (no real file), for sendfile()
+        # to fall back the same way.
+        try:
+            size = _os.fstat(file.fileno()).st_size
+        except (AttributeError, _io.UnsupportedOperation, OSError) as err:
+            raise _std._GiveupOnSendfile(err)
+        if not size:
+            return 0
+        return self._sendfile_use_send(file, offset, count)
 
     def dup(self):
         # A second handle on the same core socket, with its own fd number (a
@@ -244,12 +322,45 @@ class UserSpaceMethods(CoreMethods):
 
     def detach(self):
         # The fd leaves with the core socket behind it: socket(fileno=fd)
-        # or fromfd(fd) takes it up again.
+        # or fromfd(fd) takes it up again. This object keeps nothing of it,
+        # so its calls fail as on a closed fd and its close() releases no
+        # handle.
         fd = self.fileno()
         if user_space.get(fd) is self:
             del user_space[fd]
         detached[fd] = (self._dmm_core, self._dmm_stack, _raw_family(self), _raw_type(self), self.proto)
-        return super().detach()
+        self._dmm_core = GONE
+        return super(CoreMethods, self).detach()  # past CoreMethods': the core is kept
+
+
+class _Gone:
+    """Stands in for the core socket of a socket whose fd was detached:
+    every call fails with ``EBADF``, as on a closed kernel socket."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        def closed(*args, **kwargs):
+            raise OSError(_errno.EBADF, "Bad file descriptor")
+
+        return closed
+
+    def __repr__(self):
+        return "<detached>"
+
+
+#: The core of a detached socket (see :class:`_Gone`).
+GONE = _Gone()
+
+
+def _ancillary_item(item):
+    """One ``sendmsg`` ancillary item checked as the C method checks it:
+    a ``(level, type, data)`` sequence of two ints and a bytes-like object,
+    else ``TypeError``."""
+    if not isinstance(item, (tuple, list)) or len(item) != 3:
+        raise TypeError("ancillary data items must be (level, type, data) sequences")
+    level, kind, data = item
+    return _operator.index(level), _operator.index(kind), memoryview(data)
 
 
 def is_ip(host, family):

@@ -43,7 +43,7 @@ from .conditions import holds
 from .config import AdaptiveSpec, Config, ConfigError, RDSpec, RouteSpec, load
 from .negotiate import Negotiator
 from .rd.paths import Estimate
-from .stacks import StackInstance, make_instance
+from .stacks import StackInstance, UserSpaceInstance, make_instance
 
 __all__ = ["Outcome", "Runtime", "Table", "configure", "get", "reset"]
 
@@ -125,6 +125,10 @@ class Runtime:
         for spec in config.stacks:
             self.stacks[spec.name] = make_instance(spec)
         self.order = [spec.name for spec in config.stacks]
+        #: User-space instances a listener may move to: a port the kernel
+        #: picks for bind(port 0) must be free on them too (see
+        #: dmm.socket.socket.bind).
+        self.user_space = [inst for inst in self.stacks.values() if isinstance(inst, UserSpaceInstance)]
         # With one stack, no rules and no [listen], every answer is that stack
         # unless a hook or an override says otherwise: skip the table.
         self.only = self.order[0] if len(self.order) == 1 and not config.routes and not config.listen else None

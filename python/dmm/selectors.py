@@ -74,12 +74,19 @@ class _KeyMap(Mapping):
         return iter(self._selector._keys)
 
 
-class EpollSelector(selectors.BaseSelector):
-    """``selectors.EpollSelector`` with exact write readiness for dmm sockets
-    on user-space stacks (see the module docs)."""
+def _native_mask(events: int) -> int:
+    """The epoll mask for ``events`` on an fd whose own readiness is exact."""
+    return (select.EPOLLIN if events & EVENT_READ else 0) | (select.EPOLLOUT if events & EVENT_WRITE else 0)
 
-    def __init__(self):
-        self._epoll = select.epoll()
+
+class EpollSelector(selectors.EpollSelector):
+    """``selectors.EpollSelector`` with exact write readiness for dmm sockets
+    on user-space stacks (see the module docs). A subclass, so that
+    ``isinstance`` checks hold; every method is its own (the stdlib's
+    ``_selector_cls`` is what it polls with)."""
+
+    def __init__(self):  # not the stdlib's: the state is its own
+        self._epoll = self._selector_cls()
         self._keys: dict[int, selectors.SelectorKey] = {}
         # Polled fd -> (registered fd, what it stands for).
         self._polled: dict[int, tuple[int, int]] = {}
@@ -98,13 +105,17 @@ class EpollSelector(selectors.BaseSelector):
                     return key.fd
             raise
 
+    # The stdlib implementation's helpers, for code that reaches for them.
+    _fileobj_lookup = _lookup
+
+    def _key_from_fd(self, fd):
+        return self._keys.get(fd)
+
     def _add(self, key: selectors.SelectorKey) -> None:
         fd, events = key.fd, key.events
         wfd = write_poll_fd(fd) if events & EVENT_WRITE else None
         if wfd is None:
-            mask = (select.EPOLLIN if events & EVENT_READ else 0) | (
-                select.EPOLLOUT if events & EVENT_WRITE else 0)
-            self._epoll.register(fd, mask)
+            self._epoll.register(fd, _native_mask(events))
             self._polled[fd] = (fd, _NATIVE)
             return
         if events & EVENT_READ:
@@ -157,13 +168,19 @@ class EpollSelector(selectors.BaseSelector):
         if events != key.events:
             if not events or events & ~(EVENT_READ | EVENT_WRITE):
                 raise ValueError(f"Invalid events: {events!r}")
-            self._drop(fd)
-            key = key._replace(events=events, data=data)
+            new = key._replace(events=events, data=data)
             try:
-                self._add(key)
-            except OSError:
-                del self._keys[fd]
+                if fd in self._write_fds or (events & EVENT_WRITE and write_poll_fd(fd) is not None):
+                    self._drop(fd)
+                    self._add(new)
+                else:  # one fd polled for both: one syscall
+                    self._epoll.modify(fd, _native_mask(events))
+            except BaseException:
+                # As the stdlib: a failed modify leaves the fd unregistered.
+                self._keys.pop(fd, None)
+                self._drop(fd)
                 raise
+            key = new
         elif data is not key.data:
             key = key._replace(data=data)
         self._keys[fd] = key
@@ -202,7 +219,7 @@ class EpollSelector(selectors.BaseSelector):
         return result
 
     def get_map(self):
-        return self._map
+        return self._map  # None once closed, which get_key() reports
 
     def fileno(self) -> int:
         """The epoll fd (readable when some registered fd is ready)."""
@@ -210,6 +227,7 @@ class EpollSelector(selectors.BaseSelector):
 
     def close(self):
         self._epoll.close()
+        self._map = None
         self._keys.clear()
         self._polled.clear()
         self._write_fds.clear()

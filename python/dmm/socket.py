@@ -107,7 +107,7 @@ class socket(_RaceTakeover, _StdSocket):
                  "_dmm_path")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
-        adopted = _userspace.detached.pop(fileno, None) if fileno is not None else None
+        adopted = _userspace.take_detached(fileno) if fileno is not None else None
         if adopted is not None:
             # A detached user-space socket's fd (an eventfd, which the C
             # socket refuses): open under its number as a kernel socket
@@ -230,15 +230,15 @@ class socket(_RaceTakeover, _StdSocket):
             self._dmm_use_userspace(handover.core)
         inst.count(role)
 
-    def _dmm_reopen(self, proto):
+    def _dmm_reopen(self, proto, rebind=True):
         """Replaces the kernel socket under this fd number with one of another
-        protocol (TCP <-> MPTCP), replaying the options set so far and the
-        bound address."""
+        protocol (TCP <-> MPTCP), replaying the options set so far and (with
+        ``rebind``) the bound address."""
         timeout = self.gettimeout()
         bound = None
         try:
             local = _StdSocket.getsockname(self)
-            if local[1] != 0:
+            if local[1] != 0 and rebind:
                 bound = local
         except OSError:
             pass
@@ -284,6 +284,9 @@ class socket(_RaceTakeover, _StdSocket):
             except OSError:
                 pass
         _os.dup2(core.poll_fd(), self.fileno(), inheritable=self.get_inheritable())
+        stale = _userspace.detached.pop(self.fileno(), None)
+        if stale is not None:  # the number was closed and reused: that fd is gone
+            _userspace.forget(stale)
         self._dmm_core = core
         self.__class__ = _with_mixin(type(self), _UserSpaceMethods)
         _user_space[self.fileno()] = self
@@ -298,7 +301,39 @@ class socket(_RaceTakeover, _StdSocket):
             if isinstance(self, _UserSpaceMethods):
                 return _UserSpaceMethods.bind(self, address)
         self._dmm_bound = True
-        return super().bind(address)
+        super().bind(address)
+        if (self._dmm_stack is None and isinstance(address, tuple) and len(address) >= 2
+                and _runtime._runtime is not None and _runtime._runtime.user_space
+                and _raw_type(self) == _std.SOCK_STREAM):
+            self._dmm_port_for_every_stack(_runtime._runtime.user_space, address)
+
+    def _dmm_port_for_every_stack(self, instances, address):
+        """After a kernel bind: listen() may move this socket to a
+        user-space instance, so the port must be free there too, as one
+        port is one port to a program. A port the program named and a dmm
+        socket there holds fails as the kernel fails a taken port
+        (``EADDRINUSE``). A port the kernel picked (port 0) that is taken
+        there (a FillP connection's UDP port, say) is swapped for another,
+        since programs read their port before listen() (socketserver does):
+        the kernel socket is reopened and bound again while the old one
+        holds its port."""
+        family, held = _raw_family(self), []
+        options = [(level, name, _option_bytes(value)) for level, name, value, optlen in self._dmm_opts or ()
+                   if optlen is None]
+        try:
+            for _ in range(16):
+                host, port = _StdSocket.getsockname(self)[:2]
+                if all(inst.port_free(family, host, port, options) for inst in instances):
+                    return
+                if address[1] != 0:
+                    self._dmm_reopen(self.proto, rebind=False)  # unbound again, as a failed bind leaves it
+                    raise OSError(_errno.EADDRINUSE, _os.strerror(_errno.EADDRINUSE))
+                held.append(_os.dup(self.fileno()))  # keeps the port from coming back
+                self._dmm_reopen(self.proto, rebind=False)
+                _StdSocket.bind(self, address)
+        finally:
+            for fd in held:
+                _os.close(fd)
 
     def connect(self, address):
         if self._dmm_stack is None:
@@ -599,8 +634,9 @@ def fromfd(fd, family, type, proto=0):
     sock = _user_space.get(fd)
     if sock is not None:
         return sock.dup()
-    held = _userspace.detached.get(fd)
+    held = _userspace.take_detached(fd)
     if held is not None:
+        _userspace.detached[fd] = held  # the fd stays detached: this is a new handle
         core, name, family, type, proto = held
         new = socket(family, type, proto)
         new._dmm_stack = name

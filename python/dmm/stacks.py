@@ -17,9 +17,10 @@ does it (calls run one way: socket -> runtime -> instance -> core).
 
 from __future__ import annotations
 
+import errno as _errno
 import itertools
 import socket as _stdsocket
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 from . import _core
 from .config import StackSpec
@@ -173,6 +174,31 @@ class UserSpaceInstance(StackInstance):
             core.close()
             raise
         return core
+
+    def port_free(self, family: int, host: str, port: int, options: Sequence[tuple] = ()) -> bool:
+        """Whether a stream socket of ``family`` with ``options`` (``(level,
+        name, bytes)``, as ``SO_REUSEPORT``) could bind ``host:port`` here
+        now (``False`` only for ``EADDRINUSE``: a family or address the
+        instance cannot take is not its to refuse)."""
+        family = _stdsocket.AF_INET6 if family == _stdsocket.AF_INET6 else _stdsocket.AF_INET
+        try:
+            core = self.core_socket(family, _stdsocket.SOCK_STREAM)
+        except OSError:
+            return True
+        try:
+            for level, name, value in options:
+                try:
+                    core.setsockopt(level, name, value)
+                except OSError:
+                    pass  # not one this stack has: it changes nothing here
+            core.bind((self.core.bind_address(family, host), port))
+        except OSError as exc:
+            return exc.errno != _errno.EADDRINUSE
+        except (TypeError, ValueError):
+            return True
+        finally:
+            core.close()
+        return True
 
     def counters(self) -> dict[str, int]:
         counts = super().counters()

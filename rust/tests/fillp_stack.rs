@@ -787,3 +787,103 @@ fn zero_linger_close_resets_and_frees_the_socket() {
         assert_eq!(errno_of(&e), Some(libc::ECONNRESET), "{e}");
     }
 }
+
+fn int_opt(s: &dyn StackSocket, level: i32, name: i32) -> i32 {
+    let raw = s.get_option(level, name, 4).unwrap();
+    i32::from_ne_bytes(raw[..4].try_into().unwrap())
+}
+
+#[test]
+fn msg_peek_leaves_the_bytes_for_the_next_recv() {
+    let st = stack();
+    let (c, s) = pair(&*st, &*st);
+    c.send_all(b"hello world", 0).unwrap();
+    let mut buf = [0u8; 5];
+    // Peeked twice, the same bytes; then read once.
+    for _ in 0..2 {
+        let n = s.recv(&mut buf, libc::MSG_PEEK).unwrap();
+        assert_eq!(&buf[..n], &b"hello world"[..n]);
+    }
+    let mut all = Vec::new();
+    while all.len() < 11 {
+        let mut b = [0u8; 64];
+        let n = s.recv(&mut b, 0).unwrap();
+        all.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(all, b"hello world");
+    s.set_timeout(Some(Duration::ZERO)).unwrap();
+    let e = s.recv(&mut buf, libc::MSG_PEEK).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EAGAIN));
+    // At the end of the stream a peek sees it too.
+    c.shutdown(Shutdown::Write).unwrap();
+    s.set_timeout(None).unwrap();
+    assert_eq!(s.recv(&mut buf, libc::MSG_PEEK).unwrap(), 0);
+    assert_eq!(s.recv(&mut buf, 0).unwrap(), 0);
+}
+
+#[test]
+fn so_reuseport_lets_two_listeners_share_a_port_as_in_tcp() {
+    let st = stack();
+    let on = 1i32.to_ne_bytes();
+    let a = st.socket(Family::V4, SockKind::Stream).unwrap();
+    assert_eq!(int_opt(&*a, libc::SOL_SOCKET, libc::SO_REUSEPORT), 0);
+    a.set_option(libc::SOL_SOCKET, libc::SO_REUSEPORT, &on)
+        .unwrap();
+    assert_eq!(int_opt(&*a, libc::SOL_SOCKET, libc::SO_REUSEPORT), 1);
+    a.bind(lo(0)).unwrap();
+    a.listen(8).unwrap();
+    let addr = a.local_addr().unwrap();
+    // Without the option the port is taken; with it on both, shared.
+    let plain = st.socket(Family::V4, SockKind::Stream).unwrap();
+    assert_eq!(
+        errno_of(&plain.bind(addr).unwrap_err()),
+        Some(libc::EADDRINUSE)
+    );
+    let b = st.socket(Family::V4, SockKind::Stream).unwrap();
+    b.set_option(libc::SOL_SOCKET, libc::SO_REUSEPORT, &on)
+        .unwrap();
+    b.bind(addr).unwrap();
+    b.listen(8).unwrap();
+    // SO_REUSEADDR is kept for getsockopt but shares nothing (TCP's does not).
+    plain
+        .set_option(libc::SOL_SOCKET, libc::SO_REUSEADDR, &on)
+        .unwrap();
+    assert_eq!(int_opt(&*plain, libc::SOL_SOCKET, libc::SO_REUSEADDR), 1);
+    assert_eq!(
+        errno_of(&plain.bind(addr).unwrap_err()),
+        Some(libc::EADDRINUSE)
+    );
+}
+
+#[test]
+fn an_ipv6_listener_takes_ipv4_clients_unless_ipv6_only() {
+    let st = stack();
+    let any6 = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0);
+    for v6only in [0, 1] {
+        let l = st.socket(Family::V6, SockKind::Stream).unwrap();
+        assert_eq!(int_opt(&*l, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY), 0);
+        if v6only == 1 {
+            l.set_option(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &1i32.to_ne_bytes())
+                .unwrap();
+        }
+        l.bind(any6).unwrap();
+        l.listen(4).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = st.socket(Family::V4, SockKind::Stream).unwrap();
+        c.set_timeout(Some(Duration::from_secs(2))).unwrap();
+        let got = c.connect(lo(port));
+        if v6only == 0 {
+            got.unwrap();
+            let (_s, peer) = l.accept().unwrap();
+            // The client, as the kernel shows it: IPv4-mapped.
+            assert_eq!(peer.ip().to_string(), "::ffff:127.0.0.1");
+        } else {
+            // No UDP socket takes the datagrams: refused (ICMP port unreachable).
+            let e = got.unwrap_err();
+            assert!(
+                matches!(errno_of(&e), Some(libc::ECONNREFUSED | libc::ETIMEDOUT)),
+                "{e}"
+            );
+        }
+    }
+}

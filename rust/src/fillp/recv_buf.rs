@@ -204,6 +204,13 @@ impl RecvBuf {
         self.ready.take_front(max, out)
     }
 
+    /// Pushes up to `max` readable bytes onto `out` as shared pieces and
+    /// leaves them readable (`MSG_PEEK`); returns how many.
+    pub fn peek_shared(&mut self, max: usize, out: &mut Vec<Bytes>) -> usize {
+        let start = self.ready.start();
+        self.ready.slices(start, max, out)
+    }
+
     /// Gives back the ready queue's memory if it is empty. Not done on every
     /// read that empties it: a streaming reader empties it thousands of
     /// times a second, and regrowing it each time costs a reallocation

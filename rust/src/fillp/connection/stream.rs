@@ -68,12 +68,19 @@ impl Connection {
         self.read_with(max, |r| r.read_shared(max, out))
     }
 
-    /// A read of up to `max` bytes, taken from the receive buffer by `take`.
-    pub(super) fn read_with(
-        &mut self,
-        max: usize,
-        take: impl FnOnce(&mut RecvBuf) -> usize,
-    ) -> Result<usize, ReadError> {
+    /// Up to `max` readable bytes pushed onto `out` as shared pieces and
+    /// left in the receive buffer (`MSG_PEEK`): the same outcomes as
+    /// [`Connection::read_shared`], nothing consumed, no window update.
+    pub fn peek_shared(&mut self, max: usize, out: &mut Vec<Bytes>) -> Result<usize, ReadError> {
+        if !self.check_readable()? || max == 0 {
+            return Ok(0);
+        }
+        Ok(self.rx.buf.peek_shared(max, out))
+    }
+
+    /// Whether a read finds bytes (`false`: the stream is at its end), or
+    /// why it cannot run.
+    fn check_readable(&mut self) -> Result<bool, ReadError> {
         if self.peer_reset {
             return Err(ReadError::Reset);
         }
@@ -82,12 +89,21 @@ impl Connection {
         }
         if self.rx.buf.readable() == 0 {
             if self.rx.buf.at_eof() {
-                return Ok(0);
+                return Ok(false);
             }
             self.rx.readable_signalled = false;
             return Err(ReadError::Blocked);
         }
-        if max == 0 {
+        Ok(true)
+    }
+
+    /// A read of up to `max` bytes, taken from the receive buffer by `take`.
+    pub(super) fn read_with(
+        &mut self,
+        max: usize,
+        take: impl FnOnce(&mut RecvBuf) -> usize,
+    ) -> Result<usize, ReadError> {
+        if !self.check_readable()? || max == 0 {
             return Ok(0);
         }
         let n = take(&mut self.rx.buf);

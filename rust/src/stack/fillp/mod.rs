@@ -130,7 +130,7 @@
 //!
 //! # Not supported
 //!
-//! * Datagram sockets (`supports` is streams only), `MSG_PEEK`/`MSG_OOB`.
+//! * Datagram sockets (`supports` is streams only), `MSG_OOB` (`MSG_PEEK` is supported).
 //! * Zero-copy between the application and the stack: `send` copies into
 //!   the send buffer and `recv` out of the received datagrams (and the
 //!   kernel once each way), four copies per byte against kernel TCP's two.

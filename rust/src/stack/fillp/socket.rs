@@ -16,10 +16,10 @@ use super::state::{new_endpoint, reason_errno, Role, Slot, StreamView};
 use super::{udp, Shared};
 use crate::fillp::{discovery, CloseReason, ConnectionStats, ReadError, WriteError};
 use crate::stack::userspace::{
-    lock, record, record_mut, shut, unspecified, Linger, SockCore, SockFds, Try, Wait,
+    lock, record, record_mut, shut, unspecified, KeptOptions, Linger, SockCore, SockFds, Try, Wait,
 };
 use crate::stack::{
-    errno, int_option, Counters, Family, Readiness, StackSocket, DMM_OFFER, SOL_DMM,
+    errno, int_at, int_option, Counters, Family, Readiness, StackSocket, DMM_OFFER, SOL_DMM,
 };
 
 /// One FillP stream socket.
@@ -32,6 +32,13 @@ pub struct FillpSocket {
     /// `SO_LINGER`: `-1` off, else the linger time in seconds (0: close
     /// aborts with a RST, as in TCP).
     linger: Linger,
+    /// `SO_REUSEADDR`, `SO_REUSEPORT`, `SO_KEEPALIVE`, `IPV6_V6ONLY` as set.
+    /// The socket's UDP socket carries out `SO_REUSEPORT` (the kernel
+    /// spreads peers over the listeners sharing a port) and `IPV6_V6ONLY`
+    /// (no IPv4-mapped peers); the other two change nothing (a UDP
+    /// `SO_REUSEADDR` would let two listeners share a port, which TCP's
+    /// does not, and FillP's keepalive is always on).
+    kept: KeptOptions,
 }
 
 /// A `send` piece at least this long is copied before the lock is taken
@@ -41,6 +48,20 @@ pub struct FillpSocket {
 const STAGE_MIN: usize = 16 << 10;
 
 impl FillpSocket {
+    /// The kept options the UDP socket must carry out, for its bind.
+    fn bind_options(&self) -> Vec<(i32, i32, i32)> {
+        let mut out = Vec::new();
+        if let Some(v) = self.kept.get((libc::SOL_SOCKET, libc::SO_REUSEPORT)) {
+            out.push((libc::SOL_SOCKET, libc::SO_REUSEPORT, v));
+        }
+        if self.core.family == Family::V6 {
+            if let Some(v) = self.kept.get((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)) {
+                out.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v));
+            }
+        }
+        out
+    }
+
     /// `DMM_OFFER`: what this listener answers to DISCOVER (`EINVAL` if it
     /// is not listening or the text is not an offer).
     fn set_offer(&self, value: &[u8]) -> io::Result<()> {
@@ -68,6 +89,7 @@ impl FillpSocket {
             core: SockCore::new(shared, id, fds, family),
             stage: Mutex::new(None),
             linger: Linger::new(),
+            kept: KeptOptions::default(),
         }
     }
 
@@ -157,7 +179,9 @@ impl FillpSocket {
     }
 
     /// One piece of a `recv`, under one hold of the lock.
-    fn recv_piece(&self, buf: &mut [u8], nonblock: bool) -> io::Result<usize> {
+    /// Reads into `buf` (with `peek`, copies and leaves the bytes, as
+    /// `MSG_PEEK`).
+    fn recv_piece(&self, buf: &mut [u8], nonblock: bool, peek: bool) -> io::Result<usize> {
         // The bytes are taken under the lock as shared pieces and copied
         // into `buf` after it is released, so the driver does not wait
         // behind the copy.
@@ -191,7 +215,13 @@ impl FillpSocket {
                 return gone(closed);
             };
             pieces.clear();
-            let r = match conn.read_shared(buf.len(), &mut pieces) {
+            let read = if peek {
+                conn.peek_shared(buf.len(), &mut pieces)
+            } else {
+                conn.read_shared(buf.len(), &mut pieces)
+            };
+            let r = match read {
+                Ok(n) if peek => Try::Done(Ok(n)),
                 Ok(n) => {
                     // Reading opens the window: a PACK may be due, and the
                     // reader sends it rather than wake the driver.
@@ -270,7 +300,7 @@ impl StackSocket for FillpSocket {
         if !matches!(s.role, Role::Fresh) {
             return Err(errno(libc::EINVAL));
         }
-        let fd = udp::bind(addr, self.core.shared.opts.offload)?;
+        let fd = udp::bind_with(addr, self.core.shared.opts.offload, &self.bind_options())?;
         let local = udp::local_addr(fd.as_raw_fd())?;
         s.local = Some(local);
         s.role = Role::Bound(fd, local);
@@ -449,12 +479,17 @@ impl StackSocket for FillpSocket {
     }
 
     fn recv(&self, buf: &mut [u8], flags: i32) -> io::Result<usize> {
-        if flags & (libc::MSG_PEEK | libc::MSG_OOB) != 0 {
+        if flags & libc::MSG_OOB != 0 {
             return Err(errno(libc::EOPNOTSUPP));
         }
         let nonblock = flags & libc::MSG_DONTWAIT != 0;
+        if flags & libc::MSG_PEEK != 0 {
+            // One piece: a peek copies what is there, at most the buffer.
+            let len = buf.len().min(COPY_CHUNK);
+            return self.recv_piece(&mut buf[..len], nonblock, true);
+        }
         chunked(buf.len(), nonblock, |r, nb| {
-            self.recv_piece(&mut buf[r], nb)
+            self.recv_piece(&mut buf[r], nb, false)
         })
     }
 
@@ -548,8 +583,12 @@ impl StackSocket for FillpSocket {
             (libc::SOL_SOCKET, libc::SO_LINGER) => self.linger.set(value),
             // Accepted for compatibility; FillP sizes its own buffers.
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF)
-            | (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT | libc::SO_KEEPALIVE)
             | (libc::IPPROTO_TCP, libc::TCP_NODELAY) => Ok(()),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT | libc::SO_KEEPALIVE)
+            | (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => {
+                self.kept.set((level, name), int_at(value, 0)?);
+                Ok(())
+            }
             (SOL_DMM, DMM_OFFER) => self.set_offer(value),
             _ => Err(errno(libc::ENOPROTOOPT)),
         }
@@ -575,7 +614,13 @@ impl StackSocket for FillpSocket {
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => c.recv_window.min(i32::MAX as u32) as i32,
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => c.send_buffer.min(i32::MAX as usize) as i32,
-            (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT | libc::SO_KEEPALIVE) => 0,
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT | libc::SO_KEEPALIVE) => {
+                self.kept.get((level, name)).unwrap_or(0)
+            }
+            // Linux's default (net.ipv6.bindv6only = 0) until set.
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) if self.core.family == Family::V6 => {
+                self.kept.get((level, name)).unwrap_or(0)
+            }
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => 1,
             _ => return Err(errno(libc::ENOPROTOOPT)),
         };

@@ -82,6 +82,13 @@ const SOCK_BUF: i32 = 8 << 20;
 /// With `gro`, asks for coalesced receives (`UDP_GRO`) where the kernel has
 /// them; callers must then receive into [`GRO_BUF`]-sized buffers.
 pub fn bind(addr: SocketAddr, gro: bool) -> io::Result<OwnedFd> {
+    bind_with(addr, gro, &[])
+}
+
+/// [`bind`], with integer options `(level, name, value)` set before the
+/// bind: what an application asked of its stream socket that the UDP
+/// socket carries out for it (`SO_REUSEPORT`, `IPV6_V6ONLY`).
+pub fn bind_with(addr: SocketAddr, gro: bool, options: &[(i32, i32, i32)]) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -122,6 +129,9 @@ pub fn bind(addr: SocketAddr, gro: bool) -> io::Result<OwnedFd> {
         // Refused (ENOPROTOOPT) before Linux 5.0: datagrams then come one
         // by one, which the receive path handles the same way.
         let _ = sys::setsockopt(raw, libc::SOL_UDP, UDP_GRO, &on);
+    }
+    for &(level, name, value) in options {
+        sys::setsockopt(raw, level, name, &value.to_ne_bytes())?;
     }
     let ra = RawAddr::from(&addr);
     // SAFETY: ra is a valid address of ra.len bytes.

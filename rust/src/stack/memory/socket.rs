@@ -1,7 +1,7 @@
 //! A memory stack's socket: the user-space socket core over the instance's
 //! [`State`], with every operation complete under one hold of the lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::RawFd;
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use super::state::{Role, Sock, State};
 use super::{unbound, Shared};
-use crate::stack::userspace::{self, lock, record, record_mut, Host, Linger, SockFds, Try, Wait};
+use crate::stack::userspace::{
+    self, lock, record, record_mut, Host, KeptOptions, Linger, SockFds, Try, Wait,
+};
 use crate::stack::{errno, int_at, int_option, Counters, Family, Readiness, StackSocket};
 
 type SockCore = userspace::SockCore<Shared>;
@@ -37,6 +39,7 @@ impl Host for Shared {
 const KEPT: &[(i32, i32)] = &[
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
     (libc::SOL_SOCKET, libc::SO_RCVBUF),
     (libc::SOL_SOCKET, libc::SO_SNDBUF),
@@ -47,7 +50,7 @@ const KEPT: &[(i32, i32)] = &[
 pub struct MemorySocket {
     core: SockCore,
     linger: Linger,
-    kept: Mutex<HashMap<(i32, i32), i32>>,
+    kept: KeptOptions,
 }
 
 impl MemorySocket {
@@ -55,7 +58,7 @@ impl MemorySocket {
         MemorySocket {
             core,
             linger: Linger::new(),
-            kept: Mutex::new(HashMap::new()),
+            kept: KeptOptions::default(),
         }
     }
 
@@ -241,9 +244,9 @@ impl StackSocket for MemorySocket {
         Ok(())
     }
 
-    fn send_to(&self, _buf: &[u8], _flags: i32, _addr: SocketAddr) -> io::Result<usize> {
-        // A stream socket takes no address per send.
-        Err(errno(libc::EISCONN))
+    fn send_to(&self, buf: &[u8], flags: i32, _addr: SocketAddr) -> io::Result<usize> {
+        // A connected stream socket ignores the address, as TCP does.
+        self.send(buf, flags)
     }
 
     fn recv(&self, buf: &mut [u8], flags: i32) -> io::Result<usize> {
@@ -325,7 +328,7 @@ impl StackSocket for MemorySocket {
         if !KEPT.contains(&(level, name)) {
             return Err(errno(libc::ENOPROTOOPT));
         }
-        lock(&self.kept).insert((level, name), v);
+        self.kept.set((level, name), v);
         Ok(())
     }
 
@@ -341,10 +344,10 @@ impl StackSocket for MemorySocket {
             (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => i32::from(listening),
             (libc::SOL_SOCKET, libc::SO_LINGER) => return Ok(self.linger.get(len)),
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF) => {
-                let kept = lock(&self.kept).get(&(level, name)).copied();
+                let kept = self.kept.get((level, name));
                 kept.unwrap_or(capacity.min(i32::MAX as usize) as i32)
             }
-            key if KEPT.contains(&key) => lock(&self.kept).get(&key).copied().unwrap_or(0),
+            key if KEPT.contains(&key) => self.kept.get(key).unwrap_or(0),
             _ => return Err(errno(libc::ENOPROTOOPT)),
         };
         Ok(int_option(&[v], len))

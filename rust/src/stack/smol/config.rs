@@ -13,7 +13,7 @@ use crate::stack::Stack;
 /// `mtu`, `mac`, `buffer_size`.
 pub static KIND: Kind = Kind {
     name: "smoltcp",
-    summary: "user-space TCP/IP (smoltcp) over a TAP device, one driver thread",
+    summary: "user-space TCP/IP (smoltcp) over a TAP device (or \"loopback\": its own addresses only), one driver thread",
     fields: &["device", "address", "gateway", "mtu", "mac", "buffer_size"],
     parse: parse_config,
 };
@@ -45,7 +45,9 @@ fn parse_config(o: &Options) -> Result<Box<dyn StackConfig>, OptionError> {
         let got = o.raw("device").cloned().unwrap_or(Value::None);
         return Err(OptionError::new(
             "device",
-            format!("expected a TAP device name such as \"tap:dmm0\" (at most 15 characters), got {got}"),
+            format!(
+                "expected a TAP device name such as \"tap:dmm0\" (at most 15 characters) or \"loopback\", got {got}"
+            ),
         ));
     };
     let cidr_example = "an address with prefix length such as \"10.77.0.2/24\"";

@@ -1,11 +1,17 @@
 //! smoltcp's [`phy::Device`] over a [`Tap`], with one receive and one
-//! transmit buffer reused for every frame (no allocation per packet).
+//! transmit buffer reused for every frame (no allocation per packet), or
+//! over a [`Link::Loopback`]: frames the instance sends come back to it, so
+//! it reaches its own addresses without a TAP device or privilege (local
+//! delivery, as the kernel's `lo`). The loopback keeps every code path of
+//! the TAP one but the syscalls, which is what the conformance suite runs
+//! the smoltcp socket layer through.
 //!
 //! smoltcp's own `TunTapInterface` panics on I/O errors other than
 //! `WouldBlock`; here an error is stored in [`TapDevice::failure`] and the
 //! device then behaves as an empty, silent link until the driver notices and
 //! takes the instance down.
 
+use std::collections::VecDeque;
 use std::io;
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
@@ -34,10 +40,53 @@ pub struct DeviceStats {
     pub syn_dropped: u64,
 }
 
-/// A TAP device as smoltcp sees it.
+/// Frames a loopback link holds at most; beyond, sends are dropped and
+/// counted (TCP resends), as a full TAP queue would.
+const LOOPBACK_QUEUE: usize = 4096;
+
+/// What carries an instance's frames.
+#[derive(Debug)]
+pub enum Link {
+    /// A TAP device.
+    Tap(Tap),
+    /// Frames sent come back as received, in order.
+    Loopback(VecDeque<Vec<u8>>),
+}
+
+impl Link {
+    /// Reads one frame into `buf`: its length, or `None` if none waits.
+    fn read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        match self {
+            Link::Tap(tap) => tap.read(buf),
+            Link::Loopback(q) => Ok(q.pop_front().map(|frame| {
+                let n = frame.len();
+                // The received frame becomes the buffer: no copy.
+                *buf = frame;
+                n
+            })),
+        }
+    }
+
+    /// Sends one frame: `false` if it was dropped (queue full).
+    fn write(&mut self, frame: &[u8]) -> io::Result<bool> {
+        match self {
+            Link::Tap(tap) => tap.write(frame),
+            Link::Loopback(q) if q.len() >= LOOPBACK_QUEUE => Ok(false),
+            Link::Loopback(q) => {
+                q.push_back(frame.to_vec());
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// A TAP device (or a loopback link) as smoltcp sees it.
 #[derive(Debug)]
 pub struct TapDevice {
-    tap: Tap,
+    link: Link,
+    /// Ethernet on a TAP; bare IP on the loopback, which needs no neighbour
+    /// discovery (smoltcp resolves no link address for `::1`).
+    medium: Medium,
     mtu: usize,
     rx: Vec<u8>,
     tx: Vec<u8>,
@@ -49,9 +98,19 @@ pub struct TapDevice {
 impl TapDevice {
     /// Wraps `tap` whose MTU (IP packet size) is `mtu`.
     pub fn new(tap: Tap, mtu: usize) -> TapDevice {
+        TapDevice::over(Link::Tap(tap), Medium::Ethernet, mtu)
+    }
+
+    /// A loopback link of MTU `mtu`, carrying bare IP packets.
+    pub fn loopback(mtu: usize) -> TapDevice {
+        TapDevice::over(Link::Loopback(VecDeque::new()), Medium::Ip, mtu)
+    }
+
+    fn over(link: Link, medium: Medium, mtu: usize) -> TapDevice {
         let frame = mtu + ETH_HEADER;
         TapDevice {
-            tap,
+            link,
+            medium,
             mtu,
             rx: vec![0; frame],
             tx: vec![0; frame],
@@ -61,9 +120,18 @@ impl TapDevice {
         }
     }
 
-    /// The TAP device.
-    pub fn tap(&self) -> &Tap {
-        &self.tap
+    /// The TAP device (`None` on a loopback link).
+    pub fn tap(&self) -> Option<&Tap> {
+        match &self.link {
+            Link::Tap(tap) => Some(tap),
+            Link::Loopback(_) => None,
+        }
+    }
+
+    /// Whether frames wait to be received without a poll of any fd: a
+    /// loopback link's own sends. The driver then turns again at once.
+    pub fn pending(&self) -> bool {
+        matches!(&self.link, Link::Loopback(q) if !q.is_empty())
     }
 
     /// The first I/O error the device hit, if any (then it is dead).
@@ -101,9 +169,9 @@ impl phy::RxToken for RxToken<'_> {
     }
 }
 
-/// Room for one frame to send, written to the TAP when filled.
+/// Room for one frame to send, written to the link when filled.
 pub struct TxToken<'a> {
-    tap: &'a Tap,
+    link: &'a mut Link,
     buf: &'a mut Vec<u8>,
     failure: &'a mut Option<io::Error>,
     stats: &'a mut DeviceStats,
@@ -122,7 +190,7 @@ impl phy::TxToken for TxToken<'_> {
         let frame = &mut self.buf[..len];
         let r = f(frame);
         if self.failure.is_none() {
-            match self.tap.write(frame) {
+            match self.link.write(frame) {
                 Ok(true) => {
                     self.stats.frames_out += 1;
                     self.stats.bytes_out += len as u64;
@@ -149,7 +217,7 @@ impl phy::Device for TapDevice {
             return None;
         }
         let n = loop {
-            let n = match self.tap.read(&mut self.rx) {
+            let n = match self.link.read(&mut self.rx) {
                 Ok(Some(n)) => n,
                 Ok(None) => return None,
                 Err(e) => {
@@ -159,7 +227,12 @@ impl phy::Device for TapDevice {
             };
             self.stats.frames_in += 1;
             self.stats.bytes_in += n as u64;
-            if self.gate.admits(self.rx.get(..n)?) {
+            let packet = self.rx.get(..n)?;
+            let admitted = match self.medium {
+                Medium::Ip => self.gate.admits_ip(packet),
+                _ => self.gate.admits(packet),
+            };
+            if admitted {
                 break n;
             }
             self.stats.syn_dropped += 1;
@@ -168,7 +241,7 @@ impl phy::Device for TapDevice {
         Some((
             RxToken { frame },
             TxToken {
-                tap: &self.tap,
+                link: &mut self.link,
                 buf: &mut self.tx,
                 failure: &mut self.failure,
                 stats: &mut self.stats,
@@ -181,7 +254,7 @@ impl phy::Device for TapDevice {
             return None;
         }
         Some(TxToken {
-            tap: &self.tap,
+            link: &mut self.link,
             buf: &mut self.tx,
             failure: &mut self.failure,
             stats: &mut self.stats,
@@ -190,8 +263,11 @@ impl phy::Device for TapDevice {
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu + ETH_HEADER;
+        caps.medium = self.medium;
+        caps.max_transmission_unit = match self.medium {
+            Medium::Ip => self.mtu,
+            _ => self.mtu + ETH_HEADER,
+        };
         // The driver drains the whole queue each turn.
         caps.max_burst_size = None;
         caps

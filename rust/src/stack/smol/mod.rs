@@ -35,6 +35,12 @@
 //!   a bulk sender wakes once per half buffer rather than once per ACK.
 //!   Blocking calls wait on them with `poll(2)`/`ppoll(2)`, so a signal
 //!   returns `EINTR`.
+//! * **Loopback link.** `device = "loopback"` puts the instance on a link
+//!   that hands every frame it sends back to it (`device::Link`): it then
+//!   reaches its own addresses (`127.0.0.1/8`, `::1/128`) and nothing else,
+//!   with no TAP device and no privilege. A turn delivers what it sent in
+//!   a few more polls, so a handshake completes within the connecting
+//!   call. This is how the stdlib's suites run on smoltcp in one process.
 //! * **Listen backlog.** smoltcp has none: one listening socket takes one
 //!   connection. A listener keeps a pool of `backlog` smoltcp sockets
 //!   listening on its port; each one that completes a handshake moves to
@@ -343,8 +349,14 @@ impl Shared {
     }
 }
 
+/// The `device` that names a loopback link instead of a TAP device.
+pub const LOOPBACK: &str = "loopback";
+
 /// Opens the device and sets it up: MTU, link up.
 fn open_device(opts: &SmolOptions) -> io::Result<TapDevice> {
+    if opts.device == LOOPBACK {
+        return Ok(TapDevice::loopback(opts.mtu as usize));
+    }
     let tap = tap::Tap::open(&opts.device)?;
     tap.set_mtu(opts.mtu)?;
     tap.set_up()?;
@@ -367,7 +379,12 @@ impl SmolStack {
         let mac = opts.mac_for(&name);
         let seed = random_u64();
         let mut dev = open_device(&opts)?;
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        let hardware = if opts.device == LOOPBACK {
+            HardwareAddress::Ip
+        } else {
+            HardwareAddress::Ethernet(EthernetAddress(mac))
+        };
+        let mut config = Config::new(hardware);
         config.random_seed = seed;
         let epoch = std::time::Instant::now();
         let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::from_micros(0));
@@ -600,5 +617,5 @@ fn device_fd(st: &State) -> Option<i32> {
     if st.down.is_some() {
         return None;
     }
-    st.dev.as_ref().map(|d| d.tap().as_raw_fd())
+    st.dev.as_ref().and_then(|d| d.tap()).map(|t| t.as_raw_fd())
 }

@@ -50,10 +50,23 @@ impl SynGate {
     /// place. A frame too short or malformed to parse, or a SYN to no
     /// listener of ours, is let through (smoltcp counts or resets it).
     pub fn admits(&mut self, frame: &[u8]) -> bool {
+        let ethertype = match (frame.get(12), frame.get(13)) {
+            (Some(&a), Some(&b)) => u16::from_be_bytes([a, b]),
+            _ => return true,
+        };
+        match (ethertype, frame.get(ETH_HEADER..)) {
+            (ETHERTYPE_IPV4 | ETHERTYPE_IPV6, Some(ip)) => self.admits_ip(ip),
+            _ => true,
+        }
+    }
+
+    /// [`SynGate::admits`] for a bare IP packet (a link without Ethernet
+    /// headers: the loopback).
+    pub fn admits_ip(&mut self, packet: &[u8]) -> bool {
         if self.room.is_empty() {
             return true;
         }
-        let Some((addr, port)) = syn_target(frame) else {
+        let Some((addr, port)) = syn_target(packet) else {
             return true;
         };
         // The listener smoltcp would hand it to: one bound to the address,
@@ -78,13 +91,11 @@ impl SynGate {
     }
 }
 
-/// The destination of `frame` if it is a TCP SYN without ACK (a connection
-/// request), over IPv4 or IPv6 without extension headers.
-fn syn_target(frame: &[u8]) -> Option<(IpAddress, u16)> {
-    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    let ip = frame.get(ETH_HEADER..)?;
-    let (dst, tcp) = match ethertype {
-        ETHERTYPE_IPV4 => {
+/// The destination of IP packet `ip` if it is a TCP SYN without ACK (a
+/// connection request), over IPv4 or IPv6 without extension headers.
+fn syn_target(ip: &[u8]) -> Option<(IpAddress, u16)> {
+    let (dst, tcp) = match ip.first()? >> 4 {
+        4 => {
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
             // A fragment's first bytes are not a TCP header at all.
             let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x1fff;
@@ -94,7 +105,7 @@ fn syn_target(frame: &[u8]) -> Option<(IpAddress, u16)> {
             let d: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
             (IpAddress::Ipv4(Ipv4Address::from(d)), ip.get(ihl..)?)
         }
-        ETHERTYPE_IPV6 => {
+        6 => {
             if *ip.get(6)? != PROTO_TCP {
                 return None;
             }

@@ -195,3 +195,29 @@ impl Linger {
         self.0.load(Ordering::Relaxed) == 0
     }
 }
+
+/// Integer socket options a user-space stack accepts without acting on
+/// them (`SO_REUSEPORT`, `SO_KEEPALIVE`, ...), kept per socket so that
+/// `getsockopt` returns what was set: programs and the stdlib's own tests
+/// check. A handful of entries, so a list rather than a map.
+#[derive(Debug, Default)]
+pub(crate) struct KeptOptions(Mutex<Vec<((i32, i32), i32)>>);
+
+impl KeptOptions {
+    /// Records `value` for `(level, name)`.
+    pub fn set(&self, key: (i32, i32), value: i32) {
+        let mut kept = lock(&self.0);
+        match kept.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => kept.push((key, value)),
+        }
+    }
+
+    /// What was set for `(level, name)`, if anything.
+    pub fn get(&self, key: (i32, i32)) -> Option<i32> {
+        lock(&self.0)
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+}
