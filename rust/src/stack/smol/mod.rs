@@ -561,6 +561,8 @@ impl Stack for SmolStack {
             keepalive: false,
             keepidle: state::KEEPIDLE_DEFAULT,
             reuseaddr: false,
+            reuseport: false,
+            v6only: false,
         };
         let mut st = lock(&self.shared.state);
         st.check_up()?;

@@ -138,6 +138,10 @@ pub struct SockOpts {
     pub keepalive: bool,
     pub keepidle: u32,
     pub reuseaddr: bool,
+    /// `SO_REUSEPORT` and `IPV6_V6ONLY` as set, for `getsockopt`: smoltcp's
+    /// ports are the instance's own, so neither changes what binds.
+    pub reuseport: bool,
+    pub v6only: bool,
 }
 
 impl SockOpts {

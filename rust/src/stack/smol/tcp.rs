@@ -421,7 +421,8 @@ impl StackSocket for TcpSocket {
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => o.rcvbuf = size(),
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => o.sndbuf = size(),
             (libc::SOL_SOCKET, libc::SO_REUSEADDR) => o.reuseaddr = v != 0,
-            (libc::SOL_SOCKET, libc::SO_REUSEPORT) => {}
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT) => o.reuseport = v != 0,
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => o.v6only = v != 0,
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => o.keepalive = v != 0,
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => o.nodelay = v != 0,
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => {
@@ -458,6 +459,8 @@ impl StackSocket for TcpSocket {
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => o.rcvbuf.min(i32::MAX as usize) as i32,
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => o.sndbuf.min(i32::MAX as usize) as i32,
             (libc::SOL_SOCKET, libc::SO_REUSEADDR) => i32::from(o.reuseaddr),
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT) => i32::from(o.reuseport),
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => i32::from(o.v6only),
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => i32::from(o.keepalive),
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => i32::from(o.nodelay),
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle as i32,
