@@ -20,6 +20,9 @@ EXCLUDED = {
         _SOCKET + "SendfileUsingSendfileTest.testWithTimeoutTriggeredSend": _SENDBUF,
         "test.test_asyncio.test_streams.StreamTests.test_open_connection_no_loop_ssl": _SSL,
     },
+    "smoltcp": {
+        "test.test_asyncio.test_streams.StreamTests.test_open_connection_no_loop_ssl": _SSL,
+    },
     "memory": {
         _SOCKET + "CreateServerFunctionalTest.test_dual_stack_client_v4":
             "a memory instance's IPv6 listener takes no IPv4 connections (the worked-example stack keeps one "
@@ -28,5 +31,15 @@ EXCLUDED = {
             "a send to a peer that closed fails at once with EPIPE: a memory connection has no wire on which "
             "a first send could still succeed before the reset comes back",
         "test.test_asyncio.test_streams.StreamTests.test_open_connection_no_loop_ssl": _SSL,
+    },
+}
+
+#: Tests not run at all on a kind because they can hang there: open bugs,
+#: counted as excluded. kind -> {test id: why}.
+HANGS = {
+    "fillp": {
+        "test.test_asyncio.test_streams.StreamTests.test_drain_raises":
+            "open bug (issue 15): a writer whose FillP peer closed can block in drain() for good; hung once "
+            "in a CI run (the watchdog's dump ends in StreamWriter.drain), passed in the runs before",
     },
 }

@@ -2,7 +2,7 @@
 prints one JSON line per test: ``{"id": ..., "outcome": ...}`` (``pass``,
 ``fail``, ``error``, ``skip``).
 
-    python tests/stdlib/run_cpython_suite.py SUITE [--dmm] [--only SUBSTRING ...]
+    python tests/stdlib/run_cpython_suite.py SUITE [--dmm] [--only SUBSTRING ...] [--skip TEST_ID ...]
 
 SUITE is ``socket`` (``test.test_socket``), ``selectors``
 (``test.test_selectors``) or ``asyncio_streams``
@@ -107,6 +107,7 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     only = [args[i + 1] for i, a in enumerate(args) if a == "--only"]
+    skip = {args[i + 1] for i, a in enumerate(args) if a == "--skip"}
     if "--dmm" in args:
         import dmm
 
@@ -118,6 +119,8 @@ def main() -> int:
         if any(word in case.id() for word in EXCLUDED):
             continue
         if only and not any(word in case.id() for word in only):
+            continue
+        if case.id() in skip:
             continue
         suite.addTest(case)
     runner = unittest.TextTestRunner(stream=open("/dev/null", "w"), verbosity=0, resultclass=Recorder)
