@@ -43,9 +43,6 @@ CONFIGS = {kind: _forcing(stacks) for kind, stacks in FORCED.items()}
 #: The stack names a socket of each kind may report in ``dmm_stack``.
 STACK_NAMES = {kind: set(stacks) for kind, stacks in FORCED.items()}
 
-#: Kinds whose sockets live in a user-space core (no kernel socket behind the fd).
-USER_SPACE = {"fillp", "smoltcp", "memory"}
-
 
 #: (kind, suite) -> {"passed", "run", "excluded"}: filled by the conformance
 #: tests, printed by conftest's terminal summary.
