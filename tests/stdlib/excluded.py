@@ -36,10 +36,4 @@ EXCLUDED = {
 
 #: Tests not run at all on a kind because they can hang there: open bugs,
 #: counted as excluded. kind -> {test id: why}.
-HANGS = {
-    "fillp": {
-        "test.test_asyncio.test_streams.StreamTests.test_drain_raises":
-            "open bug (issue 15): a writer whose FillP peer closed can block in drain() for good; hung once "
-            "in a CI run (the watchdog's dump ends in StreamWriter.drain), passed in the runs before",
-    },
-}
+HANGS: dict = {}

@@ -342,6 +342,14 @@ impl Connection {
                 return true;
             }
         };
+        if self.local_close && inserted.new_bytes > 0 {
+            // New data after close(): nobody will read it. TCP answers with
+            // RST; a silent discard would let the sender write forever.
+            self.rx.buf.discard();
+            self.send_reset = true;
+            self.enter_closed(CloseReason::LocalReset);
+            return true;
+        }
         self.rx.count(d.payload.len());
         self.stats.duplicate_bytes += (d.payload.len() - inserted.new_bytes) as u64;
         let reorder = reorder_delay(self.rtt.srtt());

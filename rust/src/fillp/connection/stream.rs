@@ -356,16 +356,22 @@ mod tests {
         assert!(drain(&mut s, clk.at(2)).is_empty());
     }
 
-    #[test]
-    fn close_discards_what_arrives_and_finishes_once_both_fins_are_done() {
+    /// An established server connection the application has just closed.
+    fn closed_server() -> (Clock, Connection) {
         let clk = Clock::new();
         let mut s = server(Config::default(), clk.t0, 1 << 20);
         drain(&mut s, clk.t0);
         events(&mut s);
         s.close();
+        (clk, s)
+    }
+
+    #[test]
+    fn close_finishes_once_both_fins_are_done() {
+        let (clk, mut s) = closed_server();
         assert_eq!(data_of(&drain(&mut s, clk.t0)), [(0, 0, 0)]);
-        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"late", true, 0));
-        assert_eq!(s.readable_bytes(), 0);
+        // The peer's bare FIN: nothing to read, nothing lost.
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"", true, 0));
         assert_eq!(events(&mut s), [Event::Finished]);
         let fin_ack = Report {
             fin: true,
@@ -378,5 +384,16 @@ mod tests {
                 reason: CloseReason::Finished
             }]
         );
+    }
+
+    #[test]
+    fn data_after_close_resets_as_tcp_does() {
+        let (clk, mut s) = closed_server();
+        drain(&mut s, clk.t0);
+        s.handle_datagram(clk.at(1), &data(SERVER_CID, 0, 0, b"late", false, 0));
+        assert_eq!(s.readable_bytes(), 0);
+        assert_eq!(s.close_reason(), Some(CloseReason::LocalReset));
+        let sent = drain(&mut s, clk.at(1));
+        assert!(sent.iter().any(|d| matches!(parse(d).body, Body::Reset)));
     }
 }

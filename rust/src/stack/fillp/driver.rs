@@ -288,10 +288,17 @@ impl Shared {
                 }
                 // A client with the server's cookie may send: its connect
                 // is done, as TCP's is at the SYN-ACK, and what it writes
-                // leaves behind the CONN_REQ, a round trip early.
+                // leaves behind the CONN_REQ, a round trip early. Not over
+                // loopback: there the kernel's connect() returns with the
+                // server's accept queue already holding the connection, and
+                // programs count on it (a server closed right after a
+                // client's whole exchange has still accepted it).
                 Event::Writable => {
                     if let Role::Conn { established, .. } = &mut s.role {
-                        *established |= sl.ep.connection(h).is_some_and(|c| c.can_send());
+                        *established |= sl
+                            .ep
+                            .connection(h)
+                            .is_some_and(|c| c.can_send() && !is_loopback(c.remote()));
                     }
                 }
                 Event::Readable | Event::Finished => {}
@@ -633,6 +640,16 @@ impl Driver {
         self.process();
         for i in std::mem::take(&mut self.todo) {
             self.shared.send(&mut self.pump, i);
+        }
+    }
+}
+
+/// Whether `peer` is on this host's loopback (IPv4-mapped included).
+fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
     }
 }

@@ -141,10 +141,9 @@
 //!   so 3987 idle pairs in one process still cost 3.5% of a core.
 //! * Spreading one instance over several driver threads: one thread runs
 //!   every endpoint of an instance; run several instances to use more cores.
-//! * A socket closed with no unread data closes gracefully and then
-//!   silently discards what the peer still sends (TCP would answer with
-//!   RST); with unread data or `SO_LINGER` at {on, 0 s}, close is an abort
-//!   (RST), as in TCP. A linger time above zero is kept but `close` does
+//! * A socket closed with no unread data closes gracefully; new data that
+//!   arrives after the close resets the connection, as in TCP; with unread
+//!   data or `SO_LINGER` at {on, 0 s}, close is an abort (RST). A linger time above zero is kept but `close` does
 //!   not wait for it: the stack finishes sending in the background.
 
 #![warn(missing_docs)]
