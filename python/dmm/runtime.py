@@ -197,13 +197,14 @@ class Runtime:
         self.table = Table(tuple(merged), policy_adaptive, self.order, self.table.generation + 1)
 
     def decision(self, role: str, family: int, type: int, address: str, port: int, host: Optional[str],
-                 properties: dict, override: Optional[str]) -> Outcome:
+                 properties: dict, override: Optional[str], hook_limit: Optional[float] = None) -> Outcome:
         """:meth:`decide` for a socket, from the memo when nothing can make
-        the answer differ (no hook, no override, L-RD unchanged)."""
+        the answer differ (no hook, no override, L-RD unchanged);
+        ``hook_limit`` bounds the hooks (seconds)."""
         if override is not None or policy._hooks:
             request = policy.Request(role=role, family=family, type=type, address=address, port=port, host=host,
                                      properties=dict(properties), path=self.path_for(address))
-            return self.decide(request, override)
+            return self.decide(request, override, hook_limit=hook_limit)
         key = (role, family, type, address, port)
         table = self.table
         version: Any = (self.negotiator.version() if self.negotiator is not None else 0, table.generation)
@@ -223,8 +224,11 @@ class Runtime:
         """What was measured on the way to ``address`` (or its prefix)."""
         return self.paths.path_estimate(address) if self.paths is not None else None
 
-    def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False) -> Outcome:
-        """Chooses the stack for ``request``. Raises ``OSError`` if none can carry it."""
+    def decide(self, request: policy.Request, override: Optional[str] = None, explain: bool = False,
+               hook_limit: Optional[float] = None) -> Outcome:
+        """Chooses the stack for ``request``; the hooks get ``hook_limit``
+        seconds at most (see :func:`dmm.policy.ask`). Raises ``OSError`` if
+        no stack can carry it."""
         trace: list[str] = []
         if explain and self.paths is not None:
             est = self.path_for(request.address)
@@ -238,7 +242,7 @@ class Runtime:
             return Outcome(override, "override", "the socket asked for it", trace)
 
         if policy.hooks():
-            answer = policy.ask(request)
+            answer = policy.ask(request, hook_limit)
             if answer is not None:
                 label, decision = answer
                 unknown = [n for n in decision.stacks if n not in self.stacks]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno as _errno
 import os as _os
 import socket as _std
+import time as _time
 import _socket
 
 from . import policy as _policy
@@ -104,7 +105,7 @@ class socket(_RaceTakeover, _StdSocket):
     """
 
     __slots__ = ("_dmm_stack", "_dmm_core", "_dmm_override", "_dmm_props", "_dmm_host", "_dmm_opts", "_dmm_bound",
-                 "_dmm_path")
+                 "_dmm_path", "_dmm_deadline")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None, *, stack=None, properties=None):
         adopted = _userspace.take_detached(fileno) if fileno is not None else None
@@ -136,6 +137,8 @@ class socket(_RaceTakeover, _StdSocket):
         # (connect start, numeric destination) while a closing connect
         # should leave a path sample (dmm._sampling).
         self._dmm_path = None
+        # While connect() routes under a timeout: when that timeout ends.
+        self._dmm_deadline = None
         if adopted is not None:
             self._dmm_stack = name
             self._dmm_core = core
@@ -179,7 +182,7 @@ class socket(_RaceTakeover, _StdSocket):
             name = rt.only
         else:
             outcome = rt.decision(role, family, _raw_type(self), host.partition("%")[0], port, self._dmm_host,
-                                  self._dmm_props, self._dmm_override)
+                                  self._dmm_props, self._dmm_override, self._dmm_hook_limit(role))
             name = outcome.stack
             if len(outcome.stacks) > 1:
                 # Listens on several stacks: the members are made by listen().
@@ -337,30 +340,73 @@ class socket(_RaceTakeover, _StdSocket):
 
     def connect(self, address):
         if self._dmm_stack is None:
-            address = self._dmm_route("connect", address)
-            race = self._dmm_core
-            if isinstance(race, _Plan):
-                if self._dmm_stack is None:
-                    return self._dmm_race()
-                self._dmm_core = None
-                try:
-                    return super().connect(address)
-                except OSError as exc:
-                    # A fixed local port can be bound once: nothing to race.
-                    if self._dmm_bound or not race.first_failed(exc):
-                        raise
-                self._dmm_stack, self._dmm_core = None, race
-                return self._dmm_race()
-            if isinstance(self, _UserSpaceMethods):
-                return _UserSpaceMethods.connect(self, address)
+            timeout = self.gettimeout()
+            if timeout and _policy._hooks:
+                return self._dmm_connect_within(timeout, address)
+            return self._dmm_connect_routed(self._dmm_route("connect", address))
         return super().connect(address)
+
+    def _dmm_connect_routed(self, address):
+        """``connect()`` once the decision is made."""
+        race = self._dmm_core
+        if isinstance(race, _Plan):
+            if self._dmm_stack is None:
+                return self._dmm_race()
+            self._dmm_core = None
+            try:
+                return super().connect(address)
+            except OSError as exc:
+                # A fixed local port can be bound once: nothing to race.
+                if self._dmm_bound or not race.first_failed(exc):
+                    raise
+            self._dmm_stack, self._dmm_core = None, race
+            return self._dmm_race()
+        if isinstance(self, _UserSpaceMethods):
+            return _UserSpaceMethods.connect(self, address)
+        return super().connect(address)
+
+    def _dmm_connect_within(self, timeout, address):
+        """``connect()`` when hooks decide and the socket has a timeout: the
+        decision counts against the timeout, as the whole call must."""
+        deadline = _time.monotonic() + timeout
+        self._dmm_deadline = deadline
+        try:
+            address = self._dmm_route("connect", address)
+        finally:
+            self._dmm_deadline = None
+        left = deadline - _time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.settimeout(left)
+        try:
+            return self._dmm_connect_routed(address)
+        finally:
+            if self.fileno() >= 0:
+                self.settimeout(timeout)
+
+    def _dmm_hook_limit(self, role):
+        """How long the hooks may take for this call (``None``: no limit)."""
+        deadline = self._dmm_deadline if role == "connect" else None
+        return None if deadline is None else max(deadline - _time.monotonic(), 0.0)
 
     def connect_ex(self, address):
         if self._dmm_stack is None:
+            if self.gettimeout() and _policy._hooks:
+                try:
+                    self.connect(address)
+                    return 0
+                except _std.gaierror:
+                    raise
+                except TimeoutError:
+                    return _errno.EAGAIN
+                except OSError as exc:
+                    if exc.errno is None:
+                        raise
+                    return exc.errno
             try:
                 address = self._dmm_route("connect", address)
                 if isinstance(self._dmm_core, _Plan):
-                    self.connect(address)
+                    self._dmm_connect_routed(address)
                     return 0
             except _std.gaierror:
                 raise
