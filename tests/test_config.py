@@ -1,5 +1,8 @@
 """Configuration: good files load, bad ones name the file, line and field."""
 
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -209,3 +212,96 @@ def test_fillp_stack_refuses_a_zero_fixed_rate():
     from dmm import _core
     with pytest.raises(ValueError, match="fixed_rate"):
         _core.parse_stack("fillp", {"rate_control": "fixed", "address": "127.0.0.1", "fixed_rate": 0})
+
+
+BROKEN_EVERYWHERE = """\
+[[stack]]
+name = "kernel"
+kind = "kernel"
+bogus = 1
+
+[[stack]]
+name = "f"
+kind = "fillp"
+mtu = "big"
+
+[[route]]
+to = "10.0.0.0/33"
+stacks = ["f"]
+
+[[route]]
+to = "10.0.0.0/8"
+stacks = ["ghost"]
+
+[listen]
+stacks = ["nope"]
+
+[weird]
+"""
+
+
+def test_every_broken_table_of_a_file_is_reported_at_once():
+    with pytest.raises(config.ConfigErrors) as info:
+        config.parse(BROKEN_EVERYWHERE, "cfg.toml")
+    got = [(e.line, e.field) for e in info.value.errors]
+    assert got == [(4, "stack[0].bogus"), (9, "stack[1].mtu"), (12, "route[0].to"), (17, "route[1].stacks"),
+                   (20, "listen.stacks"), (22, "weird")]
+    lines = str(info.value).splitlines()
+    assert len(lines) == 6 and lines[0].startswith("cfg.toml:4: stack[0].bogus:")
+    # The stack that failed its check keeps its name: no "no stack named 'f'".
+    assert "'f'" not in str(info.value)
+
+
+def test_a_config_error_is_an_oserror_at_a_programs_first_socket_call(tmp_path):
+    bad = tmp_path / "dmm.toml"
+    bad.write_text(BROKEN_EVERYWHERE)
+    program = ("import dmm.socket as socket\n"
+               "try:\n"
+               "    socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+               "except OSError as exc:\n"
+               "    print(type(exc).__name__, len(str(exc).splitlines()))\n")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, DMM_CONFIG=str(bad)))
+    assert out.stdout.strip() == "ConfigErrors 6", out.stderr
+
+
+def test_the_cli_prints_each_config_error_on_its_own_line(tmp_path):
+    bad = tmp_path / "dmm.toml"
+    bad.write_text(BROKEN_EVERYWHERE)
+    out = subprocess.run([sys.executable, "-m", "dmm", "--config", str(bad), "stacks"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 6 and all(line.startswith(f"dmm: {bad}:") for line in lines), out.stderr
+
+
+SMOLTCP_ON_A_NEW_TAP = """\
+[[stack]]
+name = "kernel"
+kind = "kernel"
+
+[[stack]]
+name = "lan"
+kind = "smoltcp"
+device = "dmmnocap0"
+address = ["10.99.0.2/24"]
+"""
+
+
+def test_a_smoltcp_stack_without_the_right_to_open_a_tap_is_a_config_error(tmp_path):
+    cfg = tmp_path / "dmm.toml"
+    cfg.write_text(SMOLTCP_ON_A_NEW_TAP)
+    program = ("import dmm.socket as socket\n"
+               "try:\n"
+               "    socket.create_connection(('10.99.0.1', 9), timeout=1)\n"
+               "except OSError as exc:\n"
+               "    print(type(exc).__name__, exc.errno, exc, sep='|')\n")
+    # As root, the child runs without CAP_NET_ADMIN (dropped from its
+    # bounding set before exec); otherwise it never had it.
+    drop = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"] if os.geteuid() == 0 else []
+    out = subprocess.run([*drop, sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, DMM_CONFIG=str(cfg)))
+    kind, errno, message = out.stdout.strip().split("|")
+    assert (kind, errno) == ("ConfigError", "1"), out.stderr
+    assert message.startswith(f"{cfg}:5: stack[1].device: stack 'lan' (smoltcp) cannot be opened: ")
+    assert "dmmnocap0" in message and "CAP_NET_ADMIN" in message

@@ -36,7 +36,12 @@ def _runtime(args):
     try:
         return runtime.configure(args.config) if args.config else runtime.get()
     except ConfigError as exc:
-        raise SystemExit(f"dmm: {exc}") from None
+        raise config_exit(exc) from None
+
+
+def config_exit(exc: Exception) -> SystemExit:
+    """The exit for a bad config: each of its errors on a line of its own."""
+    return SystemExit("\n".join(f"dmm: {line}" for line in str(exc).splitlines()))
 
 
 def cmd_run(args) -> int:
@@ -217,7 +222,7 @@ def cmd_rd(args) -> int:
         try:
             cfg = load(args.config)
         except ConfigError as exc:
-            raise SystemExit(f"dmm: {exc}") from None
+            raise config_exit(exc) from None
         if args.rd_command == "push":
             if not args.file:
                 raise SystemExit("dmm: rd push: name the policy file (TOML: [[route]] and [adaptive])")

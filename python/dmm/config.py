@@ -97,7 +97,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import _core
 from .adaptive import AdaptiveSpec
@@ -128,8 +128,12 @@ protocol = "tcp"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 
 
-class ConfigError(ValueError):
-    """A configuration file is malformed; the message says where and why."""
+class ConfigError(ValueError, OSError):
+    """A configuration file is malformed; the message says where and why.
+
+    Also an ``OSError``: dmm reads its config at a program's first socket
+    call, and unmodified programs catch ``OSError`` around those.
+    """
 
     def __init__(self, path: str, line: int | None, field: str, message: str):
         self.path = path
@@ -138,6 +142,23 @@ class ConfigError(ValueError):
         self.message = message
         where = f"{path}:{line}" if line else path
         super().__init__(f"{where}: {field}: {message}")
+
+
+class ConfigErrors(ConfigError):
+    """Several errors in one file: ``errors`` holds each (a
+    :class:`ConfigError`) in the order of their lines, and the message
+    lists them, one per line; the other attributes are the first one's."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = sorted(errors, key=lambda e: (e.line is None, e.line or 0))
+        first = self.errors[0]
+        super().__init__(first.path, first.line, first.field, first.message)
+        self.args = ("\n".join(str(e) for e in self.errors),)
+
+
+def _together(errors: list[ConfigError]) -> ConfigError:
+    """One error as it is; several as :class:`ConfigErrors`."""
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)
 
 
 @dataclass(frozen=True)
@@ -410,41 +431,60 @@ class _Validator:
     # -- validation -------------------------------------------------------------
 
     def config(self, doc: dict[str, Any]) -> Config:
+        """The checked config; every table's first error at once (a
+        :class:`ConfigErrors` when there are several)."""
+        errors: list[ConfigError] = []
+
+        def checked(check: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+            try:
+                return check(*args)
+            except ConfigError as exc:
+                errors.append(exc)
+                return default
+
         for key in doc:
             if key not in ("stack", "route", "listen", "rd", "paths", "adaptive"):
-                raise self.error(self._find_top(key), key,
-                                 "unknown section (expected [[stack]], [[route]], [listen], [rd], [paths] "
-                                 "or [adaptive])")
+                errors.append(self.error(self._find_top(key), key,
+                                         "unknown section (expected [[stack]], [[route]], [listen], [rd], [paths] "
+                                         "or [adaptive])"))
         raw_stacks = doc.get("stack")
         if raw_stacks is None:
-            raise self.error(None, "stack", "at least one [[stack]] is required")
+            raise _together(errors + [self.error(None, "stack", "at least one [[stack]] is required")])
         if not isinstance(raw_stacks, list):
-            raise self.error(self._simple_table_line("stack"), "stack", "must be an array of tables: write [[stack]]")
-        stacks = tuple(self.stack(i, s) for i, s in enumerate(raw_stacks))
-        names = [s.name for s in stacks]
+            raise _together(errors + [self.error(self._simple_table_line("stack"), "stack",
+                                                 "must be an array of tables: write [[stack]]")])
+        stacks = tuple(s for i, r in enumerate(raw_stacks) if (s := checked(self.stack, i, r)) is not None)
+        # A stack that failed its check still has its name: routes naming it
+        # are not reported for that.
+        names = [r["name"] for r in raw_stacks if isinstance(r, dict) and isinstance(r.get("name"), str)]
         for i, s in enumerate(stacks):
-            if s.name in names[:i]:
-                raise self.error(s.line, f"stack[{i}].name", f"{s.name!r} is already the name of another stack")
+            if s.name in [t.name for t in stacks[:i]]:
+                errors.append(self.error(s.line, f"stack[{i}].name", f"{s.name!r} is already the name of another "
+                                         "stack"))
 
         raw_routes = doc.get("route", [])
+        routes: tuple[RouteSpec, ...] = ()
         if not isinstance(raw_routes, list):
-            raise self.error(self._simple_table_line("route"), "route", "must be an array of tables: write [[route]]")
-        routes = tuple(self.route(i, r, names) for i, r in enumerate(raw_routes))
-
-        listen: tuple[str, ...] = ()
-        raw_listen = doc.get("listen")
-        if raw_listen is not None:
-            line = self._simple_table_line("listen")
-            if not isinstance(raw_listen, dict):
-                raise self.error(line, "listen", "must be a table: write [listen]")
-            for key in raw_listen:
-                if key != "stacks":
-                    raise self.error(self._key_line(line, key), f"listen.{key}", "unknown field (expected: stacks)")
-            listen = self.stack_list(raw_listen.get("stacks"), "listen.stacks", self._key_line(line, "stacks"), names)
-        rd = self.rd(doc["rd"]) if "rd" in doc else None
-        paths = self.paths(doc["paths"]) if "paths" in doc else PathsSpec()
-        adaptive = self.adaptive(doc["adaptive"], names) if "adaptive" in doc else None
+            errors.append(self.error(self._simple_table_line("route"), "route",
+                                     "must be an array of tables: write [[route]]"))
+        else:
+            routes = tuple(r for i, raw in enumerate(raw_routes) if (r := checked(self.route, i, raw, names)))
+        listen = checked(self.listen, doc["listen"], names, default=()) if "listen" in doc else ()
+        rd = checked(self.rd, doc["rd"]) if "rd" in doc else None
+        paths = checked(self.paths, doc["paths"], default=PathsSpec()) if "paths" in doc else PathsSpec()
+        adaptive = checked(self.adaptive, doc["adaptive"], names) if "adaptive" in doc else None
+        if errors:
+            raise _together(errors)
         return Config(self.path, stacks, routes, listen, rd=rd, paths=paths, adaptive=adaptive)
+
+    def listen(self, raw: Any, names: list[str]) -> tuple[str, ...]:
+        line = self._simple_table_line("listen")
+        if not isinstance(raw, dict):
+            raise self.error(line, "listen", "must be a table: write [listen]")
+        for key in raw:
+            if key != "stacks":
+                raise self.error(self._key_line(line, key), f"listen.{key}", "unknown field (expected: stacks)")
+        return self.stack_list(raw.get("stacks"), "listen.stacks", self._key_line(line, "stacks"), names)
 
     def paths(self, raw: Any) -> PathsSpec:
         start = self._simple_table_line("paths")

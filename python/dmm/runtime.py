@@ -122,8 +122,13 @@ class Runtime:
     def __init__(self, config: Config):
         self.config = config
         self.stacks: dict[str, StackInstance] = {}
-        for spec in config.stacks:
-            self.stacks[spec.name] = make_instance(spec)
+        for i, spec in enumerate(config.stacks):
+            try:
+                self.stacks[spec.name] = make_instance(spec)
+            except OSError as exc:
+                for inst in self.stacks.values():
+                    inst.core.stop()  # the ones opened so far: their devices and threads go now
+                raise _open_error(config, i, spec, exc) from exc
         self.order = [spec.name for spec in config.stacks]
         #: User-space instances a listener may move to: a port the kernel
         #: picks for bind(port 0) must be free on them too (see
@@ -423,6 +428,17 @@ def _install(rt: Runtime) -> Runtime:
     global _runtime
     _runtime = rt
     return rt
+
+
+def _open_error(config: Config, i: int, spec: Any, exc: OSError) -> ConfigError:
+    """The error for ``[[stack]]`` entry ``i`` that could not be opened
+    (a missing privilege or device), naming the file and line; its
+    ``errno`` is the cause's."""
+    field = f"stack[{i}].device" if spec.kind == "smoltcp" else f"stack[{i}]"
+    err = ConfigError(config.path, spec.line, field,
+                      f"stack {spec.name!r} ({spec.kind}) cannot be opened: {exc.strerror or exc}")
+    err.errno = exc.errno
+    return err
 
 
 def configure(source: Union[Config, str, "os.PathLike[str]", None] = None) -> Runtime:

@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 
+use crate::sys::context::context;
 use crate::sys::cvt;
 use crate::sys::tap::Tap;
 
@@ -58,7 +59,7 @@ pub(crate) fn ip(args: &[&str]) -> io::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running 'ip' (iproute2): {e}")))?;
+        .map_err(|e| context(e, "running 'ip' (iproute2)"))?;
     if out.status.success() {
         return Ok(());
     }
@@ -119,7 +120,7 @@ fn no_offloads(dev: &str) -> io::Result<()> {
         ifr[16..24].copy_from_slice(&(value.as_mut_ptr() as usize).to_ne_bytes());
         // SAFETY: ifr holds the name and a pointer to `value`; both outlive the call.
         cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCETHTOOL, ifr.as_mut_ptr()) })
-            .map_err(|e| io::Error::new(e.kind(), format!("ethtool {cmd:#x} on {dev}: {e}")))?;
+            .map_err(|e| context(e, format!("ethtool {cmd:#x} on {dev}")))?;
     }
     Ok(())
 }

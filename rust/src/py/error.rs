@@ -11,10 +11,15 @@ use std::io;
 use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
 use pyo3::PyErr;
 
+use crate::sys::context;
+
 /// Converts an `io::Error` into the exception CPython would raise.
 pub fn to_py(err: io::Error) -> PyErr {
     if let Some(code) = err.raw_os_error() {
         return PyOSError::new_err((code, strerror(code)));
+    }
+    if let Some((code, message)) = context::errno_and_message(&err) {
+        return PyOSError::new_err((code, message.to_string()));
     }
     match err.kind() {
         io::ErrorKind::TimedOut => PyTimeoutError::new_err("timed out"),

@@ -4,6 +4,7 @@
 //! Every function returns `io::Result` with the raw errno; nothing here
 //! retries or interprets errors, so callers keep the exact kernel semantics.
 
+pub mod context;
 pub mod event;
 pub mod sockaddr;
 pub mod tap;

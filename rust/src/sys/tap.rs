@@ -18,6 +18,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::sys::context::context;
 use crate::sys::{cvt, cvt_size};
 
 /// Longest interface name the kernel takes (`IFNAMSIZ` minus the NUL).
@@ -72,7 +73,7 @@ impl Tap {
         let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC;
         // SAFETY: the path is a NUL-terminated literal.
         let fd = cvt(unsafe { libc::open(c"/dev/net/tun".as_ptr(), flags) })
-            .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")))?;
+            .map_err(|e| context(e, "opening /dev/net/tun"))?;
         // SAFETY: fd was just opened and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
@@ -84,7 +85,7 @@ impl Tap {
                 &mut req as *mut libc::ifreq,
             )
         })
-        .map_err(|e| io::Error::new(e.kind(), format!("opening TAP device {name:?}: {e}")))?;
+        .map_err(|e| context(e, format!("opening TAP device {name:?}")))?;
         // No offloads: the kernel must give us complete frames.
         // SAFETY: TUNSETOFFLOAD takes an integer by value.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
@@ -109,9 +110,8 @@ impl Tap {
     pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
         let mut req = ifreq(&self.name)?;
         req.ifr_ifru.ifru_mtu = mtu.min(i32::MAX as u32) as libc::c_int;
-        if_ioctl(&mut req, libc::SIOCSIFMTU).map_err(|e| {
-            io::Error::new(e.kind(), format!("setting MTU {mtu} on {}: {e}", self.name))
-        })
+        if_ioctl(&mut req, libc::SIOCSIFMTU)
+            .map_err(|e| context(e, format!("setting MTU {mtu} on {}", self.name)))
     }
 
     /// Brings the link up (`IFF_UP`), keeping the other flags.
@@ -122,7 +122,7 @@ impl Tap {
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
         if_ioctl(&mut req, libc::SIOCSIFFLAGS)
-            .map_err(|e| io::Error::new(e.kind(), format!("bringing {} up: {e}", self.name)))
+            .map_err(|e| context(e, format!("bringing {} up", self.name)))
     }
 
     /// Reads one frame into `buf`: `Ok(None)` when none is queued.

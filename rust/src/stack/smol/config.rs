@@ -8,6 +8,7 @@ use super::{parse_mac, IpCidr, SmolOptions, SmolStack, MAX_BUFFER};
 use crate::stack::options::{OptionError, Options, Value};
 use crate::stack::registry::{Kind, StackConfig};
 use crate::stack::Stack;
+use crate::sys::context::{errno, hint};
 
 /// The `smoltcp` kind: `device`, `address`, and optionally `gateway`,
 /// `mtu`, `mac`, `buffer_size`.
@@ -148,13 +149,12 @@ impl StackConfig for SmolConfig {
     }
 
     fn open(&self, name: &str) -> io::Result<Arc<dyn Stack>> {
-        let dev = &self.opts.device;
         let stack = SmolStack::new(name, self.opts.clone()).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::EACCES) {
+            if matches!(errno(&e), Some(libc::EPERM | libc::EACCES)) {
                 // Say what is missing, not only that something was refused.
-                io::Error::new(
-                    e.kind(),
-                    format!("smoltcp stack {name:?} cannot open TAP device {dev:?}: {e} (creating or attaching a TAP device needs CAP_NET_ADMIN, usually root)"),
+                hint(
+                    e,
+                    "creating or attaching a TAP device needs CAP_NET_ADMIN, usually root",
                 )
             } else {
                 e
