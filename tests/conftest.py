@@ -15,6 +15,17 @@ from dmm import config as dconfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.needs_root("why")``: skipped, saying why, unless root."""
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        mark = item.get_closest_marker("needs_root")
+        if mark is not None:
+            why = mark.args[0] if mark.args else "namespaces and TAP devices"
+            item.add_marker(pytest.mark.skip(reason=f"needs root: {why}"))
+
+
 @pytest.fixture(autouse=True)
 def fresh_runtime(monkeypatch, tmp_path_factory):
     """Built-in config, no hooks, nothing patched, and an L-RD store of its

@@ -28,7 +28,7 @@ from dmm.lab.topology import LinkPlan, Topology
 
 from etcd_cluster import Cluster
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and TAP devices")
+pytestmark = pytest.mark.needs_root("network namespaces and TAP devices")
 pytest.importorskip("aetcd", reason="needs the etcd client: pip install 'dmm[central]'")
 
 AGENT = str(Path(__file__).with_name("rd_agent.py"))

@@ -89,7 +89,7 @@ def test_demo_runs_on_builtin_defaults(tmp_path):
     assert rows[2].split()[1:4] == ["wan", "route[1]", "FillP"] and rows[2].split()[-1] == "wan"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the file-sync lab (namespaces, TAP devices)")
+@pytest.mark.needs_root("the file-sync lab (namespaces, TAP devices)")
 def test_demo_as_root_runs_the_filesync_lab(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dmm", "demo", "--size", "1", "--rounds", "1", "--out", "res"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
@@ -104,7 +104,7 @@ def test_demo_as_root_runs_the_filesync_lab(tmp_path):
     assert "decided by: adaptive" in out.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and a TAP device for smoltcp")
+@pytest.mark.needs_root("namespaces and a TAP device for smoltcp")
 def test_demo_web_serves_lan_on_smoltcp_and_wan_on_the_kernel():
     out = subprocess.run([sys.executable, "-m", "dmm", "demo", "web"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -16,9 +16,7 @@ from dmm import config as dconfig
 from dmm.lab.configs import fillp_routes_toml
 from dmm.usecases import filesync_lab
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) for network namespaces and TAP devices"
-)
+needs_root = pytest.mark.needs_root("CAP_NET_ADMIN, for network namespaces and TAP devices")
 
 SIZE = 3 * 10 ** 6
 

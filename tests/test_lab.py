@@ -19,9 +19,7 @@ import pytest
 from dmm.lab import Lab, LabError
 from dmm.lab.netns import list_netns, route_congctl
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) for network namespaces and TAP devices"
-)
+needs_root = pytest.mark.needs_root("CAP_NET_ADMIN, for network namespaces and TAP devices")
 
 ECHO_SERVER = """
 import socket

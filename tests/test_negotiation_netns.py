@@ -22,7 +22,7 @@ from dmm.lab import netns
 
 from conftest import eventually, use_config
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and iptables")
+pytestmark = pytest.mark.needs_root("network namespaces and iptables")
 
 NS = "dmmneg"
 HERE_IP, SRV_IP = "10.251.0.1", "10.251.0.2"

@@ -19,7 +19,7 @@ import pytest
 from dmm.lab import Lab
 from dmm.lab.netns import route_congctl
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and TAP devices")
+pytestmark = pytest.mark.needs_root("network namespaces and TAP devices")
 
 SERVER_TOML = """
 [[stack]]

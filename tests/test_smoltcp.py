@@ -26,6 +26,8 @@ from dmm.lab import netns
 
 from conftest import use_config
 
+pytestmark = pytest.mark.needs_root("TAP devices and network namespaces")
+
 _ids = itertools.count()
 
 

@@ -14,9 +14,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benches" / "transport_grid.py"
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) for network namespaces and TAP devices"
-)
+needs_root = pytest.mark.needs_root("CAP_NET_ADMIN, for network namespaces and TAP devices")
 
 
 @needs_root

@@ -218,9 +218,7 @@ def test_syscall_instance_uses_the_stdlib_methods():
 # -- the kernel refuses io_uring ---------------------------------------------------
 
 
-def need_root_sysctl():
-    if os.geteuid() != 0:
-        pytest.skip(f"needs root to write {SYSCTL}")
+def need_sysctl():
     if not os.path.exists(SYSCTL):
         pytest.skip(f"{SYSCTL} does not exist (kernel older than 6.6)")
 
@@ -259,8 +257,9 @@ print(json.dumps({
 """
 
 
+@pytest.mark.needs_root(f"writes {SYSCTL}")
 def test_fallback_when_the_kernel_refuses_io_uring():
-    need_root_sysctl()
+    need_sysctl()
     with open(SYSCTL) as f:
         old = f.read()
     try:

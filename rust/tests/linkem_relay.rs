@@ -1,7 +1,7 @@
 //! The relay between real TAP devices in two network namespaces.
 //!
-//! Needs root (CAP_NET_ADMIN); without it every test prints why and passes
-//! without running. Each test makes its own namespaces with unique names and
+//! Needs root (CAP_NET_ADMIN): every test is ignored unless run with
+//! `--include-ignored`, and then fails without the privilege. Each test makes its own namespaces with unique names and
 //! removes them, also when it fails (the guard's Drop).
 
 use dmm::linkem::{parse_duplex, DeviceKind, Direction, Linkem, LinkemConfig, Params};
@@ -11,23 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-fn has_net_admin() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 12) != 0)
-}
-
-macro_rules! need_root {
-    () => {
-        if !has_net_admin() {
-            eprintln!("SKIPPED: needs root / CAP_NET_ADMIN to create TAP devices and namespaces");
-            return;
-        }
-    };
-}
+mod common;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -205,14 +189,16 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn perfect_link_relays_both_ways() {
-    need_root!();
+    common::require_net_admin();
     perfect_link(DeviceKind::Tap);
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn veth_perfect_link_relays_both_ways() {
-    need_root!();
+    common::require_net_admin();
     perfect_link(DeviceKind::VethPacket);
 }
 
@@ -235,14 +221,16 @@ fn perfect_link(kind: DeviceKind) {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn delay_and_loss_show_up() {
-    need_root!();
+    common::require_net_admin();
     delay_and_loss(DeviceKind::Tap);
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn veth_delay_and_loss_show_up() {
-    need_root!();
+    common::require_net_admin();
     delay_and_loss(DeviceKind::VethPacket);
 }
 
@@ -265,8 +253,9 @@ fn delay_and_loss(kind: DeviceKind) {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn params_change_while_running() {
-    need_root!();
+    common::require_net_admin();
     let net = Net::new();
     let link = net.start("ab.loss=100%");
     assert!(udp_ping(&net, 20, Duration::from_millis(1)).is_empty());
@@ -313,8 +302,9 @@ fn gone_soon(args: &[&str]) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn stop_removes_devices_and_errors_are_clean() {
-    need_root!();
+    common::require_net_admin();
     let net = Net::new();
     let mut link = net.start("");
     assert!(link.is_running());
@@ -338,8 +328,9 @@ fn stop_removes_devices_and_errors_are_clean() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn veth_pairs_are_deleted() {
-    need_root!();
+    common::require_net_admin();
     let net = Net::new();
     let mut link = net.start_with("", DeviceKind::VethPacket);
     let here = format!("{}r", net.dev[0]);
@@ -374,8 +365,9 @@ fn veth_pairs_are_deleted() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices and network namespaces"]
 fn queue_overflow_drops_at_the_rate_limit() {
-    need_root!();
+    common::require_net_admin();
     let net = Net::new();
     // 10 Mbit/s with a 30 KB queue; 1000 datagrams of 1400 bytes sent as
     // fast as possible (about 11 Mbit in a few ms) must overflow it.

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use dmm::stack::smol::{IpCidr, SmolOptions, SmolStack};
 use dmm::stack::{Family, SockKind, Stack, StackSocket};
 
+mod common;
+
 type Sock = Box<dyn StackSocket>;
 
 const MB: usize = 1 << 20;
@@ -46,6 +48,7 @@ fn cidr(s: &str) -> IpCidr {
 /// A stack on a new TAP `dmmt<tag><pid>` with 10.99.n.2/24; the host side
 /// gets 10.99.n.1/24.
 fn setup(tag: &str, n: u8) -> (SmolStack, String) {
+    common::require_net_admin();
     let dev = dev_name(tag);
     let opts = SmolOptions::new(&dev, vec![cidr(&format!("10.99.{n}.2/24"))]);
     let stack = SmolStack::new(format!("t{tag}"), opts).expect("stack");
@@ -122,6 +125,7 @@ fn smol_listener(stack: &SmolStack, n: u8, backlog: i32) -> (Sock, SocketAddr) {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn kernel_client_to_smol_server_100mb_each_way() {
     let (stack, _dev) = setup("a", 1);
     let (l, addr) = smol_listener(&stack, 1, 8);
@@ -158,6 +162,7 @@ fn kernel_client_to_smol_server_100mb_each_way() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn smol_client_to_kernel_server_100mb_each_way() {
     let (stack, _dev) = setup("b", 2);
     let l = TcpListener::bind(SocketAddr::new(v4(2, 1), 0)).unwrap();
@@ -209,6 +214,7 @@ fn raise_nofile(want: u64) {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn thousand_concurrent_connections_to_one_listener() {
     const N: usize = 1000;
     raise_nofile(8192);
@@ -265,6 +271,7 @@ fn thousand_concurrent_connections_to_one_listener() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn connect_to_closed_port_is_refused() {
     let (stack, _dev) = setup("d", 4);
     // A smoltcp client to a kernel port nobody listens on: kernel RST.
@@ -278,6 +285,7 @@ fn connect_to_closed_port_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn nonblocking_connect_eof_eagain_and_timeouts() {
     let (stack, _dev) = setup("e", 5);
     let l = TcpListener::bind(SocketAddr::new(v4(5, 1), 0)).unwrap();
@@ -345,6 +353,7 @@ fn nonblocking_connect_eof_eagain_and_timeouts() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn accept_timeout_bind_in_use_and_options() {
     let (stack, _dev) = setup("f", 6);
     let (l, addr) = smol_listener(&stack, 6, 4);
@@ -401,6 +410,7 @@ fn accept_timeout_bind_in_use_and_options() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn device_deleted_under_a_live_connection() {
     let (stack, dev) = setup("g", 7);
     let (l, addr) = smol_listener(&stack, 7, 4);
@@ -462,6 +472,7 @@ fn device_deleted_under_a_live_connection() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn bad_parameters_are_errors() {
     let dev = dev_name("h");
     let ok = SmolOptions::new(&dev, vec![cidr("10.99.8.2/24")]);
@@ -519,6 +530,7 @@ fn bad_parameters_are_errors() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn smol_to_smol_over_a_bridge_v4_and_v6() {
     let br = dev_name("br");
     let (da, db) = (dev_name("i"), dev_name("j"));
@@ -586,6 +598,7 @@ fn smol_to_smol_over_a_bridge_v4_and_v6() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn udp_with_a_kernel_peer() {
     let (stack, _dev) = setup("k", 10);
     let k = std::net::UdpSocket::bind(SocketAddr::new(v4(10, 1), 0)).unwrap();
@@ -640,6 +653,7 @@ fn udp_with_a_kernel_peer() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn nonblocking_connect_refused_shows_in_so_error() {
     let (stack, _dev) = setup("l", 11);
     let s = stack.socket(Family::V4, SockKind::Stream).unwrap();
@@ -663,6 +677,7 @@ fn nonblocking_connect_refused_shows_in_so_error() {
 extern "C" fn on_sigusr1(_: libc::c_int) {}
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn a_signal_interrupts_a_blocked_recv_with_eintr() {
     let (stack, _dev) = setup("m", 12);
     let (l, addr) = smol_listener(&stack, 12, 4);
@@ -695,6 +710,7 @@ fn a_signal_interrupts_a_blocked_recv_with_eintr() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn jumbo_mtu_with_a_kernel_peer() {
     let dev = dev_name("n");
     let mut opts = SmolOptions::new(&dev, vec![cidr("10.99.13.2/24")]);
@@ -726,6 +742,7 @@ fn jumbo_mtu_with_a_kernel_peer() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
     const CLIENTS: usize = 6;
     let (stack, _dev) = setup("o", 14);
@@ -767,6 +784,7 @@ fn a_full_accept_queue_holds_clients_back_instead_of_refusing() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn close_with_unread_data_resets_and_shutdown_read_gives_eof() {
     let (stack, _dev) = setup("p", 15);
     let (l, addr) = smol_listener(&stack, 15, 4);
@@ -807,6 +825,7 @@ fn close_with_unread_data_resets_and_shutdown_read_gives_eof() {
 }
 
 #[test]
+#[ignore = "needs root: TAP devices"]
 fn wildcard_listeners_and_the_other_family() {
     let dev = dev_name("q");
     let opts = SmolOptions::new(&dev, vec![cidr("10.99.16.2/24"), cidr("fd00:99:16::2/64")]);

@@ -71,16 +71,18 @@ fn transfer(stack: &KernelStack) {
 }
 
 #[test]
+#[ignore = "needs root: writes /proc/sys/kernel/io_uring_disabled (Linux 6.6+)"]
 fn uring_refused_falls_back_to_syscalls() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: not root, cannot write {SYSCTL}; the refusal path was not exercised");
-        return;
-    }
-    if fs::metadata(SYSCTL).is_err() {
-        eprintln!("SKIPPED: {SYSCTL} does not exist (kernel older than 6.6); the refusal path was not exercised");
-        return;
-    }
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "needs root to write {SYSCTL}"
+    );
+    assert!(
+        fs::metadata(SYSCTL).is_ok(),
+        "{SYSCTL} does not exist (kernel older than 6.6): the refusal path cannot be exercised here"
+    );
 
     let before = fs::read_to_string(SYSCTL).expect("read io_uring_disabled");
     let stack = {

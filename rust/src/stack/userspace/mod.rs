@@ -61,7 +61,7 @@
 //! The least a stack writes, for a stack with no driver work to do inline
 //! (`sync` brings a socket's [`Mirror`] in line with its state):
 //!
-//! ```ignore
+//! ```text
 //! impl Host for Shared {
 //!     type State = State;
 //!     type Effects = ();
