@@ -204,15 +204,18 @@ class UserSpaceMethods(CoreMethods):
             return exc.errno
         return 0
 
-    def _dmm_numeric(self, address):
-        host, port = address[0], address[1]
+    def _dmm_numeric(self, address, call="connect"):
+        """``address`` with a numeric host, checked as the stdlib's C code
+        checks it (the same TypeError/OverflowError for a bad one)."""
         family = _raw_family(self)
+        _check_address(address, family, call)
+        host, port = address[0], address[1]
         if not is_ip(host, family):
             address = _std.getaddrinfo(host, port, family, _raw_type(self))[0][4]
         return address
 
     def bind(self, address):
-        return self._dmm_core.bind(self._dmm_numeric(address))
+        return self._dmm_core.bind(self._dmm_numeric(address, "bind"))
 
     def listen(self, *backlog):
         return self._dmm_core.listen(backlog[0] if backlog else 128)
@@ -226,7 +229,7 @@ class UserSpaceMethods(CoreMethods):
 
     def sendto(self, data, *args):
         flags, address = (0, args[0]) if len(args) == 1 else args
-        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
+        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address, "sendto"))
 
     def recvfrom(self, bufsize, flags=0):
         return self._dmm_core.recvfrom(bufsize, flags)
@@ -267,7 +270,7 @@ class UserSpaceMethods(CoreMethods):
         data = b"".join(views)
         if address is None:
             return self._dmm_core.send(data, flags)
-        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address))
+        return self._dmm_core.sendto(data, flags, self._dmm_numeric(address, "sendto"))
 
     def recvmsg(self, bufsize, ancbufsize=0, flags=0):
         bufsize, ancbufsize, flags = _operator.index(bufsize), _operator.index(ancbufsize), _operator.index(flags)
@@ -385,3 +388,26 @@ def with_mixin(cls, mixin):
                        {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
         _mixed_classes[(cls, mixin)] = derived
     return derived
+
+
+def _check_address(address, family, call):
+    """Raises what CPython's socket module raises for an ``AF_INET`` or
+    ``AF_INET6`` address of the wrong shape."""
+    name = "AF_INET6" if family == _std.AF_INET6 else "AF_INET"
+    if not isinstance(address, tuple):
+        raise TypeError(f"{call}(): {name} address must be tuple, not {type(address).__name__}")
+    if family == _std.AF_INET6:
+        if not 2 <= len(address) <= 4:
+            raise TypeError("AF_INET6 address must be a tuple (host, port[, flowinfo[, scopeid]])")
+    elif len(address) != 2:
+        raise TypeError("AF_INET address must be a pair (host, port)")
+    host, port = address[0], address[1]
+    if not isinstance(host, (str, bytes, bytearray)):
+        raise TypeError(f"str, bytes or bytearray expected, not {type(host).__name__}")
+    for extra in address[1:]:
+        if not isinstance(extra, int):
+            raise TypeError(f"'{type(extra).__name__}' object cannot be interpreted as an integer")
+    if not 0 <= port <= 65535:
+        raise OverflowError(f"{call}(): port must be 0-65535.")
+    if len(address) > 2 and not 0 <= address[2] <= 0xFFFFF:
+        raise OverflowError(f"{call}(): flowinfo must be 0-1048575.")
