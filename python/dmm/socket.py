@@ -340,6 +340,13 @@ class socket(_RaceTakeover, _StdSocket):
 
     def connect(self, address):
         if self._dmm_stack is None:
+            rt = _runtime._runtime
+            if rt is not None and rt.plain_kernel is not None and self._dmm_override is None and not _policy._hooks:
+                # The built-in config's fast path (what _dmm_route does first),
+                # inline: connect rates count every call here.
+                rt.plain_kernel.count("connect")
+                self._dmm_stack = rt.only
+                return _StdSocket.connect(self, address)
             timeout = self.gettimeout()
             if timeout and _policy._hooks:
                 return self._dmm_connect_within(timeout, address)
@@ -467,6 +474,17 @@ class socket(_RaceTakeover, _StdSocket):
         return super().sendmsg(buffers, *args)
 
     def accept(self):
+        rt = _runtime._runtime
+        if rt is not None and rt.plain_kernel is not None and not _policy.accept_hooks:
+            # The built-in config's fast path: nothing to adopt or admit.
+            fd, addr = self._accept()
+            sock = socket(_raw_family(self), _raw_type(self), self.proto, fileno=fd)
+            if self.gettimeout() and _std.getdefaulttimeout() is None:
+                sock.setblocking(True)
+            if self._dmm_stack:
+                sock._dmm_stack = self._dmm_stack
+                rt.plain_kernel.count("accept")
+            return sock, addr
         while True:
             fd, addr = self._accept()
             sock = self._dmm_accepted(fd, None, self._dmm_stack)
@@ -524,6 +542,10 @@ class socket(_RaceTakeover, _StdSocket):
         if level == SOL_DMM:
             self._dmm_setopt(optname, value)
             return
+        if optlen is None and self._dmm_core is None and _runtime._runtime is not None \
+                and _runtime._runtime.plain_kernel is not None:
+            # A kernel socket that can never move: no option log to keep.
+            return _StdSocket.setsockopt(self, level, optname, value)
         self._dmm_set_option(level, optname, value, optlen)
 
     def _dmm_set_option(self, level, optname, value, optlen):
