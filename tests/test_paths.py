@@ -189,6 +189,38 @@ def test_a_long_connection_leaves_samples_while_open():
     assert e.samples == 1
 
 
+def test_a_store_locked_by_another_process_is_waited_out_not_given_up():
+    rt = use_config(TWO)
+    store = rt.paths.path / "lrd.sqlite"
+    rt.paths.submit(lambda: None)
+    deadline = time.monotonic() + 5
+    while not store.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Another process's writer holds the lock past SQLite's 2 s busy timeout.
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                               "db.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(2.5)\n"
+                               "db.execute('ROLLBACK')", str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for _ in range(5):
+            rt.paths.record_path("10.20.30.40", Sample(rtt_ms=10.0))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            out = subprocess.run([sys.executable, "-c", "import sqlite3, sys\n"
+                                  "print(sqlite3.connect(sys.argv[1], timeout=10).execute("
+                                  "\"SELECT samples FROM paths WHERE key = '10.20.30.0/24'\").fetchone())", str(store)],
+                                 capture_output=True, text=True, check=True)
+            if out.stdout.strip() == "(5.0,)" or out.stdout.strip() == "(5,)":
+                break
+            time.sleep(0.2)
+        assert out.stdout.strip() in ("(5.0,)", "(5,)"), out.stdout
+    finally:
+        holder.wait(10)
+    counts = rt.paths.counters
+    assert counts["store_busy"] >= 1 and counts["store_errors"] == 0, counts
+
+
 def test_a_config_with_one_stack_measures_nothing():
     rt = use_config("[[stack]]\nname = 'kernel'\nkind = 'kernel'\n")
     assert rt.paths is None

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import socket as _std
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,17 @@ from .store import Listener, PeerFact, Store, default_dir, process_start
 __all__ = ["LocalRD", "get_local", "wire_protocol"]
 
 log = logging.getLogger("dmm.rd")
+
+#: Pauses between tries of a store another process holds locked (each try
+#: already waits out SQLite's own busy timeout).
+_BUSY_PAUSES = (0.02, 0.1, 0.5)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` says another connection holds the lock."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
 
 #: Protocols that reach the same servers: an MPTCP connect falls back to TCP
 #: and an MPTCP listener takes TCP clients, so knowledge keeps them as one.
@@ -235,27 +247,51 @@ class LocalRD:
     # -- store ----------------------------------------------------------------
 
     def _with_store(self, op: Callable[[Store], Any]) -> Any:
-        """Runs ``op`` on the store (RD thread); a failure is logged once and
-        leaves knowledge in this process."""
+        """Runs ``op`` on the store (RD thread); ``None`` if it could not
+        (see :meth:`_try_store`)."""
+        return self._try_store(op)[1]
+
+    def _try_store(self, op: Callable[[Store], Any]) -> tuple[bool, Any]:
+        """``(True, op(store))``, or ``(False, None)``. Another process
+        holding the store's lock past the busy timeout (two processes opening
+        a new store at once can meet that) is waited out a few times, then
+        left for the next turn: the store stays in use. Any other failure (a
+        bad or unwritable store) is logged once and leaves knowledge in this
+        process for good."""
         if self._store_failed:
-            return None
-        try:
-            if self._store is None:
-                self._store = Store(self.path / "lrd.sqlite")
-            return op(self._store)
-        except Exception as exc:  # sqlite3.Error, OSError: a bad or unwritable store
-            self.counters["store_errors"] += 1
-            if not self._store_failed:
-                log.warning("dmm: the L-RD store %s is not usable (%s); knowledge stays in this process",
-                            self.path / "lrd.sqlite", exc)
-            self._store_failed = True
-            if self._store is not None:
-                try:
-                    self._store.close()
-                except Exception:
-                    pass
-                self._store = None
-            return None
+            return False, None
+        for pause in _BUSY_PAUSES:
+            try:
+                if self._store is None:
+                    self._store = Store(self.path / "lrd.sqlite")
+                return True, op(self._store)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    self._fail_store(exc)
+                    return False, None
+                self.counters["store_busy"] += 1
+                self._drop_store()
+                time.sleep(pause)
+            except Exception as exc:  # sqlite3.Error, OSError: a bad or unwritable store
+                self._fail_store(exc)
+                return False, None
+        return False, None
+
+    def _fail_store(self, exc: Exception) -> None:
+        self.counters["store_errors"] += 1
+        if not self._store_failed:
+            log.warning("dmm: the L-RD store %s is not usable (%s); knowledge stays in this process",
+                        self.path / "lrd.sqlite", exc)
+        self._store_failed = True
+        self._drop_store()
+
+    def _drop_store(self) -> None:
+        if self._store is not None:
+            try:
+                self._store.close()
+            except Exception:
+                pass
+            self._store = None
 
     def _load(self) -> None:
         """Reads the store once, at start (in the caller's thread)."""
@@ -309,17 +345,28 @@ class LocalRD:
             samples, self._samples = self._samples, []
         if not (batch or samples) or self._store_failed:
             return
-        try:
-            st = Store(self.path / "lrd.sqlite")
+        for pause in _BUSY_PAUSES:
             try:
-                if batch:
-                    st.learn(batch)
-                if samples:
-                    st.add_samples(samples, self.paths_spec.half_life)
-            finally:
-                st.close()
-        except Exception as exc:  # sqlite3.Error, OSError: exiting anyway
-            log.warning("dmm: could not write L-RD knowledge at exit: %s", exc)
+                st = Store(self.path / "lrd.sqlite")
+                try:
+                    # Learning is idempotent; the samples, added last, are
+                    # added once (a busy try rolls them back).
+                    if batch:
+                        st.learn(batch)
+                    if samples:
+                        st.add_samples(samples, self.paths_spec.half_life)
+                finally:
+                    st.close()
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    log.warning("dmm: could not write L-RD knowledge at exit: %s", exc)
+                    return
+                time.sleep(pause)
+            except Exception as exc:  # sqlite3.Error, OSError: exiting anyway
+                log.warning("dmm: could not write L-RD knowledge at exit: %s", exc)
+                return
+        log.warning("dmm: could not write L-RD knowledge at exit: the store stayed locked by another process")
 
     def _flush_writes(self) -> None:
         with self._flush_lock:
@@ -329,10 +376,13 @@ class LocalRD:
         with self._lock:
             batch, self._writes = self._writes, []
             samples, self._samples = self._samples, []
-        if batch:
-            self._with_store(lambda st: st.learn(batch))
-        if samples:
-            self._with_store(lambda st: st.add_samples(samples, self.paths_spec.half_life))
+        if batch and not self._try_store(lambda st: st.learn(batch))[0] and not self._store_failed:
+            with self._lock:  # busy: the next turn tries again, in order
+                self._writes[:0] = batch
+        if samples and not self._try_store(lambda st: st.add_samples(samples, self.paths_spec.half_life))[0] \
+                and not self._store_failed:
+            with self._lock:
+                self._samples[:0] = samples
 
     # -- discovery --------------------------------------------------------------
 
