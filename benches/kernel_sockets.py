@@ -249,7 +249,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bulk-mib", type=int, default=1024)
     p.add_argument("--pingpong", type=int, default=20000)
-    p.add_argument("--connections", type=int, default=3000)
+    p.add_argument("--connections", type=int, default=20000)
     p.add_argument("--tests", default="bulk,pingpong,connect")
     p.add_argument("--child", nargs=3, metavar=("CONTENDER", "TEST", "PORTFILE"), help=argparse.SUPPRESS)
     p.add_argument("--client", nargs=3, metavar=("CONTENDER", "TEST", "PORT"), help=argparse.SUPPRESS)
