@@ -199,22 +199,21 @@ def test_hook_naming_unknown_stack_falls_through(caplog):
 
 def test_a_hook_past_the_sockets_timeout_is_abandoned_and_connect_times_out(caplog):
     use_config(TWO_KERNELS)
-    release = threading.Event()
+    release, finished = threading.Event(), []
     srv = dsocket.create_server(("127.0.0.1", 0))  # before the hook, which would hold up listen()
 
     @dmm.policy.register
     def stuck(req):
         release.wait(30)
+        finished.append(req.role)
         return "mptcp"
 
     try:
         with caplog.at_level(logging.ERROR, logger="dmm.policy"):
-            started = time.monotonic()
             with pytest.raises(TimeoutError):
                 dsocket.create_connection(srv.getsockname(), timeout=0.5)
-            took = time.monotonic() - started
-        # Bounded by the socket's timeout, not by the hook's 30 s.
-        assert took < 5, took
+        # connect() gave up while the hook was still running.
+        assert finished == []
         assert "hook" in caplog.text and "stuck" in caplog.text and "abandoned" in caplog.text
     finally:
         release.set()
@@ -235,19 +234,24 @@ def test_a_slow_hook_within_the_timeout_decides_and_the_timeout_stays():
 
 def test_an_inline_hook_runs_in_the_callers_thread_and_is_not_abandoned():
     use_config(TWO_KERNELS)
-    threads = []
-    dmm.policy.register(lambda req: threads.append(threading.current_thread()) or time.sleep(0.4) or "mptcp",
-                        inline=True)
+    threads, finished = [], []
+
+    def slow(req):
+        threads.append(threading.current_thread())
+        time.sleep(0.4)
+        finished.append(req.role)
+        return "mptcp"
+
+    dmm.policy.register(slow, roles=("connect",), inline=True)
     with dsocket.create_server(("127.0.0.1", 0)) as srv:
-        started = time.monotonic()
-        # Not abandoned: the hook's whole 0.4 s passes, and then the
-        # connect, whose 0.2 s are spent, times out.
+        # Not abandoned: the hook runs to its end, and then the connect,
+        # whose 0.2 s are spent, times out.
         with pytest.raises(TimeoutError):
             dsocket.create_connection(srv.getsockname(), timeout=0.2)
-        assert time.monotonic() - started >= 0.4
+        assert finished == ["connect"]
         with dsocket.create_connection(srv.getsockname(), timeout=5) as s:
             assert s.dmm_stack == "mptcp"
-    assert len(threads) == 3 and set(threads) == {threading.current_thread()}  # listen, 2 connects
+    assert threads == [threading.current_thread()] * 2
 
 
 def test_unregister_and_type_checks():
