@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import dmm.config
 import dmm.policy
 import dmm.runtime
 import dmm.socket as dsocket
@@ -309,3 +310,47 @@ def test_stack_counters_count_decisions():
         conn.close()
     c = dsocket.stack_counters()["kernel"]
     assert c["listens"] == 1 and c["connects"] == 1 and c["accepts"] == 1
+
+
+@needs_mptcp
+def test_a_repeated_connect_follows_a_policy_change_and_what_rd_learns():
+    # The second connect to a destination skips the decision (the runtime
+    # remembers "the plain kernel, as the socket is"); a new table or new
+    # L-RD knowledge must still be seen by the next one.
+    use_config(TWO_KERNELS + "\n[paths]\nenabled = false\n")
+    rt = dmm.runtime.get()
+    srv = dsocket.create_server(("127.0.0.1", 0))
+    addr = srv.getsockname()
+    seen = []
+
+    def serve(n):
+        for _ in range(n):
+            conn, _ = srv.accept()
+            seen.append(conn.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PROTOCOL))
+            conn.close()
+
+    t = threading.Thread(target=serve, args=(4,))
+    t.start()
+    stacks = []
+    for _ in range(2):
+        with dsocket.socket() as s:
+            s.connect(addr)
+            stacks.append((s.dmm_stack, s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PROTOCOL)))
+    key = (stdsocket.AF_INET, stdsocket.SOCK_STREAM, 0, addr)
+    assert rt.direct(*key) is rt.stacks["kernel"]
+    rt.negotiator.rd.version += 1  # what L-RD knows changed: decide again
+    assert rt.direct(*key) is None
+    with dsocket.socket() as s:
+        s.connect(addr)
+        stacks.append((s.dmm_stack, s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PROTOCOL)))
+    policy = dmm.config.parse(TWO_KERNELS + '\n[[route]]\nto = "127.0.0.1/32"\nstacks = ["mptcp"]\n', "<policy>")
+    rt.apply_policy(policy.routes, None, "a test policy")
+    with dsocket.socket() as s:
+        s.connect(addr)
+        stacks.append((s.dmm_stack, s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PROTOCOL)))
+    t.join()
+    srv.close()
+    tcp = stdsocket.IPPROTO_TCP
+    assert stacks == [("kernel", tcp)] * 3 + [("mptcp", IPPROTO_MPTCP)]
+    assert len(seen) == 4
+    assert dsocket.stack_counters()["kernel"]["connects"] == 3

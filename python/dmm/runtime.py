@@ -159,6 +159,9 @@ class Runtime:
         # table: kept here, a routed connect costs a dict lookup instead of
         # a decision.
         self._memo: dict[tuple, tuple[Any, Outcome]] = {}
+        # Destinations a connect reaches on a passthrough kernel stack as the
+        # socket stands (see direct()): such a connect skips the decision.
+        self._direct: dict[tuple, tuple[Any, Table, int]] = {}
         #: Central RD (etcd), when ``[rd] central`` names endpoints.
         self.central = None
         if self.negotiator is not None and self.negotiator.rd is not None and config.rd and config.rd.central:
@@ -224,6 +227,28 @@ class Runtime:
             self._memo.clear()
         self._memo[key] = (version, outcome)
         return outcome
+
+    def _rd_version(self) -> int:
+        return self.negotiator.version() if self.negotiator is not None else 0
+
+    def direct(self, family: int, type: int, proto: int, address: Any) -> Any:
+        """The passthrough instance that carries a connect to ``address``
+        with the socket as it is, if the last decision for it said so (one
+        candidate, no hook, no override, nothing to sample) and neither the
+        table nor L-RD changed since; else ``None``: decide."""
+        try:
+            hit = self._direct.get((family, type, proto, address))
+        except TypeError:  # an unhashable (malformed) address: the slow path reports it
+            return None
+        if hit is None or hit[1] is not self.table or hit[2] != self._rd_version():
+            return None
+        return hit[0]
+
+    def remember_direct(self, family: int, type: int, proto: int, address: Any, inst: Any) -> None:
+        """Notes that a connect to ``address`` went to ``inst`` unchanged (see :meth:`direct`)."""
+        if len(self._direct) >= _MEMO_MAX:
+            self._direct.clear()
+        self._direct[(family, type, proto, address)] = (inst, self.table, self._rd_version())
 
     def path_for(self, address: str) -> Optional[Estimate]:
         """What was measured on the way to ``address`` (or its prefix)."""

@@ -166,6 +166,7 @@ class socket(_RaceTakeover, _StdSocket):
             return address
         if not isinstance(address, tuple) or len(address) < 2 or not isinstance(address[1], int):
             return address  # malformed: the C method raises the stdlib's own error
+        given = address
         host, port = address[0], address[1]
         family = _raw_family(self)
         if not isinstance(host, str) or not _is_ip(host, family):
@@ -178,12 +179,14 @@ class socket(_RaceTakeover, _StdSocket):
         if rt.paths is not None and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
             _sampling.watch(self, host.partition("%")[0], rt.paths.paths_spec.sample_every)
             self.__class__ = _with_mixin(type(self), _PathSampled)
+        single = True  # one candidate: nothing to race
         if rt.only is not None and self._dmm_override is None and not _policy._hooks:
             name = rt.only
         else:
             outcome = rt.decision(role, family, _raw_type(self), host.partition("%")[0], port, self._dmm_host,
                                   self._dmm_props, self._dmm_override, self._dmm_hook_limit(role))
             name = outcome.stack
+            single = len(outcome.candidates) == 1
             if len(outcome.stacks) > 1:
                 # Listens on several stacks: the members are made by listen().
                 self._dmm_core = _ListenGroup(rt.stacks, outcome.stacks)
@@ -208,6 +211,9 @@ class socket(_RaceTakeover, _StdSocket):
         self._dmm_move_to(name, role)
         self._dmm_stack = name
         self._dmm_opts = None
+        if single and role == "connect" and address is given and rt.paths is None and self._dmm_override is None \
+                and not _policy._hooks and rt.stacks[name].passthrough and (self.proto or _std.IPPROTO_TCP) == _std.IPPROTO_TCP:
+            rt.remember_direct(family, _raw_type(self), self.proto, address, rt.stacks[name])
         return address
 
     def _dmm_move_to(self, name, role):
@@ -347,6 +353,14 @@ class socket(_RaceTakeover, _StdSocket):
                 rt.plain_kernel.count("connect")
                 self._dmm_stack = rt.only
                 return _StdSocket.connect(self, address)
+            if rt is not None and rt.paths is None and self._dmm_override is None and not _policy._hooks:
+                inst = rt.direct(_raw_family(self), _raw_type(self), self.proto, address)
+                if inst is not None:
+                    # Decided before, for this destination: the plain kernel, as the socket is.
+                    inst.count("connect")
+                    self._dmm_stack = inst.name
+                    self._dmm_opts = None
+                    return _StdSocket.connect(self, address)
             timeout = self.gettimeout()
             if timeout and _policy._hooks:
                 return self._dmm_connect_within(timeout, address)
@@ -542,10 +556,18 @@ class socket(_RaceTakeover, _StdSocket):
         if level == SOL_DMM:
             self._dmm_setopt(optname, value)
             return
-        if optlen is None and self._dmm_core is None and _runtime._runtime is not None \
-                and _runtime._runtime.plain_kernel is not None:
-            # A kernel socket that can never move: no option log to keep.
-            return _StdSocket.setsockopt(self, level, optname, value)
+        if optlen is None and self._dmm_core is None:
+            rt = _runtime._runtime
+            if rt is not None and rt.plain_kernel is not None:
+                # A kernel socket that can never move: no option log to keep.
+                return _StdSocket.setsockopt(self, level, optname, value)
+            if self._dmm_stack is None and rt is not None:
+                # Not routed yet (inline: connect loops set options on every socket).
+                _StdSocket.setsockopt(self, level, optname, value)
+                if self._dmm_opts is None:
+                    self._dmm_opts = []
+                self._dmm_opts.append((level, optname, value, None))
+                return None
         self._dmm_set_option(level, optname, value, optlen)
 
     def _dmm_set_option(self, level, optname, value, optlen):
