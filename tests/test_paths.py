@@ -20,7 +20,7 @@ from dmm.adaptive import Adaptive, AdaptiveSpec
 from dmm.rd import paths
 from dmm.rd.paths import Aggregate, Estimate, Sample, keys_for, prefix_key, sample_from_counters
 
-from conftest import use_config
+from conftest import TWO_KERNELS, mptcp_available, use_config
 
 TWO = """
 [[stack]]
@@ -330,6 +330,53 @@ race = false
     # A neighbour in the same /24 matches through the prefix; IPv6 does not.
     assert rt.decision("connect", 2, 1, "10.7.0.99", 80, None, {}, None).source == "route[0]"
     assert rt.decision("connect", 10, 1, "fd00::1", 80, None, {}, None).source == "default"
+
+
+@pytest.mark.skipif(mptcp_available() is not None, reason=str(mptcp_available()))
+def test_repeated_connects_are_sampled_and_rerouted_once_the_path_is_measured(monkeypatch):
+    # From the second connect to a destination on, the socket skips the
+    # decision (the runtime remembers it); it must still leave its path
+    # sample, and a new estimate must still change where the next one goes.
+    monkeypatch.setattr(_sampling, "_short_last", {})  # no other test's
+    rt = use_config(TWO_KERNELS + """
+[[route]]
+when = { rtt_ms = ">= 30" }
+stacks = ["mptcp"]
+race = false
+""")
+    srv = dsocket.create_server(("127.0.0.1", 0))
+    addr = srv.getsockname()
+
+    def serve(n):
+        for _ in range(n):
+            c, _ = srv.accept()
+            c.close()
+
+    t = threading.Thread(target=serve, args=(5,))
+    t.start()
+    stacks = []
+    for _ in range(3):
+        with dsocket.socket() as s:
+            s.connect(addr)
+            stacks.append(s.dmm_stack)
+    # The first left a sample (of short connections, one a second does).
+    assert rt.direct(dsocket.AF_INET, dsocket.SOCK_STREAM, 0, addr) is not None
+    assert rt.path_for("127.0.0.1").samples == 1
+    monkeypatch.setattr(_sampling, "SHORT_EVERY", 0.0)
+    with dsocket.socket() as s:  # remembered, and sampled
+        s.connect(addr)
+        assert rt.direct(dsocket.AF_INET, dsocket.SOCK_STREAM, 0, addr) is not None
+        stacks.append(s.dmm_stack)
+    assert rt.path_for("127.0.0.1").samples == 2
+    for _ in range(5):  # now it reads as a long path
+        rt.paths.record_path("127.0.0.1", Sample(rtt_ms=80.0))
+    assert rt.path_for("127.0.0.1").rtt_ms >= 30
+    with dsocket.socket() as s:
+        s.connect(addr)
+        stacks.append(s.dmm_stack)
+    t.join(5)
+    srv.close()
+    assert stacks == ["kernel"] * 4 + ["mptcp"]
 
 
 def test_a_rule_without_to_matches_both_families():

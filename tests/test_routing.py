@@ -337,7 +337,7 @@ def test_a_repeated_connect_follows_a_policy_change_and_what_rd_learns():
             s.connect(addr)
             stacks.append((s.dmm_stack, s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PROTOCOL)))
     key = (stdsocket.AF_INET, stdsocket.SOCK_STREAM, 0, addr)
-    assert rt.direct(*key) is rt.stacks["kernel"]
+    assert rt.direct(*key) == (rt.stacks["kernel"], None)
     rt.negotiator.rd.version += 1  # what L-RD knows changed: decide again
     assert rt.direct(*key) is None
     with dsocket.socket() as s:

@@ -161,7 +161,7 @@ class Runtime:
         self._memo: dict[tuple, tuple[Any, Outcome]] = {}
         # Destinations a connect reaches on a passthrough kernel stack as the
         # socket stands (see direct()): such a connect skips the decision.
-        self._direct: dict[tuple, tuple[Any, Table, int]] = {}
+        self._direct: dict[tuple, tuple[Any, Optional[str], Table, Any]] = {}
         #: Central RD (etcd), when ``[rd] central`` names endpoints.
         self.central = None
         if self.negotiator is not None and self.negotiator.rd is not None and config.rd and config.rd.central:
@@ -228,27 +228,34 @@ class Runtime:
         self._memo[key] = (version, outcome)
         return outcome
 
-    def _rd_version(self) -> int:
-        return self.negotiator.version() if self.negotiator is not None else 0
+    def _direct_version(self) -> Any:
+        """What a remembered direct route depends on besides the table: what
+        L-RD knows, and the path estimates if the table reads them."""
+        version = self.negotiator.version() if self.negotiator is not None else 0
+        if self.paths is not None and (self.table.conditional or self.table.adaptive is not None):
+            return (version, self.paths.paths_version)
+        return version
 
-    def direct(self, family: int, type: int, proto: int, address: Any) -> Any:
-        """The passthrough instance that carries a connect to ``address``
-        with the socket as it is, if the last decision for it said so (one
-        candidate, no hook, no override, nothing to sample) and neither the
-        table nor L-RD changed since; else ``None``: decide."""
+    def direct(self, family: int, type: int, proto: int, address: Any) -> Optional[tuple[Any, Optional[str]]]:
+        """``(instance, sample_to)`` if the last decision for a connect to
+        ``address`` was a passthrough kernel instance with the socket as it
+        is (one candidate, no hook, no override) and neither the table, L-RD
+        nor the path estimates it read changed since; ``sample_to`` is the
+        host to leave a path sample for (None: none). Else ``None``: decide."""
         try:
             hit = self._direct.get((family, type, proto, address))
         except TypeError:  # an unhashable (malformed) address: the slow path reports it
             return None
-        if hit is None or hit[1] is not self.table or hit[2] != self._rd_version():
+        if hit is None or hit[2] is not self.table or hit[3] != self._direct_version():
             return None
-        return hit[0]
+        return hit[0], hit[1]
 
-    def remember_direct(self, family: int, type: int, proto: int, address: Any, inst: Any) -> None:
+    def remember_direct(self, family: int, type: int, proto: int, address: Any, inst: Any,
+                        sample_to: Optional[str]) -> None:
         """Notes that a connect to ``address`` went to ``inst`` unchanged (see :meth:`direct`)."""
         if len(self._direct) >= _MEMO_MAX:
             self._direct.clear()
-        self._direct[(family, type, proto, address)] = (inst, self.table, self._rd_version())
+        self._direct[(family, type, proto, address)] = (inst, sample_to, self.table, self._direct_version())
 
     def path_for(self, address: str) -> Optional[Estimate]:
         """What was measured on the way to ``address`` (or its prefix)."""

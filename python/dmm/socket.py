@@ -176,8 +176,10 @@ class socket(_RaceTakeover, _StdSocket):
                 self._dmm_host = host
             host, port = address[0], address[1]
         rt = _runtime._runtime or _runtime.get()
+        sample_to = None
         if rt.paths is not None and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
-            _sampling.watch(self, host.partition("%")[0], rt.paths.paths_spec.sample_every)
+            sample_to = host.partition("%")[0]
+            _sampling.watch(self, sample_to, rt.paths.paths_spec.sample_every)
             self.__class__ = _with_mixin(type(self), _PathSampled)
         single = True  # one candidate: nothing to race
         if rt.only is not None and self._dmm_override is None and not _policy._hooks:
@@ -211,9 +213,9 @@ class socket(_RaceTakeover, _StdSocket):
         self._dmm_move_to(name, role)
         self._dmm_stack = name
         self._dmm_opts = None
-        if single and role == "connect" and address is given and rt.paths is None and self._dmm_override is None \
+        if single and role == "connect" and address is given and self._dmm_override is None \
                 and not _policy._hooks and rt.stacks[name].passthrough and (self.proto or _std.IPPROTO_TCP) == _std.IPPROTO_TCP:
-            rt.remember_direct(family, _raw_type(self), self.proto, address, rt.stacks[name])
+            rt.remember_direct(family, _raw_type(self), self.proto, address, rt.stacks[name], sample_to)
         return address
 
     def _dmm_move_to(self, name, role):
@@ -353,13 +355,17 @@ class socket(_RaceTakeover, _StdSocket):
                 rt.plain_kernel.count("connect")
                 self._dmm_stack = rt.only
                 return _StdSocket.connect(self, address)
-            if rt is not None and rt.paths is None and self._dmm_override is None and not _policy._hooks:
-                inst = rt.direct(_raw_family(self), _raw_type(self), self.proto, address)
-                if inst is not None:
+            if rt is not None and self._dmm_override is None and not _policy._hooks:
+                hit = rt.direct(_raw_family(self), _raw_type(self), self.proto, address)
+                if hit is not None:
                     # Decided before, for this destination: the plain kernel, as the socket is.
+                    inst, sample_to = hit
                     inst.count("connect")
                     self._dmm_stack = inst.name
                     self._dmm_opts = None
+                    if sample_to is not None:
+                        _sampling.watch(self, sample_to, rt.paths.paths_spec.sample_every)
+                        self.__class__ = _with_mixin(type(self), _PathSampled)
                     return _StdSocket.connect(self, address)
             timeout = self.gettimeout()
             if timeout and _policy._hooks:
