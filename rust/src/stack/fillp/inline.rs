@@ -74,6 +74,26 @@ impl Host for Shared {
         Watch::new(self, st, id)
     }
 
+    /// A connect waiting for its handshake watches its own UDP socket, so
+    /// the COOKIE and CONN_ACK reach it with no hop through the driver.
+    /// Not toward a listener of this instance: the driver runs both ends.
+    fn watch_write<'a>(&'a self, st: &mut State, id: u64) -> Option<Watch<'a>> {
+        let s = st.socks.get(&id)?;
+        let (
+            Role::Conn {
+                established: false, ..
+            },
+            Some(peer),
+        ) = (&s.role, s.peer)
+        else {
+            return None;
+        };
+        if st.listens_here(peer) {
+            return None;
+        }
+        Watch::new(self, st, id)
+    }
+
     /// Datagrams (or an ICMP error) arrived on the watched socket: end the
     /// watch, then receive and run the slot's turn in this thread.
     fn arrived<'a>(

@@ -66,7 +66,11 @@
 //!   sender blocked in `recv` for the reply that ran its own ACK clock this
 //!   way sent its last 16 MiB at ~65% of the link over a 100 ms emulated
 //!   path (cause not found). With both, a 1-byte request/response exchange
-//!   over loopback wakes no driver thread.
+//!   over loopback wakes no driver thread. A blocking `connect` does the
+//!   same for its handshake: it sends the INIT itself and watches its UDP
+//!   socket for the COOKIE and the CONN_ACK (not toward a listener of its
+//!   own instance, whose driver runs both ends in one turn). Over loopback
+//!   between two processes: 2.3-2.4k -> 2.9-3.5k connects/s.
 //! * **Two copies in user space, as few as the kernel's own TCP makes in
 //!   all.** The application's bytes are copied into the send buffer once;
 //!   a datagram then carries them as shared slices of that buffer

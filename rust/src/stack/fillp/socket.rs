@@ -330,6 +330,7 @@ impl StackSocket for FillpSocket {
             Role::Bound(fd, local) => {
                 let ep = new_endpoint(&self.core.shared.opts, true);
                 let slot = st.add_slot(Slot::new(fd, local, ep, Some(self.core.id)));
+                st.listening.push(slot);
                 if let Some(s) = st.socks.get_mut(&self.core.id) {
                     s.role = Role::Listening {
                         slot,
@@ -384,8 +385,8 @@ impl StackSocket for FillpSocket {
             _ => addr,
         };
         {
-            let mut st = self.core.lock()?;
-            let st = &mut *st;
+            let mut guard = self.core.lock()?;
+            let st = &mut *guard;
             let s = record(&st.socks, self.core.id)?;
             match s.role {
                 Role::Conn {
@@ -440,7 +441,18 @@ impl StackSocket for FillpSocket {
             s.stats = ConnectionStats::default();
             st.sync(self.core.id);
             self.core.shared.connects.fetch_add(1, Ordering::Relaxed);
-            self.core.shared.kick(st, slot);
+            let blocking = !self.timeout().is_some_and(|t| t.is_zero());
+            if blocking && !st.listens_here(addr) {
+                // The INIT leaves from this thread, and the connect then
+                // watches its UDP socket for the replies (`watch_write`):
+                // no driver wake on the way. (The driver adds the socket
+                // to its poll set when the watch ends.)
+                self.core.shared.flush_inline(guard, slot, h);
+            } else {
+                // A non-blocking connect is finished by the driver, which
+                // must take the new socket into its poll set now.
+                self.core.shared.kick(st, slot);
+            }
         }
         if self.timeout().is_some_and(|t| t.is_zero()) {
             return Err(errno(libc::EINPROGRESS));

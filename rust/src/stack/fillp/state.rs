@@ -42,6 +42,9 @@ pub(super) struct State {
     /// idle or lingering slot (thousands, for a client that opens and
     /// closes connections: each closed one lingers for the idle timeout).
     pub(super) poll_check: Vec<usize>,
+    /// Slots that were made to listen (some may have stopped since: see
+    /// [`State::listens_here`], which drops those).
+    pub(super) listening: Vec<usize>,
 }
 
 /// One UDP socket and the endpoint multiplexed over it.
@@ -442,6 +445,21 @@ impl State {
         } else {
             None
         }
+    }
+
+    /// Whether one of this instance's listeners serves `addr`: a connect
+    /// to it then leaves the handshake to the driver, which runs both ends
+    /// in one turn, instead of handing every packet between threads.
+    pub(super) fn listens_here(&mut self, addr: SocketAddr) -> bool {
+        let slots = &self.slots;
+        self.listening
+            .retain(|i| slots.get(i).is_some_and(|sl| sl.listener.is_some()));
+        self.listening.iter().any(|i| {
+            slots.get(i).is_some_and(|sl| {
+                sl.local.port() == addr.port()
+                    && (sl.local.ip().is_unspecified() || sl.local.ip() == addr.ip())
+            })
+        })
     }
 
     /// A new client slot for one outgoing connection: over the socket's

@@ -76,6 +76,13 @@ pub(crate) trait Host {
         None
     }
 
+    /// As [`Host::watch`], for socket `id`'s writer about to block (a
+    /// connect waiting for its handshake). `None`: only the `wake` eventfd.
+    fn watch_write<'a>(&'a self, st: &mut Self::State, id: u64) -> Option<Self::Watch<'a>> {
+        let _ = (st, id);
+        None
+    }
+
     /// The wait saw `revents` on `watch`'s fd: take what arrived (or not,
     /// for an error the driver handles), releasing the watch, and return
     /// the state locked for the next attempt, whose effects `fx` are.
@@ -224,9 +231,10 @@ impl<H: Host> SockCore<H> {
             if nonblocking {
                 return Err(errno(libc::EAGAIN));
             }
-            if wait == Wait::Read {
-                watch = self.shared.watch(&mut st, self.id);
-            }
+            watch = match wait {
+                Wait::Read => self.shared.watch(&mut st, self.id),
+                Wait::Write => self.shared.watch_write(&mut st, self.id),
+            };
             drop(st);
             let fd = match wait {
                 Wait::Read => self.fds.ready.as_raw_fd(),
