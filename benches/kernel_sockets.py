@@ -297,6 +297,18 @@ def main() -> int:
                      f"{fmt(med['dmm-routed'])} | {med['dmm-routed'] / med['stdlib']:.3f} | "
                      f"{fmt(med['dmm-adaptive'])} | {med['dmm-adaptive'] / med['dmm-routed']:.3f} |")
     lines.append("")
+    # Each round runs every contender back to back, so a ratio within a
+    # round sees the same machine state; on a VM whose speed drifts between
+    # rounds, the median of these is steadier than a ratio of medians.
+    pairs = (("dmm", "stdlib"), ("dmm-uring", "stdlib"), ("dmm-fillp", "stdlib"), ("dmm-routed", "stdlib"),
+             ("dmm-adaptive", "dmm-routed"))
+    for t in tests:
+        parts = []
+        for a, b in pairs:
+            ratios = [x / y for x, y in zip(samples[(t, a)], samples[(t, b)])]
+            parts.append(f"{a}/{b} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+        lines.append(f"Paired {t} ratios (median of the rounds' own ratios, min-max): " + "; ".join(parts))
+    lines.append("")
     lines.append("Spread (min-max of the rounds): " + "; ".join(
         f"{t}/{c} {min(samples[(t, c)]):.4g}-{max(samples[(t, c)]):.4g}" for t in tests for c in CONTENDERS))
     text = "\n".join(lines) + "\n"
