@@ -377,8 +377,8 @@ impl CoreSocket {
 
     /// The fd that polls readable exactly while this socket is writable,
     /// or None when `poll_fd` itself polls writable (kernel sockets).
-    fn write_poll_fd(&self) -> Option<i32> {
-        self.inner.write_poll_fd()
+    fn write_poll_fd(&self) -> PyResult<Option<i32>> {
+        self.inner.write_poll_fd().map_err(to_py)
     }
 
     /// `(readable, writable, error)` now.

@@ -382,9 +382,10 @@ pub trait StackSocket: Send + Sync {
     /// For a socket whose [`StackSocket::poll_fd`] is not the socket itself
     /// (user-space stacks): a kernel fd that polls readable exactly while
     /// this socket is writable. `None`: `poll_fd` polls writable as the
-    /// socket does (kernel sockets).
-    fn write_poll_fd(&self) -> Option<RawFd> {
-        None
+    /// socket does (kernel sockets). A user-space stack may make the fd on
+    /// the first call, which can then fail (`EMFILE`).
+    fn write_poll_fd(&self) -> io::Result<Option<RawFd>> {
+        Ok(None)
     }
 
     /// The socket's readiness now, without blocking.

@@ -457,7 +457,7 @@ impl StackSocket for FillpSocket {
         if self.timeout().is_some_and(|t| t.is_zero()) {
             return Err(errno(libc::EINPROGRESS));
         }
-        self.core.run(Wait::Write, false, |st, _| {
+        self.core.run(Wait::Connect, false, |st, _| {
             let Some(s) = st.socks.get_mut(&self.core.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };
@@ -676,8 +676,8 @@ impl StackSocket for FillpSocket {
         }
     }
 
-    fn write_poll_fd(&self) -> Option<RawFd> {
-        Some(self.core.write_fd())
+    fn write_poll_fd(&self) -> io::Result<Option<RawFd>> {
+        self.core.write_fd().map(Some)
     }
 
     fn poll_fd(&self) -> RawFd {

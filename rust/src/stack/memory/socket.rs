@@ -368,8 +368,8 @@ impl StackSocket for MemorySocket {
         self.core.ready_fd()
     }
 
-    fn write_poll_fd(&self) -> Option<RawFd> {
-        Some(self.core.write_fd())
+    fn write_poll_fd(&self) -> io::Result<Option<RawFd>> {
+        self.core.write_fd().map(Some)
     }
 
     fn readiness(&self) -> Readiness {

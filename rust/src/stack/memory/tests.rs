@@ -96,7 +96,7 @@ fn a_full_peer_blocks_send_until_it_reads() {
     let (_l, c, a) = pair(&*st);
     assert_eq!(c.send(&[7; 4000], 0).unwrap(), 1000);
     assert_eq!(errno_of(c.send(&[7; 10], libc::MSG_DONTWAIT)), libc::EAGAIN);
-    assert!(!readable(c.write_poll_fd().unwrap()));
+    assert!(!readable(c.write_poll_fd().unwrap().unwrap()));
     c.set_timeout(Some(Duration::from_millis(30))).unwrap();
     let e = c.send(&[7; 10], 0).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);

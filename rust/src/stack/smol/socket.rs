@@ -117,8 +117,8 @@ macro_rules! socket_common {
             self.ready_fd()
         }
 
-        fn write_poll_fd(&self) -> Option<RawFd> {
-            Some(self.write_fd())
+        fn write_poll_fd(&self) -> io::Result<Option<RawFd>> {
+            self.write_fd().map(Some)
         }
 
         fn readiness(&self) -> Readiness {

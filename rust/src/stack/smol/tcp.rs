@@ -202,7 +202,7 @@ impl StackSocket for TcpSocket {
         if self.timeout.get().is_some_and(|t| t.is_zero()) {
             return Err(errno(libc::EINPROGRESS));
         }
-        self.run(Wait::Write, false, |st, _| {
+        self.run(Wait::Connect, false, |st, _| {
             let Some(s) = st.socks.get_mut(&self.id) else {
                 return Try::Done(Err(errno(libc::EBADF)));
             };

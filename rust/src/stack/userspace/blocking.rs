@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::fds::SockFds;
+use super::fds::{SockFds, WakeHold};
 use super::lock;
 use crate::stack::{errno, timed_out, Family, TimeoutCell};
 use crate::sys;
@@ -17,8 +17,12 @@ use crate::sys;
 pub(crate) enum Wait {
     /// The `ready` eventfd: the socket became readable (`recv`, `accept`).
     Read,
-    /// The `wake` eventfd: a writer may go on (`send`, `connect`).
+    /// The `wake` eventfd: a writer may go on (`send`).
     Write,
+    /// As `Write`, for `connect`: the `wake` eventfd made for the wait is
+    /// closed again after it, unless the application was given it (an
+    /// idle connection then holds one fd fewer).
+    Connect,
 }
 
 /// The outcome of one attempt of an operation.
@@ -160,9 +164,9 @@ impl<H: Host> SockCore<H> {
         self.fds.ready.as_raw_fd()
     }
 
-    /// The `wake` eventfd (the `write_poll_fd`).
-    pub fn write_fd(&self) -> RawFd {
-        self.fds.wake.as_raw_fd()
+    /// The `wake` eventfd (the `write_poll_fd`), made on first use.
+    pub fn write_fd(&self) -> io::Result<RawFd> {
+        self.fds.wake_fd()
     }
 
     /// Sets the timeout mode (`EBADF` once closed).
@@ -207,6 +211,8 @@ impl<H: Host> SockCore<H> {
         // A blocked reader's watch, and the events its last wait saw on it.
         let mut watch: Option<H::Watch<'_>> = None;
         let mut revents: libc::c_short = 0;
+        // Held from the first wait on `wake` until the call returns.
+        let mut wake: Option<(RawFd, WakeHold)> = None;
         loop {
             let mut fx = H::Effects::default();
             // The watch ends here, before the next attempt (its lock hold
@@ -233,12 +239,16 @@ impl<H: Host> SockCore<H> {
             }
             watch = match wait {
                 Wait::Read => self.shared.watch(&mut st, self.id),
-                Wait::Write => self.shared.watch_write(&mut st, self.id),
+                Wait::Write | Wait::Connect => self.shared.watch_write(&mut st, self.id),
             };
             drop(st);
-            let fd = match wait {
-                Wait::Read => self.fds.ready.as_raw_fd(),
-                Wait::Write => self.fds.wake.as_raw_fd(),
+            let fd = match (wait, &wake) {
+                (Wait::Read, _) => self.fds.ready.as_raw_fd(),
+                (_, Some((fd, _))) => *fd,
+                (_, None) => {
+                    let held = self.fds.hold_wake(wait == Wait::Connect)?;
+                    wake.insert(held).0
+                }
             };
             let also = watch.as_ref().map(|w| w.as_raw_fd());
             let Some(events) = sys::wait_readable_or(fd, also, deadline)? else {
@@ -402,7 +412,7 @@ mod tests {
         // The attempt that took the data lowered `ready` again, and
         // `finish` saw the attempt's effects.
         assert!(!readable(c.ready_fd()));
-        assert!(!readable(c.write_fd()));
+        assert!(!readable(c.write_fd().unwrap()));
         assert_eq!(c.shared.flushes.load(Ordering::Relaxed), 1);
     }
 
