@@ -36,6 +36,8 @@ Example::
                              # the route to each peer (the route MTU less
                              # headers above 1500, else 1400), or 512-65507
     max_connections = 4096   # a listener's limit; clients beyond are refused
+    client_port = "per-connection"  # or "shared": client connections share one
+                             # UDP socket (fewer fds; one local port for all)
 
     [[route]]
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6

@@ -11,7 +11,7 @@ use crate::stack::registry::{Kind, StackConfig};
 use crate::stack::Stack;
 
 /// The `fillp` kind: `rate_control`, `address`, `fixed_rate`,
-/// `datagram_size`, `max_connections`.
+/// `datagram_size`, `max_connections`, `client_port`.
 pub static KIND: Kind = Kind {
     name: "fillp",
     summary: "FillP-style reliable byte streams over UDP, one driver thread",
@@ -21,6 +21,7 @@ pub static KIND: Kind = Kind {
         "fixed_rate",
         "datagram_size",
         "max_connections",
+        "client_port",
     ],
     parse: parse_config,
 };
@@ -76,9 +77,11 @@ fn parse_config(o: &Options) -> Result<Box<dyn StackConfig>, OptionError> {
         1..=1_000_000,
         "a number of connections from 1 to 1000000",
     )? as usize;
+    let client_port = o.choice("client_port", &["per-connection", "shared"])?;
     let mut opts = FillpOptions {
         bind_ip,
         max_connections,
+        shared_client_port: client_port == "shared",
         ..FillpOptions::default()
     };
     opts.connection.mode = parse_rate_mode(rate_control).unwrap_or(RateMode::Bbr);
@@ -157,6 +160,17 @@ impl StackConfig for FillpConfig {
                 "max_connections",
                 Value::Int(self.opts.max_connections as i64),
             ),
+            (
+                "client_port",
+                Value::Str(
+                    if self.opts.shared_client_port {
+                        "shared"
+                    } else {
+                        "per-connection"
+                    }
+                    .into(),
+                ),
+            ),
         ]
     }
 
@@ -228,5 +242,15 @@ mod tests {
         assert_eq!(cfg.values()[3].1, Value::None);
         assert!(parse(&[("datagram_size", Value::Int(100))]).is_err());
         assert!(parse(&[("address", Value::Str("nowhere".into()))]).is_err());
+    }
+
+    #[test]
+    fn client_port_shared_or_per_connection() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.values()[5].1, Value::Str("per-connection".into()));
+        let cfg = parse(&[("client_port", Value::Str("shared".into()))]).unwrap();
+        assert_eq!(cfg.values()[5].1, Value::Str("shared".into()));
+        let e = parse(&[("client_port", Value::Str("each".into()))]).unwrap_err();
+        assert_eq!(e.field, "client_port");
     }
 }

@@ -99,10 +99,12 @@
 //! * **UDP sockets**: one per listener, bound to the listener's port (so
 //!   FillP port P pairs with TCP port P) and carrying every connection it
 //!   accepts; and one per outgoing connection (its bound port, else an
-//!   ephemeral one). A single shared client port was tried first, but then
-//!   every client socket reports the same `getsockname()`, and applications
-//!   (and the Python tests) tell connections apart by `(local, peer)` as with
-//!   TCP. Each UDP socket has its own `Endpoint`. `bind` reserves the UDP
+//!   ephemeral one), so that `(local, peer)` tells connections apart as
+//!   with TCP: applications (and asyncio's tests) key their clients by it.
+//!   With [`FillpOptions::shared_client_port`] the unbound client
+//!   connections of one local IP share one UDP socket instead, told apart
+//!   by connection ID: no socket per connect, and one fd per client end.
+//!   Each UDP socket has its own `Endpoint`. `bind` reserves the UDP
 //!   port at once, so `EADDRINUSE` shows up where a kernel socket would
 //!   report it.
 //!   `IP_RECVERR` makes an ICMP port-unreachable fail a handshake with

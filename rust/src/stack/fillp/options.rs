@@ -27,6 +27,14 @@ pub struct FillpOptions {
     /// Connections a listener holds at most; a client beyond them is
     /// refused at `connect()` (ECONNREFUSED).
     pub max_connections: usize,
+    /// Client connections of a socket that was not bound share one UDP
+    /// socket per local address, told apart by their connection IDs (as
+    /// QUIC endpoints do): one fd and one port for all of them, and a
+    /// connect makes no socket. Off by default: each gets a UDP port of
+    /// its own, so that `(local address, peer address)` names one
+    /// connection as in TCP, which servers (and asyncio's tests) key
+    /// their clients by.
+    pub shared_client_port: bool,
 }
 
 impl Default for FillpOptions {
@@ -37,6 +45,7 @@ impl Default for FillpOptions {
             offload: true,
             path_mtu: true,
             max_connections: 4096,
+            shared_client_port: false,
         }
     }
 }

@@ -45,6 +45,10 @@ pub(super) struct State {
     /// Slots that were made to listen (some may have stopped since: see
     /// [`State::listens_here`], which drops those).
     pub(super) listening: Vec<usize>,
+    /// The client slot each local IP's unbound connections share
+    /// ([`FillpOptions::shared_client_port`]); an entry whose slot the
+    /// driver has forgotten (no connection left) is replaced on next use.
+    pub(super) client_slots: HashMap<IpAddr, usize>,
 }
 
 /// One UDP socket and the endpoint multiplexed over it.
@@ -462,30 +466,40 @@ impl State {
         })
     }
 
-    /// A new client slot for one outgoing connection: over the socket's
-    /// reserved UDP port if it was bound, else a fresh ephemeral one. One
-    /// UDP port per connection keeps `(local address, peer address)` unique
-    /// per connection, as applications expect of TCP.
+    /// The client slot for one outgoing connection: over the socket's
+    /// reserved UDP port if it was bound; else the local IP's shared slot
+    /// ([`FillpOptions::shared_client_port`]), made on first use; else a
+    /// fresh ephemeral port of its own, which keeps `(local address, peer
+    /// address)` unique per connection, as in TCP.
     pub(super) fn client_slot(
         &mut self,
         opts: &FillpOptions,
         family: Family,
         bound: Option<(OwnedFd, SocketAddr)>,
     ) -> io::Result<usize> {
-        let (fd, local) = match bound {
-            Some(b) => b,
-            None => {
-                let ip = match (family, opts.bind_ip) {
-                    (Family::V4, ip @ IpAddr::V4(_)) | (Family::V6, ip @ IpAddr::V6(_)) => ip,
-                    (f, _) => unspecified(f).ip(),
-                };
-                let fd = udp::bind(SocketAddr::new(ip, 0), opts.offload)?;
-                let local = udp::local_addr(fd.as_raw_fd())?;
-                (fd, local)
-            }
+        if let Some((fd, local)) = bound {
+            let ep = new_endpoint(opts, false);
+            return Ok(self.add_slot(Slot::new(fd, local, ep, None)));
+        }
+        let ip = match (family, opts.bind_ip) {
+            (Family::V4, ip @ IpAddr::V4(_)) | (Family::V6, ip @ IpAddr::V6(_)) => ip,
+            (f, _) => unspecified(f).ip(),
         };
+        if opts.shared_client_port {
+            if let Some(&i) = self.client_slots.get(&ip) {
+                if self.slots.contains_key(&i) {
+                    return Ok(i);
+                }
+            }
+        }
+        let fd = udp::bind(SocketAddr::new(ip, 0), opts.offload)?;
+        let local = udp::local_addr(fd.as_raw_fd())?;
         let ep = new_endpoint(opts, false);
-        Ok(self.add_slot(Slot::new(fd, local, ep, None)))
+        let i = self.add_slot(Slot::new(fd, local, ep, None));
+        if opts.shared_client_port {
+            self.client_slots.insert(ip, i);
+        }
+        Ok(i)
     }
 }
 
@@ -500,8 +514,12 @@ impl Listeners for State {
 }
 
 pub(super) fn new_endpoint(opts: &FillpOptions, server: bool) -> Endpoint {
+    // Only a server mints cookies; a client endpoint has no use for a
+    // secret (and saves the `getrandom` a connect would pay for it).
     let mut secret = [0u8; 32];
-    udp::random_bytes(&mut secret);
+    if server {
+        udp::random_bytes(&mut secret);
+    }
     let mut seed = [0u8; 8];
     udp::random_bytes(&mut seed);
     let mut connection = opts.connection.clone();
@@ -514,7 +532,13 @@ pub(super) fn new_endpoint(opts: &FillpOptions, server: bool) -> Endpoint {
         connection,
         server,
         cookie_secret: secret,
-        max_connections: opts.max_connections,
+        // A listener's limit; a process's own connections are bounded by
+        // its fds, as with kernel sockets.
+        max_connections: if server {
+            opts.max_connections
+        } else {
+            usize::MAX
+        },
         ..EndpointConfig::default()
     };
     Endpoint::new(config, Instant::now(), u64::from_ne_bytes(seed))
