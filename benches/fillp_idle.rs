@@ -1,25 +1,28 @@
-//! Memory per idle connection, through the stacks: N connections over
-//! loopback between two FillP instances (both in this process, all
-//! accepted), left idle, against N kernel TCP connections made the same way
-//! through dmm's kernel stack. Prints, per connection pair and per end
-//! (half a pair):
+//! Idle connections at scale, through the stacks: N connections over
+//! loopback from this process (the clients) to a listener in a child
+//! process (the servers: this bench run again with `FILLP_IDLE_ROLE=server`),
+//! all accepted, left idle, for FillP (its client connections on one shared
+//! UDP socket, and each on its own) and for kernel TCP made the same way
+//! through dmm's kernel stack. Prints, per connection end, on each side:
 //!
-//! * **RSS**: growth of `VmRSS` (`/proc/self/status`), which counts
-//!   everything the process touched, allocator slack included;
+//! * **fds**: growth of `/proc/self/fd`;
+//! * **RSS**: growth of `VmRSS`, which counts everything the process
+//!   touched, allocator slack included;
 //! * **heap**: growth of live heap bytes, counted by this bench's global
 //!   allocator (what the stacks' data structures really hold);
 //! * **idle CPU**: the process's CPU time over the idle period (keepalives
 //!   and the driver's timer turns), as a share of one core;
-//! * **kernel**: growth of the kernel's socket buffer memory
-//!   (`/proc/net/sockstat` `mem` pages, TCP and UDP) and of the slab caches
-//!   that hold sockets and open files (`/proc/slabinfo`: `TCP`, `UDP`,
-//!   `sock_inode_cache`, `filp`, `eventpoll_pwq`..., system-wide, so other
-//!   processes add noise).
+//! * **kernel**, per connection (both ends): growth of the kernel's socket
+//!   buffer memory (`/proc/net/sockstat` `mem` pages of the stack's own
+//!   protocol) and of the slab caches that hold sockets and open files
+//!   (`/proc/slabinfo`: `TCP`, `UDP`, `sock_inode_cache`, `filp`...,
+//!   system-wide, so other processes add noise).
 //!
-//! The baseline is taken after one warm-up connection, so that per-process
-//! and per-instance costs (driver thread, batch buffers) are not spread over
-//! the N connections. Asserts only that every connection is still up at the
-//! end (one byte each way on a sample of them).
+//! The baselines are taken after one warm-up connection, so that
+//! per-process and per-instance costs (driver thread, batch buffers) are not
+//! spread over the N connections. Asserts only that every connection is
+//! still up at the end (one byte each way on a sample of them). A count
+//! that needs more fds than the process may open is capped, and says so.
 //!
 //! `cargo bench --bench fillp_idle`. Environment: `FILLP_IDLE_N` (comma-
 //! separated counts, default `1000,10000`), `FILLP_IDLE_SETTLE_S` (idle
@@ -28,8 +31,11 @@
 //! Results and method: `benches/results/fillp_idle.md`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -80,8 +86,9 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 /// What is measured at one moment.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Snapshot {
+    fds: i64,
     rss_kib: i64,
     heap: i64,
     tcp_mem_pages: i64,
@@ -139,7 +146,9 @@ fn snapshot() -> Snapshot {
             Some(objs * size)
         })
         .sum();
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
     Snapshot {
+        fds,
         rss_kib,
         heap: LIVE.load(Ordering::Relaxed) as i64,
         tcp_mem_pages: mem("TCP:"),
@@ -148,8 +157,20 @@ fn snapshot() -> Snapshot {
     }
 }
 
-/// Raise the open-file limit as far as the kernel lets us (each FillP pair
-/// holds five descriptors: a UDP socket and four eventfds).
+impl Snapshot {
+    fn minus(self, b: Snapshot) -> Snapshot {
+        Snapshot {
+            fds: self.fds - b.fds,
+            rss_kib: self.rss_kib - b.rss_kib,
+            heap: self.heap - b.heap,
+            tcp_mem_pages: self.tcp_mem_pages - b.tcp_mem_pages,
+            udp_mem_pages: self.udp_mem_pages - b.udp_mem_pages,
+            slab_kib: self.slab_kib - b.slab_kib,
+        }
+    }
+}
+
+/// Raise the open-file limit as far as the kernel lets us.
 fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
@@ -178,129 +199,280 @@ fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-type Pairs = Vec<(Box<dyn StackSocket>, Box<dyn StackSocket>)>;
-
-/// Opens `n` connections from `client` to a listener on `server`; returns
-/// them (client end, server end).
-fn open(server: &dyn Stack, client: &dyn Stack, n: usize) -> Pairs {
-    let l = server.socket(Family::V4, SockKind::Stream).expect("socket");
-    l.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .expect("bind");
-    l.listen(4096).expect("listen");
-    let addr = l.local_addr().expect("local_addr");
-    thread::scope(|s| {
-        let acc = s.spawn(|| {
-            (0..n)
-                .map(|_| l.accept().expect("accept").0)
-                .collect::<Vec<_>>()
-        });
-        let clients: Vec<_> = (0..n)
-            .map(|_| {
-                let c = client.socket(Family::V4, SockKind::Stream).expect("socket");
-                c.set_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
-                c.connect(addr).expect("connect");
-                c
-            })
-            .collect();
-        let servers = acc.join().expect("accept thread");
-        clients.into_iter().zip(servers).collect()
-    })
+/// The stacks measured: the client side's, and the kind the server child
+/// runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    FillpShared,
+    FillpOwnPort,
+    Kernel,
 }
 
-/// One byte each way over every `step`-th pair (they are accepted in
-/// order, so pair i's ends belong together).
-fn check_alive(pairs: &Pairs, step: usize) {
-    let mut b = [0u8; 1];
-    for (c, s) in pairs.iter().step_by(step.max(1)) {
-        c.set_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.set_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        assert_eq!(c.send(b"x", 0).expect("send"), 1);
-        assert_eq!(s.recv(&mut b, 0).expect("recv"), 1);
-        assert_eq!(s.send(b"y", 0).expect("send"), 1);
-        assert_eq!(c.recv(&mut b, 0).expect("recv"), 1);
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::FillpShared => "FillP, shared client port",
+            Mode::FillpOwnPort => "FillP, a port per client",
+            Mode::Kernel => "kernel TCP",
+        }
+    }
+
+    fn server_kind(self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel",
+            _ => "fillp",
+        }
+    }
+
+    /// Fds a client end is expected to hold, to cap N below the limit.
+    fn client_fds(self) -> u64 {
+        match self {
+            Mode::FillpOwnPort => 2,
+            _ => 1,
+        }
+    }
+
+    fn stack(self, n: usize) -> Arc<dyn Stack> {
+        let fillp = |shared| {
+            let opts = FillpOptions {
+                shared_client_port: shared,
+                max_connections: n + 16,
+                ..FillpOptions::default()
+            };
+            Arc::new(FillpStack::new("fillp", opts).expect("fillp stack")) as Arc<dyn Stack>
+        };
+        match self {
+            Mode::FillpShared => fillp(true),
+            Mode::FillpOwnPort => fillp(false),
+            Mode::Kernel => Arc::new(KernelStack::new("kernel", Protocol::Tcp, IoMode::Syscall)),
+        }
     }
 }
 
-struct Row {
-    name: &'static str,
-    n: usize,
-    open_s: f64,
-    /// Process CPU time over the idle period, as a share of one core.
-    idle_cpu: f64,
-    d: Snapshot,
-}
-
-fn measure(name: &'static str, server: &dyn Stack, client: &dyn Stack, n: usize) -> Row {
-    let settle = Duration::from_secs(
+fn settle() -> Duration {
+    Duration::from_secs(
         std::env::var("FILLP_IDLE_SETTLE_S")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(7),
+    )
+}
+
+/// The server child: listens, accepts `FILLP_IDLE_COUNT` + 1 connections,
+/// and measures itself when the parent says so (one command per line on
+/// stdin, one answer per line on stdout).
+fn serve() {
+    raise_nofile();
+    let n: usize = std::env::var("FILLP_IDLE_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("FILLP_IDLE_COUNT");
+    let mode = match std::env::var("FILLP_IDLE_KIND").as_deref() {
+        Ok("kernel") => Mode::Kernel,
+        _ => Mode::FillpShared,
+    };
+    let stack = mode.stack(n);
+    let l = stack.socket(Family::V4, SockKind::Stream).expect("socket");
+    l.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind");
+    l.listen(4096).expect("listen");
+    let mut out = std::io::stdout().lock();
+    let say = |out: &mut std::io::StdoutLock, line: String| {
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .expect("stdout");
+    };
+    say(
+        &mut out,
+        format!("port {}", l.local_addr().expect("addr").port()),
     );
-    let warm = open(server, client, 1);
+    let warm = l.accept().expect("accept").0;
+    let mut conns = Vec::with_capacity(n);
+    let (mut base, mut cpu0) = (snapshot(), cpu_time());
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        match line.as_str() {
+            "base" => {
+                base = snapshot();
+                say(&mut out, "ok".into());
+                while conns.len() < n {
+                    conns.push(l.accept().expect("accept").0);
+                }
+                say(&mut out, "accepted".into());
+            }
+            "idle" => {
+                cpu0 = cpu_time();
+                say(&mut out, "ok".into());
+            }
+            "measure" => {
+                let cpu = (cpu_time() - cpu0).as_secs_f64();
+                let d = snapshot().minus(base);
+                say(
+                    &mut out,
+                    format!("{} {} {} {cpu}", d.fds, d.rss_kib, d.heap),
+                );
+            }
+            "check" => {
+                let mut b = [0u8; 1];
+                for s in conns.iter().step_by((n / 50).max(1)) {
+                    s.set_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    assert_eq!(s.recv(&mut b, 0).expect("recv"), 1);
+                    assert_eq!(s.send(b"y", 0).expect("send"), 1);
+                }
+                say(&mut out, "checked".into());
+            }
+            _ => break,
+        }
+    }
+    drop(warm);
+}
+
+/// The parent's end of a server child.
+struct Server {
+    child: Child,
+    to: ChildStdin,
+    from: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn spawn(mode: Mode, n: usize) -> Server {
+        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
+            .env("FILLP_IDLE_ROLE", "server")
+            .env("FILLP_IDLE_KIND", mode.server_kind())
+            .env("FILLP_IDLE_COUNT", n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the server child");
+        let to = child.stdin.take().expect("stdin");
+        let from = BufReader::new(child.stdout.take().expect("stdout"));
+        Server { child, to, from }
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.from.read_line(&mut l).expect("child stdout");
+        assert!(!l.is_empty(), "the server child exited");
+        l.trim().to_string()
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.to, "{cmd}").expect("child stdin");
+        self.line()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = writeln!(self.to, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+struct Row {
+    mode: Mode,
+    n: usize,
+    open_s: f64,
+    client: Snapshot,
+    /// The server child's growth (fds, RSS, heap only).
+    server: Snapshot,
+    cpu_client: f64,
+    cpu_server: f64,
+}
+
+fn measure(mode: Mode, n: usize) -> Row {
+    let stack = mode.stack(n);
+    let mut server = Server::spawn(mode, n);
+    let port: u16 = server
+        .line()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .expect("port line");
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let connect = || {
+        let c = stack.socket(Family::V4, SockKind::Stream).expect("socket");
+        c.set_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c.connect(addr).expect("connect");
+        c
+    };
+    let warm = connect();
     thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.ask("base"), "ok");
     let before = snapshot();
     let t = Instant::now();
-    let pairs = open(server, client, n);
+    let clients: Vec<Box<dyn StackSocket>> = (0..n).map(|_| connect()).collect();
+    assert_eq!(server.line(), "accepted");
     let open_s = t.elapsed().as_secs_f64();
     let cpu0 = cpu_time();
+    assert_eq!(server.ask("idle"), "ok");
+    let settle = settle();
     thread::sleep(settle);
-    let idle_cpu = (cpu_time() - cpu0).as_secs_f64() / settle.as_secs_f64().max(1e-9);
+    let cpu_client = (cpu_time() - cpu0).as_secs_f64() / settle.as_secs_f64();
     let after = snapshot();
-    check_alive(&pairs, (n / 50).max(1));
-    drop(pairs);
+    let reply = server.ask("measure");
+    let f: Vec<f64> = reply
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(f.len(), 4, "measure reply: {reply}");
+    let server_d = Snapshot {
+        fds: f[0] as i64,
+        rss_kib: f[1] as i64,
+        heap: f[2] as i64,
+        ..Snapshot::default()
+    };
+    // One byte each way on a sample, in the order the child accepted them.
+    writeln!(server.to, "check").expect("child stdin");
+    let mut b = [0u8; 1];
+    for c in clients.iter().step_by((n / 50).max(1)) {
+        assert_eq!(c.send(b"x", 0).expect("send"), 1);
+        assert_eq!(c.recv(&mut b, 0).expect("recv"), 1);
+    }
+    assert_eq!(server.line(), "checked");
+    drop(clients);
     drop(warm);
     Row {
-        name,
+        mode,
         n,
         open_s,
-        idle_cpu,
-        d: Snapshot {
-            rss_kib: after.rss_kib - before.rss_kib,
-            heap: after.heap - before.heap,
-            tcp_mem_pages: after.tcp_mem_pages - before.tcp_mem_pages,
-            udp_mem_pages: after.udp_mem_pages - before.udp_mem_pages,
-            slab_kib: after.slab_kib - before.slab_kib,
-        },
+        client: after.minus(before),
+        server: server_d,
+        cpu_client,
+        cpu_server: f[3] / settle.as_secs_f64(),
     }
 }
 
 fn print(r: &Row) {
     let n = r.n as f64;
-    let page = 4096.0;
-    let per_pair = |bytes: f64| bytes / n;
-    let rss = per_pair(r.d.rss_kib as f64 * 1024.0);
-    let heap = per_pair(r.d.heap as f64);
-    // Only the stack's own protocol: the other one's counter moves with
-    // whatever else runs on the machine.
-    let own = if r.name == "FillP" {
-        r.d.udp_mem_pages
-    } else {
-        r.d.tcp_mem_pages
+    let own = match r.mode {
+        Mode::Kernel => r.client.tcp_mem_pages,
+        _ => r.client.udp_mem_pages,
     };
-    let sock = per_pair(own as f64 * page);
-    let slab = per_pair(r.d.slab_kib as f64 * 1024.0);
     println!(
-        "| {} | {} | {:.1} | {:.1}% | {:.0} / {:.0} | {:.0} / {:.0} | {:+} / {:+} | {:.0} / {:.0} |",
-        r.name,
+        "| {} | {} | {:.1} | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1}% / {:.1}% | {:.0} | {:.0} |",
+        r.mode.name(),
         r.n,
         r.open_s,
-        r.idle_cpu * 100.0,
-        rss,
-        rss / 2.0,
-        heap,
-        heap / 2.0,
-        r.d.tcp_mem_pages,
-        r.d.udp_mem_pages,
-        sock,
-        slab,
+        r.client.fds as f64 / n,
+        r.server.fds as f64 / n,
+        r.client.rss_kib as f64 * 1024.0 / n,
+        r.server.rss_kib as f64 * 1024.0 / n,
+        r.client.heap as f64 / n,
+        r.server.heap as f64 / n,
+        r.cpu_client * 100.0,
+        r.cpu_server * 100.0,
+        own as f64 * 4096.0 / n,
+        r.client.slab_kib as f64 * 1024.0 / n,
     );
 }
 
 fn main() {
+    if std::env::var("FILLP_IDLE_ROLE").as_deref() == Ok("server") {
+        serve();
+        return;
+    }
     let counts: Vec<usize> = std::env::var("FILLP_IDLE_N")
         .unwrap_or_else(|_| "1000,10000".into())
         .split(',')
@@ -308,26 +480,27 @@ fn main() {
         .collect();
     let only = std::env::var("FILLP_IDLE_ONLY").ok();
     let nofile = raise_nofile();
-    println!("open-file limit {nofile}; per pair / per end, bytes");
+    println!("open-file limit {nofile} per process; clients here, servers in a child process");
     println!(
-        "| stack | N | open s | idle CPU | RSS pair / end | heap pair / end | sockstat mem pages TCP / UDP | own socket mem / slab per pair |"
+        "| stack | N | open s | fds per end client / server | RSS per end client / server, B | heap per end client / server, B | idle CPU client / server | kernel socket mem per connection, B | slab per connection, B |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    // Five descriptors per FillP pair, two per TCP pair, and some spare.
-    let fit = |per: u64| (nofile.saturating_sub(64) / per) as usize;
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &want in &counts {
-        let n = want.min(fit(5));
-        if n < want {
-            println!("(N = {want} needs {} descriptors; capped at {n})", want * 5);
-        }
-        if only.as_deref() != Some("kernel") {
-            let a = FillpStack::new("fillp-a", FillpOptions::default()).expect("fillp stack");
-            let b = FillpStack::new("fillp-b", FillpOptions::default()).expect("fillp stack");
-            print(&measure("FillP", &a, &b, n));
-        }
-        if only.as_deref() != Some("fillp") {
-            let k = KernelStack::new("kernel", Protocol::Tcp, IoMode::Syscall);
-            print(&measure("kernel TCP", &k, &k, want.min(fit(2))));
+        for mode in [Mode::FillpShared, Mode::FillpOwnPort, Mode::Kernel] {
+            let fillp = mode != Mode::Kernel;
+            if only.as_deref() == Some(if fillp { "kernel" } else { "fillp" }) {
+                continue;
+            }
+            let fit = (nofile.saturating_sub(64) / mode.client_fds()) as usize;
+            let n = want.min(fit);
+            if n < want {
+                println!(
+                    "({}: N = {want} needs {} fds in the client process; capped at {n})",
+                    mode.name(),
+                    want as u64 * mode.client_fds()
+                );
+            }
+            print(&measure(mode, n));
         }
     }
 }

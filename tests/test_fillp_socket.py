@@ -375,3 +375,44 @@ def test_a_closed_listeners_port_can_be_bound_again_at_once(fillp):
         assert srv.dmm_stack == "wan"
         srv.close()
         dsocket.create_server(("127.0.0.1", port)).close()
+
+
+def _fds_for_pairs(n):
+    """Fds the process gains for ``n`` connected, accepted FillP pairs (one
+    byte each way on every one), and the client ports they use."""
+    srv = listener()
+    port = srv.getsockname()[1]
+    with srv:
+        before = len(os.listdir("/proc/self/fd"))
+        clients = [dsocket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+        servers = [srv.accept()[0] for _ in range(n)]
+        for c, s in zip(clients, servers):
+            c.sendall(b"x")
+            assert s.recv(1) == b"x"
+            s.sendall(b"y")
+            assert c.recv(1) == b"y"
+        grown = len(os.listdir("/proc/self/fd")) - before
+        ports = {c.getsockname()[1] for c in clients}
+        assert all(c.dmm_stack == "wan" for c in clients)
+        for s in clients + servers:
+            s.close()
+    return grown, len(ports)
+
+
+@pytest.mark.parametrize("client_port", ["per-connection", "shared"])
+def test_a_connection_end_holds_at_most_its_socket_and_readiness_fds(client_port):
+    """Issue 19: no eventfd for write readiness unless someone waits to
+    write, and with a shared client port no UDP socket per connection.
+    Through Python an end is its own fd plus the eventfd under it (and the
+    client's UDP socket when it has a port of its own)."""
+    extra = f'client_port = "{client_port}"'
+    use_config(FILLP_TO.replace("{prefix}", "127.0.0.0/8").format(mode="bbr", extra=extra))
+    n = 100
+    grown, ports = _fds_for_pairs(n)
+    # A few more may open meanwhile (the shared UDP socket, the L-RD store).
+    if client_port == "shared":
+        assert ports == 1
+        assert 4 * n <= grown <= 4 * n + 3  # 2 per end
+    else:
+        assert ports == n
+        assert 5 * n <= grown <= 5 * n + 3  # 3 on the client end, 2 on the server's
