@@ -27,6 +27,9 @@ is reported, with ratios to the stdlib. Results go
 to ``benches/results/kernel.md`` and ``kernel.json``.
 
     python benches/kernel_sockets.py [--rounds 5] [--bulk-mib 1024]
+
+``DMM_BENCH_FILLP_CLIENT_PORT=shared`` runs the FillP contender with its
+client connections on one shared UDP socket (FillP's ``client_port``).
 """
 
 from __future__ import annotations
@@ -89,7 +92,11 @@ def load_module(contender: str):
     if contender in ("dmm-routed", "dmm-adaptive"):
         # A store of its own per process, so no run sees another's samples.
         os.environ["DMM_RD_DIR"] = tempfile.mkdtemp(prefix="dmm-bench-lrd-")
-    toml = {"dmm-uring": URING_TOML, "dmm-fillp": FILLP_TOML, "dmm-routed": ROUTED_TOML,
+    fillp = FILLP_TOML
+    if os.environ.get("DMM_BENCH_FILLP_CLIENT_PORT"):
+        # FillP's client_port ("shared" or "per-connection", the default).
+        fillp = fillp.replace('kind = "fillp"', f'kind = "fillp"\nclient_port = "{os.environ["DMM_BENCH_FILLP_CLIENT_PORT"]}"')
+    toml = {"dmm-uring": URING_TOML, "dmm-fillp": fillp, "dmm-routed": ROUTED_TOML,
             "dmm-adaptive": ADAPTIVE_TOML}.get(contender, config.DEFAULT_TOML)
     dmm.runtime.configure(config.parse(toml, f"<{contender}>"))
     return dmm.socket
