@@ -179,8 +179,7 @@ class socket(_RaceTakeover, _StdSocket):
         sample_to = None
         if rt.paths is not None and role == "connect" and _raw_type(self) == _std.SOCK_STREAM:
             sample_to = host.partition("%")[0]
-            _sampling.watch(self, sample_to, rt.paths.paths_spec.sample_every)
-            self.__class__ = _with_mixin(type(self), _PathSampled)
+            self._dmm_sample(rt, sample_to)
         single = True  # one candidate: nothing to race
         if rt.only is not None and self._dmm_override is None and not _policy._hooks:
             name = rt.only
@@ -268,6 +267,12 @@ class socket(_RaceTakeover, _StdSocket):
         _StdSocket.settimeout(self, timeout)
         if bound is not None:
             _StdSocket.bind(self, bound)
+
+    def _dmm_sample(self, rt, host):
+        """Gives this connecting socket its path probe: the runtime samples
+        the connection to ``host`` while it lasts and at close."""
+        _sampling.watch(self, host, rt.paths.paths_spec.sample_every)
+        self.__class__ = _with_mixin(type(self), _PathSampled)
 
     def _dmm_use_core(self, core):
         """Sends this socket's data through a Rust core socket from now on
@@ -364,8 +369,7 @@ class socket(_RaceTakeover, _StdSocket):
                     self._dmm_stack = inst.name
                     self._dmm_opts = None
                     if sample_to is not None:
-                        _sampling.watch(self, sample_to, rt.paths.paths_spec.sample_every)
-                        self.__class__ = _with_mixin(type(self), _PathSampled)
+                        self._dmm_sample(rt, sample_to)
                     return _StdSocket.connect(self, address)
             timeout = self.gettimeout()
             if timeout and _policy._hooks:
