@@ -35,6 +35,13 @@ fn listener(stack: &dyn Stack) -> (Sock, SocketAddr) {
     (l, addr)
 }
 
+/// A server stack with a listener, and a client stack (both shared-port).
+fn two_stacks() -> (Arc<FillpStack>, Arc<FillpStack>, Sock, SocketAddr) {
+    let server = shared_stack("fillp-server");
+    let (l, addr) = listener(&*server);
+    (server, shared_stack("fillp-client"), l, addr)
+}
+
 fn connect(stack: &dyn Stack, addr: SocketAddr) -> io::Result<Sock> {
     let c = stack.socket(Family::V4, SockKind::Stream).unwrap();
     c.set_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -77,9 +84,7 @@ fn recv_to_eof(s: &dyn StackSocket) -> Vec<u8> {
 #[test]
 fn connections_share_one_port_and_keep_their_own_bytes() {
     const N: usize = 32;
-    let server = shared_stack("fillp-server");
-    let client = shared_stack("fillp-client");
-    let (l, addr) = listener(&*server);
+    let (_server, client, l, addr) = two_stacks();
     let clients: Vec<Sock> = (0..N).map(|_| connect(&*client, addr).unwrap()).collect();
     let local = clients[0].local_addr().unwrap();
     assert_ne!(local.port(), 0);
@@ -113,9 +118,7 @@ fn connections_share_one_port_and_keep_their_own_bytes() {
 
 #[test]
 fn a_reset_or_close_of_one_leaves_the_others_up_and_the_last_frees_the_port() {
-    let server = shared_stack("fillp-server");
-    let client = shared_stack("fillp-client");
-    let (l, addr) = listener(&*server);
+    let (_server, client, l, addr) = two_stacks();
     let a = connect(&*client, addr).unwrap();
     let b = connect(&*client, addr).unwrap();
     let (sa, _) = l.accept().unwrap();
@@ -152,9 +155,7 @@ fn a_reset_or_close_of_one_leaves_the_others_up_and_the_last_frees_the_port() {
 
 #[test]
 fn a_refused_peer_fails_only_the_connects_to_it() {
-    let server = shared_stack("fillp-server");
-    let client = shared_stack("fillp-client");
-    let (l, addr) = listener(&*server);
+    let (_server, client, l, addr) = two_stacks();
     let up = connect(&*client, addr).unwrap();
     let (s_up, _) = l.accept().unwrap();
     // A port that nobody listens on: the ICMP port-unreachable arrives on
@@ -172,9 +173,7 @@ fn a_refused_peer_fails_only_the_connects_to_it() {
 
 #[test]
 fn a_bound_client_keeps_its_own_port() {
-    let server = shared_stack("fillp-server");
-    let client = shared_stack("fillp-client");
-    let (l, addr) = listener(&*server);
+    let (_server, client, l, addr) = two_stacks();
     let shared = connect(&*client, addr).unwrap();
     let own = client.socket(Family::V4, SockKind::Stream).unwrap();
     own.bind(lo(0)).unwrap();

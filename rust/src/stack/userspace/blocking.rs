@@ -212,7 +212,7 @@ impl<H: Host> SockCore<H> {
         let mut watch: Option<H::Watch<'_>> = None;
         let mut revents: libc::c_short = 0;
         // Held from the first wait on `wake` until the call returns.
-        let mut wake: Option<(RawFd, WakeHold)> = None;
+        let mut wake: Option<WakeHold> = None;
         loop {
             let mut fx = H::Effects::default();
             // The watch ends here, before the next attempt (its lock hold
@@ -242,13 +242,12 @@ impl<H: Host> SockCore<H> {
                 Wait::Write | Wait::Connect => self.shared.watch_write(&mut st, self.id),
             };
             drop(st);
-            let fd = match (wait, &wake) {
-                (Wait::Read, _) => self.fds.ready.as_raw_fd(),
-                (_, Some((fd, _))) => *fd,
-                (_, None) => {
-                    let held = self.fds.hold_wake(wait == Wait::Connect)?;
-                    wake.insert(held).0
-                }
+            let fd = match wait {
+                Wait::Read => self.fds.ready.as_raw_fd(),
+                _ => match &wake {
+                    Some(held) => held.fd,
+                    None => wake.insert(self.fds.hold_wake(wait == Wait::Connect)?).fd,
+                },
             };
             let also = watch.as_ref().map(|w| w.as_raw_fd());
             let Some(events) = sys::wait_readable_or(fd, also, deadline)? else {

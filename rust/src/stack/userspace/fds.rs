@@ -51,6 +51,8 @@ struct Wake {
 pub(crate) struct WakeHold {
     fds: Arc<SockFds>,
     release: bool,
+    /// The `wake` eventfd, open while this hold lasts.
+    pub fd: RawFd,
 }
 
 impl Drop for WakeHold {
@@ -89,15 +91,15 @@ impl SockFds {
     /// The `wake` eventfd for a blocked call to poll while it holds the
     /// returned [`WakeHold`]. With `release`, the fd is closed when the
     /// last such call ends, unless the application was given it.
-    pub fn hold_wake(self: &Arc<Self>, release: bool) -> io::Result<(RawFd, WakeHold)> {
+    pub fn hold_wake(self: &Arc<Self>, release: bool) -> io::Result<WakeHold> {
         let mut w = self.wake();
         let fd = made(&mut w)?;
         w.waiters += 1;
-        let hold = WakeHold {
+        Ok(WakeHold {
             fds: Arc::clone(self),
             release,
-        };
-        Ok((fd, hold))
+            fd,
+        })
     }
 
     /// Whether `wake` exists now.
@@ -218,9 +220,9 @@ mod tests {
     #[test]
     fn a_connect_lets_its_wake_go_unless_it_was_handed_out() {
         let fds = SockFds::new().unwrap();
-        let (a, hold_a) = fds.hold_wake(true).unwrap();
-        let (b, hold_b) = fds.hold_wake(true).unwrap();
-        assert_eq!(a, b, "one fd for every waiter");
+        let hold_a = fds.hold_wake(true).unwrap();
+        let hold_b = fds.hold_wake(true).unwrap();
+        assert_eq!(hold_a.fd, hold_b.fd, "one fd for every waiter");
         drop(hold_a);
         assert!(fds.has_wake(), "kept while a waiter polls it");
         drop(hold_b);
@@ -231,9 +233,9 @@ mod tests {
         // Once handed out it stays, whoever waits.
         let fds = SockFds::new().unwrap();
         let w = fds.wake_fd().unwrap();
-        let (c, hold) = fds.hold_wake(true).unwrap();
+        let hold = fds.hold_wake(true).unwrap();
+        assert_eq!(hold.fd, w);
         drop(hold);
-        assert_eq!(c, w);
         assert!(fds.has_wake());
     }
 
