@@ -174,6 +174,18 @@ impl Options {
         }
     }
 
+    /// A boolean field, `default` when absent.
+    pub fn boolean(&self, field: &str, default: bool) -> Result<bool, OptionError> {
+        match self.raw(field) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(OptionError::new(
+                field,
+                format!("expected true or false, got {v}"),
+            )),
+        }
+    }
+
     /// An IP address field, `default` when absent.
     pub fn ip(&self, field: &str, default: &str, what: &str) -> Result<IpAddr, OptionError> {
         let bad =

@@ -11,11 +11,11 @@ use crate::stack::Stack;
 use crate::sys::context::{errno, hint};
 
 /// The `smoltcp` kind: `device`, `address`, and optionally `gateway`,
-/// `mtu`, `mac`, `buffer_size`.
+/// `mtu`, `mac`, `buffer_size`, `offload`.
 pub static KIND: Kind = Kind {
     name: "smoltcp",
     summary: "user-space TCP/IP (smoltcp) over a TAP device (or \"loopback\": its own addresses only), one driver thread",
-    fields: &["device", "address", "gateway", "mtu", "mac", "buffer_size"],
+    fields: &["device", "address", "gateway", "mtu", "mac", "buffer_size", "offload"],
     parse: parse_config,
 };
 
@@ -104,8 +104,10 @@ fn parse_config(o: &Options) -> Result<Box<dyn StackConfig>, OptionError> {
         CONFIG_MIN_BUFFER..=MAX_BUFFER as i64,
         "bytes from 4096 to 1 GiB",
     )? as usize;
+    let offload = o.boolean("offload", true)?;
     let opts = SmolOptions {
         gateways: gws,
+        offload,
         mtu: mtu as u32,
         mac: mac_bytes,
         rx_buffer: buffer,
@@ -145,6 +147,7 @@ impl StackConfig for SmolConfig {
             ("mtu", Value::Int(i64::from(self.opts.mtu))),
             ("mac", Value::Str(self.mac.clone())),
             ("buffer_size", Value::Int(self.opts.rx_buffer as i64)),
+            ("offload", Value::Bool(self.opts.offload)),
         ]
     }
 
@@ -192,6 +195,14 @@ mod tests {
         assert_eq!(v[0], ("device", s("dmm9")));
         assert_eq!(v[2], ("gateway", Value::List(vec!["10.7.0.1".into()])));
         assert_eq!(v[3], ("mtu", Value::Int(9000)));
+        assert_eq!(v[6], ("offload", Value::Bool(true)));
+        let off = parse(&[
+            ("device", s("dmm9")),
+            ("address", s("10.7.0.2/24")),
+            ("offload", Value::Bool(false)),
+        ])
+        .unwrap();
+        assert_eq!(off.values()[6], ("offload", Value::Bool(false)));
     }
 
     #[test]
@@ -240,6 +251,15 @@ mod tests {
                 vec![dev.clone(), ("address", s("10.7.0.2/24")), ("mac", s("zz"))],
                 "mac",
                 "MAC",
+            ),
+            (
+                vec![
+                    dev.clone(),
+                    ("address", s("10.7.0.2/24")),
+                    ("offload", s("yes")),
+                ],
+                "offload",
+                "true or false",
             ),
             (
                 vec![dev.clone(), ("address", s("224.0.0.1/4"))],
