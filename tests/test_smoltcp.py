@@ -86,7 +86,7 @@ class Peer:
         netns.delete_netns(self.ns)
 
 
-def smol_config(device, subnet, extra=""):
+def smol_config(device, subnet, extra="", stack_extra=""):
     return f"""
 [[stack]]
 name = "kernel"
@@ -98,6 +98,7 @@ kind = "smoltcp"
 device = "tap:{device}"
 address = "{subnet}.2/24"
 gateway = "{subnet}.1"
+{stack_extra}
 
 [[route]]
 to = "{subnet}.0/24"
@@ -108,15 +109,17 @@ stacks = ["lan0"]
 {extra}"""
 
 
-@pytest.fixture
-def lan():
-    """A smoltcp instance ``lan0`` whose TAP's host side is in a namespace."""
+@contextlib.contextmanager
+def lan_peer(prefix="dmmt", stack_extra=""):
+    """Configures a smoltcp instance ``lan0`` (with ``stack_extra`` lines in
+    its table) and yields the :class:`Peer` namespace holding its TAP's
+    host side; removes both after."""
     n = next(_ids)
-    device = unique("dmmt")
+    device = unique(prefix)
     subnet = f"10.77.{(os.getpid() + n) % 200 + 20}"
     peer = Peer(device, subnet)
     try:
-        use_config(smol_config(device, subnet))
+        use_config(smol_config(device, subnet, stack_extra=stack_extra))
         peer.take_device()
         yield peer
     finally:
@@ -128,6 +131,13 @@ def lan():
             netns.ip("link", "del", "dev", device)
         except netns.LabError:
             pass
+
+
+@pytest.fixture
+def lan():
+    """A smoltcp instance ``lan0`` whose TAP's host side is in a namespace."""
+    with lan_peer() as peer:
+        yield peer
 
 
 SINK = r"""

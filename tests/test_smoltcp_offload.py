@@ -4,19 +4,15 @@ really used, and a frame with a bad checksum is dropped whichever side
 checks it (the device on an offload TAP, smoltcp without)."""
 
 import hashlib
-import os
 import random
 import socket
 import struct
 
 import pytest
 
-import dmm.runtime
 import dmm.socket as dsocket
-from dmm.lab import netns
 
-from conftest import use_config
-from test_smoltcp import Peer, smol_config, unique
+from test_smoltcp import lan_peer
 
 pytestmark = pytest.mark.needs_root("TAP devices and network namespaces")
 
@@ -59,25 +55,9 @@ for frame in sys.argv[2:]:
 def lan(request):
     """A smoltcp instance ``lan0`` with offloads on or off, its TAP's host
     side in a namespace."""
-    offload = request.param
-    device = unique("dmmo")
-    subnet = f"10.77.{os.getpid() % 200 + 20}"
-    peer = Peer(device, subnet)
-    peer.offload = offload
-    try:
-        config = smol_config(device, subnet)
-        config = config.replace(f'gateway = "{subnet}.1"\n',
-                                f'gateway = "{subnet}.1"\noffload = {str(offload).lower()}\n')
-        use_config(config)
-        peer.take_device()
+    with lan_peer("dmmo", f"offload = {str(request.param).lower()}") as peer:
+        peer.offload = request.param
         yield peer
-    finally:
-        dmm.runtime.reset()
-        peer.close()
-        try:
-            netns.ip("link", "del", "dev", device)
-        except netns.LabError:
-            pass
 
 
 def stack_counters():

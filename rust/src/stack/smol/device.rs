@@ -188,16 +188,6 @@ impl TapDevice {
         self.offload
     }
 
-    fn tx_token(&mut self) -> TxToken<'_> {
-        TxToken {
-            link: &mut self.link,
-            buf: &mut self.tx,
-            failure: &mut self.failure,
-            stats: &mut self.stats,
-            offload: self.offload,
-            meta: PacketMeta::default(),
-        }
-    }
 }
 
 /// One received frame, borrowed from the device's receive buffer.
@@ -222,6 +212,27 @@ pub struct TxToken<'a> {
     stats: &'a mut DeviceStats,
     offload: bool,
     meta: PacketMeta,
+}
+
+impl<'a> TxToken<'a> {
+    /// A token over the device's parts (its fields, borrowed one by one so
+    /// that a received frame can stay borrowed beside it).
+    fn new(
+        link: &'a mut Link,
+        buf: &'a mut Vec<u8>,
+        failure: &'a mut Option<io::Error>,
+        stats: &'a mut DeviceStats,
+        offload: bool,
+    ) -> TxToken<'a> {
+        TxToken {
+            link,
+            buf,
+            failure,
+            stats,
+            offload,
+            meta: PacketMeta::default(),
+        }
+    }
 }
 
 impl phy::TxToken for TxToken<'_> {
@@ -301,14 +312,13 @@ impl phy::Device for TapDevice {
             self.stats.syn_dropped += 1;
         };
         let frame = self.rx.get(..n)?;
-        let tx = TxToken {
-            link: &mut self.link,
-            buf: &mut self.tx,
-            failure: &mut self.failure,
-            stats: &mut self.stats,
-            offload: self.offload,
-            meta: PacketMeta::default(),
-        };
+        let tx = TxToken::new(
+            &mut self.link,
+            &mut self.tx,
+            &mut self.failure,
+            &mut self.stats,
+            self.offload,
+        );
         Some((RxToken { frame }, tx))
     }
 
@@ -316,7 +326,13 @@ impl phy::Device for TapDevice {
         if self.failure.is_some() {
             return None;
         }
-        Some(self.tx_token())
+        Some(TxToken::new(
+            &mut self.link,
+            &mut self.tx,
+            &mut self.failure,
+            &mut self.stats,
+            self.offload,
+        ))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
