@@ -62,6 +62,7 @@ PORT = 5201
 SMOL = {
     "smoltcp": (1500, 262144, True),
     "smoltcp-nooffload": (1500, 262144, False),
+    "smoltcp-1m": (1500, 1 << 20, True),
     "smoltcp-9000": (9000, 1 << 20, False),
     "smoltcp-64k": (65521, 4 << 20, False),
 }

@@ -187,7 +187,6 @@ impl TapDevice {
     pub fn offload(&self) -> bool {
         self.offload
     }
-
 }
 
 /// One received frame, borrowed from the device's receive buffer.

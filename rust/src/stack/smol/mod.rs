@@ -96,7 +96,15 @@
 //! config turns it off): smoltcp builds IPv4 TCP segments of up to 64 KiB,
 //! the kernel cuts them to the MTU and merges what it sends us, so a bulk
 //! transfer costs one `read`/`write` per 64 KiB rather than per 1,500 bytes
-//! while the wire keeps its MTU. smoltcp's MSS stays the wire's.
+//! while the wire keeps its MTU. smoltcp's MSS stays the wire's. Measured
+//! (`benches/smol_sockets.py`, 5 rounds, MTU 1500 against the kernel over a
+//! veth): upload 0.61x the kernel with offloads against 0.10x without;
+//! download 0.42x against 0.17x. The download is short of the upload because
+//! smoltcp ACKs every received segment larger than the peer's MSS at once
+//! (one ACK per super-frame, each a `writev` that runs the sender's kernel
+//! TCP), and both the driver thread and a blocked reader wake for each
+//! frame (`perf`: about 30% of the client's time in wake-ups and context
+//! switches, 22% in the three copies a user-space stack makes).
 
 #![warn(missing_docs)]
 
