@@ -28,7 +28,7 @@ Rounds interleave the contenders; medians and the ratio smoltcp/kernel go to
 ``benches/results/smoltcp.md`` and ``smoltcp.json``. CPU time of the client
 process (user + system, all threads) per GB is reported beside throughput.
 
-    python benches/smol_sockets.py [--rounds 5] [--bulk-mib 512] [--pings 20000]
+    python benches/smol_sockets.py [--rounds 5] [--bulk-mib 512] [--pings 20000] [--peer-cc cubic]
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ SMOL = {
 }
 CONTENDERS = ("kernel", *SMOL)
 TESTS = ("bulk", "download", "pingpong")
+#: The server's congestion control ("-": the system's default).
+PEER_CC = "-"
 
 SERVER = r"""
 import socket, sys
@@ -79,6 +81,8 @@ srv.listen(4)
 print("ready", flush=True)
 conn, _ = srv.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if sys.argv[4] != "-":
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[4].encode())
 if test == "bulk":
     buf = bytearray(1 << 20)
     want = int(sys.argv[3])
@@ -195,7 +199,7 @@ def teardown() -> None:
 def sample(contender: str, test: str, amount: int, round_no: int) -> dict:
     port = PORT + round_no * 24 + TESTS.index(test) * 8 + CONTENDERS.index(contender)
     server = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, "-c", SERVER, test, str(port),
-                               str(amount)], stdout=subprocess.PIPE, text=True)
+                               str(amount), PEER_CC], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
         smol = contender in SMOL
@@ -221,14 +225,18 @@ def sample(contender: str, test: str, amount: int, round_no: int) -> dict:
 
 
 def main() -> int:
-    global CONTENDERS
+    global CONTENDERS, PEER_CC
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bulk-mib", type=int, default=512)
     p.add_argument("--pings", type=int, default=20000)
     p.add_argument("--contenders", default=",".join(CONTENDERS),
                    help="comma-separated subset of: " + ", ".join(CONTENDERS) + " (kernel always runs)")
+    p.add_argument("--peer-cc", default="-",
+                   help="the server's congestion control (TCP_CONGESTION), e.g. cubic; results then go to"
+                        " smoltcp-peer-<cc>.md")
     args = p.parse_args()
+    PEER_CC = args.peer_cc
     CONTENDERS = tuple(c for c in CONTENDERS if c == "kernel" or c in args.contenders.split(","))
     if os.geteuid() != 0:
         raise SystemExit("needs root: it creates a namespace, a veth pair and TAP devices")
@@ -268,11 +276,15 @@ def main() -> int:
     lines = [
         "# dmm on smoltcp vs dmm on the kernel, between two namespaces",
         "",
-        f"`python benches/smol_sockets.py --rounds {args.rounds} --bulk-mib {args.bulk_mib} --pings {args.pings}`;"
+        f"`python benches/smol_sockets.py --rounds {args.rounds} --bulk-mib {args.bulk_mib} --pings {args.pings}"
+        + ("" if PEER_CC == "-" else f" --peer-cc {PEER_CC}") + "`;"
         " fresh client and server processes per sample, contenders interleaved (order reversed every other round),"
         " median (min-max).",
         "Kernel path: veth (MTU 1500, TSO); smoltcp path: TAP at the MTU named, per-socket buffer as named."
         " Client CPU is the client process's user+system time, all threads (the smoltcp driver thread included).",
+        "Server congestion control: " + (f"`{PEER_CC}` (TCP_CONGESTION on its socket)" if PEER_CC != "-" else
+                                         "the system's default (" + Path("/proc/sys/net/ipv4/tcp_congestion_control")
+                                         .read_text().strip() + ")") + "; the client's is the system's default.",
         f"Machine: 2 vCPUs shared with other work (load average {os.getloadavg()[0]:.1f} at the end).",
         "",
         "| contender | bulk Gbit/s | bulk / kernel | client CPU s/GB | download Gbit/s | download / kernel"
@@ -294,8 +306,9 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "smoltcp.md").write_text(text)
-    (RESULTS / "smoltcp.json").write_text(json.dumps(out, indent=2))
+    name = "smoltcp" if PEER_CC == "-" else f"smoltcp-peer-{PEER_CC}"
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     return 0
 
 
