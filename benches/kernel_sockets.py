@@ -35,7 +35,6 @@ client connections on one shared UDP socket (FillP's ``client_port``).
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import statistics
@@ -45,8 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from publish import publish
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 CONTENDERS = ("stdlib", "dmm", "dmm-uring", "dmm-fillp", "dmm-routed", "dmm-adaptive")
 CHUNK = 256 * 1024
 URING_TOML = '[[stack]]\nname = "kernel"\nkind = "kernel"\nio = "uring"\n'
@@ -318,11 +318,7 @@ def main() -> int:
     lines.append("")
     lines.append("Spread (min-max of the rounds): " + "; ".join(
         f"{t}/{c} {min(samples[(t, c)]):.4g}-{max(samples[(t, c)]):.4g}" for t in tests for c in CONTENDERS))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernel.md").write_text(text)
-    (RESULTS / "kernel.json").write_text(json.dumps(out, indent=2))
+    publish("kernel", lines, out)
     return 0
 
 

@@ -38,8 +38,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from publish import publish
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 STACKS = """
 [[stack]]
@@ -198,9 +199,7 @@ def main() -> int:
     lines += ["", f"Known / kernel-only paired by round: median {m:.3f} (min {lo:.3f}, max {hi:.3f})."]
     lines += ["", "Targets: plain-server first connect within the attempt delay + 1 RTT; dmm-server first connect "
               "on FillP with no extra delay; built-in >= 0.95x stdlib; known >= 0.95x kernel-only.", ""]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "negotiation.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish("negotiation", lines)
     return 0
 
 

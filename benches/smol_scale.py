@@ -33,8 +33,9 @@ import textwrap
 import time
 from pathlib import Path
 
+from publish import publish
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent / "python"))
 
 N_SUBNET = 93
@@ -227,11 +228,7 @@ def main() -> int:
     for r in results:
         lines.append(f"| {r['case']} | {r['n']} | {r['open_s']:.2f} | {r['fds_per_conn']:.2f} |"
                      f" {r['rss_per_conn']:,.0f} | {r['vm_per_conn']:,.0f} | {r['idle_cpu']:.1%} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "smol_scale.md").write_text(text)
-    (RESULTS / "smol_scale.json").write_text(json.dumps(results, indent=2))
+    publish("smol_scale", lines, results)
     return 0
 
 

@@ -40,11 +40,11 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+from publish import publish
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent / "python"))
 
 N = 91
@@ -303,12 +303,7 @@ def main() -> int:
         out["ratios"][c] = {"bulk": b / kb, "download": d / kd, "pingpong": pp / kp}
     lines += ["", "Targets (issue 19): smoltcp at MTU 1500 (the default config) >= 0.5x the kernel's bulk rate;"
               " ping-pong >= 0.85x the kernel's."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    name = "smoltcp" if PEER_CC == "-" else f"smoltcp-peer-{PEER_CC}"
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    publish("smoltcp" if PEER_CC == "-" else f"smoltcp-peer-{PEER_CC}", lines, out)
     return 0
 
 
