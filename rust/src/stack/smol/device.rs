@@ -20,7 +20,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-
 use std::num::NonZeroUsize;
 
 use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium, PacketMeta};
