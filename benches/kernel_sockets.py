@@ -19,7 +19,13 @@ Tests, over loopback between two processes:
 * ``bulk``: one connection, 1 GiB (``--bulk-mib``) sent with ``sendall`` in
   256 KiB chunks, received with ``recv_into``; Gbit/s.
 * ``pingpong``: 1-byte request, 1-byte reply, round trips per second.
-* ``connect``: connect + accept + close, connections per second.
+* ``connect``: connect + accept + close, connections per second. A
+  connect takes ~35 us here and this VM's speed drifts by up to 30% within
+  seconds, more than the few percent between contenders; so each round keeps
+  one client and one server process per contender alive and alternates short
+  bursts (``--connections`` connects, a tenth of that for FillP) between the
+  contenders ``--bursts`` times. Every burst of a contender is paired with the
+  stdlib's burst next to it: the median of those ratios is the figure.
 
 Every sample runs both ends in fresh processes; rounds interleave the
 contenders so machine noise hits all of them alike; the median of the rounds
@@ -145,8 +151,8 @@ def child(contender: str, test: str, port_file: str) -> None:
             conn.send(b)
         conn.close()
     elif test == "connect":
-        count = int(os.environ["BENCH_CONNECTIONS"])
-        for _ in range(count):
+        # Accepts until the bench ends it (it runs every burst of a round).
+        while True:
             conn, _ = srv.accept()
             conn.close()
     srv.close()
@@ -220,6 +226,53 @@ def connect_rate(sk, port: int, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def connect_client(contender: str, port: int) -> None:
+    """A client that stays up for a round: each line on stdin is a burst size;
+    it answers with that burst's rate."""
+    sk = load_module(contender)
+    connect_rate(sk, port, 500)  # warm-up: first calls, caches, the route memo
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(connect_rate(sk, port, int(line)), flush=True)
+
+
+def burst_size(contender: str, args) -> int:
+    # FillP connects ~10x slower: a tenth keeps its bursts as short as the others'.
+    return max(args.connections // 10, 200) if contender == "dmm-fillp" else args.connections
+
+
+def connect_round(args, r: int) -> dict[str, list[float]]:
+    """One round of the connect test: a server and a client per contender,
+    alive for the round, taking turns at ``args.bursts`` bursts each."""
+    procs, clients = [], {}
+    try:
+        for c in CONTENDERS:
+            server, port = start_child(c, "connect", dict(os.environ))
+            procs.append(server)
+            client = subprocess.Popen([sys.executable, __file__, "--connect-client", c, str(port)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(client)
+            clients[c] = client
+        for c, client in clients.items():
+            if client.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{c} connect client did not start")
+        rates = {c: [] for c in CONTENDERS}
+        for b in range(args.bursts):
+            order = CONTENDERS if (r + b) % 2 == 0 else tuple(reversed(CONTENDERS))
+            for c in order:
+                clients[c].stdin.write(f"{burst_size(c, args)}\n")
+                clients[c].stdin.flush()
+                line = clients[c].stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{c} connect client died")
+                rates[c].append(float(line))
+        return rates
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+
+
 def active(contender: str, test: str, port: int, args) -> float:
     """The active end of one test, in its own process."""
     sk = load_module(contender)
@@ -256,13 +309,19 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bulk-mib", type=int, default=1024)
     p.add_argument("--pingpong", type=int, default=20000)
-    p.add_argument("--connections", type=int, default=20000)
+    p.add_argument("--connections", type=int, default=5000,
+                   help="connects per burst (a tenth for FillP)")
+    p.add_argument("--bursts", type=int, default=8, help="connect bursts per contender and round")
     p.add_argument("--tests", default="bulk,pingpong,connect")
     p.add_argument("--child", nargs=3, metavar=("CONTENDER", "TEST", "PORTFILE"), help=argparse.SUPPRESS)
     p.add_argument("--client", nargs=3, metavar=("CONTENDER", "TEST", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument("--connect-client", nargs=2, metavar=("CONTENDER", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(*args.child)
+        return 0
+    if args.connect_client:
+        connect_client(args.connect_client[0], int(args.connect_client[1]))
         return 0
     if args.client:
         contender, test, port = args.client
@@ -273,6 +332,10 @@ def main() -> int:
     samples = {(t, c): [] for t in tests for c in CONTENDERS}
     for r in range(args.rounds):
         for t in tests:
+            if t == "connect":
+                for c, rates in connect_round(args, r).items():
+                    samples[(t, c)].extend(rates)
+                continue
             order = CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS))
             for c in order:
                 samples[(t, c)].append(run_one(c, t, args))
@@ -286,7 +349,9 @@ def main() -> int:
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, dmm {dmm.__version__}, Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs, kernel {os.uname().release}. Median of {args.rounds} interleaved rounds; "
-        f"bulk {args.bulk_mib} MiB, ping-pong {args.pingpong} round trips, {args.connections} connections.",
+        f"bulk {args.bulk_mib} MiB, ping-pong {args.pingpong} round trips; connect: {args.bursts} alternating "
+        f"bursts a round of {args.connections} connects ({burst_size('dmm-fillp', args)} for FillP), "
+        "so its medians are over rounds x bursts.",
         f"io_uring: {'available' if _core.uring_available() is None else 'refused: ' + str(_core.uring_available())}.",
         "",
         "| test | unit | stdlib | dmm (syscalls) | dmm/stdlib | target | dmm (io_uring) | uring/stdlib | dmm (FillP) | "
