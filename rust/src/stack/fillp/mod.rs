@@ -159,6 +159,7 @@ mod config;
 mod driver;
 mod inline;
 mod options;
+mod routes;
 mod socket;
 mod state;
 mod udp;
@@ -214,6 +215,8 @@ struct Shared {
     epoch: Instant,
     /// Spare pumps for readers that receive inline.
     pumps: Mutex<Vec<Pump>>,
+    /// The kernel's recent answers on routes to peers.
+    routes: routes::RouteCache,
 }
 
 impl Shared {
@@ -251,6 +254,7 @@ impl FillpStack {
             driver_wake_at: AtomicU64::new(0),
             epoch: Instant::now(),
             pumps: Mutex::new(Vec::new()),
+            routes: routes::RouteCache::default(),
         });
         let s2 = Arc::clone(&shared);
         let epoll = udp::Epoll::new()?;

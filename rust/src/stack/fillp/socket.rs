@@ -407,7 +407,7 @@ impl StackSocket for FillpSocket {
             };
             let slot = st.client_slot(&self.core.shared.opts, self.core.family, bound)?;
             let sl = st.slot_mut(slot).ok_or_else(|| errno(libc::ENETDOWN))?;
-            let route = udp::route_to(addr).ok();
+            let route = self.core.shared.routes.route_to(addr);
             let opts = &self.core.shared.opts;
             let mut config = opts.connection.clone();
             if let Some(size) = opts.size_for(route, addr) {

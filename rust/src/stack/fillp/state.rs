@@ -403,7 +403,7 @@ impl State {
                 // The agreed size is the client's route MTU; ours back to
                 // it may be smaller (a jumbo client behind a router).
                 let peer = c.remote();
-                if let Some(size) = shared.opts.size_for(udp::route_to(peer).ok(), peer) {
+                if let Some(size) = shared.opts.size_for(shared.routes.route_to(peer), peer) {
                     c.limit_datagram(size);
                 }
             }

@@ -21,8 +21,8 @@
 //!   back into datagrams. Receive buffers are then 64 KiB per entry, or the
 //!   kernel would truncate a coalesced run.
 //!
-//! Both are probed per socket ([`gso_supported`], [`bind`]'s `gro`) and
-//! turned off per socket at run time where a device refuses GSO
+//! The kernel's GSO support is asked once per process ([`gso_supported`]),
+//! GRO per socket ([`bind`]'s `gro`); GSO is turned off per socket at run time where a device refuses GSO
 //! ([`gso_refused`]: the datagrams are then resent without it, none lost).
 
 use std::collections::VecDeque;
@@ -30,6 +30,7 @@ use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
@@ -153,8 +154,20 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
 type Cmsg = [u64; 16];
 
 /// `getsockopt(SOL_UDP, UDP_SEGMENT)` answers where the kernel has UDP GSO.
+/// The answer is the kernel's, not the socket's, so the first one is kept
+/// (a path that refuses GSO is found per socket by [`gso_refused`]).
 pub fn gso_supported(fd: RawFd) -> bool {
-    sys::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok()
+    // 0: not asked yet, 1: yes, 2: no.
+    static KERNEL_GSO: AtomicU8 = AtomicU8::new(0);
+    match KERNEL_GSO.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let yes = sys::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
+            KERNEL_GSO.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
+            yes
+        }
+    }
 }
 
 /// Whether a send error means the socket's path refuses GSO (a device
