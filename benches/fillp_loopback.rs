@@ -364,6 +364,19 @@ fn main() {
                 f.name,
                 m / k
             );
+            // CPU per Gbit against the kernel's, paired by round: the
+            // steadier figure on a VM whose speed drifts between rounds.
+            let cpu: Vec<f64> = ks
+                .iter()
+                .zip(&f.samples)
+                .map(|(k, x)| x.cpu_per_gbit / k.cpu_per_gbit)
+                .collect();
+            let (clo, chi) = spread(&cpu);
+            println!(
+                "{} CPU s/Gbit / kernel's: median of rounds {:.3}, per round {clo:.3}..{chi:.3}",
+                f.name,
+                median(cpu)
+            );
         }
     }
 }
