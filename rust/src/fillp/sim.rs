@@ -136,6 +136,12 @@ pub struct Link {
 }
 
 impl Link {
+    /// Changes the bottleneck rate from now on (a path that opens up or
+    /// narrows while a transfer runs).
+    pub fn set_rate(&mut self, rate: Option<u64>) {
+        self.cfg.rate = rate;
+    }
+
     /// A link with its own seeded generator.
     pub fn new(cfg: LinkConfig, seed: u64) -> Self {
         Link {

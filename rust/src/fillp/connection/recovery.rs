@@ -102,13 +102,14 @@ impl Pipe {
 
     /// A fresh report ([`Pipe::is_fresh`]): the peer has `rx_bytes` in all
     /// and packets up to `highest_pn` are resolved. `train` tells which of
-    /// them were the first flight's.
+    /// them were the first flight's; `min_rtt` is the path's.
     pub(super) fn on_report(
         &mut self,
         now: Instant,
         highest_pn: u32,
         rx_bytes: u64,
         train: &Train,
+        min_rtt: Duration,
     ) -> Delivery {
         let mut d = Delivery {
             delivered_now: rx_bytes.saturating_sub(self.delivered),
@@ -137,9 +138,20 @@ impl Pipe {
                 // floor leaves no samples above pack_every x 1400 bytes
                 // per ms (0.36 Gbit/s) and the estimate can never grow
                 // past that.
+                // Or, as Linux takes its samples, at least the path's min
+                // RTT for a packet or more: a flow whose datagrams each
+                // leave after the last was acknowledged (below ~17 Gbit/s
+                // with 64 KiB datagrams on a 30 us loopback) restarts the
+                // interval at every send, so it spans one RTT; without
+                // this rule such a flow had no samples at all, and an
+                // estimate that once fell low stayed there for up to half a
+                // second (2 Gbit/s rounds in the loopback bench).
                 let long_enough = interval >= Duration::from_millis(1)
                     || (interval >= Duration::from_micros(100)
-                        && bytes >= 16 * u64::from(BASE_DATAGRAM));
+                        && bytes >= 16 * u64::from(BASE_DATAGRAM))
+                    || (!min_rtt.is_zero()
+                        && interval >= min_rtt
+                        && bytes >= u64::from(BASE_DATAGRAM));
                 if long_enough && bytes > 0 {
                     d.rate_sample = Some((bytes as f64 / interval.as_secs_f64()) as u64);
                 }
@@ -208,9 +220,13 @@ impl Connection {
                 self.rtt.update(d);
                 rtt_sample = Some(d);
             }
-            delivery = self
-                .pipe
-                .on_report(now, p.highest_pn, p.rx_bytes, &self.tx.train);
+            delivery = self.pipe.on_report(
+                now,
+                p.highest_pn,
+                p.rx_bytes,
+                &self.tx.train,
+                self.rtt.min(),
+            );
             // When the reported packet reached the peer, on our clock less
             // the return delay (the same for every report of the train).
             let arrival = now
@@ -491,7 +507,7 @@ mod tests {
         assert_eq!(p.bytes, 14_000);
         assert!(p.is_fresh(4, 10) && !p.is_fresh(10, 10) && !p.is_fresh(0, 0));
         let train = Train::default();
-        let d = p.on_report(clk.at(20), 4, 5 * SEG, &train);
+        let d = p.on_report(clk.at(20), 4, 5 * SEG, &train, Duration::from_millis(20));
         // Five packets resolved; 5 x SEG delivered over the 20 ms since the
         // pipe started (the ack interval is longer than the send interval).
         let want = Delivery {
@@ -506,7 +522,7 @@ mod tests {
         assert!(!p.is_fresh(4, 10) && p.is_fresh(5, 10));
         // The rest, reported 10 ms later: packet 9 left at 9 ms with 0
         // delivered, so its sample spans 30 ms; it was app-limited.
-        let d = p.on_report(clk.at(30), 9, 10 * SEG, &train);
+        let d = p.on_report(clk.at(30), 9, 10 * SEG, &train, Duration::from_millis(20));
         assert_eq!(d.rate_sample, Some(10 * SEG * 1000 / 30));
         assert_eq!(
             (d.delivered_now, d.app_limited, p.bytes),
@@ -515,5 +531,41 @@ mod tests {
         p.clear();
         p.shrink_if_empty();
         assert_eq!(p.heap_bytes(), 0);
+    }
+
+    /// A datagram sent into an empty pipe and acknowledged one RTT later
+    /// (30 us on loopback) is a sample, as in Linux; shorter than the min
+    /// RTT, or too small to time, it is not.
+    #[test]
+    fn a_packet_sent_into_an_empty_pipe_is_sampled_over_its_rtt() {
+        let t0 = Instant::now();
+        let us = |n: u64| t0 + Duration::from_micros(n);
+        let train = Train::default();
+        let min_rtt = Duration::from_micros(25);
+        let mut p = Pipe::new(t0);
+        let big = 65_507usize;
+        let payload = (big - DATA_HEADER_LEN) as u64;
+        // Each datagram leaves 240 us after the last and is acknowledged
+        // after 30 us: nothing is in flight when the next one leaves.
+        let mut delivered = 0;
+        for (i, pn) in (0..3u32).enumerate() {
+            let sent = 240 * i as u64;
+            p.on_sent(pn, big, us(sent), false);
+            delivered += payload;
+            let d = p.on_report(us(sent + 30), pn, delivered, &train, min_rtt);
+            let want = (payload as f64 / 30e-6) as u64;
+            let got = d.rate_sample.expect("a sample every datagram");
+            assert!(got.abs_diff(want) <= want / 100, "{got} vs {want}");
+        }
+        // Acknowledged faster than the min RTT: no sample.
+        p.on_sent(3, big, us(1000), false);
+        delivered += payload;
+        let d = p.on_report(us(1020), 3, delivered, &train, min_rtt);
+        assert_eq!(d.rate_sample, None);
+        // A small packet over its RTT: too little to time.
+        p.on_sent(4, 200, us(2000), false);
+        delivered += 200 - DATA_HEADER_LEN as u64;
+        let d = p.on_report(us(2030), 4, delivered, &train, min_rtt);
+        assert_eq!(d.rate_sample, None);
     }
 }
