@@ -19,7 +19,8 @@
 //! (client and server on two FillP instances, each with its own driver
 //! thread, as in two processes; the default is one instance whose driver
 //! runs both ends), `FILLP_BENCH_MTU` (`fillp-fixed`'s datagram size,
-//! default 1400), `FILLP_BENCH_FRESH=1` (new FillP instances every round).
+//! default 1400), `FILLP_BENCH_FRESH=1` (new FillP instances every round),
+//! `FILLP_BENCH_TRACE=1` (each round's progress every 20 ms).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -85,10 +86,13 @@ fn run(server: &dyn Stack, client: &dyn Stack, total: usize) -> Sample {
     let addr = l.local_addr().expect("local_addr");
     let c = client.socket(Family::V4, SockKind::Stream).expect("socket");
     c.connect(addr).expect("connect");
+    let c = std::sync::Arc::new(c);
+    let sender = std::sync::Arc::clone(&c);
     let (s, _) = l.accept().expect("accept");
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let writer = thread::spawn(move || {
+        let c = sender;
         let mut chunk_buf = AlignedBuf::new(1 << 20);
         let chunk = chunk_buf.as_mut();
         chunk.fill(0x5a);
@@ -99,21 +103,52 @@ fn run(server: &dyn Stack, client: &dyn Stack, total: usize) -> Sample {
             left -= n;
         }
         c.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        c
     });
     let mut buf_a = AlignedBuf::new(1 << 20);
     let buf = buf_a.as_mut();
     let mut got = 0usize;
+    // (ms since start, MiB received, the sender's pacing rate and last
+    // delivery sample in Mbit/s) every 20 ms, printed with FILLP_BENCH_TRACE:
+    // tells a pause from a slow steady rate, and a rate held by the pacer
+    // from one held by the receiver.
+    let mut progress: Vec<(u128, usize, u64, u64)> = Vec::new();
+    let mut next_mark = t0;
     loop {
         let n = s.recv(buf, 0).expect("recv");
         if n == 0 {
             break;
         }
         got += n;
+        let now = Instant::now();
+        if now >= next_mark {
+            let rate = |k: &str| {
+                c.counters()
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map_or(0, |(_, v)| *v)
+            };
+            progress.push((
+                (now - t0).as_millis(),
+                got >> 20,
+                rate("send_rate_bps") / 1_000_000,
+                rate("delivery_rate_bps") / 1_000_000,
+            ));
+            next_mark = now + Duration::from_millis(20);
+        }
     }
     let secs = t0.elapsed().as_secs_f64();
+    if std::env::var_os("FILLP_BENCH_TRACE").is_some() {
+        let marks: Vec<String> = progress
+            .iter()
+            .map(|(t, m, r, d)| format!("{t}:{m}:{r}:{d}"))
+            .collect();
+        println!(
+            "  trace, ms:MiB received:pacing:delivery sample Mbit/s: {}",
+            marks.join(" ")
+        );
+    }
     let cpu = (cpu_time() - cpu0).as_secs_f64();
-    let c = writer.join().expect("writer");
+    writer.join().expect("writer");
     assert_eq!(got, total);
     let stats: Vec<String> = c
         .counters()
