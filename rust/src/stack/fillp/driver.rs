@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::inline::WATCH_LEASE;
 use super::options::FillpOptions;
-use super::state::{reason_errno, Role, State};
+use super::state::{reason_errno, Role, Slot, State};
 use super::{udp, Shared};
 use crate::fillp::{CloseReason, ConnectionHandle, Event, Transmit};
 use crate::stack::userspace::lock;
@@ -594,13 +594,7 @@ impl Driver {
         // Forget slots with no connection left (and, for a listener's, no
         // listener), unless a thread still uses their fd.
         for &i in &self.todo {
-            let dead = st.slots.get(&i).is_some_and(|s| {
-                s.listener.is_none()
-                    && s.ep.connection_count() == 0
-                    && !s.rx_busy
-                    && !s.tx_busy
-                    && s.watchers == 0
-            });
+            let dead = st.slots.get(&i).is_some_and(Slot::unused);
             // Its sockets' `by_conn` entries go when they close (slot
             // numbers are never reused, so none can be misread meanwhile).
             // Datagrams still queued (a final RST) leave first: one more

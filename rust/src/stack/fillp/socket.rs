@@ -573,14 +573,10 @@ impl StackSocket for FillpSocket {
                 // kernel listener's close does, so that binding it again at
                 // once works (asyncio's test_start_server does). Otherwise
                 // the driver forgets the slot once its connections are gone.
-                let idle = st.slots.get(&slot).is_some_and(|sl| {
-                    sl.ep.connection_count() == 0
-                        && !sl.rx_busy
-                        && !sl.tx_busy
-                        && sl.watchers == 0
-                        && sl.lease.is_none()
-                        && sl.tx.q.is_empty()
-                });
+                let idle = st
+                    .slots
+                    .get(&slot)
+                    .is_some_and(|sl| sl.unused() && sl.lease.is_none() && sl.tx.q.is_empty());
                 if idle {
                     st.slots.remove(&slot);
                     None

@@ -84,6 +84,17 @@ pub(super) struct Slot {
 }
 
 impl Slot {
+    /// Nothing uses the slot any more: no listener, no connection, and no
+    /// thread receiving, sending or watching on its fd. What may still be
+    /// pending (queued datagrams, a reader's lease) is the caller's to weigh.
+    pub(super) fn unused(&self) -> bool {
+        self.listener.is_none()
+            && self.ep.connection_count() == 0
+            && !self.rx_busy
+            && !self.tx_busy
+            && self.watchers == 0
+    }
+
     pub(super) fn new(fd: OwnedFd, local: SocketAddr, ep: Endpoint, listener: Option<u64>) -> Slot {
         Slot {
             fd,
