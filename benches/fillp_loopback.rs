@@ -388,12 +388,14 @@ fn main() {
             println!("{} / raw udp: median of medians {:.3}", f.name, m / u);
         }
         if let (Some(k), Some(m)) = (k, m) {
-            let ratios: Vec<f64> = ks
-                .iter()
-                .zip(&f.samples)
-                .map(|(k, x)| x.gbps / k.gbps)
-                .collect();
-            let (lo, hi) = spread(&ratios);
+            // Each round's FillP sample over the kernel's of the same round.
+            let per_round = |of: fn(&Sample) -> f64| -> Vec<f64> {
+                ks.iter()
+                    .zip(&f.samples)
+                    .map(|(k, x)| of(x) / of(k))
+                    .collect()
+            };
+            let (lo, hi) = spread(&per_round(|s| s.gbps));
             println!(
                 "{} / kernel: median of medians {:.3}, per round {lo:.3}..{hi:.3}",
                 f.name,
@@ -401,11 +403,7 @@ fn main() {
             );
             // CPU per Gbit against the kernel's, paired by round: the
             // steadier figure on a VM whose speed drifts between rounds.
-            let cpu: Vec<f64> = ks
-                .iter()
-                .zip(&f.samples)
-                .map(|(k, x)| x.cpu_per_gbit / k.cpu_per_gbit)
-                .collect();
+            let cpu = per_round(|s| s.cpu_per_gbit);
             let (clo, chi) = spread(&cpu);
             println!(
                 "{} CPU s/Gbit / kernel's: median of rounds {:.3}, per round {clo:.3}..{chi:.3}",
