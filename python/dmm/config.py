@@ -38,6 +38,8 @@ Example::
     max_connections = 4096   # a listener's limit; clients beyond are refused
     client_port = "per-connection"  # or "shared": client connections share one
                              # UDP socket (fewer fds; one local port for all)
+    resumption = true        # reconnects within 30 s skip a round trip with the
+                             # server's ticket (false: no tickets either way)
 
     [[route]]
     to = "10.0.0.0/8"        # destination prefix, IPv4 or IPv6

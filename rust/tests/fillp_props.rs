@@ -234,6 +234,10 @@ fn forged(rng: &mut SimRng, cid: u32, payload: &[u8]) -> Vec<u8> {
         3 => Body::Keepalive,
         4 => Body::ConnAck {
             server_cid: 1 + small(rng),
+            ticket: rng.chance(0.5).then(|| dmm::fillp::wire::Ticket {
+                time: small(rng),
+                mac: [0; 16],
+            }),
         },
         5 => Body::ConnReq {
             client_cid: 1 + small(rng),

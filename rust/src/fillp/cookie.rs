@@ -30,9 +30,9 @@
 //! endpoint keeps no timer for it. Two keys and one pending secret are all
 //! the state there is; an INIT never adds to it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use super::wire::{HsParams, MAC_LEN};
+use super::wire::{HsParams, Ticket, MAC_LEN};
 
 const K: [u32; 64] = [
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -256,9 +256,30 @@ impl CookieKey {
 
     /// Constant-time comparison of `mac` with the expected MAC for `f`.
     pub fn verify(&self, f: &CookieFields, mac: &[u8; MAC_LEN]) -> bool {
-        let want = self.mac(f);
-        want.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        same(&self.mac(f), mac)
     }
+
+    /// The truncated MAC of a resumption ticket for a client at `ip`,
+    /// minted at `time_ms`. It binds the address only, not a port or a
+    /// connection ID, so one ticket serves many connections; the label
+    /// keeps a ticket from passing as a cookie and the other way round.
+    pub fn ticket_mac(&self, ip: IpAddr, time_ms: u32) -> [u8; MAC_LEN] {
+        let addr = match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        let full = self
+            .hmac
+            .mac(&[TICKET_LABEL, &addr, &time_ms.to_be_bytes()]);
+        let mut m = [0u8; MAC_LEN];
+        m.copy_from_slice(&full[..MAC_LEN]);
+        m
+    }
+}
+
+/// Constant-time equality of two MACs.
+fn same(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Outcome of [`CookieKeys::check`].
@@ -278,6 +299,7 @@ pub enum CookieCheck {
 }
 
 const RATCHET_LABEL: &[u8] = b"dmm fillp cookie epoch";
+const TICKET_LABEL: &[u8] = b"dmm fillp ticket";
 
 /// The current and previous cookie keys, rotated every period (see the
 /// module docs). Times are milliseconds since the owner's start, passed in.
@@ -369,8 +391,44 @@ impl CookieKeys {
         mac: &[u8; MAC_LEN],
         lifetime_ms: u64,
     ) -> CookieCheck {
+        self.check_with(now_ms, f.time_ms, lifetime_ms, |k| k.verify(f, mac))
+    }
+
+    /// A resumption ticket for a client at `ip`, minted at `now_ms`.
+    pub fn mint_ticket(&mut self, now_ms: u64, ip: IpAddr) -> Ticket {
         self.advance(now_ms);
-        let age = (now_ms as u32).wrapping_sub(f.time_ms);
+        let time = now_ms as u32;
+        Ticket {
+            time,
+            mac: self.current.ticket_mac(ip, time),
+        }
+    }
+
+    /// Check a resumption ticket from a client at `ip` at `now_ms` against
+    /// `lifetime_ms`; the same epochs hold as for cookies.
+    pub fn check_ticket(
+        &mut self,
+        now_ms: u64,
+        ip: IpAddr,
+        t: &Ticket,
+        lifetime_ms: u64,
+    ) -> CookieCheck {
+        self.check_with(now_ms, t.time, lifetime_ms, |k| {
+            same(&k.ticket_mac(ip, t.time), &t.mac)
+        })
+    }
+
+    /// Finds the key of the epoch `time_ms` names and asks `verify` about
+    /// it; then checks the age.
+    fn check_with(
+        &mut self,
+        now_ms: u64,
+        time_ms: u32,
+        lifetime_ms: u64,
+        verify: impl FnOnce(&CookieKey) -> bool,
+    ) -> CookieCheck {
+        self.advance(now_ms);
+        let age = (now_ms as u32).wrapping_sub(time_ms);
         // The full mint time, assuming it is less than 2^32 ms ago.
         let Some(minted) = now_ms.checked_sub(u64::from(age)) else {
             return CookieCheck::Forged;
@@ -383,7 +441,7 @@ impl CookieKeys {
             },
             _ => return CookieCheck::Stale,
         };
-        if !key.verify(f, mac) {
+        if !verify(key) {
             return CookieCheck::Forged;
         }
         if u64::from(age) > lifetime_ms {
@@ -572,6 +630,54 @@ mod tests {
             CookieCheck::Valid {
                 age_ms: MIN as u32 - 3
             }
+        );
+    }
+
+    #[test]
+    fn a_ticket_binds_the_address_not_the_port_and_is_no_cookie() {
+        let mut k = CookieKeys::new([7; 32], Some(Duration::from_millis(MIN)));
+        let alice: IpAddr = "10.0.0.1".parse().unwrap();
+        let t = k.mint_ticket(1_000, alice);
+        assert_eq!(
+            k.check_ticket(3_000, alice, &t, LIFE),
+            CookieCheck::Valid { age_ms: 2_000 }
+        );
+        // Another address, or another time, fails the MAC.
+        let bob: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(k.check_ticket(3_000, bob, &t, LIFE), CookieCheck::Forged);
+        let moved = Ticket {
+            time: t.time + 1,
+            ..t
+        };
+        assert_eq!(
+            k.check_ticket(3_000, alice, &moved, LIFE),
+            CookieCheck::Forged
+        );
+        // IPv4 and its IPv6-mapped form are one address.
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert!(matches!(
+            k.check_ticket(3_000, mapped, &t, LIFE),
+            CookieCheck::Valid { .. }
+        ));
+        // Too old, or two rotations on: stale.
+        assert_eq!(
+            k.check_ticket(1_000 + LIFE + 1, alice, &t, LIFE),
+            CookieCheck::Stale
+        );
+        // A cookie's MAC does not pass as a ticket, nor a ticket's as a cookie.
+        let (f, m) = minted(&mut k, 1_000);
+        let as_ticket = Ticket {
+            time: f.time_ms,
+            mac: m,
+        };
+        assert_eq!(
+            k.check_ticket(2_000, alice, &as_ticket, LIFE),
+            CookieCheck::Forged
+        );
+        assert_eq!(k.check(2_000, &f, &t.mac, LIFE), CookieCheck::Forged);
+        assert_eq!(
+            k.check_ticket(2 * MIN + 1, alice, &t, u64::MAX),
+            CookieCheck::Stale
         );
     }
 }

@@ -62,6 +62,23 @@
 //!   rotation and never across two ([`cookie`] has the scheme, the driver
 //!   feeds it OS randomness through
 //!   [`endpoint::Endpoint::supply_cookie_secret`]).
+//! * **Resumption** (2 packets). Each CONN_ACK carries a ticket: a MAC over
+//!   the client's IP address (no port, no connection IDs) and the time,
+//!   with the cookie secret under another label. A client that connects to
+//!   the same server again within 30 s sends CONN_REQ with the ticket at
+//!   once, to connection ID 0, proposing the MTU, window and mode it agreed
+//!   last time; a valid ticket under 60 s old proves the address as a cookie
+//!   does, so the server still keeps no state before it. The server's
+//!   connection ID is derived from the request (keyed hash of address,
+//!   client ID and ticket time), so a retransmitted CONN_REQ finds the
+//!   connection it made; the CONN_ACK tells the client the ID. A ticket the
+//!   server will not take (bad MAC, expired, resumption off, parameters it
+//!   would not agree to now, a full table) is answered with RST, smaller than
+//!   the CONN_REQ, and the client starts over with an INIT: a round trip
+//!   lost, never the connection. Like a TCP Fast Open cookie, a ticket is
+//!   replayable from the client's address for its lifetime: a replayed one
+//!   makes a connection that carries none of the client's data and ends at
+//!   the idle timeout.
 //! * **DATA** carries a per-transmission packet number, the byte offset and a
 //!   timestamp. A retransmission resends the same segment under a new packet
 //!   number, so a packet number always names one transmission.
@@ -106,7 +123,7 @@
 //! | 0 | 1 | version (1) |
 //! | 1 | 1 | type: 1 INIT, 2 COOKIE, 3 CONN_REQ, 4 CONN_ACK, 5 DATA, 6 PACK, 7 NACK, 8 KEEPALIVE, 9 RST; 10 DISCOVER and 11 OFFER are in [`discovery`] |
 //! | 2 | 2 | flags: DATA bit 0 = FIN; PACK bit 0 = FIN received; others 0 |
-//! | 4 | 4 | destination connection ID (0 only on INIT) |
+//! | 4 | 4 | destination connection ID (0 only on INIT and on a CONN_REQ with a ticket) |
 //!
 //! | type | offset: size field ... | length |
 //! |---|---|---|
@@ -115,8 +132,8 @@
 //! | NACK | 8:1 n, 9: n x (4 first pn, 4 last pn) | 9 + 8n, 1 <= n <= 32 |
 //! | INIT | 8:4 client CID, 12:2 MTU, 14:4 window, 18:1 mode, 19:4 timestamp, zero padding | >= 64 |
 //! | COOKIE | 8:4 server CID, 12:2 MTU, 14:4 server window, 18:1 mode, 19:4 echoed timestamp, 23:4 cookie time ms, 27:16 MAC | 43 |
-//! | CONN_REQ | 8:4 client CID, 12:2 MTU, 14:4 client window, 18:1 mode, 19:4 cookie time, 23:16 MAC | 39 |
-//! | CONN_ACK | 8:4 server CID | 12 |
+//! | CONN_REQ | 8:4 client CID, 12:2 MTU, 14:4 client window, 18:1 mode, 19:4 cookie (or ticket) time, 23:16 MAC | 39 |
+//! | CONN_ACK | 8:4 server CID, then optionally 12:4 ticket time ms, 16:16 ticket MAC | 12 or 32 |
 //! | KEEPALIVE, RST | header only | 8 |
 //!
 //! Mode: 0 bbr, 1 fillp, 2 fixed. The DATA header is 26 bytes, FillP's is 12;
@@ -184,7 +201,8 @@ mod train;
 pub mod wire;
 
 pub use connection::{
-    CloseReason, Config, Connection, ConnectionStats, Event, ReadError, Transmit, WriteError,
+    CloseReason, Config, Connection, ConnectionStats, Event, ReadError, Resumption, Transmit,
+    WriteError,
 };
 pub use endpoint::{ConnectError, ConnectionHandle, Endpoint, EndpointConfig, EndpointStats};
 pub use wire::RateMode;

@@ -27,8 +27,10 @@ pub const INIT_MIN_LEN: usize = 64;
 pub const COOKIE_LEN: usize = 43;
 /// Length of a CONN_REQ packet.
 pub const CONN_REQ_LEN: usize = 39;
-/// Length of a CONN_ACK packet.
+/// Length of a CONN_ACK packet without a ticket.
 pub const CONN_ACK_LEN: usize = 12;
+/// Length of a CONN_ACK packet carrying a resumption [`Ticket`].
+pub const CONN_ACK_TICKET_LEN: usize = CONN_ACK_LEN + 4 + MAC_LEN;
 /// Most SACK ranges a PACK may carry.
 pub const MAX_SACK_RANGES: usize = 16;
 /// Most packet-number ranges a NACK may carry.
@@ -197,7 +199,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
             PacketType::Init => b.len() >= INIT_MIN_LEN,
             PacketType::Cookie => b.len() == COOKIE_LEN,
             PacketType::ConnReq => b.len() == CONN_REQ_LEN,
-            PacketType::ConnAck => b.len() == CONN_ACK_LEN,
+            PacketType::ConnAck => b.len() == CONN_ACK_LEN || b.len() == CONN_ACK_TICKET_LEN,
             PacketType::Data => {
                 b.len() >= DATA_HEADER_LEN && b.len() == DATA_HEADER_LEN + usize::from(be16(b, 24))
             }
@@ -265,10 +267,16 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn cookie_time(&self) -> u32 {
         be32(self.b(), 23)
     }
-    /// COOKIE (offset 27) / CONN_REQ (offset 23): the MAC.
+    /// CONN_ACK with a ticket: the ticket's time (ms on the server's clock).
+    pub fn ticket_time(&self) -> u32 {
+        be32(self.b(), 12)
+    }
+    /// COOKIE (offset 27) / CONN_REQ (offset 23) / CONN_ACK (offset 16,
+    /// the ticket's): the MAC.
     pub fn mac(&self) -> [u8; MAC_LEN] {
         let off = match self.packet_type() {
             Some(PacketType::Cookie) => 27,
+            Some(PacketType::ConnAck) => 16,
             _ => 23,
         };
         let mut m = [0u8; MAC_LEN];
@@ -489,21 +497,26 @@ pub enum Body<'a> {
         /// Truncated HMAC over the cookie fields.
         mac: [u8; MAC_LEN],
     },
-    /// CONN_REQ: the client echoes the cookie.
+    /// CONN_REQ: the client echoes the cookie; or, sent with destination
+    /// connection ID 0 (the server has chosen none yet), a resumption
+    /// [`Ticket`] from an earlier connection's CONN_ACK instead, with no
+    /// INIT before it.
     ConnReq {
         /// Client connection ID.
         client_cid: u32,
         /// Agreed parameters; `window` is the client's.
         params: HsParams,
-        /// Cookie time from COOKIE.
+        /// Cookie time from COOKIE (or the ticket's time).
         cookie_time: u32,
-        /// MAC from COOKIE.
+        /// MAC from COOKIE (or the ticket's).
         mac: [u8; MAC_LEN],
     },
     /// CONN_ACK: server confirms.
     ConnAck {
         /// Server connection ID.
         server_cid: u32,
+        /// A ticket for the client's next connections to this server.
+        ticket: Option<Ticket>,
     },
     /// Stream data.
     Data(DataRepr<'a>),
@@ -515,6 +528,17 @@ pub enum Body<'a> {
     Keepalive,
     /// Abort.
     Reset,
+}
+
+/// A resumption ticket: the server's proof that the client received at its
+/// IP address, which lets a later CONN_REQ skip the INIT/COOKIE round trip
+/// (see [`crate::fillp::cookie`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// Mint time, ms on the server's clock.
+    pub time: u32,
+    /// Truncated HMAC over the client's IP address and `time`.
+    pub mac: [u8; MAC_LEN],
 }
 
 /// A parsed packet: destination connection ID plus body.
@@ -558,7 +582,9 @@ impl<'a> Repr<'a> {
         if flags & !allowed != 0 {
             return Err(WireError::Malformed);
         }
-        if (ty == PacketType::Init) != (dst_cid == 0) {
+        // Only an INIT, or a CONN_REQ with a ticket, names no connection.
+        let unaddressed = matches!(ty, PacketType::Init | PacketType::ConnReq);
+        if (ty == PacketType::Init && dst_cid != 0) || (!unaddressed && dst_cid == 0) {
             return Err(WireError::Malformed);
         }
         let body = match ty {
@@ -582,6 +608,10 @@ impl<'a> Repr<'a> {
             },
             PacketType::ConnAck => Body::ConnAck {
                 server_cid: nonzero(p.src_cid())?,
+                ticket: (p.buffer.len() == CONN_ACK_TICKET_LEN).then(|| Ticket {
+                    time: p.ticket_time(),
+                    mac: p.mac(),
+                }),
             },
             PacketType::Data => {
                 // Slice the underlying buffer so the payload borrows `'a`,
@@ -677,7 +707,10 @@ impl<'a> Repr<'a> {
             Body::Init { .. } => INIT_MIN_LEN,
             Body::Cookie { .. } => COOKIE_LEN,
             Body::ConnReq { .. } => CONN_REQ_LEN,
-            Body::ConnAck { .. } => CONN_ACK_LEN,
+            Body::ConnAck { ticket: None, .. } => CONN_ACK_LEN,
+            Body::ConnAck {
+                ticket: Some(_), ..
+            } => CONN_ACK_TICKET_LEN,
             Body::Data(d) => DATA_HEADER_LEN + d.payload.len(),
             Body::Pack(p) => PACK_FIXED_LEN + 8 * usize::from(p.sack_len),
             Body::Nack(n) => NACK_FIXED_LEN + 8 * usize::from(n.len),
@@ -745,7 +778,13 @@ impl<'a> Repr<'a> {
                 hs(out, *client_cid, params, *cookie_time);
                 out.extend_from_slice(mac);
             }
-            Body::ConnAck { server_cid } => out.extend_from_slice(&server_cid.to_be_bytes()),
+            Body::ConnAck { server_cid, ticket } => {
+                out.extend_from_slice(&server_cid.to_be_bytes());
+                if let Some(t) = ticket {
+                    out.extend_from_slice(&t.time.to_be_bytes());
+                    out.extend_from_slice(&t.mac);
+                }
+            }
             Body::Data(d) => {
                 let len = d.payload.len().min(usize::from(u16::MAX));
                 d.emit_fields(len as u16, out);
@@ -908,9 +947,32 @@ mod tests {
                     mac: [9; MAC_LEN],
                 },
             },
+            // With a ticket instead of a cookie: no server CID yet.
+            Repr {
+                dst_cid: 0,
+                body: Body::ConnReq {
+                    client_cid: 3,
+                    params,
+                    cookie_time: 13,
+                    mac: [8; MAC_LEN],
+                },
+            },
             Repr {
                 dst_cid: 3,
-                body: Body::ConnAck { server_cid: 4 },
+                body: Body::ConnAck {
+                    server_cid: 4,
+                    ticket: None,
+                },
+            },
+            Repr {
+                dst_cid: 3,
+                body: Body::ConnAck {
+                    server_cid: 4,
+                    ticket: Some(Ticket {
+                        time: 14,
+                        mac: [7; MAC_LEN],
+                    }),
+                },
             },
             Repr {
                 dst_cid: 3,

@@ -3,11 +3,20 @@
 //! CONN_ACK, DATA or PACK from the server confirms; the server's side is
 //! stateless until a valid CONN_REQ (the endpoint checks the cookie), and a
 //! server connection only re-answers retransmitted CONN_REQs.
+//!
+//! A client that holds a [`Resumption`] from an earlier connection to the
+//! same server (the ticket of its CONN_ACK and the parameters of its
+//! COOKIE) skips the first round trip: it sends CONN_REQ with the ticket
+//! at once, to connection ID 0, and learns the server's connection ID from
+//! the CONN_ACK. A server that does not take the ticket (expired, a new
+//! secret, resumption off, full) answers RST, and the client then starts
+//! over with an INIT: a refused resumption costs a round trip, never the
+//! connection.
 
 use std::time::{Duration, Instant};
 
 use super::super::cc::{self, CcConfig};
-use super::super::wire::{Body, HsParams, Repr, MAC_LEN};
+use super::super::wire::{Body, HsParams, Repr, Ticket, MAC_LEN};
 use super::{us_since, Connection, Event, Role, State};
 
 /// Where a client's handshake is.
@@ -21,6 +30,19 @@ pub(super) enum HsStep {
         cookie_time: u32,
         mac: [u8; MAC_LEN],
     },
+    /// Client: sending CONN_REQ with a ticket, no server connection ID yet.
+    Resume { params: HsParams, ticket: Ticket },
+}
+
+/// What a client keeps from a connection to resume later ones to the same
+/// server: the server's parameters (MTU, window and mode, as its COOKIE
+/// gave them) and the ticket of its CONN_ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumption {
+    /// The agreed MTU and mode, and the server's window.
+    pub params: HsParams,
+    /// The server's ticket.
+    pub ticket: Ticket,
 }
 
 /// Handshake state: the client's step and retransmission schedule, the
@@ -34,6 +56,17 @@ pub(super) struct Handshake {
     pub(super) backoff: u32,
     /// Server: a CONN_ACK is due (first, and for every retransmitted CONN_REQ).
     pub(super) send_conn_ack: bool,
+    /// Client resuming: when its only CONN_REQ so far left (for an RTT
+    /// sample at the CONN_ACK; none once it has been resent).
+    pub(super) resume_sent: Option<Instant>,
+    /// Client: the server's parameters, for a later [`Resumption`].
+    pub(super) server_params: Option<HsParams>,
+    /// Client: the ticket of the server's CONN_ACK; server: the ticket its
+    /// CONN_ACK carries.
+    pub(super) ticket: Option<Ticket>,
+    /// Client: a resumption the server refused (the handshake then starts
+    /// over with an INIT).
+    pub(super) resume_refused: bool,
 }
 
 impl Handshake {
@@ -43,6 +76,10 @@ impl Handshake {
             next: now,
             backoff: 0,
             send_conn_ack: false,
+            resume_sent: None,
+            server_params: None,
+            ticket: None,
+            resume_refused: false,
         }
     }
 
@@ -65,6 +102,96 @@ impl Handshake {
 }
 
 impl Connection {
+    /// A client connection to `remote` that resumes with `r` (see the
+    /// module docs): its first packet is CONN_REQ with the ticket.
+    pub fn new_resumed(
+        config: super::Config,
+        now: Instant,
+        remote: std::net::SocketAddr,
+        local_cid: u32,
+        r: &Resumption,
+    ) -> Self {
+        let mut c = Self::new_client(config, now, remote, local_cid);
+        let mtu = r.params.mtu.min(c.config.mtu);
+        c.mtu = mtu;
+        c.tx.peer_limit = u64::from(r.params.window);
+        c.set_mode(r.params.mode);
+        c.hs.server_params = Some(r.params);
+        c.hs.step = HsStep::Resume {
+            params: HsParams {
+                mtu,
+                window: c.config.recv_window,
+                mode: r.params.mode,
+            },
+            ticket: r.ticket,
+        };
+        c
+    }
+
+    /// What a later connection to this server may resume with: once the
+    /// handshake is done, if the server sent a ticket.
+    pub fn resumption(&self) -> Option<Resumption> {
+        if self.role != Role::Client || self.state == State::Handshake {
+            return None;
+        }
+        Some(Resumption {
+            params: self.hs.server_params?,
+            ticket: self.hs.ticket?,
+        })
+    }
+
+    /// Whether the server refused this connection's ticket (it then went on
+    /// with a full handshake).
+    pub fn resumption_refused(&self) -> bool {
+        self.hs.resume_refused
+    }
+
+    /// Whether the handshake skipped INIT and COOKIE with a ticket the
+    /// server took.
+    pub fn resumed(&self) -> bool {
+        matches!(self.hs.step, HsStep::Resume { .. }) && self.state != State::Handshake
+    }
+
+    /// The server: the ticket its CONN_ACK gives the client.
+    pub(crate) fn set_ticket(&mut self, ticket: Option<Ticket>) {
+        self.hs.ticket = ticket;
+    }
+
+    /// A client's RST in its handshake: a resuming one starts over with an
+    /// INIT (the server did not take the ticket); returns whether it did.
+    pub(super) fn resume_refused_by_reset(&mut self, now: Instant) -> bool {
+        if self.role != Role::Client
+            || self.state != State::Handshake
+            || !matches!(self.hs.step, HsStep::Resume { .. })
+        {
+            return false;
+        }
+        self.hs.step = HsStep::Init;
+        self.hs.next = now;
+        self.hs.backoff = 0;
+        self.hs.resume_sent = None;
+        self.hs.resume_refused = true;
+        // The INIT proposes this side's own settings again.
+        self.mtu = self.config.mtu;
+        let mode = self.config.mode;
+        self.set_mode(mode);
+        true
+    }
+
+    /// Switches the rate control to `mode` (a new controller) if it differs.
+    fn set_mode(&mut self, mode: super::super::wire::RateMode) {
+        if mode != self.mode {
+            self.mode = mode;
+            self.tx.cc = cc::build(&CcConfig {
+                mode,
+                initial_rate: self.config.initial_rate,
+                max_rate: self.config.max_rate,
+                fixed_rate: self.config.fixed_rate,
+                mtu: self.mtu,
+            });
+        }
+    }
+
     /// COOKIE: a client in its first step takes the server's connection ID,
     /// MTU, window and mode and moves on to CONN_REQ.
     pub(super) fn on_cookie(
@@ -76,7 +203,10 @@ impl Connection {
         cookie_time: u32,
         mac: [u8; MAC_LEN],
     ) -> bool {
-        if self.role != Role::Client || self.state != State::Handshake || self.hs.has_cookie() {
+        if self.role != Role::Client
+            || self.state != State::Handshake
+            || !matches!(self.hs.step, HsStep::Init)
+        {
             return false;
         }
         if params.mtu > self.config.mtu {
@@ -89,16 +219,8 @@ impl Connection {
         self.remote_cid = server_cid;
         self.mtu = params.mtu;
         self.tx.peer_limit = u64::from(params.window);
-        if params.mode != self.mode {
-            self.mode = params.mode;
-            self.tx.cc = cc::build(&CcConfig {
-                mode: params.mode,
-                initial_rate: self.config.initial_rate,
-                max_rate: self.config.max_rate,
-                fixed_rate: self.config.fixed_rate,
-                mtu: self.mtu,
-            });
-        }
+        self.set_mode(params.mode);
+        self.hs.server_params = Some(params);
         self.hs.step = HsStep::ConnReq {
             params: HsParams {
                 mtu: params.mtu,
@@ -116,14 +238,33 @@ impl Connection {
         true
     }
 
-    /// CONN_ACK from the server we have the cookie of.
-    pub(super) fn on_conn_ack(&mut self, now: Instant, server_cid: u32) -> bool {
-        if self.role == Role::Client && server_cid == self.remote_cid {
-            self.on_established(now);
-            true
-        } else {
-            false
+    /// CONN_ACK from the server we have the cookie of, or, resuming, the
+    /// one that took our ticket (and names its connection ID here).
+    pub(super) fn on_conn_ack(
+        &mut self,
+        now: Instant,
+        server_cid: u32,
+        ticket: Option<Ticket>,
+    ) -> bool {
+        if self.role != Role::Client {
+            return false;
         }
+        let resuming = self.state == State::Handshake
+            && self.remote_cid == 0
+            && matches!(self.hs.step, HsStep::Resume { .. });
+        if resuming {
+            self.remote_cid = server_cid;
+            if let Some(sent) = self.hs.resume_sent.take() {
+                self.rtt.update(now.saturating_duration_since(sent));
+            }
+        } else if server_cid != self.remote_cid {
+            return false;
+        }
+        if ticket.is_some() {
+            self.hs.ticket = ticket;
+        }
+        self.on_established(now);
+        true
     }
 
     /// A retransmitted CONN_REQ: our CONN_ACK was lost.
@@ -210,6 +351,18 @@ impl Connection {
                     mac,
                 },
             },
+            HsStep::Resume { params, ticket } => {
+                self.hs.resume_sent = (!resend).then_some(now);
+                Repr {
+                    dst_cid: 0,
+                    body: Body::ConnReq {
+                        client_cid: self.local_cid,
+                        params,
+                        cookie_time: ticket.time,
+                        mac: ticket.mac,
+                    },
+                }
+            }
         };
         Some(repr)
     }
@@ -344,7 +497,10 @@ mod tests {
         let ack = |server_cid| {
             emit(Repr {
                 dst_cid: CLIENT_CID,
-                body: Body::ConnAck { server_cid },
+                body: Body::ConnAck {
+                    server_cid,
+                    ticket: None,
+                },
             })
         };
         c.handle_datagram(clk.at(40), &ack(SERVER_CID + 1));
@@ -385,6 +541,7 @@ mod tests {
             dst_cid: CLIENT_CID,
             body: Body::ConnAck {
                 server_cid: SERVER_CID,
+                ticket: None,
             },
         });
         assert_eq!(drain(&mut s, clk.t0), std::slice::from_ref(&conn_ack));
@@ -467,6 +624,7 @@ mod tests {
             dst_cid: CLIENT_CID,
             body: Body::ConnAck {
                 server_cid: SERVER_CID,
+                ticket: None,
             },
         });
         c.handle_datagram(clk.at(40), &ack);

@@ -53,6 +53,7 @@ use super::wire::{Body, HsParams, RateMode, Repr, MIN_MTU};
 
 pub use config::Config;
 use handshake::Handshake;
+pub use handshake::Resumption;
 use receive::Receiver;
 use recovery::Pipe;
 pub use stats::ConnectionStats;
@@ -265,7 +266,7 @@ impl Connection {
         local_cid: u32,
         remote_cid: u32,
         params: HsParams,
-        handshake_rtt: Duration,
+        handshake_rtt: Option<Duration>,
     ) -> Self {
         let mut config = config;
         config.mode = params.mode;
@@ -273,7 +274,9 @@ impl Connection {
         c.remote_cid = remote_cid;
         c.mtu = params.mtu;
         c.tx.peer_limit = u64::from(params.window);
-        c.rtt.update(handshake_rtt);
+        if let Some(rtt) = handshake_rtt {
+            c.rtt.update(rtt);
+        }
         c.state = State::Established;
         c.hs.send_conn_ack = true;
         c.events.push_back(Event::Connected);
@@ -429,7 +432,7 @@ impl Connection {
                 cookie_time,
                 mac,
             } => self.on_cookie(now, server_cid, params, echo, cookie_time, mac),
-            Body::ConnAck { server_cid } => self.on_conn_ack(now, server_cid),
+            Body::ConnAck { server_cid, ticket } => self.on_conn_ack(now, server_cid, ticket),
             Body::ConnReq { client_cid, .. } => self.on_conn_req(client_cid),
             Body::Data(d) => self.on_data(now, d, shared),
             Body::Pack(p) => self.on_pack(now, &p),
@@ -456,7 +459,9 @@ impl Connection {
                 // for the RST, as the acknowledgment does for TCP's in
                 // SYN-SENT.
                 let refused = self.role == Role::Client && self.state == State::Handshake;
-                if self.remote_cid != 0 || refused {
+                if refused && self.resume_refused_by_reset(now) {
+                    true
+                } else if self.remote_cid != 0 || refused {
                     self.peer_reset = true;
                     self.enter_closed(CloseReason::PeerReset);
                     true

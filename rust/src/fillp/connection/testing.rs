@@ -76,7 +76,7 @@ pub(super) fn server(config: Config, now: Instant, window: u32) -> Connection {
         SERVER_CID,
         CLIENT_CID,
         params,
-        ms(HS_RTT),
+        Some(ms(HS_RTT)),
     )
 }
 
@@ -122,6 +122,7 @@ pub(super) fn established_client(config: Config, t0: Instant, window: u32) -> Co
             dst_cid: CLIENT_CID,
             body: Body::ConnAck {
                 server_cid: SERVER_CID,
+                ticket: None,
             },
         }),
     );

@@ -153,6 +153,7 @@ impl Connection {
                 dst_cid: dst,
                 body: Body::ConnAck {
                     server_cid: self.local_cid,
+                    ticket: self.hs.ticket,
                 },
             });
         }
@@ -428,7 +429,7 @@ mod tests {
                 SERVER_CID,
                 CLIENT_CID,
                 params,
-                ms(HS_RTT),
+                Some(ms(HS_RTT)),
             );
             s.write(&[0; 20_000]).unwrap();
             data_of(&drain(&mut s, clk.t0))[0].2

@@ -11,7 +11,7 @@ use crate::stack::registry::{Kind, StackConfig};
 use crate::stack::Stack;
 
 /// The `fillp` kind: `rate_control`, `address`, `fixed_rate`,
-/// `datagram_size`, `max_connections`, `client_port`.
+/// `datagram_size`, `max_connections`, `client_port`, `resumption`.
 pub static KIND: Kind = Kind {
     name: "fillp",
     summary: "FillP-style reliable byte streams over UDP, one driver thread",
@@ -22,6 +22,7 @@ pub static KIND: Kind = Kind {
         "datagram_size",
         "max_connections",
         "client_port",
+        "resumption",
     ],
     parse: parse_config,
 };
@@ -78,10 +79,12 @@ fn parse_config(o: &Options) -> Result<Box<dyn StackConfig>, OptionError> {
         "a number of connections from 1 to 1000000",
     )? as usize;
     let client_port = o.choice("client_port", &["per-connection", "shared"])?;
+    let resumption = o.boolean("resumption", true)?;
     let mut opts = FillpOptions {
         bind_ip,
         max_connections,
         shared_client_port: client_port == "shared",
+        resumption,
         ..FillpOptions::default()
     };
     opts.connection.mode = parse_rate_mode(rate_control).unwrap_or(RateMode::Bbr);
@@ -171,6 +174,7 @@ impl StackConfig for FillpConfig {
                     .into(),
                 ),
             ),
+            ("resumption", Value::Bool(self.opts.resumption)),
         ]
     }
 
@@ -252,5 +256,14 @@ mod tests {
         assert_eq!(cfg.values()[5].1, Value::Str("shared".into()));
         let e = parse(&[("client_port", Value::Str("each".into()))]).unwrap_err();
         assert_eq!(e.field, "client_port");
+    }
+
+    #[test]
+    fn resumption_on_unless_turned_off() {
+        assert_eq!(parse(&[]).unwrap().values()[6].1, Value::Bool(true));
+        let cfg = parse(&[("resumption", Value::Bool(false))]).unwrap();
+        assert_eq!(cfg.values()[6], ("resumption", Value::Bool(false)));
+        let e = parse(&[("resumption", Value::Str("yes".into()))]).unwrap_err();
+        assert_eq!(e.field, "resumption");
     }
 }

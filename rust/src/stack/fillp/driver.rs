@@ -242,7 +242,11 @@ impl Shared {
                     match s.role {
                         Role::Conn {
                             established: false, ..
-                        } => s.error = Some(code),
+                        } => {
+                            s.error = Some(code);
+                            // No server there now: its ticket is no use.
+                            st.tickets.forget(addr);
+                        }
                         _ => s.fatal = Some(libc::ECONNRESET),
                     }
                 }
@@ -285,6 +289,19 @@ impl Shared {
                     if let Role::Conn { established, .. } = &mut s.role {
                         *established = true;
                     }
+                    if let Some(c) = sl.ep.connection(h) {
+                        // A client keeps the server's ticket for its next
+                        // connects to it (`tickets`).
+                        if let Some(r) = c.resumption().filter(|_| self.opts.resumption) {
+                            st.tickets.put(c.remote(), r, now);
+                        }
+                        if c.resumed() {
+                            self.resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if c.resumption_refused() {
+                            self.resumptions_refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 // A client with the server's cookie may send: its connect
                 // is done, as TCP's is at the SYN-ACK, and what it writes
@@ -313,6 +330,10 @@ impl Shared {
                     {
                         if s.error.is_none() && reason != CloseReason::LocalReset {
                             s.error = Some(reason_errno(reason, false));
+                            // Whatever ticket it had did not get it through.
+                            if let Some(peer) = s.peer {
+                                st.tickets.forget(peer);
+                            }
                         }
                     }
                 }

@@ -35,6 +35,12 @@ pub struct FillpOptions {
     /// connection as in TCP, which servers (and asyncio's tests) key
     /// their clients by.
     pub shared_client_port: bool,
+    /// Session resumption (on by default): a listener gives each client a
+    /// ticket in its CONN_ACK, and a client that holds a recent one for a
+    /// server sends CONN_REQ with it at once, with no INIT/COOKIE round
+    /// trip (see [`super::tickets`]). Off, a listener gives none and
+    /// refuses them, and clients keep none.
+    pub resumption: bool,
 }
 
 impl Default for FillpOptions {
@@ -46,6 +52,7 @@ impl Default for FillpOptions {
             path_mtu: true,
             max_connections: 4096,
             shared_client_port: false,
+            resumption: true,
         }
     }
 }

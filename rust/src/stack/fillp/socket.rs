@@ -406,17 +406,20 @@ impl StackSocket for FillpSocket {
                 _ => None,
             };
             let slot = st.client_slot(&self.core.shared.opts, self.core.family, bound)?;
-            let sl = st.slot_mut(slot).ok_or_else(|| errno(libc::ENETDOWN))?;
             let route = self.core.shared.routes.route_to(addr);
             let opts = &self.core.shared.opts;
             let mut config = opts.connection.clone();
             if let Some(size) = opts.size_for(route, addr) {
                 config.mtu = size;
             }
-            let h = sl
-                .ep
-                .connect_with(Instant::now(), addr, config)
-                .map_err(|_| errno(libc::EADDRNOTAVAIL))?;
+            let now = Instant::now();
+            let resume = opts.resumption.then(|| st.tickets.get(addr, now)).flatten();
+            let sl = st.slot_mut(slot).ok_or_else(|| errno(libc::ENETDOWN))?;
+            let h = match resume {
+                Some(r) => sl.ep.connect_resumed(now, addr, config, &r),
+                None => sl.ep.connect_with(now, addr, config),
+            }
+            .map_err(|_| errno(libc::EADDRNOTAVAIL))?;
             let mut local = sl.local;
             if local.ip().is_unspecified() {
                 if let Some(r) = route {

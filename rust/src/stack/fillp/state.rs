@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use super::driver::TxQueue;
 use super::options::FillpOptions;
+use super::tickets::TicketCache;
 use super::{udp, Shared};
 use crate::fillp::{CloseReason, ConnectionHandle, ConnectionStats, Endpoint, EndpointConfig};
 use crate::stack::userspace::{record_mut, unspecified, Listeners, Mirror, SockFds};
@@ -49,6 +50,8 @@ pub(super) struct State {
     /// ([`FillpOptions::shared_client_port`]); an entry whose slot the
     /// driver has forgotten (no connection left) is replaced on next use.
     pub(super) client_slots: HashMap<IpAddr, usize>,
+    /// Resumption tickets from the servers this instance connected to.
+    pub(super) tickets: TicketCache,
 }
 
 /// One UDP socket and the endpoint multiplexed over it.
@@ -550,6 +553,7 @@ pub(super) fn new_endpoint(opts: &FillpOptions, server: bool) -> Endpoint {
         } else {
             usize::MAX
         },
+        resumption: opts.resumption,
         ..EndpointConfig::default()
     };
     Endpoint::new(config, Instant::now(), u64::from_ne_bytes(seed))
